@@ -1,0 +1,1 @@
+"""Model semantics: configuration, decoder loop, sampling, tokenizer, generation."""

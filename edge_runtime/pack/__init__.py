@@ -1,0 +1,1 @@
+"""Packed model format: encodings, sign planes, Hugging Face conversion, loading."""

@@ -1,0 +1,123 @@
+"""Hugging Face checkpoint -> packed model directory (quantise, sign planes, transpose down, checksums)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from edge_runtime.errors import ModelFormatError
+from edge_runtime.pack.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    atomic_directory,
+    file_entry,
+    write_manifest,
+)
+from edge_runtime.pack.hf_config import TensorSource, model_config_from_hf, read_hf_config, tensor_plan
+from edge_runtime.pack.hf_reader import CheckpointReader
+from edge_runtime.pack.quant import DEFAULT_INT4_GROUP, ENCODINGS, quantize
+from edge_runtime.pack.signbits import pack_signs
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def _file_for(name: str) -> str:
+    return f"layer_{int(name.split('.')[1]):03d}.safetensors" if name.startswith("layers.") else "model.safetensors"
+
+
+def _chat_template(hf_dir: Path) -> str | None:
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = hf_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            template = json.loads(cfg.read_text()).get("chat_template")
+        except (json.JSONDecodeError, AttributeError):
+            raise ModelFormatError(f"{cfg} is not valid JSON") from None
+        return template if isinstance(template, str) else None
+    return None
+
+
+def _encode(src: TensorSource, w: np.ndarray, encoding: str, group: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays to store for one tensor and its manifest entry (without file and keys)."""
+    if src.kind == "vector":
+        dtype = np.float32 if encoding == "fp32" else np.float16
+        return {"w": w.astype(dtype)}, {"encoding": "fp32" if encoding == "fp32" else "fp16",
+                                        "shape": list(w.shape), "layout": "vector"}
+    if src.kind == "embedding":
+        enc = "fp32" if encoding == "fp32" else "fp16"
+        pt = quantize(w, enc)
+        return pt.arrays, {"encoding": enc, "shape": list(w.shape), "layout": "row"}
+    layout = "row"
+    if src.kind == "matrix_t":
+        w, layout = np.ascontiguousarray(w.T), "transposed"
+    pt = quantize(w, encoding, group)
+    entry = {"encoding": encoding, "shape": list(pt.shape), "layout": layout}
+    if encoding == "int4":
+        entry["group_size"] = group
+    return pt.arrays, entry
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata={"format": FORMAT_NAME})
+    return file_entry(path)
+
+
+def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int = DEFAULT_INT4_GROUP,
+            overwrite: bool = False, progress: bool = True, default_alpha: float | None = None) -> dict[str, Any]:
+    """Write the packed directory atomically and return its manifest."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if encoding not in ENCODINGS:
+        raise ModelFormatError(f"unknown --dtype {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    cfg = model_config_from_hf(read_hf_config(hf_dir))
+    reader = CheckpointReader(hf_dir)
+    plan = tensor_plan(cfg)
+    missing = [s.hf_name for s in plan if not reader.has(s.hf_name)]
+    if missing:
+        raise ModelFormatError(f"checkpoint in {hf_dir} lacks {len(missing)} tensor(s) the {cfg.arch} "
+                               f"architecture needs, first {missing[0]}")
+    with atomic_directory(out_dir, overwrite) as tmp:
+        tensors: dict[str, dict] = {}
+        files: dict[str, dict] = {}
+        by_file: dict[str, dict[str, np.ndarray]] = {}
+        for src in tqdm(plan, desc="convert", unit="tensor", disable=not progress, leave=False):
+            w = reader.get(src.hf_name)
+            arrays, entry = _encode(src, w, encoding, group_size)
+            fname = _file_for(src.name)
+            entry["file"] = fname
+            entry["keys"] = {part: f"{src.name}.{part}" for part in arrays}
+            tensors[src.name] = entry
+            store = by_file.setdefault(fname, {})
+            store.update({f"{src.name}.{part}": a for part, a in arrays.items()})
+            if src.name.endswith("ffn.gate"):
+                signs = src.name + "_signs"
+                store[f"{signs}.bits"] = pack_signs(w)  # (N, ceil(K/32)) uint32 from fp32 weights
+                tensors[signs] = {"encoding": "signbits", "shape": list(w.shape), "layout": "row",
+                                  "file": fname, "keys": {"bits": f"{signs}.bits"}}
+            # A layer's file is complete once the plan moves on: write it now so that memory holds
+            # one layer, not the model.
+            for done in [f for f in by_file if f != fname and f.startswith("layer_")]:
+                files[done] = _save(tmp / done, by_file.pop(done))
+        for fname in list(by_file):
+            files[fname] = _save(tmp / fname, by_file.pop(fname))
+        for name in TOKENIZER_FILES:
+            if (hf_dir / name).is_file():
+                shutil.copyfile(hf_dir / name, tmp / name)
+                files[name] = file_entry(tmp / name)
+        tokenizer = "tokenizer.json" if "tokenizer.json" in files else None
+        manifest = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": cfg.to_dict(),
+            "encoding": encoding, "tokenizer": tokenizer, "chat_template": _chat_template(hf_dir),
+            "source": hf_dir.name, "tensors": tensors, "files": files,
+        }
+        if default_alpha is not None:
+            manifest["sparsity"] = {"default_alpha": float(default_alpha)}
+        write_manifest(tmp, manifest)
+    return manifest

@@ -1,0 +1,93 @@
+"""Weight encodings of the packed format and their exact dequantisation.
+
+A matrix W of logical shape (N, K) (N output rows, K inputs) is stored as:
+  fp32 / fp16  "w":     (N, K)       the values
+  int8         "q":     (N, K) int8  round(W / s_row), s_row = max|W_row| / 127, symmetric
+               "scale": (N,)   fp16  s_row
+  int4         "q":     (N, Kp/2) uint8, Kp = K rounded up to the group; low nibble = even column,
+                        high nibble = odd column, nibble = q + 8 with q in [-8, 7]
+               "scale": (N, Kp/group) fp16, s = max|W_group| / 7
+Dequantisation multiplies in fp32 by the fp16 scale widened to fp32; every backend must do the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_runtime.errors import ModelFormatError
+
+ENCODINGS = ("fp32", "fp16", "int8", "int4")
+DEFAULT_INT4_GROUP = 64
+
+
+@dataclass
+class PackedTensor:
+    """One logical 2-D weight in its stored encoding. Arrays may be read-only views of an mmap."""
+
+    encoding: str
+    shape: tuple[int, int]  # logical (N, K)
+    arrays: dict[str, np.ndarray]
+    group_size: int = 0  # int4 only
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def row_bytes(self) -> float:
+        """Bytes read to use one full row (values plus its scales)."""
+        return self.nbytes / self.shape[0]
+
+    def dequantize(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """fp32 (n, K) for the selected rows (all rows when None)."""
+        sel = slice(None) if rows is None else rows
+        n_cols = self.shape[1]
+        if self.encoding in ("fp32", "fp16"):
+            return np.asarray(self.arrays["w"][sel], dtype=np.float32)
+        if self.encoding == "int8":
+            q = self.arrays["q"][sel].astype(np.float32)
+            return q * self.arrays["scale"][sel].astype(np.float32)[:, None]
+        if self.encoding == "int4":
+            packed = self.arrays["q"][sel]
+            q = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.float32)
+            q[:, 0::2] = (packed & 0x0F).astype(np.float32) - 8.0
+            q[:, 1::2] = (packed >> 4).astype(np.float32) - 8.0
+            scale = self.arrays["scale"][sel].astype(np.float32)
+            q = q.reshape(q.shape[0], scale.shape[1], self.group_size) * scale[:, :, None]
+            return q.reshape(q.shape[0], -1)[:, :n_cols]
+        raise ModelFormatError(f"unknown encoding {self.encoding!r}")
+
+
+def quantize(w: np.ndarray, encoding: str, group_size: int = DEFAULT_INT4_GROUP) -> PackedTensor:
+    """Encode an fp32 (N, K) matrix."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize wants a 2-D matrix, got shape {w.shape}")
+    n, k = w.shape
+    if encoding == "fp32":
+        return PackedTensor("fp32", (n, k), {"w": w})
+    if encoding == "fp16":
+        return PackedTensor("fp16", (n, k), {"w": w.astype(np.float16)})
+    if encoding == "int8":
+        amax = np.abs(w).max(axis=1)
+        scale = (amax / 127.0).astype(np.float16)
+        s32 = scale.astype(np.float32)
+        safe = np.where(s32 > 0, s32, 1.0)
+        q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+        return PackedTensor("int8", (n, k), {"q": q, "scale": scale})
+    if encoding == "int4":
+        if group_size <= 0 or group_size % 2:
+            raise ValueError(f"int4 group size must be a positive even number, got {group_size}")
+        kp = -(-k // group_size) * group_size
+        padded = np.zeros((n, kp), dtype=np.float32)
+        padded[:, :k] = w
+        groups = padded.reshape(n, kp // group_size, group_size)
+        scale = (np.abs(groups).max(axis=2) / 7.0).astype(np.float16)
+        s32 = scale.astype(np.float32)
+        safe = np.where(s32 > 0, s32, 1.0)
+        q = np.clip(np.rint(groups / safe[:, :, None]), -8, 7).astype(np.int16).reshape(n, kp) + 8
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+        return PackedTensor("int4", (n, k), {"q": packed, "scale": scale}, group_size=group_size)
+    raise ValueError(f"unknown encoding {encoding!r}; supported: {', '.join(ENCODINGS)}")

@@ -1,0 +1,81 @@
+"""Zero-copy reading of safetensors files as numpy views over an mmap.
+
+The safetensors package copies tensors when asked for numpy and cannot give bf16 to numpy at all; a
+runtime that must keep peak memory at the weight size maps the file instead. Writing stays with the
+safetensors package. Layout: 8-byte little-endian header length, JSON header, then the byte buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+
+import numpy as np
+
+from edge_runtime.errors import ModelFormatError
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,  # bf16 kept raw
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsFile:
+    """Open one file; `tensor(name)` returns a read-only view, `dtype_of(name)` the stored dtype tag."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        except OSError as e:
+            raise ModelFormatError(f"cannot read {path}: {e.strerror}") from None
+        if size < 8 or self._map is None:
+            raise ModelFormatError(f"{path} is not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", self._map[:8])
+        if header_len > min(_MAX_HEADER, size - 8):
+            raise ModelFormatError(f"{path} is truncated or not a safetensors file (header length {header_len})")
+        try:
+            header = json.loads(bytes(self._map[8:8 + header_len]))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelFormatError(f"{path} has a corrupt safetensors header") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._entries = header
+        self._base = 8 + header_len
+        for name, e in header.items():
+            begin, end = e["data_offsets"]
+            if e.get("dtype") not in _DTYPES:
+                raise ModelFormatError(f"{path}: tensor {name} has unsupported dtype {e.get('dtype')}")
+            if self._base + end > size:
+                raise ModelFormatError(f"{path} is truncated: tensor {name} ends past the end of the file")
+            expected = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(_DTYPES[e["dtype"]]).itemsize
+            if end - begin != expected:
+                raise ModelFormatError(f"{path}: tensor {name} has {end - begin} bytes, shape needs {expected}")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def dtype_of(self, name: str) -> str:
+        return self._entries[name]["dtype"]
+
+    def tensor(self, name: str) -> np.ndarray:
+        if name not in self._entries:
+            raise ModelFormatError(f"{self.path} has no tensor {name!r}")
+        e = self._entries[name]
+        begin, end = e["data_offsets"]
+        dtype = np.dtype(_DTYPES[e["dtype"]])
+        arr = np.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                            offset=self._base + begin)
+        return arr.reshape(e["shape"])
+
+    def tensor_f32(self, name: str) -> np.ndarray:
+        """A float32 copy, bf16 widened by a 16-bit shift (exact)."""
+        t = self.tensor(name)
+        if self.dtype_of(name) == "BF16":
+            return (t.astype(np.uint32) << 16).view(np.float32)
+        return t.astype(np.float32)
