@@ -1,0 +1,32 @@
+"""Backends: the same op set over different devices. `create_backend` is the one dispatch point."""
+
+from __future__ import annotations
+
+from edge_runtime.errors import EdgeRuntimeError
+
+BACKENDS = ("auto", "cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    try:
+        import cupy
+    except ImportError:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return False
+
+
+def create_backend(name: str, model, max_context: int):
+    """A backend holding `model`'s weights and a KV cache of `max_context` positions."""
+    if name not in BACKENDS:
+        raise EdgeRuntimeError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "cuda" or (name == "auto" and cuda_available()):
+        if not cuda_available():
+            raise EdgeRuntimeError("backend 'cuda' needs CuPy and a CUDA GPU; none was found "
+                                   "(install edge-runtime[cuda] or use --backend cpu)")
+        raise EdgeRuntimeError("the cuda backend is not built yet; use --backend cpu")
+    from edge_runtime.backends.cpu import CpuBackend
+
+    return CpuBackend(model, max_context)

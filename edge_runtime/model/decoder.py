@@ -1,0 +1,74 @@
+"""The decoder: one forward pass over the layers, written against the backend op set only.
+
+Prefill runs the prompt as one batch (dense FFN); decode runs one token, with the sparse FFN when a
+per-layer alpha is set. The decoder owns the position; the backend owns weights and the KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.sparsity.stats import FFNStats
+
+
+class Decoder:
+    def __init__(self, backend):
+        self.ops = backend
+        self.cfg = backend.config
+        self.max_context = backend.max_context
+        self.pos = 0
+        self.alphas: list[float] | None = None  # per-layer alpha; None = dense decode
+        self.measure_recall = False
+        self.stats = FFNStats(self.cfg.n_layers, self.cfg.ffn_dim)
+
+    def set_sparsity(self, alphas: Sequence[float] | float | None, measure_recall: bool = False) -> None:
+        """Per-layer alpha (or one for all layers); None turns sparse decode off. Takes effect next token."""
+        if alphas is not None and not self.cfg.relu_family:
+            raise EdgeRuntimeError(f"sparse decode predicts exact zeros of a ReLU-family FFN; this model's "
+                                   f"activation is {self.cfg.activation}")
+        if isinstance(alphas, (int, float)):
+            alphas = [float(alphas)] * self.cfg.n_layers
+        if alphas is not None and len(alphas) != self.cfg.n_layers:
+            raise EdgeRuntimeError(f"got {len(alphas)} alphas for {self.cfg.n_layers} layers")
+        self.alphas = None if alphas is None else [float(a) for a in alphas]
+        self.measure_recall = measure_recall
+
+    def reset(self, clear_stats: bool = True) -> None:
+        """Start a new sequence at position 0 (the KV cache is overwritten as it fills)."""
+        self.pos = 0
+        if clear_stats:
+            self.stats = FFNStats(self.cfg.n_layers, self.cfg.ffn_dim)
+
+    def forward(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
+        """Run tokens at the current position and advance; logits (T, vocab) float32, or (1, vocab)
+        for the last token when last_only (generation needs no more)."""
+        t = len(ids)
+        if t == 0:
+            raise EdgeRuntimeError("nothing to run: empty token list")
+        if self.pos + t > self.max_context:
+            raise EdgeRuntimeError(f"context full: {self.pos} + {t} tokens exceed the context of "
+                                   f"{self.max_context}")
+        ops, cfg = self.ops, self.cfg
+        positions = np.arange(self.pos, self.pos + t)
+        x = ops.embed_tokens(np.asarray(ids, dtype=np.int64), positions)
+        sparse = self.alphas is not None and t == 1
+        for i, layer in enumerate(ops.layers):
+            h = ops.norm(x, layer.attn_norm)
+            q, k, v = ops.linear(h, layer.q), ops.linear(h, layer.k), ops.linear(h, layer.v)
+            if cfg.arch == "llama":
+                q, k = ops.rope(q, positions, cfg.n_heads), ops.rope(k, positions, cfg.n_kv_heads)
+            x = x + ops.linear(ops.attention(i, q, k, v, self.pos), layer.o)
+            h = ops.norm(x, layer.ffn_norm)
+            if sparse:
+                y, c = ops.ffn_sparse(h, layer, self.alphas[i], self.measure_recall)
+                self.stats.record(i, c.predicted, c.kept, c.bytes_read, c.bytes_dense, c.true_active, c.hits)
+            else:
+                y = ops.ffn(h, layer)
+            x = x + y
+        self.pos += t
+        if last_only:
+            x = x[-1:]
+        return ops.logits(ops.norm(x, ops.final_norm))

@@ -1,0 +1,116 @@
+"""The generation loop: prefill, then decode token by token until EOS, a stop string or the limit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model.decoder import Decoder
+from edge_runtime.model.sampling import Sampler, SamplingParams
+from edge_runtime.model.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise EdgeRuntimeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "stop" | "length" | "context" | "deadline" | "cancelled"
+    prefill_s: float
+    decode_s: float  # wall time of the decode steps after the first generated token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = len(self.token_ids) - 1  # the first token comes from the prefill
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass
+class Piece:
+    """One streamed step: the newest token id and the text released with it (may be empty)."""
+
+    token_id: int
+    text: str
+
+
+def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: Sequence[int],
+                    config: GenerationConfig, should_stop: Callable[[], str | None] | None = None,
+                    ) -> Iterator[Piece | GenerationResult]:
+    """Yields a Piece per generated token, then the GenerationResult. `should_stop` is asked before
+    each decode step and returns a finish reason ("deadline", "cancelled") to end early."""
+    cfg = decoder.cfg
+    if not prompt_ids:
+        raise EdgeRuntimeError("the prompt is empty after tokenisation")
+    if len(prompt_ids) >= decoder.max_context:
+        raise EdgeRuntimeError(f"prompt has {len(prompt_ids)} tokens; the context holds {decoder.max_context} "
+                               f"(one more is needed to generate)")
+    decoder.reset()
+    sampler = Sampler(config.sampling)
+    detok = IncrementalDecoder(tokenizer) if tokenizer else None
+    history = list(prompt_ids)
+    out_ids: list[int] = []
+    text = ""
+    t0 = time.perf_counter()
+    logits = decoder.forward(prompt_ids, last_only=True)[0]
+    prefill_s = time.perf_counter() - t0
+    t_decode = time.perf_counter()
+    reason = "length"
+    # Text that could still turn out to be the start of a stop string is held back, never streamed.
+    hold = max((len(s) for s in config.stop), default=1) - 1
+    emitted = 0
+    while True:
+        tok = sampler(logits, history)
+        if config.stop_at_eos and tok in cfg.eos_token_ids:
+            reason = "eos"
+            break
+        out_ids.append(tok)
+        history.append(tok)
+        piece = detok.push(tok) if detok else ""
+        text += piece
+        hit = _find_stop(text, config.stop, len(text) - len(piece) - hold) if config.stop and piece else None
+        if hit is not None:
+            text, reason = text[:hit], "stop"
+            break
+        safe = max(emitted, len(text) - hold)
+        yield Piece(tok, text[emitted:safe])
+        emitted = safe
+        if len(out_ids) >= config.max_new_tokens:
+            break
+        if decoder.pos >= decoder.max_context:
+            reason = "context"
+            break
+        if should_stop is not None and (early := should_stop()):
+            reason = early
+            break
+        logits = decoder.forward([tok])[0]
+    if emitted < len(text):
+        yield Piece(out_ids[-1], text[emitted:])
+    decode_s = time.perf_counter() - t_decode
+    yield GenerationResult(text, out_ids, len(prompt_ids), reason, prefill_s, decode_s)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    hits = [i for s in stops if (i := text.find(s, max(start, 0))) >= 0]
+    return min(hits) if hits else None
+
+
+def generate(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: Sequence[int],
+             config: GenerationConfig) -> GenerationResult:
+    for item in generate_stream(decoder, tokenizer, prompt_ids, config):
+        if isinstance(item, GenerationResult):
+            return item
+    raise AssertionError("generate_stream ended without a result")

@@ -1,0 +1,51 @@
+"""Text <-> ids through a Hugging Face tokenizer.json, with incremental detokenisation for streaming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from edge_runtime.errors import ModelFormatError
+
+
+class Tokenizer:
+    def __init__(self, path: Path):
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception for a bad file
+            raise ModelFormatError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The tokenizer's own post-processor decides about BOS, as in transformers."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+class IncrementalDecoder:
+    """Emits text as ids arrive, never a partial UTF-8 character; decodes a short window per token
+    (from `prefix` to the end), so the cost does not grow with the length of the output."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: context so that the tokenizer places spaces right
+        self.read = 0  # ids up to here have been emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        full = self.tok.decode(self.ids[self.prefix:])
+        if full.endswith("\ufffd") or len(full) <= len(done):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return full[len(done):]

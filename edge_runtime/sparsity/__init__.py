@@ -1,0 +1,1 @@
+"""Activation-sparsity semantics: predictors, per-layer statistics."""

@@ -1,0 +1,72 @@
+"""Per-layer FFN statistics accumulated over decode steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class FFNStats:
+    """Counters per layer, summed over decode steps. "true" counts need the dense gate (recall=True)."""
+
+    n_layers: int
+    ffn_dim: int
+    steps: np.ndarray = field(init=False)
+    predicted: np.ndarray = field(init=False)  # rows the predictor let through
+    kept: np.ndarray = field(init=False)  # rows whose computed gate survived: the actual active count
+    true_active: np.ndarray = field(init=False)  # dense-gate active rows (recall steps only)
+    hits: np.ndarray = field(init=False)  # truly active rows that were predicted active
+    recall_steps: np.ndarray = field(init=False)
+    bytes_read: np.ndarray = field(init=False)  # FFN weight bytes read, sign planes included
+    bytes_dense: np.ndarray = field(init=False)  # what the dense FFN would have read
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "predicted", "kept", "true_active", "hits", "recall_steps",
+                     "bytes_read", "bytes_dense"):
+            setattr(self, name, np.zeros(self.n_layers, dtype=np.int64))
+
+    def record(self, layer: int, predicted: int, kept: int, bytes_read: int, bytes_dense: int,
+               true_active: int = -1, hits: int = -1) -> None:
+        self.steps[layer] += 1
+        self.predicted[layer] += predicted
+        self.kept[layer] += kept
+        self.bytes_read[layer] += bytes_read
+        self.bytes_dense[layer] += bytes_dense
+        if true_active >= 0:
+            self.recall_steps[layer] += 1
+            self.true_active[layer] += true_active
+            self.hits[layer] += hits
+
+    def per_layer(self) -> list[dict]:
+        out = []
+        for i in range(self.n_layers):
+            steps = max(int(self.steps[i]), 1)
+            row = {
+                "layer": i,
+                "predicted_density": float(self.predicted[i]) / (steps * self.ffn_dim),
+                "actual_density": float(self.kept[i]) / (steps * self.ffn_dim),
+                "ffn_bytes_fraction": float(self.bytes_read[i]) / max(int(self.bytes_dense[i]), 1),
+            }
+            if self.recall_steps[i]:
+                row["recall"] = float(self.hits[i]) / max(int(self.true_active[i]), 1)
+                row["true_density"] = float(self.true_active[i]) / (int(self.recall_steps[i]) * self.ffn_dim)
+            out.append(row)
+        return out
+
+    def summary(self) -> dict:
+        if not self.steps.any():
+            return {"decode_steps": 0}
+        rows = self.per_layer()
+        out = {
+            "decode_steps": int(self.steps[0]),
+            "predicted_density": float(np.mean([r["predicted_density"] for r in rows])),
+            "actual_density": float(np.mean([r["actual_density"] for r in rows])),
+            "ffn_bytes_fraction": float(self.bytes_read.sum()) / max(int(self.bytes_dense.sum()), 1),
+            "ffn_bytes_per_token": float(self.bytes_read.sum()) / max(int(self.steps[0]), 1),
+        }
+        if self.recall_steps.any():
+            out["recall"] = float(self.hits.sum()) / max(int(self.true_active.sum()), 1)
+        out["per_layer"] = rows
+        return out
