@@ -1,0 +1,210 @@
+"""The edge-runtime command line. Every user error ends as one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edge_runtime import __version__
+from edge_runtime.errors import EdgeRuntimeError
+
+DEMO_PROMPT = "The old man looked at the sea and"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="packed model directory (default: the embedded default model)")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default 2048)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the weights at load")
+
+
+def _add_sparsity_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--sparsity", choices=("off", "on"), default=default,
+                   help="sign-bit predicted FFN sparsity in decode (ReLU-family models)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="predictor conservativeness for every layer (default: the model's, else 1.0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge-runtime", description="LLM runtime for Jetson Orin with "
+                                 "sign-bit predicted activation sparsity.")
+    ap.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="generate from the embedded default model with sparse decode")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("convert", help="pack a Hugging Face checkpoint directory")
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="int8", choices=("fp32", "fp16", "int8", "int4"))
+    p.add_argument("--group-size", type=int, default=64, help="int4 group along K")
+    p.add_argument("--default-alpha", type=float, default=None,
+                   help="the alpha this model decodes with unless told otherwise (stored in the manifest)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--recall", action="store_true", help="also measure predictor recall (runs the dense gate)")
+    _add_sparsity_args(p, "off")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("eval", help="perplexity dense vs sparse and FFN sparsity on a text file")
+    _add_model_args(p)
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--window", type=int, default=256)
+    _add_sparsity_args(p, "on")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("info", help="what a packed model directory holds")
+    p.add_argument("model_dir")
+    p.add_argument("--json", action="store_true")
+    return ap
+
+
+def _load(args):
+    from edge_runtime.paths import resolve_model
+    from edge_runtime.runtime import load
+
+    return load(resolve_model(args.model), backend=args.backend, max_context=args.max_context,
+                verify=not args.no_verify)
+
+
+def _alphas(args, rt) -> float | None:
+    if args.sparsity == "off":
+        return None
+    return args.alpha if args.alpha is not None else rt.default_alpha
+
+
+def cmd_convert(args) -> int:
+    from edge_runtime.pack.convert import convert
+
+    m = convert(Path(args.hf_dir), Path(args.out_dir), args.dtype, args.group_size, args.overwrite,
+                progress=sys.stderr.isatty(), default_alpha=args.default_alpha)
+    size = sum(f["bytes"] for f in m["files"].values())
+    print(f"packed {m['model']['arch']} ({m['model']['n_layers']} layers, {args.dtype}) into {args.out_dir}: "
+          f"{size / 1e6:.2f} MB")
+    return 0
+
+
+def _print_generation(rt, res, as_json: bool, label: str = "") -> None:
+    stats = rt.ffn_stats()
+    if as_json:
+        print(json.dumps({"text": res.text, "token_ids": res.token_ids, "prompt_tokens": res.prompt_tokens,
+                          "finish_reason": res.finish_reason, "tokens_per_s": res.decode_tokens_per_s,
+                          "prefill_s": res.prefill_s, "decode_s": res.decode_s, "ffn": stats}))
+        return
+    print(label + res.text)
+    print(f"\n[{len(res.token_ids)} tokens, {res.decode_tokens_per_s:.1f} tokens/s decode, "
+          f"finish: {res.finish_reason}]", file=sys.stderr)
+    if stats.get("decode_steps"):
+        line = (f"[FFN: predicted density {stats['predicted_density']:.3f}, actual density "
+                f"{stats['actual_density']:.3f}, weight bytes read {stats['ffn_bytes_fraction']:.3f} of dense")
+        if "recall" in stats:
+            line += f", recall {stats['recall']:.3f}"
+        print(line + "]", file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    rt = _load(args)
+    rt.set_sparsity(_alphas(args, rt), measure_recall=args.recall)
+    res = rt.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                      seed=args.seed, stop=args.stop)
+    _print_generation(rt, res, args.json)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from edge_runtime.paths import resolve_model
+    from edge_runtime.runtime import load
+
+    rt = load(resolve_model(None), backend="auto")
+    rt.set_sparsity(rt.default_alpha, measure_recall=True)
+    res = rt.generate(DEMO_PROMPT, max_new_tokens=48, repetition_penalty=1.2)
+    if not args.json:
+        print(f"edge-runtime demo: embedded model, {rt.backend.name} backend, sparse decode "
+              f"(alpha {rt.default_alpha})", file=sys.stderr)
+    _print_generation(rt, res, args.json, label=DEMO_PROMPT)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from edge_runtime.evaluate import evaluate_text
+
+    path = Path(args.text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeRuntimeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    rt = _load(args)
+    res = evaluate_text(rt, text, _alphas(args, rt), window=args.window, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"tokens {res['tokens']}  ppl dense {res['ppl_dense']:.3f}")
+    if "ppl_sparse" in res:
+        print(f"ppl sparse {res['ppl_sparse']:.3f} ({100 * (res['ppl_sparse'] / res['ppl_dense'] - 1):+.2f} %)  "
+              f"FFN sparsity {res['ffn_sparsity']:.4f}  predicted density {res['predicted_density']:.3f}  "
+              f"recall {res['recall']:.4f}  top-1 agreement {res['top1_agreement']:.4f}  "
+              f"FFN bytes {res['ffn_bytes_fraction']:.3f} of dense")
+        for r in res["per_layer"]:
+            print(f"  layer {r['layer']:2d}: sparsity {r['ffn_sparsity']:.4f}  predicted {r['predicted_density']:.3f}"
+                  f"  recall {r['recall']:.4f}  bytes {r['ffn_bytes_fraction']:.3f}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from edge_runtime.pack.format import read_manifest
+
+    m = read_manifest(Path(args.model_dir))
+    files = {k: v["bytes"] for k, v in m["files"].items()}
+    encodings: dict[str, int] = {}
+    for t in m["tensors"].values():
+        encodings[t["encoding"]] = encodings.get(t["encoding"], 0) + 1
+    info = {"path": args.model_dir, "format": f"{m['format']} v{m['format_version']}", "encoding": m["encoding"],
+            "model": m["model"], "tensor_encodings": encodings, "files": files, "total_bytes": sum(files.values()),
+            "tokenizer": m["tokenizer"], "chat_template": bool(m.get("chat_template")),
+            "sparsity": m.get("sparsity", {})}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    c = m["model"]
+    print(f"{args.model_dir}: {info['format']}, {c['arch']} {c['n_layers']} layers, d {c['dim']}, "
+          f"FFN {c['ffn_dim']} ({c['activation']}), heads {c['n_heads']}/{c['n_kv_heads']}, vocab {c['vocab_size']}")
+    print(f"weights: {m['encoding']}; tensors by encoding: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(encodings.items())))
+    print(f"files: {len(files)}, {info['total_bytes'] / 1e6:.2f} MB; tokenizer: {m['tokenizer']}; "
+          f"chat template: {'yes' if info['chat_template'] else 'no'}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "generate": cmd_generate, "eval": cmd_eval,
+            "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except EdgeRuntimeError as e:
+        print(f"edge-runtime: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-runtime: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
