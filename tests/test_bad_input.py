@@ -1,0 +1,147 @@
+"""Bad input: one line on stderr, exit status 2, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from edge_runtime.cli import main
+from edge_runtime.pack.convert import convert
+from tests.helpers import make_llama
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("bad")
+    make_llama(root / "hf", act="relu")
+    convert(root / "hf", root / "packed", "int8", progress=False)
+    return root
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edge-runtime: error:"), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+def copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_truncated_safetensors(capsys, packed, tmp_path):
+    m = copy_model(packed / "packed", tmp_path / "m")
+    f = m / "layer_001.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    code, _, err = run_cli(capsys, "generate", "--model", str(m), "--prompt", "hi")
+    assert_one_line_error(code, err, "layer_001.safetensors", "truncated")
+
+
+def test_truncated_safetensors_without_checksums(capsys, packed, tmp_path):
+    """--no-verify skips hashing; the safetensors reader still refuses the short file."""
+    m = copy_model(packed / "packed", tmp_path / "m")
+    f = m / "layer_000.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    code, _, err = run_cli(capsys, "generate", "--model", str(m), "--prompt", "hi", "--no-verify")
+    assert_one_line_error(code, err, "layer_000.safetensors", "truncated")
+
+
+def test_flipped_byte_fails_checksum(capsys, packed, tmp_path):
+    m = copy_model(packed / "packed", tmp_path / "m")
+    f = m / "layer_000.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) - 7] ^= 0x01
+    f.write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "generate", "--model", str(m), "--prompt", "hi")
+    assert_one_line_error(code, err, "layer_000.safetensors", "checksum")
+
+
+@pytest.mark.parametrize("key", ["files", "model", "tensors"])
+def test_manifest_missing_key(capsys, packed, tmp_path, key):
+    m = copy_model(packed / "packed", tmp_path / "m")
+    manifest = yaml.safe_load((m / "manifest.yaml").read_text())
+    del manifest[key]
+    (m / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    code, _, err = run_cli(capsys, "info", str(m))
+    assert_one_line_error(code, err, key)
+
+
+def test_manifest_model_missing_field(capsys, packed, tmp_path):
+    m = copy_model(packed / "packed", tmp_path / "m")
+    manifest = yaml.safe_load((m / "manifest.yaml").read_text())
+    del manifest["model"]["n_layers"]
+    (m / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    code, _, err = run_cli(capsys, "generate", "--model", str(m), "--prompt", "hi")
+    assert_one_line_error(code, err, "n_layers")
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "mistral"])
+def test_unsupported_architecture_leaves_nothing(capsys, packed, tmp_path, model_type):
+    hf = copy_model(packed / "hf", tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["model_type"] = model_type
+    (hf / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "convert", str(hf), str(out))
+    assert_one_line_error(code, err, model_type, "llama")
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [hf]  # no temporary directory left behind either
+
+
+def test_failed_convert_midway_leaves_nothing(capsys, packed, tmp_path):
+    """A checkpoint whose safetensors is truncated fails during conversion, not before."""
+    hf = copy_model(packed / "hf", tmp_path / "hf")
+    f = hf / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "convert", str(hf), str(out))
+    assert_one_line_error(code, err, "model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_convert_refuses_to_clobber(capsys, packed, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run_cli(capsys, "convert", str(packed / "hf"), str(out))
+    assert_one_line_error(code, err, "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_prompt_longer_than_context(capsys, packed):
+    code, _, err = run_cli(capsys, "generate", "--model", str(packed / "packed"), "--prompt", "the lazy dog " * 80,
+                           "--max-context", "64")
+    assert_one_line_error(code, err, "context")
+
+
+def test_sparsity_on_silu_model_is_refused(capsys, tmp_path):
+    pytest.importorskip("torch")
+    make_llama(tmp_path / "hf", act="silu")
+    convert(tmp_path / "hf", tmp_path / "p", "fp16", progress=False)
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "p"), "--prompt", "hi", "--sparsity", "on")
+    assert_one_line_error(code, err, "silu")
+
+
+def test_not_a_model_directory(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "info", str(tmp_path))
+    assert_one_line_error(code, err, "manifest.yaml")

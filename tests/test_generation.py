@@ -1,0 +1,102 @@
+"""Sampling, stop strings, EOS and the CLI's JSON output."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_runtime.cli import main
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model.sampling import Sampler, SamplingParams
+from edge_runtime.pack.convert import convert
+from edge_runtime.runtime import load
+from tests.helpers import make_llama
+
+
+def _logits(seed=0, n=50):
+    return np.random.default_rng(seed).standard_normal(n).astype(np.float32) * 3
+
+
+def test_greedy_is_argmax():
+    z = _logits()
+    assert Sampler(SamplingParams())(z, []) == int(np.argmax(z))
+
+
+def test_seed_reproducible_and_top_k_respected():
+    z = _logits(1)
+    draws = [Sampler(SamplingParams(temperature=1.0, top_k=3, seed=s))(z, []) for s in range(200)]
+    assert set(draws) <= set(np.argsort(-z)[:3].tolist())
+    assert len(set(draws)) > 1
+    a = [Sampler(SamplingParams(temperature=0.9, seed=42))(z, []) for _ in range(5)]
+    assert len(set(a)) == 1
+
+
+def test_top_p_keeps_smallest_nucleus():
+    z = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    draws = {Sampler(SamplingParams(temperature=1.0, top_p=0.7, seed=s))(z, []) for s in range(300)}
+    assert draws == {0, 1}
+
+
+def test_repetition_penalty_hf_semantics():
+    z = np.array([2.0, -1.0, 1.9], dtype=np.float32)
+    assert Sampler(SamplingParams(repetition_penalty=1.2))(z, [0]) == 2  # 2.0 / 1.2 < 1.9
+    assert Sampler(SamplingParams(repetition_penalty=1.2))(z, [2]) == 0
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"top_p": 0}, {"top_k": -2}, {"repetition_penalty": 0}])
+def test_bad_sampling_params(bad):
+    with pytest.raises(EdgeRuntimeError):
+        SamplingParams(**bad)
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory):
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("gen")
+    make_llama(root / "hf", act="relu", seed=9)
+    convert(root / "hf", root / "p", "fp16", progress=False)
+    return load(root / "p", backend="cpu")
+
+
+def test_stop_string_truncates_and_is_not_streamed(rt):
+    full = rt.generate("the quick", max_new_tokens=24, temperature=1.0, seed=3)
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    res = rt.generate("the quick", max_new_tokens=24, temperature=1.0, seed=3, stop=[stop])
+    assert res.finish_reason == "stop"
+    assert res.text == full.text[: full.text.find(stop)]
+
+
+def test_eos_ends_generation(rt):
+    """Force EOS through the config: the model's first greedy token becomes its EOS."""
+    first = rt.generate("the quick", max_new_tokens=1).token_ids[0]
+    saved = rt.decoder.cfg
+    rt.decoder.cfg = type(saved)(**{**saved.__dict__, "eos_token_ids": (first,)})
+    try:
+        res = rt.generate("the quick", max_new_tokens=10)
+    finally:
+        rt.decoder.cfg = saved
+    assert res.finish_reason == "eos" and res.token_ids == []
+
+
+def test_max_new_tokens(rt):
+    res = rt.generate("the quick", max_new_tokens=7)
+    assert len(res.token_ids) == 7 and res.finish_reason == "length"
+
+
+def test_generate_json(capsys, rt):
+    code = main(["generate", "--model", str(rt.model.path), "--prompt", "a robot", "--max-new-tokens", "6",
+                 "--sparsity", "on", "--alpha", "1.1", "--recall", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert len(out["token_ids"]) == 6 and isinstance(out["text"], str) and out["tokens_per_s"] > 0
+    assert out["ffn"]["decode_steps"] == 5 and 0 <= out["ffn"]["recall"] <= 1
+
+
+def test_info_json(capsys, rt):
+    assert main(["info", str(rt.model.path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model"]["arch"] == "llama" and info["encoding"] == "fp16"
+    assert info["tensor_encodings"]["signbits"] == 2
