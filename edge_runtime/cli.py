@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sparsity_args(p, "on")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP daemon (needs edge-runtime[serve])")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond the running one")
+    p.add_argument("--max-tokens-limit", type=int, default=512)
+    _add_sparsity_args(p, "on")
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal, streamed")
+    _add_model_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--system", default=None, help="system message")
+    _add_sparsity_args(p, "on")
+
     p = sub.add_parser("info", help="what a packed model directory holds")
     p.add_argument("model_dir")
     p.add_argument("--json", action="store_true")
@@ -165,6 +182,58 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _sparsity_for(args, rt) -> None:
+    """--sparsity on applies only to ReLU-family models; serve and chat fall back to dense otherwise."""
+    if args.sparsity == "on" and not rt.config.relu_family:
+        print(f"note: {rt.config.activation} model: decoding dense", file=sys.stderr)
+        return
+    rt.set_sparsity(_alphas(args, rt))
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from edge_runtime.serve.app import create_app
+    except ImportError as e:
+        raise EdgeRuntimeError(f"serve needs the serve extra: pip install 'edge-runtime[serve]' ({e.name} "
+                               f"is missing)") from None
+    rt = _load(args)
+    _sparsity_for(args, rt)
+    app = create_app(rt, api_key=args.api_key, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit)
+    print(f"edge-runtime: serving {rt.name} on http://{args.host}:{args.port} ({rt.backend.name} backend)",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    rt = _load(args)
+    _sparsity_for(args, rt)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("edge-runtime chat: empty line or Ctrl-D to quit, /reset to forget the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        reply = []
+        for piece in rt.stream(history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
 def cmd_info(args) -> int:
     from edge_runtime.pack.format import read_manifest
 
@@ -191,7 +260,7 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "generate": cmd_generate, "eval": cmd_eval,
-            "info": cmd_info}
+            "info": cmd_info, "serve": cmd_serve, "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,20 +1,33 @@
-"""The in-process runtime: a packed model, a backend, a decoder and a tokenizer behind one object."""
+"""The in-process runtime: a packed model, a backend, a decoder and a tokenizer behind one object.
+
+One generation runs at a time (one KV cache); calls from several threads queue on a lock in arrival
+order of the lock (not strictly FIFO). `stream` holds the lock while its iterator is alive; closing
+the iterator (or leaving a `for` loop early) releases it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.backends import create_backend
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model.chat import DEFAULT_STOP, render_chat
 from edge_runtime.model.decoder import Decoder
-from edge_runtime.model.generate import GenerationConfig, GenerationResult, generate
+from edge_runtime.model.generate import GenerationConfig, GenerationResult, Piece, generate_stream
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.model.tokenizer import Tokenizer
 from edge_runtime.pack.loader import PackedModel, load_packed
+from edge_runtime.paths import resolve_model
 
 DEFAULT_CONTEXT = 2048
 FALLBACK_ALPHA = 1.0  # SparseInfer's majority vote, for models converted without a default alpha
+
+Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
 
 class Runtime:
@@ -25,10 +38,19 @@ class Runtime:
         self.decoder = Decoder(self.backend)
         path = model.tokenizer_path
         self.tokenizer = Tokenizer(path) if path else None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.last_result: GenerationResult | None = None
 
+    # ---- configuration -----------------------------------------------------------------------------
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def name(self) -> str:
+        """The model's id in the daemon: the packed directory's name."""
+        return self.model.path.resolve().name
 
     @property
     def default_alpha(self) -> float:
@@ -36,25 +58,125 @@ class Runtime:
         return float((self.model.manifest.get("sparsity") or {}).get("default_alpha", FALLBACK_ALPHA))
 
     def set_sparsity(self, alphas: Sequence[float] | float | None, measure_recall: bool = False) -> None:
+        """Per-layer alpha, one alpha, or None (dense). Applied between two tokens, never mid-token."""
         self.decoder.set_sparsity(alphas, measure_recall)
-
-    def encode(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise EdgeRuntimeError(f"{self.model.path} has no tokenizer.json; text prompts need one")
-        return self.tokenizer.encode(prompt)
-
-    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop: Sequence[str] = ()) -> GenerationResult:
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        cfg = GenerationConfig(max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
-                               tuple(stop))
-        return generate(self.decoder, self.tokenizer, ids, cfg)
 
     def ffn_stats(self) -> dict:
         return self.decoder.stats.summary()
 
+    # ---- prompts -----------------------------------------------------------------------------------
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise EdgeRuntimeError(f"{self.model.path} has no tokenizer.json; text prompts need one")
+        return self.tokenizer.encode(prompt, add_special_tokens)
 
-def load(path: str | Path, backend: str = "auto", max_context: int | None = None,
-         verify: bool = True) -> Runtime:
-    return Runtime(load_packed(path, verify=verify), backend=backend, max_context=max_context)
+    def prepare_prompt(self, prompt: Prompt) -> tuple[list[int], tuple[str, ...]]:
+        """Token ids and the stop strings the prompt form implies (the default chat template's)."""
+        if isinstance(prompt, str):
+            return self.encode(prompt), ()
+        items = list(prompt)
+        if items and all(isinstance(t, int) for t in items):
+            return items, ()
+        if items and all(isinstance(m, dict) for m in items):
+            template = self.model.manifest.get("chat_template")
+            text = render_chat(items, template, self._special_tokens())
+            # a model's own template writes its BOS itself; the default relies on the tokenizer's
+            return self.encode(text, add_special_tokens=not template), (() if template else DEFAULT_STOP)
+        raise EdgeRuntimeError("prompt must be a string, a list of token ids, or a list of chat messages")
+
+    def _special_tokens(self) -> dict[str, str]:
+        out = {}
+        tok = self.tokenizer
+        for key, tid in (("bos_token", self.config.bos_token_id),
+                         ("eos_token", (self.config.eos_token_ids or (None,))[0])):
+            if tok is not None and tid is not None:
+                out[key] = tok.token_text(tid) or ""
+        return out
+
+    # ---- generation --------------------------------------------------------------------------------
+    def stream_events(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                      top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                      stop: Sequence[str] = (), deadline_s: float | None = None,
+                      should_stop: Callable[[], str | None] | None = None) -> Iterator[Piece | GenerationResult]:
+        """Pieces, then the GenerationResult. Holds the runtime's lock while alive."""
+        if self._closed:
+            raise EdgeRuntimeError("this runtime is closed")
+        ids, implied_stop = self.prepare_prompt(prompt)
+        cfg = GenerationConfig(max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
+                               tuple(stop) + implied_stop)
+        t_end = None if deadline_s is None else time.monotonic() + deadline_s
+
+        def stop_check() -> str | None:
+            if t_end is not None and time.monotonic() >= t_end:
+                return "deadline"
+            return should_stop() if should_stop else None
+
+        with self._lock:
+            for item in generate_stream(self.decoder, self.tokenizer, ids, cfg, stop_check):
+                if isinstance(item, GenerationResult):
+                    self.last_result = item
+                yield item
+
+    def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
+        """Blocking generation; keyword arguments as stream_events (max_new_tokens, temperature, top_k,
+        top_p, repetition_penalty, seed, stop, deadline_s, should_stop)."""
+        for item in self.stream_events(prompt, **kwargs):
+            if isinstance(item, GenerationResult):
+                return item
+        raise AssertionError("generation ended without a result")
+
+    def stream(self, prompt: Prompt, **kwargs: Any) -> Iterator[str]:
+        """An iterator of text pieces as they are decoded."""
+        for item in self.stream_events(prompt, **kwargs):
+            if isinstance(item, Piece) and item.text:
+                yield item.text
+
+    async def agenerate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
+        return await asyncio.to_thread(self.generate, prompt, **kwargs)
+
+    async def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncIterator[str]:
+        """Text pieces for asyncio; decoding runs in a worker thread. Leaving the loop early cancels."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for piece in self.stream(prompt, should_stop=lambda: "cancelled" if cancelled.is_set() else None,
+                                         **kwargs):
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except Exception as e:  # handed to the consumer, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, e)
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            await worker
+
+    # ---- lifetime ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the weights and the KV cache; later calls raise."""
+        with self._lock:
+            self._closed = True
+            self.backend = None
+            self.decoder = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load(path: str | Path | None = None, profile: str = "auto", backend: str = "auto",
+         max_context: int | None = None, verify: bool = True) -> Runtime:
+    """Open a packed model (the embedded default model when path is None)."""
+    del profile  # device profiles are not wired in yet: accepted so that callers need not change later
+    return Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context)

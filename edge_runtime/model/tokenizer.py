@@ -30,6 +30,9 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def token_text(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
 
 class IncrementalDecoder:
     """Emits text as ids arrive, never a partial UTF-8 character; decodes a short window per token

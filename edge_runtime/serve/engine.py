@@ -1,0 +1,121 @@
+"""One model, one generation at a time, a bounded FIFO queue in front of it.
+
+Requests are Jobs; a single worker thread runs them in arrival order and hands each event (text
+piece, then the result) to the job's asyncio queue on the server's event loop. A job whose client has
+gone is cancelled between two tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model.generate import GenerationResult, Piece
+from edge_runtime.runtime import Runtime
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"queue full, retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    params: dict[str, Any]  # keyword arguments of Runtime.stream_events
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    result: GenerationResult | None = None
+
+    def _emit(self, item: Piece | GenerationResult | Exception) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+class Engine:
+    def __init__(self, runtime: Runtime, max_queue: int = 8):
+        self.runtime = runtime
+        self.max_queue = max_queue
+        self._jobs: collections.deque[Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._running: Job | None = None
+        self._stopping = False
+        self.completed = 0
+        self.cancelled = 0
+        self.tokens_generated = 0
+        self.last_tokens_per_s = 0.0
+        self._worker = threading.Thread(target=self._run, name="edge-runtime-engine", daemon=True)
+        self._worker.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    @property
+    def queued(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, job: Job) -> Job:
+        with self._cv:
+            if self._stopping:
+                raise QueueFull(5)
+            if len(self._jobs) >= self.max_queue:
+                # a rough wait: everything ahead of the caller at the last measured rate
+                rate = self.last_tokens_per_s or 50.0
+                ahead = sum(j.params.get("max_new_tokens", 128) for j in self._jobs)
+                raise QueueFull(max(1, int(ahead / rate)))
+            self._jobs.append(job)
+            self._cv.notify()
+        return job
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._jobs:
+                    return
+                job = self._jobs.popleft()
+                self._running = job
+            try:
+                if job.cancel.is_set():  # its client left, or the server is stopping
+                    self.cancelled += 1
+                    job._emit(EdgeRuntimeError("request cancelled before it started"))
+                    continue
+                self._execute(job)
+            finally:
+                self._running = None
+
+    def _execute(self, job: Job) -> None:
+        t0 = time.perf_counter()
+        try:
+            for item in self.runtime.stream_events(
+                    job.prompt_ids, should_stop=lambda: "cancelled" if job.cancel.is_set() else None, **job.params):
+                if isinstance(item, GenerationResult):
+                    job.result = item
+                    self.tokens_generated += len(item.token_ids)
+                    if item.finish_reason == "cancelled":
+                        self.cancelled += 1
+                    else:
+                        self.completed += 1
+                    dt = time.perf_counter() - t0
+                    if item.token_ids and dt > 0:
+                        self.last_tokens_per_s = len(item.token_ids) / dt
+                job._emit(item)
+        except EdgeRuntimeError as e:
+            job._emit(e)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Refuse new jobs, cancel queued ones, let the running one finish, stop the worker."""
+        with self._cv:
+            self._stopping = True
+            for job in self._jobs:
+                job.cancel.set()
+            self._cv.notify()
+        self._worker.join(timeout)

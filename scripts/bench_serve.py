@@ -1,0 +1,147 @@
+"""Load the daemon with N concurrent streaming clients; compare one client's tokens/s with the in-process API.
+
+  python scripts/bench_serve.py [--model DIR] [--clients 8] [--requests 5] [--max-tokens 64]
+
+Starts `edge-runtime serve` on a free 127.0.0.1 port (or uses --url), then:
+ 1. overhead: the same prompt, greedy, one client at a time through the daemon and in-process;
+    prints daemon tokens/s as a fraction of in-process tokens/s (same process count, same model);
+ 2. load: N clients x M streamed requests; time to first token, per-request tokens/s, p50/p99
+    latency, and how many were refused (429) or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+import edge_runtime
+from edge_runtime.paths import resolve_model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stream_once(url: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    ttft, pieces, status = None, 0, 0
+    with httpx.Client(timeout=120) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
+        status = r.status_code
+        if status == 200:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    pieces += 1
+        else:
+            r.read()
+    total = time.perf_counter() - t0
+    return {"status": status, "ttft_s": ttft, "latency_s": total}
+
+
+def generated_tokens(url: str) -> float:
+    """The daemon's own count, from its Prometheus endpoint."""
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("edge_runtime_generated_tokens_total"))
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--url", default=None, help="an already running daemon")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt", default="The old man looked at the sea and")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    model = resolve_model(args.model)
+    proc = None
+    url = args.url
+    if url is None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--model", str(model), "--port",
+                                 str(port), "--backend", "cpu", "--max-queue", str(args.clients * args.requests)])
+        for _ in range(300):
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+    try:
+        # 1. overhead against the in-process API, same greedy request, 3 runs each, medians
+        body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0}
+        rt = edge_runtime.load(model, backend="cpu")
+        rt.set_sparsity(rt.default_alpha if rt.config.relu_family else None)
+        n_tokens = len(rt.generate(args.prompt, max_new_tokens=args.max_tokens).token_ids)
+        inproc, daemon = [], []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            rt.generate(args.prompt, max_new_tokens=args.max_tokens)
+            inproc.append(n_tokens / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/completions", json=body, timeout=120).json()
+            daemon.append(r["usage"]["completion_tokens"] / (time.perf_counter() - t0))
+        rt.close()
+        # 2. concurrent streamed load
+        results: list[dict] = []
+        lock = threading.Lock()
+
+        def client(i: int) -> None:
+            for j in range(args.requests):
+                res = stream_once(url, {**body, "temperature": 0.8, "seed": 1000 * i + j, "stream": True})
+                with lock:
+                    results.append(res)
+
+        generated_before = generated_tokens(url)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        generated = generated_tokens(url) - generated_before
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    ok = [r for r in results if r["status"] == 200]
+    report = {
+        "tokens_per_s_in_process": statistics.median(inproc), "tokens_per_s_daemon": statistics.median(daemon),
+        "daemon_over_in_process": statistics.median(daemon) / statistics.median(inproc),
+        "clients": args.clients, "requests": len(results), "ok": len(ok),
+        "refused_429": sum(r["status"] == 429 for r in results),
+        "errors": sum(r["status"] not in (200, 429) for r in results),
+        "ttft_p50_s": pct([r["ttft_s"] for r in ok if r["ttft_s"]], 0.5),
+        "ttft_p99_s": pct([r["ttft_s"] for r in ok if r["ttft_s"]], 0.99),
+        "latency_p50_s": pct([r["latency_s"] for r in ok], 0.5),
+        "latency_p99_s": pct([r["latency_s"] for r in ok], 0.99),
+        "aggregate_tokens_per_s": generated / wall,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:26s} {v:.3f}" if isinstance(v, float) else f"{k:26s} {v}")
+
+
+if __name__ == "__main__":
+    main()

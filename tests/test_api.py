@@ -1,0 +1,94 @@
+"""The in-process Python API: generate, stream, async variants, deadlines, threads, close."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+import edge_runtime
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.pack.convert import convert
+from tests.helpers import make_llama
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("api")
+    make_llama(root / "hf", act="relu", seed=21)
+    convert(root / "hf", root / "p", "int8", progress=False)
+    return root / "p"
+
+
+@pytest.fixture()
+def rt(model_dir):
+    with edge_runtime.load(model_dir, backend="cpu") as runtime:
+        yield runtime
+
+
+def test_stream_concatenates_to_generate(rt):
+    kw = {"max_new_tokens": 20, "temperature": 0.8, "seed": 5}
+    pieces = list(rt.stream("the lazy dog", **kw))
+    assert len(pieces) > 1
+    assert "".join(pieces) == rt.generate("the lazy dog", **kw).text
+
+
+def test_messages_use_default_template(rt):
+    res = rt.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "open the door"}],
+                      max_new_tokens=5)
+    assert res.prompt_tokens > 5 and len(res.token_ids) <= 5
+
+
+def test_bad_messages(rt):
+    with pytest.raises(EdgeRuntimeError, match="role"):
+        rt.generate([{"role": "robot", "content": "x"}])
+
+
+def test_deadline_returns_partial(rt):
+    res = rt.generate("the quick", max_new_tokens=1000, deadline_s=0.0)
+    assert res.finish_reason == "deadline"
+    assert len(res.token_ids) == 1  # the token from the prefill is always returned
+
+
+def test_async_variants(rt):
+    async def main():
+        full = await rt.agenerate("a robot walks", max_new_tokens=12)
+        pieces = [p async for p in rt.astream("a robot walks", max_new_tokens=12)]
+        return full, pieces
+
+    full, pieces = asyncio.run(main())
+    assert "".join(pieces) == full.text and len(full.token_ids) == 12
+
+
+def test_astream_early_exit_releases_runtime(rt):
+    async def main():
+        async for _piece in rt.astream("a robot walks", max_new_tokens=200):
+            break
+
+    asyncio.run(main())
+    assert rt.generate("a robot", max_new_tokens=3).finish_reason == "length"  # not deadlocked
+
+
+def test_threads_get_their_own_results(rt):
+    expected = {s: rt.generate("the door", max_new_tokens=10, temperature=1.0, seed=s).text for s in range(6)}
+    got: dict[int, str] = {}
+
+    def worker(seed):
+        got[seed] = rt.generate("the door", max_new_tokens=10, temperature=1.0, seed=seed).text
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
+    assert len(set(expected.values())) > 1  # the seeds really differ
+
+
+def test_closed_runtime_refuses(model_dir):
+    rt = edge_runtime.load(model_dir, backend="cpu")
+    rt.close()
+    with pytest.raises(EdgeRuntimeError, match="closed"):
+        rt.generate("x")
