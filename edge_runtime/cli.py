@@ -24,7 +24,16 @@ def _add_sparsity_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--sparsity", choices=("off", "on"), default=default,
                    help="sign-bit predicted FFN sparsity in decode (ReLU-family models)")
     p.add_argument("--alpha", type=float, default=None,
-                   help="predictor conservativeness for every layer (default: the model's, else 1.0)")
+                   help="one alpha for every layer, overriding the profile's per-layer selection")
+    _add_policy_args(p)
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="auto", help="device profile: auto (detect), a name, or a YAML path")
+    p.add_argument("--power-mode", default=None, help="power mode to plan for (default: detected or the profile's)")
+    p.add_argument("--latency-ms", type=float, default=None, help="per-token latency target for the alpha policy")
+    p.add_argument("--quality-budget", type=float, default=None,
+                   help="allowed perplexity increase in percent for the alpha policy (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     _add_sparsity_args(p, "on")
 
+    p = sub.add_parser("calibrate", help="calibrate the predictor on text; writes calibration.yaml into the model")
+    p.add_argument("--model", help="packed model directory (default: the embedded default model)")
+    p.add_argument("--text", required=True, help="UTF-8 calibration text (not the evaluation text)")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("profile", help="device profiles: list, show, detect, select")
+    psub = p.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
+    q = psub.add_parser("list", help="profiles known to this installation")
+    q.add_argument("--json", action="store_true")
+    q = psub.add_parser("show", help="one profile with its power modes")
+    q.add_argument("name")
+    q.add_argument("--json", action="store_true")
+    q = psub.add_parser("detect", help="the profile and power mode of this machine")
+    q.add_argument("--json", action="store_true")
+    q = psub.add_parser("select", help="per-layer alphas for a profile, power mode and objective")
+    q.add_argument("--model", help="calibrated packed model (default: the embedded default model)")
+    _add_policy_args(q)
+    q.add_argument("--context", type=int, default=2048, help="KV cache length for the memory plan")
+    q.add_argument("--json", action="store_true")
+
     p = sub.add_parser("info", help="what a packed model directory holds")
     p.add_argument("model_dir")
     p.add_argument("--json", action="store_true")
@@ -91,17 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from edge_runtime.paths import resolve_model
     from edge_runtime.runtime import load
+    from edge_runtime.sparsity.policy import Objective
 
-    return load(resolve_model(args.model), backend=args.backend, max_context=args.max_context,
-                verify=not args.no_verify)
+    return load(args.model, profile=getattr(args, "profile", "auto"), backend=args.backend,
+                max_context=args.max_context, verify=not args.no_verify, power_mode=getattr(args, "power_mode", None),
+                objective=Objective(getattr(args, "latency_ms", None), getattr(args, "quality_budget", None)))
 
 
-def _alphas(args, rt) -> float | None:
+def _alphas(args, rt) -> list[float] | float | None:
+    """off: dense; --alpha: that alpha everywhere; else the profile policy's per-layer alphas, else the
+    model's default alpha."""
     if args.sparsity == "off":
         return None
-    return args.alpha if args.alpha is not None else rt.default_alpha
+    if args.alpha is not None:
+        return args.alpha
+    return rt.selection.alphas if rt.selection is not None else rt.default_alpha
 
 
 def cmd_convert(args) -> int:
@@ -144,15 +180,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from edge_runtime.paths import resolve_model
     from edge_runtime.runtime import load
 
-    rt = load(resolve_model(None), backend="auto")
-    rt.set_sparsity(rt.default_alpha, measure_recall=True)
+    rt = load(None, backend="auto")
+    alphas = rt.selection.alphas if rt.selection is not None else rt.default_alpha
+    rt.set_sparsity(alphas, measure_recall=True)
     res = rt.generate(DEMO_PROMPT, max_new_tokens=48, repetition_penalty=1.2)
     if not args.json:
-        print(f"edge-runtime demo: embedded model, {rt.backend.name} backend, sparse decode "
-              f"(alpha {rt.default_alpha})", file=sys.stderr)
+        how = (f"profile {rt.profile.name}, mode {rt.power_mode}, per-layer alphas {alphas}" if rt.selection
+               else f"alpha {alphas}")
+        print(f"edge-runtime demo: embedded model, {rt.backend.name} backend, sparse decode ({how})", file=sys.stderr)
     _print_generation(rt, res, args.json, label=DEMO_PROMPT)
     return 0
 
@@ -234,6 +271,112 @@ def cmd_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
+def cmd_calibrate(args) -> int:
+    from edge_runtime.paths import resolve_model
+    from edge_runtime.runtime import load
+    from edge_runtime.sparsity.calibrate import calibrate, write_calibration
+
+    path = Path(args.text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeRuntimeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    model_dir = resolve_model(args.model)
+    rt = load(model_dir, profile=None, backend="cpu")
+    from tqdm import tqdm
+
+    with tqdm(total=1, desc="calibrate", unit="setting", disable=not sys.stderr.isatty(), leave=False) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        calib = calibrate(rt, text, source=path.name, window=args.window, max_tokens=args.max_tokens,
+                          progress=progress)
+    try:
+        out = write_calibration(model_dir, calib)
+    except OSError as e:
+        raise EdgeRuntimeError(f"cannot write calibration.yaml into {model_dir}: {e.strerror}") from None
+    summary = {"path": str(out), "tokens": calib["text"]["tokens"], "ppl_dense": calib["ppl_dense"],
+               "uniform": calib["uniform"]}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"wrote {out}: {summary['tokens']} tokens, dense perplexity {calib['ppl_dense']:.3f}")
+    for u in calib["uniform"]:
+        print(f"  alpha {u['alpha']:.2f}: ppl {u['ppl_increase_pct']:+.2f} %, FFN bytes {u['ffn_bytes_fraction']:.3f}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from edge_runtime.devices.profile import list_profiles, load_profile
+
+    action = args.profile_command
+    if action == "list":
+        names = list_profiles()
+        print(json.dumps(names) if args.json else "\n".join(names))
+        return 0
+    if action == "show":
+        p = load_profile(args.name)
+        if args.json:
+            print(json.dumps(p.to_dict()))
+            return 0
+        print(f"{p.name}: {p.description} ({p.kind}, {p.memory_total_gb} GB, default mode {p.default_power_mode})")
+        for m in p.power_modes:
+            cap = f"{m.watts:g}W" if m.watts else "no cap"
+            print(f"  {m.id}: {m.name:11s} {cap:>7s}  GPU {m.gpu_max_mhz:g} MHz  "
+                  f"CPU {m.cpu_cores_online}x{m.cpu_max_mhz:g} MHz  EMC {m.emc_max_mhz:g} MHz  "
+                  f"{m.memory_bandwidth_gbs:g} GB/s  (effective {p.effective_bandwidth(m.name) / 1e9:.1f} GB/s)")
+        return 0
+    if action == "detect":
+        from edge_runtime.devices.detect import detect
+
+        d = detect()
+        out = {"profile": d.profile, "power_mode": d.power_mode, "source": d.source, "details": d.details}
+        print(json.dumps(out) if args.json else f"{d.profile} (power mode {d.power_mode or 'unknown'}; {d.source})")
+        return 0
+    return _profile_select(args)
+
+
+def _profile_select(args) -> int:
+    from edge_runtime.devices.detect import detect
+    from edge_runtime.devices.planner import plan_memory
+    from edge_runtime.devices.profile import load_profile
+    from edge_runtime.pack.loader import load_packed
+    from edge_runtime.paths import resolve_model
+    from edge_runtime.sparsity.calibrate import read_calibration
+    from edge_runtime.sparsity.policy import Objective, select_alphas
+
+    model_dir = resolve_model(args.model)
+    model = load_packed(model_dir, verify=False)
+    calib = read_calibration(model_dir)
+    if calib is None:
+        raise EdgeRuntimeError(f"{model_dir} is not calibrated; run 'edge-runtime calibrate --model {model_dir} "
+                               f"--text FILE' first")
+    name, mode = args.profile, args.power_mode
+    if name == "auto":
+        found = detect()
+        name, mode = found.profile, mode or found.power_mode
+    profile = load_profile(name)
+    sel = select_alphas(calib, model.config, model.manifest["encoding"], profile, mode,
+                        Objective(args.latency_ms, args.quality_budget))
+    plan = plan_memory(model.config, profile, min(args.context, model.config.max_positions))
+    out = {**sel.to_dict(), "memory_plan": {"encoding": plan.encoding, "needed_gb": plan.needed_gb,
+                                            "budget_gb": plan.budget_gb}}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{profile.name}, power mode {sel.power_mode}: {sel.note}")
+    print("per-layer alpha: " + " ".join(f"{a:g}" for a in sel.alphas))
+    print(f"FFN bytes {sel.ffn_bytes_fraction:.3f} of dense; {sel.bytes_per_token / 1e6:.3f} MB read per token")
+    print(f"PROJECTION from the profile's bandwidth (not a measurement): {sel.projected_ms_per_token:.3f} ms/token, "
+          f"{sel.projected_tokens_per_s:.0f} tokens/s")
+    if sel.expected_ppl_increase_pct is not None:
+        print(f"expected perplexity change (measured at calibration): {sel.expected_ppl_increase_pct:+.2f} %")
+    print(f"memory plan: {plan.encoding} fits ({plan.needed_gb[plan.encoding]:.3f} GB of {plan.budget_gb:.2f} GB)")
+    return 0
+
+
 def cmd_info(args) -> int:
     from edge_runtime.pack.format import read_manifest
 
@@ -260,7 +403,8 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "generate": cmd_generate, "eval": cmd_eval,
-            "info": cmd_info, "serve": cmd_serve, "chat": cmd_chat}
+            "info": cmd_info, "serve": cmd_serve, "chat": cmd_chat, "calibrate": cmd_calibrate,
+            "profile": cmd_profile}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.backends import create_backend
+from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model.chat import DEFAULT_STOP, render_chat
 from edge_runtime.model.decoder import Decoder
@@ -23,6 +24,8 @@ from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.model.tokenizer import Tokenizer
 from edge_runtime.pack.loader import PackedModel, load_packed
 from edge_runtime.paths import resolve_model
+from edge_runtime.sparsity.calibrate import read_calibration
+from edge_runtime.sparsity.policy import Objective, Selection, select_alphas
 
 DEFAULT_CONTEXT = 2048
 FALLBACK_ALPHA = 1.0  # SparseInfer's majority vote, for models converted without a default alpha
@@ -41,6 +44,12 @@ class Runtime:
         self._lock = threading.Lock()
         self._closed = False
         self.last_result: GenerationResult | None = None
+        self.calibration = read_calibration(model.path)
+        self.profile: DeviceProfile | None = None
+        self.power_mode: str | None = None
+        self.objective = Objective()
+        self.selection: Selection | None = None
+        self._watcher = None
 
     # ---- configuration -----------------------------------------------------------------------------
     @property
@@ -63,6 +72,44 @@ class Runtime:
 
     def ffn_stats(self) -> dict:
         return self.decoder.stats.summary()
+
+    # ---- device policy -----------------------------------------------------------------------------
+    def use_profile(self, profile: DeviceProfile, power_mode: str | None = None,
+                    objective: Objective | None = None) -> Selection | None:
+        """Adopt a device profile and objective; with a calibration, select per-layer alphas now."""
+        self.profile = profile
+        self.power_mode = profile.mode(power_mode).name
+        if objective is not None:
+            self.objective = objective
+        return self.reselect()
+
+    def set_power_mode(self, mode: str) -> Selection | None:
+        """The application (or the watcher) reports a new power mode: new alphas from the next token on,
+        nothing reloaded, no graph recaptured."""
+        if self.profile is None:
+            raise EdgeRuntimeError("no device profile in use; call use_profile first")
+        self.power_mode = self.profile.mode(mode).name
+        return self.reselect()
+
+    def reselect(self) -> Selection | None:
+        if self.profile is None or self.calibration is None or not self.config.relu_family:
+            return None
+        self.selection = select_alphas(self.calibration, self.config, self.model.manifest["encoding"], self.profile,
+                                       self.power_mode, self.objective, kv_tokens=min(512, self.decoder.max_context))
+        self.decoder.set_sparsity(self.selection.alphas, self.decoder.measure_recall)
+        return self.selection
+
+    def watch_power_mode(self, read_mode, interval_s: float = 1.0) -> None:
+        """Poll `read_mode()` (e.g. the nvpmodel reader) and re-select on every change. Stopped by close()."""
+        from edge_runtime.devices.power import PowerModeWatcher
+
+        self.stop_watching()
+        self._watcher = PowerModeWatcher(read_mode, lambda m: m and self.set_power_mode(m), interval_s).start()
+
+    def stop_watching(self) -> None:
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
 
     # ---- prompts -----------------------------------------------------------------------------------
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
@@ -163,6 +210,7 @@ class Runtime:
     # ---- lifetime ----------------------------------------------------------------------------------
     def close(self) -> None:
         """Release the weights and the KV cache; later calls raise."""
+        self.stop_watching()
         with self._lock:
             self._closed = True
             self.backend = None
@@ -175,8 +223,21 @@ class Runtime:
         self.close()
 
 
-def load(path: str | Path | None = None, profile: str = "auto", backend: str = "auto",
-         max_context: int | None = None, verify: bool = True) -> Runtime:
-    """Open a packed model (the embedded default model when path is None)."""
-    del profile  # device profiles are not wired in yet: accepted so that callers need not change later
-    return Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context)
+def load(path: str | Path | None = None, profile: str | None = "auto", backend: str = "auto",
+         max_context: int | None = None, verify: bool = True, power_mode: str | None = None,
+         objective: Objective | None = None) -> Runtime:
+    """Open a packed model (the embedded default model when path is None).
+
+    profile: "auto" detects the device, a name or YAML path picks one, None uses no profile. With a
+    profile and a calibrated ReLU-family model, sparse decode starts with per-layer alphas chosen for
+    the power mode (detected, or `power_mode`) and the objective (default: +1 % perplexity)."""
+    rt = Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context)
+    if profile is not None:
+        from edge_runtime.devices.detect import detect
+        from edge_runtime.devices.profile import load_profile
+
+        if profile == "auto":
+            found = detect()
+            profile, power_mode = found.profile, power_mode or found.power_mode
+        rt.use_profile(load_profile(profile), power_mode, objective)
+    return rt

@@ -14,7 +14,7 @@ from edge_runtime.model.config import ModelConfig
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import PackedTensor
-from edge_runtime.sparsity.predictor import keep_after_gate, predict_active
+from edge_runtime.sparsity.predictor import keep_after_gate, predict_active, predict_active_batch
 
 
 @dataclass
@@ -190,6 +190,17 @@ class CpuBackend:
             truth = keep_after_gate(g_all, self.cfg.act_threshold)
             counts.true_active, counts.hits = int(truth.sum()), int((truth & active).sum())
         return y[None, :].astype(np.float32, copy=False), counts
+
+    def ffn_predicted(self, x: np.ndarray, layer: Layer, alpha: float) -> np.ndarray:
+        """(T, d) -> (T, d): every token's FFN with its own predicted mask, computed densely and masked.
+        Same function as ffn_sparse token by token; for evaluation, not a fast path."""
+        active = predict_active_batch(x, layer.gate_signs, alpha)  # (T, N) bool
+        g = self.linear(x, layer.gate)
+        h = np.where(active & keep_after_gate(g, self.cfg.act_threshold), g, 0.0).astype(np.float32)
+        if layer.up is not None:
+            h = h * self.linear(x, layer.up)
+        y = h @ layer.down_t.dequantize()
+        return y if layer.down_b is None else y + layer.down_b
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """(T, d) final hidden (already normed) -> (T, vocab) float32."""

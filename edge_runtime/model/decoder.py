@@ -6,7 +6,7 @@ per-layer alpha is set. The decoder owns the position; the backend owns weights 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -23,6 +23,8 @@ class Decoder:
         self.alphas: list[float] | None = None  # per-layer alpha; None = dense decode
         self.measure_recall = False
         self.stats = FFNStats(self.cfg.n_layers, self.cfg.ffn_dim)
+        # Called with (layer, FFN input (T, d)) on every forward; calibration uses it. None = off.
+        self.ffn_observer: Callable[[int, np.ndarray], None] | None = None
 
     def set_sparsity(self, alphas: Sequence[float] | float | None, measure_recall: bool = False) -> None:
         """Per-layer alpha (or one for all layers); None turns sparse decode off. Takes effect next token."""
@@ -42,9 +44,13 @@ class Decoder:
         if clear_stats:
             self.stats = FFNStats(self.cfg.n_layers, self.cfg.ffn_dim)
 
-    def forward(self, ids: Sequence[int], last_only: bool = False) -> np.ndarray:
+    def forward(self, ids: Sequence[int], last_only: bool = False, batched_sparse: bool = False) -> np.ndarray:
         """Run tokens at the current position and advance; logits (T, vocab) float32, or (1, vocab)
-        for the last token when last_only (generation needs no more)."""
+        for the last token when last_only (generation needs no more).
+
+        With alphas set, a single token takes the sparse FFN. batched_sparse applies the same
+        per-token prediction to every token of a batch (the dense arithmetic masked by the predictor):
+        what token-by-token sparse decode computes, in one pass; evaluation and calibration use it."""
         t = len(ids)
         if t == 0:
             raise EdgeRuntimeError("nothing to run: empty token list")
@@ -54,7 +60,9 @@ class Decoder:
         ops, cfg = self.ops, self.cfg
         positions = np.arange(self.pos, self.pos + t)
         x = ops.embed_tokens(np.asarray(ids, dtype=np.int64), positions)
-        sparse = self.alphas is not None and t == 1
+        alphas = self.alphas  # one snapshot per token: a change lands between tokens, never inside one
+        sparse = alphas is not None and t == 1
+        masked = alphas is not None and t > 1 and batched_sparse
         for i, layer in enumerate(ops.layers):
             h = ops.norm(x, layer.attn_norm)
             q, k, v = ops.linear(h, layer.q), ops.linear(h, layer.k), ops.linear(h, layer.v)
@@ -62,9 +70,13 @@ class Decoder:
                 q, k = ops.rope(q, positions, cfg.n_heads), ops.rope(k, positions, cfg.n_kv_heads)
             x = x + ops.linear(ops.attention(i, q, k, v, self.pos), layer.o)
             h = ops.norm(x, layer.ffn_norm)
+            if self.ffn_observer is not None:
+                self.ffn_observer(i, h)
             if sparse:
-                y, c = ops.ffn_sparse(h, layer, self.alphas[i], self.measure_recall)
+                y, c = ops.ffn_sparse(h, layer, alphas[i], self.measure_recall)
                 self.stats.record(i, c.predicted, c.kept, c.bytes_read, c.bytes_dense, c.true_active, c.hits)
+            elif masked:
+                y = ops.ffn_predicted(h, layer, alphas[i])
             else:
                 y = ops.ffn(h, layer)
             x = x + y

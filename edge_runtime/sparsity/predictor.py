@@ -20,6 +20,14 @@ def predict_active(x: np.ndarray, gate_signs: np.ndarray, alpha: float) -> np.nd
     return n_neg <= alpha * (d - n_neg)
 
 
+def predict_active_batch(x: np.ndarray, gate_signs: np.ndarray, alpha: float) -> np.ndarray:
+    """x (T, d) -> (T, N) bool: predict_active for every row of x."""
+    d = x.shape[-1]
+    xs = pack_signs(x)  # (T, W)
+    n_neg = np.stack([count_negative_products(row, gate_signs) for row in xs]) if len(xs) else np.zeros((0, 0))
+    return n_neg <= alpha * (d - n_neg)
+
+
 def keep_after_gate(g: np.ndarray, threshold: float) -> np.ndarray:
     """Rows whose computed gate survives the activation: g > 0 and, for FATReLU, g >= threshold."""
     return (g > 0) & (g >= threshold)

@@ -1,0 +1,1 @@
+"""Device profiles (YAML), detection of the board and its power mode, and power-mode watching."""

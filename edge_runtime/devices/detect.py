@@ -1,0 +1,139 @@
+"""Which device this is and which power mode it is in.
+
+Jetson: /proc/device-tree/compatible carries the module SKU (e.g. "nvidia,p3701-0005"; NUL-separated),
+/proc/device-tree/model a marketing name (not the RAM size), /etc/nv_tegra_release the L4T release.
+The power mode comes from `nvpmodel -q` ("NV Power Mode: NAME" then the id) or, without root, from
+/var/lib/nvpmodel/status ("pmode:000N"). Desktop GPUs: NVML. Otherwise the CPU profile. `root` lets
+tests point all file reads at a fake tree.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.devices.profile import DeviceProfile, ProfileError, list_profiles, load_profile
+
+CPU_PROFILE = "cpu-generic"
+# JetPack 6.2 ("Super") modes exist when the nvpmodel config names MAXN_SUPER; the R36.4.3+ releases ship them.
+SUPER_MODE_NAMES = ("MAXN_SUPER",)
+
+
+@dataclass
+class Detection:
+    profile: str
+    power_mode: str | None
+    source: str  # how it was decided, for `profile detect`
+    details: dict
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def module_sku(root: Path) -> str | None:
+    text = _read(root / "proc/device-tree/compatible")
+    if not text:
+        return None
+    m = re.search(r"p3\d{3}-\d{4}", text.replace("\x00", " "))
+    return m.group(0) if m else None
+
+
+def read_power_mode(root: Path = Path("/"), use_nvpmodel: bool = True) -> tuple[str | None, int | None]:
+    """(name, id) of the current nvpmodel mode; (None, id) when only the id is known."""
+    if use_nvpmodel and root == Path("/") and shutil.which("nvpmodel"):
+        try:
+            out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        m = re.search(r"NV Power Mode:\s*(\S+)\s*\n\s*(\d+)", out)
+        if m:
+            return m.group(1), int(m.group(2))
+    status = _read(root / "var/lib/nvpmodel/status")
+    if status:
+        m = re.search(r"pmode:\s*0*(\d+)", status)
+        if m:
+            return None, int(m.group(1))
+    return None, None
+
+
+def _jetson_profile_for(sku: str, conf_text: str | None) -> str | None:
+    """The profile whose module_skus list the SKU; Super variants when the board's nvpmodel config
+    has Super modes."""
+    super_modes = bool(conf_text) and any(n in conf_text for n in SUPER_MODE_NAMES)
+    candidates = []
+    for name in list_profiles():
+        try:
+            p = load_profile(name)
+        except ProfileError:
+            continue
+        if p.kind == "jetson" and sku in p.module_skus:
+            candidates.append(p)
+    if not candidates:
+        return None
+    for p in candidates:
+        if any(m.name in SUPER_MODE_NAMES for m in p.power_modes) == super_modes:
+            return p.name
+    return candidates[0].name
+
+
+def mode_name_for_id(profile: DeviceProfile, mode_id: int, conf_text: str | None) -> str | None:
+    """Map an nvpmodel id to a name through the board's own config when readable (ids differ per
+    release), else through the profile."""
+    if conf_text:
+        m = re.search(rf"<\s*POWER_MODEL\s+ID={mode_id}\s+NAME=(\S+)\s*>", conf_text)
+        if m:
+            return m.group(1)
+    named = [m.name for m in profile.power_modes if m.id == mode_id]
+    return named[0] if len(named) == 1 else None
+
+
+def _nvml_gpu() -> str | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return None
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def detect(root: str | Path = "/", use_nvml: bool = True) -> Detection:
+    root = Path(root)
+    sku = module_sku(root)
+    if sku:
+        conf = _read(root / "etc/nvpmodel.conf")
+        name = _jetson_profile_for(sku, conf)
+        details = {"module_sku": sku, "model": (_read(root / "proc/device-tree/model") or "").strip("\x00\n "),
+                   "l4t_release": (_read(root / "etc/nv_tegra_release") or "").splitlines()[0:1]}
+        if name is None:
+            return Detection(CPU_PROFILE, None, f"Jetson module {sku} has no profile", details)
+        profile = load_profile(name)
+        mode_name, mode_id = read_power_mode(root)
+        if mode_name is None and mode_id is not None:
+            mode_name = mode_name_for_id(profile, mode_id, conf)
+        details["power_mode_id"] = mode_id
+        return Detection(name, mode_name, "device tree", details)
+    gpu = _nvml_gpu() if use_nvml else None
+    if gpu:
+        for name in list_profiles():
+            try:
+                p = load_profile(name)
+            except ProfileError:
+                continue
+            if p.kind == "gpu" and any(g.lower() in gpu.lower() for g in p.gpu_names):
+                return Detection(name, p.default_power_mode, "NVML", {"gpu": gpu})
+        return Detection(CPU_PROFILE, None, f"NVML GPU {gpu!r} has no profile", {"gpu": gpu})
+    return Detection(CPU_PROFILE, None, "no Jetson device tree, no NVML GPU", {})

@@ -1,0 +1,42 @@
+"""Watching the power mode: a thread polls a reader and calls back on every change."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+
+class PowerModeWatcher:
+    """Polls `read_mode()` every `interval_s`; calls `on_change(new_mode)` when the value changes.
+    Paired start/stop; a reader that raises is treated as "unknown" (None) for that poll."""
+
+    def __init__(self, read_mode: Callable[[], str | None], on_change: Callable[[str | None], None],
+                 interval_s: float = 1.0):
+        self.read_mode = read_mode
+        self.on_change = on_change
+        self.interval_s = interval_s
+        self.current = self._read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-runtime-power-watch", daemon=True)
+
+    def _read(self) -> str | None:
+        try:
+            return self.read_mode()
+        except OSError:
+            return None
+
+    def start(self) -> PowerModeWatcher:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            mode = self._read()
+            if mode is not None and mode != self.current:
+                self.current = mode
+                self.on_change(mode)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)

@@ -1,0 +1,201 @@
+"""Device profiles: identity, power modes, a performance model and a memory policy, loaded from YAML
+and validated field by field (an error names the file and the field).
+
+Search path for profiles/<name>.yaml: $EDGE_RUNTIME_PROFILES, the checkout's profiles/ (beside the
+package), then <prefix>/share/edge-runtime/profiles (where a wheel installs them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_runtime.errors import EdgeRuntimeError
+
+KINDS = ("jetson", "gpu", "cpu")
+
+
+class ProfileError(EdgeRuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PowerMode:
+    id: int  # nvpmodel id on this board and release; look modes up by name, ids differ per release
+    name: str
+    watts: float | None  # budget named by the mode; None for MAXN (no cap)
+    gpu_max_mhz: float
+    cpu_cores_online: int
+    cpu_max_mhz: float
+    emc_max_mhz: float  # memory controller cap
+    memory_bandwidth_gbs: float  # theoretical peak at that EMC cap
+
+
+@dataclass(frozen=True)
+class Performance:
+    bandwidth_efficiency: float  # achievable fraction of the peak bandwidth for a streaming GEMV
+    launch_overhead_us: float  # per kernel launch (or per graph node on replay)
+    kernels_per_layer: int = 10
+    measured: bool = False  # True when written by scripts/generate_profile.py on the device itself
+    # GPU clock at or above which a streaming GEMV is limited by memory, not by issue rate; below it the
+    # achievable bandwidth is taken to fall in proportion to the clock (a modelling assumption).
+    saturating_gpu_mhz: float = 0.0
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    reserve_gb: float  # left to the OS, desktop and other processes
+    runtime_overhead_gb: float  # CUDA context, allocator slack, workspaces
+    shared_with_cpu: bool = True  # Jetson: one LPDDR pool for CPU and GPU
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    kind: str  # jetson | gpu | cpu
+    memory_total_gb: float
+    compute_capability: float | None
+    module_skus: tuple[str, ...]  # e.g. ("p3701-0005",): matched against /proc/device-tree/compatible
+    power_modes: tuple[PowerMode, ...]
+    default_power_mode: str
+    performance: Performance
+    memory: MemoryPolicy
+    gpu_names: tuple[str, ...] = field(default_factory=tuple)  # NVML names matched (desktop GPUs)
+
+    def mode(self, name: str | None = None) -> PowerMode:
+        """The mode of that name (case-insensitive), or the default mode."""
+        want = (name or self.default_power_mode).upper()
+        for m in self.power_modes:
+            if m.name.upper() == want:
+                return m
+        raise ProfileError(f"profile {self.name} has no power mode {name!r}; modes: "
+                           f"{', '.join(m.name for m in self.power_modes)}")
+
+    def effective_bandwidth(self, mode: str | None = None) -> float:
+        """Bytes per second a decode step can expect in that mode: the EMC-capped peak, times the
+        achievable fraction, times the clock factor when the GPU cap is under the saturating clock."""
+        m = self.mode(mode)
+        perf = self.performance
+        clock = min(1.0, m.gpu_max_mhz / perf.saturating_gpu_mhz) if perf.saturating_gpu_mhz > 0 else 1.0
+        return m.memory_bandwidth_gbs * 1e9 * perf.bandwidth_efficiency * clock
+
+    def usable_memory_gb(self) -> float:
+        return self.memory_total_gb - self.memory.reserve_gb - self.memory.runtime_overhead_gb
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        d = dataclasses.asdict(self)
+        d["module_skus"], d["gpu_names"] = list(self.module_skus), list(self.gpu_names)
+        d["power_modes"] = [dataclasses.asdict(m) for m in self.power_modes]
+        return d
+
+
+def _get(d: dict, key: str, types: type | tuple, where: str, optional: bool = False, default: Any = None) -> Any:
+    if key not in d or d[key] is None:
+        if optional:
+            return default
+        raise ProfileError(f"{where}: missing field '{key}'")
+    value = d[key]
+    if types is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, types) or isinstance(value, bool) and types is not bool:
+        name = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
+        raise ProfileError(f"{where}: field '{key}' must be {name}, got {value!r}")
+    return value
+
+
+def _positive(value: float, where: str, key: str) -> float:
+    if value <= 0:
+        raise ProfileError(f"{where}: field '{key}' must be > 0, got {value}")
+    return value
+
+
+def parse_profile(data: Any, source: str) -> DeviceProfile:
+    if not isinstance(data, dict):
+        raise ProfileError(f"{source}: a profile is a YAML mapping")
+    w = source
+    kind = _get(data, "kind", str, w)
+    if kind not in KINDS:
+        raise ProfileError(f"{w}: field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
+    modes_raw = _get(data, "power_modes", list, w)
+    if not modes_raw:
+        raise ProfileError(f"{w}: field 'power_modes' is empty")
+    modes = []
+    for i, m in enumerate(modes_raw):
+        mw = f"{w}: power_modes[{i}]"
+        if not isinstance(m, dict):
+            raise ProfileError(f"{mw} must be a mapping")
+        modes.append(PowerMode(
+            id=_get(m, "id", int, mw), name=_get(m, "name", str, mw),
+            watts=_get(m, "watts", float, mw, optional=True),
+            gpu_max_mhz=_positive(_get(m, "gpu_max_mhz", float, mw), mw, "gpu_max_mhz"),
+            cpu_cores_online=_get(m, "cpu_cores_online", int, mw),
+            cpu_max_mhz=_positive(_get(m, "cpu_max_mhz", float, mw), mw, "cpu_max_mhz"),
+            emc_max_mhz=_get(m, "emc_max_mhz", float, mw),
+            memory_bandwidth_gbs=_positive(_get(m, "memory_bandwidth_gbs", float, mw), mw, "memory_bandwidth_gbs"),
+        ))
+    names = [m.name.upper() for m in modes]
+    if len(set(names)) != len(names):
+        raise ProfileError(f"{w}: power mode names repeat")
+    perf_raw = _get(data, "performance", dict, w)
+    pw = f"{w}: performance"
+    eff = _get(perf_raw, "bandwidth_efficiency", float, pw)
+    if not 0 < eff <= 1:
+        raise ProfileError(f"{pw}: field 'bandwidth_efficiency' must be in (0, 1], got {eff}")
+    perf = Performance(eff, _get(perf_raw, "launch_overhead_us", float, pw),
+                       _get(perf_raw, "kernels_per_layer", int, pw, optional=True, default=10),
+                       _get(perf_raw, "measured", bool, pw, optional=True, default=False),
+                       _get(perf_raw, "saturating_gpu_mhz", float, pw, optional=True, default=0.0))
+    mem_raw = _get(data, "memory", dict, w)
+    mwhere = f"{w}: memory"
+    mem = MemoryPolicy(_get(mem_raw, "reserve_gb", float, mwhere), _get(mem_raw, "runtime_overhead_gb", float, mwhere),
+                       _get(mem_raw, "shared_with_cpu", bool, mwhere, optional=True, default=True))
+    profile = DeviceProfile(
+        name=_get(data, "name", str, w), description=_get(data, "description", str, w, optional=True, default=""),
+        kind=kind, memory_total_gb=_positive(_get(data, "memory_total_gb", float, w), w, "memory_total_gb"),
+        compute_capability=_get(data, "compute_capability", float, w, optional=True),
+        module_skus=tuple(_get(data, "module_skus", list, w, optional=True, default=[])),
+        power_modes=tuple(modes), default_power_mode=_get(data, "default_power_mode", str, w),
+        performance=perf, memory=mem, gpu_names=tuple(_get(data, "gpu_names", list, w, optional=True, default=[])))
+    profile.mode(profile.default_power_mode)  # the default must name a mode
+    return profile
+
+
+def profile_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("EDGE_RUNTIME_PROFILES"):
+        dirs.append(Path(os.environ["EDGE_RUNTIME_PROFILES"]))
+    dirs.append(Path(__file__).resolve().parents[2] / "profiles")
+    dirs.append(Path(sys.prefix) / "share" / "edge-runtime" / "profiles")
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_profiles() -> list[str]:
+    names: dict[str, None] = {}
+    for d in profile_dirs():
+        for p in sorted(d.glob("*.yaml")):
+            names.setdefault(p.stem, None)
+    return list(names)
+
+
+def load_profile(name_or_path: str | Path) -> DeviceProfile:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        found = [d / f"{name_or_path}.yaml" for d in profile_dirs() if (d / f"{name_or_path}.yaml").is_file()]
+        if not found:
+            raise ProfileError(f"no device profile {name_or_path!r}; known: {', '.join(list_profiles()) or 'none'}")
+        path = found[0]
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ProfileError(f"cannot read profile {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_profile(data, str(path))

@@ -1,0 +1,52 @@
+"""Bytes of a model in a given encoding, from its config alone (for planning before anything is loaded).
+Matches what convert writes: matrices in the encoding, embeddings fp16 (fp32 for fp32), one sign plane
+per gate, norms and biases fp16; the KV cache in fp16 on the device."""
+
+from __future__ import annotations
+
+from edge_runtime.model.config import ModelConfig
+from edge_runtime.pack.quant import DEFAULT_INT4_GROUP
+
+
+def matrix_bytes(n: int, k: int, encoding: str, group: int = DEFAULT_INT4_GROUP) -> int:
+    if encoding == "fp32":
+        return 4 * n * k
+    if encoding == "fp16":
+        return 2 * n * k
+    if encoding == "int8":
+        return n * k + 2 * n  # values + one fp16 scale per row
+    if encoding == "int4":
+        groups = -(-k // group)
+        return n * groups * group // 2 + 2 * n * groups
+    raise ValueError(f"unknown encoding {encoding!r}")
+
+
+def model_bytes(cfg: ModelConfig, encoding: str, group: int = DEFAULT_INT4_GROUP) -> dict[str, int]:
+    d, hd, n = cfg.dim, cfg.head_dim, cfg.ffn_dim
+    attn = (matrix_bytes(cfg.n_heads * hd, d, encoding, group) * 2  # q and o (o is (d, n_heads*hd))
+            + matrix_bytes(cfg.n_kv_heads * hd, d, encoding, group) * 2)
+    ffn = matrix_bytes(n, d, encoding, group) * (3 if cfg.gated else 2)
+    emb_bytes = 4 if encoding == "fp32" else 2
+    out = {
+        "attention": attn * cfg.n_layers,
+        "ffn": ffn * cfg.n_layers,
+        "sign_planes": n * (-(-d // 32)) * 4 * cfg.n_layers,
+        "embedding": cfg.vocab_size * d * emb_bytes,
+        "lm_head": 0 if cfg.tie_embeddings else matrix_bytes(cfg.vocab_size, d, encoding, group),
+        "norms": (2 * cfg.n_layers + 1) * d * emb_bytes,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * tokens * dtype_bytes
+
+
+def decode_bytes_per_token(cfg: ModelConfig, encoding: str, ffn_fraction: float = 1.0, kv_tokens: int = 512) -> float:
+    """Bytes one decode step reads: attention weights, the FFN (times the fraction the predictor leaves,
+    sign planes included in the fraction), the output head, one embedding row and the KV cache so far."""
+    b = model_bytes(cfg, encoding)
+    head = b["lm_head"] or b["embedding"]
+    row = b["embedding"] / cfg.vocab_size
+    return b["attention"] + ffn_fraction * b["ffn"] + head + row + b["norms"] + kv_cache_bytes(cfg, kv_tokens)
