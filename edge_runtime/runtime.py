@@ -78,26 +78,32 @@ class Runtime:
                     objective: Objective | None = None) -> Selection | None:
         """Adopt a device profile and objective; with a calibration, select per-layer alphas now."""
         self.profile = profile
-        self.power_mode = profile.mode(power_mode).name
         if objective is not None:
             self.objective = objective
-        return self.reselect()
+        return self.set_power_mode(profile.mode(power_mode).name)
 
     def set_power_mode(self, mode: str) -> Selection | None:
         """The application (or the watcher) reports a new power mode: new alphas from the next token on,
-        nothing reloaded, no graph recaptured."""
+        nothing reloaded, no graph recaptured. The mode is published after its alphas are in place."""
         if self.profile is None:
             raise EdgeRuntimeError("no device profile in use; call use_profile first")
-        self.power_mode = self.profile.mode(mode).name
-        return self.reselect()
+        name = self.profile.mode(mode).name
+        self._select(name)
+        self.power_mode = name
+        return self.selection
 
     def reselect(self) -> Selection | None:
+        """Select again for the current mode (after a change of objective)."""
+        return self._select(self.power_mode)
+
+    def _select(self, mode: str | None) -> Selection | None:
         if self.profile is None or self.calibration is None or not self.config.relu_family:
             return None
-        self.selection = select_alphas(self.calibration, self.config, self.model.manifest["encoding"], self.profile,
-                                       self.power_mode, self.objective, kv_tokens=min(512, self.decoder.max_context))
-        self.decoder.set_sparsity(self.selection.alphas, self.decoder.measure_recall)
-        return self.selection
+        selection = select_alphas(self.calibration, self.config, self.model.manifest["encoding"], self.profile, mode,
+                                  self.objective, kv_tokens=min(512, self.decoder.max_context))
+        self.decoder.set_sparsity(selection.alphas, self.decoder.measure_recall)
+        self.selection = selection
+        return selection
 
     def watch_power_mode(self, read_mode, interval_s: float = 1.0) -> None:
         """Poll `read_mode()` (e.g. the nvpmodel reader) and re-select on every change. Stopped by close()."""

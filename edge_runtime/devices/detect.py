@@ -41,7 +41,7 @@ def module_sku(root: Path) -> str | None:
     text = _read(root / "proc/device-tree/compatible")
     if not text:
         return None
-    m = re.search(r"p3\d{3}-\d{4}", text.replace("\x00", " "))
+    m = re.search(r"p\d{4}-\d{4}", text.replace("\x00", " "))
     return m.group(0) if m else None
 
 

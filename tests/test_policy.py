@@ -1,0 +1,164 @@
+"""Calibration, the per-layer alpha policy, and live re-selection on a power-mode change."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from edge_runtime.devices.profile import list_profiles, load_profile
+from edge_runtime.model.shapes import SHAPES
+from edge_runtime.pack.convert import convert
+from edge_runtime.paths import DEFAULT_MODEL_DIR
+from edge_runtime.sparsity.calibrate import calibrate, greedy_path, read_calibration, write_calibration
+from edge_runtime.sparsity.policy import Objective, projected_ms, select_alphas
+from tests.helpers import CORPUS, make_llama
+
+TEXT = CORPUS * 3
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("calib")
+    make_llama(root / "hf", act="relu", seed=51)
+    convert(root / "hf", root / "p", "int8", progress=False)
+    rt = edge_runtime.load(root / "p", profile=None, backend="cpu")
+    calib = calibrate(rt, TEXT, source="corpus", window=64, max_tokens=256)
+    write_calibration(root / "p", calib)
+    return root / "p", calib
+
+
+def test_calibration_file_roundtrip(calibrated):
+    path, calib = calibrated
+    again = read_calibration(path)
+    assert again["alpha_grid"] == calib["alpha_grid"] and len(again["layers"]) == 2
+    for layer in again["layers"]:
+        dens = [r["predicted_density"] for r in layer["table"]]
+        assert dens == sorted(dens)  # larger alpha, more rows
+        assert all(0 <= r["recall"] <= 1 and r["kept_density"] <= r["predicted_density"] for r in layer["table"])
+    fr = [p["ffn_bytes_fraction"] for p in again["path"]]
+    assert fr == sorted(fr, reverse=True)  # the path only ever reads less
+
+
+def test_batched_sparse_equals_token_by_token_decode(calibrated):
+    """The calibration's fast masked forward computes what sparse decode computes."""
+    path, _ = calibrated
+    rt = edge_runtime.load(path, profile=None, backend="cpu")
+    ids = rt.encode(CORPUS)[:40]
+    rt.set_sparsity([1.05, 0.95])
+    rt.decoder.reset()
+    batched = rt.decoder.forward(ids, batched_sparse=True)
+    rt.decoder.reset()
+    steps = np.concatenate([rt.decoder.forward([t]) for t in ids])
+    assert np.abs(batched - steps).max() <= 1e-4 * np.abs(steps).max()
+
+
+def _check_monotone(calib, cfg, encoding):
+    """For every profile and latency target: a lower-bandwidth mode never gets a larger alpha."""
+    checked = 0
+    for name in list_profiles():
+        prof = load_profile(name)
+        modes = sorted(prof.power_modes, key=lambda m: prof.effective_bandwidth(m.name))
+        times = [projected_ms(prof, m.name, cfg, 1.0) for m in modes]  # scale only
+        from edge_runtime.pack.sizes import decode_bytes_per_token
+
+        lo = projected_ms(prof, modes[-1].name, cfg, decode_bytes_per_token(cfg, encoding, 0.0))
+        hi = projected_ms(prof, modes[0].name, cfg, decode_bytes_per_token(cfg, encoding, 1.0))
+        assert times
+        for target in np.linspace(lo * 0.9, hi * 1.1, 12):
+            sels = [select_alphas(calib, cfg, encoding, prof, m.name, Objective(latency_ms=float(target)))
+                    for m in modes]
+            for slow, fast in zip(sels, sels[1:], strict=False):
+                assert all(a <= b for a, b in zip(slow.alphas, fast.alphas, strict=True)), (name, target)
+                checked += 1
+    return checked
+
+
+def test_monotone_over_every_mode_small_model(calibrated):
+    path, calib = calibrated
+    rt = edge_runtime.load(path, profile=None, backend="cpu")
+    assert _check_monotone(calib, rt.config, "int8") > 50
+
+
+def synthetic_7b_calibration(calib):
+    """The small model's per-layer tables cycled over 32 layers (a 7B-shaped config has no weights
+    here, so nothing can be measured): a latency-only calibration for the policy."""
+    cfg = SHAPES["llama2-7b"]
+    tables = [copy.deepcopy(calib["layers"][i % len(calib["layers"])]) for i in range(cfg.n_layers)]
+    n, d = cfg.ffn_dim, cfg.dim
+    row_bytes = 2 * d  # fp16
+
+    def bytes_of(i, row):
+        return n * d / 8 + row["predicted_density"] * n * row_bytes + row["kept_density"] * n * 2 * row_bytes
+
+    grid = calib["alpha_grid"]
+    dense = 3 * n * row_bytes
+    path = [{"alphas": [grid[k] for k in idx], "ppl_increase_pct": None,
+             "ffn_bytes_fraction": sum(bytes_of(i, tables[i]["table"][k]) for i, k in enumerate(idx)) / (32 * dense)}
+            for idx in greedy_path(tables, bytes_of)]
+    return {"alpha_grid": grid, "layers": tables, "path": path}, cfg
+
+
+def test_monotone_over_every_mode_7b_shape(calibrated):
+    calib, cfg = synthetic_7b_calibration(calibrated[1])
+    assert _check_monotone(calib, cfg, "fp16") > 50
+
+
+def test_quality_budget_uses_measured_points(calibrated):
+    path, calib = calibrated
+    rt = edge_runtime.load(path, profile="cpu-generic", backend="cpu",
+                           objective=Objective(quality_budget_pct=2.0))
+    sel = rt.selection
+    assert sel is not None and sel.expected_ppl_increase_pct <= 2.0
+    assert rt.decoder.alphas == sel.alphas
+    tighter = select_alphas(calib, rt.config, "int8", rt.profile, None, Objective(quality_budget_pct=0.0))
+    assert tighter.ffn_bytes_fraction >= sel.ffn_bytes_fraction
+
+
+def test_live_power_mode_change_between_tokens(calibrated, tmp_path):
+    """A fake nvpmodel status file flips from 25W to 15W mid-session: the watcher re-selects, the next
+    tokens decode with the new alphas, and nothing is reloaded."""
+    path, calib = calibrated
+    prof = load_profile("jetson-orin-nano-8gb-super")
+    probe = edge_runtime.load(path, profile=None, backend="cpu")
+    cfg, kv = probe.config, min(512, probe.decoder.max_context)  # the runtime plans with this KV length
+    from edge_runtime.pack.sizes import decode_bytes_per_token
+
+    # a target between the two modes' times at the most conservative setting: 25W meets it as is,
+    # 15W needs more sparsity
+    bytes0 = decode_bytes_per_token(cfg, "int8", calib["path"][0]["ffn_bytes_fraction"], kv)
+    target = (projected_ms(prof, "25W", cfg, bytes0) + projected_ms(prof, "15W", cfg, bytes0)) / 2
+    rt = edge_runtime.load(path, profile=str(load_profile_path("jetson-orin-nano-8gb-super")), backend="cpu",
+                           power_mode="25W", objective=Objective(latency_ms=target))
+    before = list(rt.selection.alphas)
+    backend = rt.backend
+    status = tmp_path / "status"
+    status.write_text("pmode:0001\n")
+    names = {m.id: m.name for m in prof.power_modes}
+    rt.watch_power_mode(lambda: names[int(status.read_text().split(":")[1])], interval_s=0.02)
+    rt.generate("the quick", max_new_tokens=3)
+    status.write_text("pmode:0000\n")  # 15W: EMC capped at 2133 MHz, a third less bandwidth
+    deadline = time.time() + 5
+    while rt.power_mode != "15W":
+        assert time.time() < deadline
+        time.sleep(0.01)
+    after = rt.selection.alphas
+    assert all(a <= b for a, b in zip(after, before, strict=True)) and after != before
+    assert rt.decoder.alphas == after and rt.backend is backend
+    rt.close()
+
+
+def load_profile_path(name):
+    from edge_runtime.devices.profile import profile_dirs
+
+    return next(d / f"{name}.yaml" for d in profile_dirs() if (d / f"{name}.yaml").is_file())
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "calibration.yaml").is_file(), reason="no calibrated default model")
+def test_default_model_monotone():
+    rt = edge_runtime.load(None, profile=None, backend="cpu")
+    assert _check_monotone(rt.calibration, rt.config, rt.model.manifest["encoding"]) > 50

@@ -1,0 +1,109 @@
+"""Profiles load and validate; detection works on fake Jetson trees; the memory planner decides."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from edge_runtime.devices.detect import detect
+from edge_runtime.devices.planner import plan_memory
+from edge_runtime.devices.profile import ProfileError, list_profiles, load_profile, parse_profile
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model.shapes import SHAPES
+
+JETSONS = ["jetson-agx-orin-64gb", "jetson-agx-orin-32gb", "jetson-orin-nx-16gb", "jetson-orin-nx-8gb",
+           "jetson-orin-nano-8gb", "jetson-orin-nano-8gb-super", "jetson-orin-nano-4gb", "jetson-orin-nano-4gb-super"]
+
+
+def test_every_profile_loads():
+    names = list_profiles()
+    assert set(JETSONS + ["cpu-generic"]) <= set(names)
+    for name in names:
+        p = load_profile(name)
+        assert p.power_modes and p.effective_bandwidth() > 0
+        if p.kind == "jetson":
+            assert p.compute_capability == 8.7 and p.module_skus
+
+
+@pytest.mark.parametrize(("mutate", "field"), [
+    (lambda d: d.pop("memory_total_gb"), "memory_total_gb"),
+    (lambda d: d["power_modes"][0].update(memory_bandwidth_gbs="fast"), "memory_bandwidth_gbs"),
+    (lambda d: d["power_modes"][0].pop("gpu_max_mhz"), "gpu_max_mhz"),
+    (lambda d: d["performance"].update(bandwidth_efficiency=1.7), "bandwidth_efficiency"),
+    (lambda d: d.update(kind="toaster"), "kind"),
+    (lambda d: d.update(default_power_mode="TURBO"), "TURBO"),
+])
+def test_bad_profile_names_the_field(tmp_path, mutate, field):
+    data = yaml.safe_load((load_profile_path("jetson-orin-nano-8gb")).read_text())
+    mutate(data)
+    with pytest.raises(ProfileError, match=field):
+        parse_profile(data, "bad.yaml")
+
+
+def load_profile_path(name):
+    from edge_runtime.devices.profile import profile_dirs
+
+    return next(d / f"{name}.yaml" for d in profile_dirs() if (d / f"{name}.yaml").is_file())
+
+
+def fake_jetson(root, sku, model, mode_id=None, conf=None):
+    (root / "proc/device-tree").mkdir(parents=True)
+    (root / "proc/device-tree/compatible").write_bytes(f"nvidia,{sku}\x00nvidia,tegra234\x00".encode())
+    (root / "proc/device-tree/model").write_bytes(model.encode() + b"\x00")
+    (root / "etc").mkdir()
+    (root / "etc/nv_tegra_release").write_text("# R36 (release), REVISION: 4.3, GCID: 0, BOARD: generic\n")
+    if conf is not None:
+        (root / "etc/nvpmodel.conf").write_text(conf)
+    if mode_id is not None:
+        (root / "var/lib/nvpmodel").mkdir(parents=True)
+        (root / "var/lib/nvpmodel/status").write_text(f"pmode:{mode_id:04d} fmode:default\n")
+    return root
+
+
+SUPER_CONF = "< POWER_MODEL ID=0 NAME=15W >\n< POWER_MODEL ID=1 NAME=25W >\n< POWER_MODEL ID=2 NAME=MAXN_SUPER >\n"
+
+
+@pytest.mark.parametrize(("sku", "conf", "mode_id", "profile", "mode"), [
+    ("p3701-0005", None, 3, "jetson-agx-orin-64gb", "MODE_50W"),
+    ("p3701-0004", None, 1, "jetson-agx-orin-32gb", "MODE_15W"),
+    ("p3767-0000", None, 2, "jetson-orin-nx-16gb", "15W"),
+    ("p3767-0001", None, 3, "jetson-orin-nx-8gb", "20W"),
+    ("p3767-0003", None, 1, "jetson-orin-nano-8gb", "7W"),
+    ("p3767-0005", SUPER_CONF, 2, "jetson-orin-nano-8gb-super", "MAXN_SUPER"),
+    ("p3767-0004", None, 0, "jetson-orin-nano-4gb", "10W"),
+    ("p3767-0004", SUPER_CONF.replace("15W", "10W"), 1, "jetson-orin-nano-4gb-super", "25W"),
+])
+def test_detect_fake_boards(tmp_path, sku, conf, mode_id, profile, mode):
+    root = fake_jetson(tmp_path, sku, "NVIDIA Jetson", mode_id, conf)
+    d = detect(root, use_nvml=False)
+    assert (d.profile, d.power_mode) == (profile, mode)
+    assert d.details["module_sku"] == sku
+
+
+def test_detect_mode_id_ambiguous_without_conf_is_unknown(tmp_path):
+    """NX profiles hold MAXN and MAXN_SUPER under id 0: without the board's config the name is unknown."""
+    d = detect(fake_jetson(tmp_path, "p3767-0000", "NX", 0), use_nvml=False)
+    assert d.profile == "jetson-orin-nx-16gb" and d.power_mode is None
+
+
+def test_detect_plain_machine_is_cpu(tmp_path):
+    assert detect(tmp_path, use_nvml=False).profile == "cpu-generic"
+
+
+def test_unknown_sku_falls_back_to_cpu(tmp_path):
+    d = detect(fake_jetson(tmp_path, "p9999-0000", "Mystery"), use_nvml=False)
+    assert d.profile == "cpu-generic" and "no profile" in d.source
+
+
+def test_planner_7b_on_orin_nano_8gb():
+    cfg, nano = SHAPES["llama2-7b"], load_profile("jetson-orin-nano-8gb")
+    assert plan_memory(cfg, nano, 2048).encoding == "int4"
+    with pytest.raises(EdgeRuntimeError, match="int4 fits") as e:
+        plan_memory(cfg, nano, 2048, encoding="fp16")
+    assert "fp16 needs" in str(e.value) and "\n" not in str(e.value)
+    assert plan_memory(cfg, load_profile("jetson-agx-orin-64gb"), 2048).encoding == "fp16"
+
+
+def test_planner_refuses_when_nothing_fits():
+    with pytest.raises(EdgeRuntimeError, match="does not fit"):
+        plan_memory(SHAPES["llama2-13b"], load_profile("jetson-orin-nano-4gb"), 4096)
