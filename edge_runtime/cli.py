@@ -115,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--context", type=int, default=2048, help="KV cache length for the memory plan")
     q.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("monitor", help="power, clocks, memory and tokens/s, live; optionally around a command")
+    p.add_argument("--interval", type=float, default=100.0, help="sampling interval in ms")
+    p.add_argument("--jsonl", default=None, help="append samples and token events to this JSONL file")
+    p.add_argument("--prometheus", type=int, default=None, metavar="PORT", help="serve /metrics on 127.0.0.1:PORT")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("wrapped", nargs=argparse.REMAINDER, help="-- COMMAND ...: monitor while it runs")
+
+    p = sub.add_parser("report", help="summary and PNG plots from a monitor JSONL file or a tegrastats log")
+    p.add_argument("jsonl", nargs="?", help="JSONL written by 'edge-runtime monitor --jsonl'")
+    p.add_argument("--tegrastats", default=None, help="a tegrastats log instead")
+    p.add_argument("--out", required=True, help="output directory for summary.json and PNGs")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("info", help="what a packed model directory holds")
     p.add_argument("model_dir")
     p.add_argument("--json", action="store_true")
@@ -377,6 +390,37 @@ def _profile_select(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    from edge_runtime.monitor.command import run_monitor
+
+    command = args.wrapped[1:] if args.wrapped[:1] == ["--"] else args.wrapped
+    if args.interval <= 0:
+        raise EdgeRuntimeError("--interval must be > 0 ms")
+    return run_monitor(args.interval, args.jsonl, args.prometheus, args.duration, command)
+
+
+def cmd_report(args) -> int:
+    from edge_runtime.monitor.report import make_report
+
+    if bool(args.jsonl) == bool(args.tegrastats):
+        raise EdgeRuntimeError("give either a JSONL file or --tegrastats LOGFILE")
+    source = Path(args.tegrastats or args.jsonl)
+    summary = make_report(source, Path(args.out), tegrastats=bool(args.tegrastats))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    total = summary.get("total_mw")
+    print(f"{summary['samples']} samples from {source} ({summary['unparseable_lines']} lines skipped)")
+    if total:
+        print(f"total power: mean {total['mean']:.0f} mW, peak {total['peak']:.0f} mW")
+    for rail, v in summary["rails_mw"].items():
+        print(f"  {rail}: mean {v['mean']:.0f} mW, peak {v['peak']:.0f} mW")
+    if summary.get("tokens_per_s"):
+        print(f"tokens/s {summary['tokens_per_s']:.1f}, latency p50 {summary['latency_ms']['p50']:.2f} ms")
+    print(f"plots: {', '.join(summary['plots']) or 'none'} in {args.out}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from edge_runtime.pack.format import read_manifest
 
@@ -404,7 +448,7 @@ def cmd_info(args) -> int:
 
 COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "generate": cmd_generate, "eval": cmd_eval,
             "info": cmd_info, "serve": cmd_serve, "chat": cmd_chat, "calibrate": cmd_calibrate,
-            "profile": cmd_profile}
+            "profile": cmd_profile, "monitor": cmd_monitor, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ the iterator (or leaving a `for` loop early) releases it.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -29,6 +30,7 @@ from edge_runtime.sparsity.policy import Objective, Selection, select_alphas
 
 DEFAULT_CONTEXT = 2048
 FALLBACK_ALPHA = 1.0  # SparseInfer's majority vote, for models converted without a default alpha
+TOKEN_LOG_ENV = "EDGE_RUNTIME_TOKEN_LOG"  # a file to append one time.monotonic() line per token to
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
@@ -50,6 +52,14 @@ class Runtime:
         self.objective = Objective()
         self.selection: Selection | None = None
         self._watcher = None
+        # Called with time.monotonic() as each token is produced (the monitor's per-token hook).
+        self.token_listeners: list[Callable[[float], None]] = []
+        log = os.environ.get(TOKEN_LOG_ENV)
+        if log:  # `edge-runtime monitor -- COMMAND` asks its child for token times this way
+            self._token_log = open(log, "a", buffering=1)  # noqa: SIM115 (closed in close())
+            self.token_listeners.append(lambda t: self._token_log.write(f"{t:.6f}\n"))
+        else:
+            self._token_log = None
 
     # ---- configuration -----------------------------------------------------------------------------
     @property
@@ -116,6 +126,14 @@ class Runtime:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        # Called with time.monotonic() as each token is produced (the monitor's per-token hook).
+        self.token_listeners: list[Callable[[float], None]] = []
+        log = os.environ.get(TOKEN_LOG_ENV)
+        if log:  # `edge-runtime monitor -- COMMAND` asks its child for token times this way
+            self._token_log = open(log, "a", buffering=1)  # noqa: SIM115 (closed in close())
+            self.token_listeners.append(lambda t: self._token_log.write(f"{t:.6f}\n"))
+        else:
+            self._token_log = None
 
     # ---- prompts -----------------------------------------------------------------------------------
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
@@ -168,6 +186,10 @@ class Runtime:
             for item in generate_stream(self.decoder, self.tokenizer, ids, cfg, stop_check):
                 if isinstance(item, GenerationResult):
                     self.last_result = item
+                elif self.token_listeners and item.new_token:
+                    now = time.monotonic()
+                    for listener in self.token_listeners:
+                        listener(now)
                 yield item
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
@@ -217,6 +239,9 @@ class Runtime:
     def close(self) -> None:
         """Release the weights and the KV cache; later calls raise."""
         self.stop_watching()
+        if self._token_log is not None:
+            self._token_log.close()
+            self._token_log = None
         with self._lock:
             self._closed = True
             self.backend = None

@@ -45,6 +45,7 @@ class Piece:
 
     token_id: int
     text: str
+    new_token: bool = True  # False for the final flush of held-back text (no new token)
 
 
 def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: Sequence[int],
@@ -98,7 +99,7 @@ def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: S
             break
         logits = decoder.forward([tok])[0]
     if emitted < len(text):
-        yield Piece(out_ids[-1], text[emitted:])
+        yield Piece(out_ids[-1], text[emitted:], new_token=False)
     decode_s = time.perf_counter() - t_decode
     yield GenerationResult(text, out_ids, len(prompt_ids), reason, prefill_s, decode_s)
 

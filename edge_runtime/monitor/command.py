@@ -1,0 +1,114 @@
+"""`edge-runtime monitor`: sample until Ctrl-C, a duration, or the wrapped command's exit; show a live
+view, write JSONL, serve Prometheus. A wrapped edge-runtime process reports its token times through
+the EDGE_RUNTIME_TOKEN_LOG file (time.monotonic() is one clock for the whole machine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from edge_runtime.devices.detect import read_power_mode
+from edge_runtime.monitor.recorder import Recorder
+from edge_runtime.monitor.samplers import Ina3221Sampler, NvmlSampler, SystemSampler
+from edge_runtime.monitor.summary import live_rates, summarize
+from edge_runtime.runtime import TOKEN_LOG_ENV
+
+
+def default_samplers(root: str = "/") -> list:
+    return [s for s in (Ina3221Sampler(root), NvmlSampler(), SystemSampler()) if s.available]
+
+
+def _power_mode() -> str | None:
+    name, mode_id = read_power_mode()
+    return name or (f"id {mode_id}" if mode_id is not None else None)
+
+
+def _table(rec: dict, rates: dict):
+    from rich.table import Table
+
+    t = Table(title="edge-runtime monitor", show_header=False)
+    for rail, mw in sorted((rec.get("rails_mw") or {}).items()):
+        t.add_row(f"rail {rail}", f"{mw:.0f} mW")
+    for key, label, fmt in (("power_mw", "total power", "{:.0f} mW"), ("cpu_load_pct", "CPU load", "{:.0f} %"),
+                            ("gpu_load_pct", "GPU load", "{:.0f} %"), ("gpu_mhz", "GPU clock", "{:.0f} MHz"),
+                            ("ram_used_mb", "RAM used", "{:.0f} MB"), ("power_mode", "power mode", "{}")):
+        if rec.get(key) is not None:
+            t.add_row(label, fmt.format(rec[key]))
+    for name, c in sorted((rec.get("temps_c") or {}).items()):
+        t.add_row(f"temp {name}", f"{c:.1f} °C")
+    if rates.get("tokens_per_s"):
+        t.add_row("tokens/s", f"{rates['tokens_per_s']:.1f}")
+    if rates.get("joules_per_token"):
+        t.add_row("J/token", f"{rates['joules_per_token']:.4f}")
+    return t
+
+
+def _read_tokens(path: Path, offset: int, recorder: Recorder, jsonl) -> int:
+    try:
+        with open(path) as f:
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:
+        return offset
+    complete = chunk[: chunk.rfind("\n") + 1]
+    for line in complete.splitlines():
+        t = float(line)
+        recorder.on_token(t)
+        if jsonl is not None:
+            jsonl.write(json.dumps({"event": "token", "t": t}) + "\n")
+    return offset + len(complete)
+
+
+def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int | None, duration_s: float | None,
+                command: list[str]) -> int:
+    recorder = Recorder(default_samplers(), interval_s=interval_ms / 1000.0, power_mode=_power_mode,
+                        jsonl_path=jsonl_path).start()
+    token_file = Path(tempfile.mkstemp(prefix="edge-runtime-tokens-")[1])
+    tokens_jsonl = open(jsonl_path, "a") if jsonl_path else None  # noqa: SIM115 (closed below)
+    if prometheus_port is not None:
+        from prometheus_client import start_http_server
+
+        from edge_runtime.monitor.prometheus import registry_for
+
+        start_http_server(prometheus_port, addr="127.0.0.1", registry=registry_for(recorder))
+    proc = None
+    if command:
+        proc = subprocess.Popen(command, env={**os.environ, TOKEN_LOG_ENV: str(token_file)})
+    live = None
+    if sys.stdout.isatty():
+        from rich.live import Live
+
+        live = Live(_table({}, {}), refresh_per_second=4)
+        live.start()
+    offset, t_end, code = 0, (time.monotonic() + duration_s) if duration_s else None, 0
+    try:
+        while True:
+            time.sleep(min(0.25, interval_ms / 1000.0))
+            offset = _read_tokens(token_file, offset, recorder, tokens_jsonl)
+            if live is not None:
+                live.update(_table(recorder.latest(), live_rates(recorder)))
+            if proc is not None and proc.poll() is not None:
+                code = proc.returncode
+                break
+            if t_end is not None and time.monotonic() >= t_end:
+                break
+    except KeyboardInterrupt:
+        if proc is not None:
+            proc.terminate()
+            code = proc.wait()
+    finally:
+        if live is not None:
+            live.stop()
+        recorder.stop()
+        offset = _read_tokens(token_file, offset, recorder, tokens_jsonl)
+        if tokens_jsonl is not None:
+            tokens_jsonl.close()
+        token_file.unlink(missing_ok=True)
+    summary = summarize(recorder.snapshot(), list(recorder.token_times))
+    print(json.dumps(summary), file=sys.stderr if sys.stdout.isatty() else sys.stdout)
+    return code

@@ -1,0 +1,116 @@
+"""Reports from a monitor JSONL file or a tegrastats log: a JSON summary and PNG plots (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.monitor.summary import summarize
+from edge_runtime.monitor.tegrastats import parse_log
+
+
+def load_jsonl(path: Path) -> tuple[list[dict], list[float], int]:
+    """(samples, token times, unparseable lines). Token events are {"event": "token", "t": ...}."""
+    records, tokens, bad = [], [], 0
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise EdgeRuntimeError(f"cannot read {path}: {e.strerror}") from None
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if rec.get("event") == "token":
+            tokens.append(float(rec["t"]))
+        elif isinstance(rec, dict) and "t" in rec:
+            records.append(rec)
+        else:
+            bad += 1
+    return records, tokens, bad
+
+
+def load_tegrastats(path: Path, interval_s: float = 1.0) -> tuple[list[dict], int]:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        raise EdgeRuntimeError(f"cannot read {path}: {e.strerror}") from None
+    samples, bad = parse_log(lines)
+    records = []
+    for i, s in enumerate(samples):
+        rec = s.to_record()
+        rec["t"] = rec["ts"] if rec["ts"] is not None else i * interval_s  # no timestamps: tegrastats' interval
+        records.append(rec)
+    return records, bad
+
+
+def plot(records: list[dict], tokens: list[float], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    t0 = records[0]["t"] if records else 0.0
+    t = [r["t"] - t0 for r in records]
+    rails = sorted({k for r in records for k in (r.get("rails_mw") or {})})
+    if rails or any(r.get("power_mw") is not None for r in records):
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for rail in rails:
+            ax.plot(t, [(r.get("rails_mw") or {}).get(rail, np.nan) for r in records], label=rail)
+        ax.plot(t, [r.get("power_mw") if r.get("power_mw") is not None else np.nan for r in records], "k--",
+                label="total")
+        ax.set(xlabel="time (s)", ylabel="power (mW)", title="power by rail")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "power.png", dpi=110)
+        plt.close(fig)
+        written.append("power.png")
+    sensors = sorted({k for r in records for k in (r.get("temps_c") or {})})
+    if sensors:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for s in sensors:
+            ax.plot(t, [(r.get("temps_c") or {}).get(s, np.nan) for r in records], label=s)
+        ax.set(xlabel="time (s)", ylabel="°C", title="temperature")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "temperature.png", dpi=110)
+        plt.close(fig)
+        written.append("temperature.png")
+    if len(tokens) >= 3:
+        tok = np.asarray(tokens)
+        gaps = np.diff(tok) * 1000
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        centers = tok[1:] - t0
+        a1.plot(centers, 1000 / gaps, ".", ms=2)
+        a1.set(xlabel="time (s)", ylabel="tokens/s", title="decode rate per token")
+        qs = [50, 90, 95, 99]
+        a2.bar([f"p{q}" for q in qs], [np.percentile(gaps, q) for q in qs])
+        a2.set(ylabel="ms", title="inter-token latency")
+        fig.tight_layout()
+        fig.savefig(out_dir / "tokens.png", dpi=110)
+        plt.close(fig)
+        written.append("tokens.png")
+    return written
+
+
+def make_report(source: Path, out_dir: Path, tegrastats: bool = False) -> dict:
+    if tegrastats:
+        records, bad = load_tegrastats(source)
+        tokens: list[float] = []
+    else:
+        records, tokens, bad = load_jsonl(source)
+    if not records:
+        raise EdgeRuntimeError(f"{source} holds no samples ({bad} unparseable lines)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records, tokens)
+    summary["unparseable_lines"] = bad
+    summary["plots"] = plot(records, tokens, out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,174 @@
+"""Monitoring: tegrastats lines of each board kind, fake INA3221 sysfs trees, energy integration,
+the Prometheus exposition parsed back, reports, and `monitor` wrapping a generation."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from edge_runtime.cli import main
+from edge_runtime.monitor.recorder import Recorder, energy_from_counter, energy_per_token
+from edge_runtime.monitor.samplers import Ina3221Sampler
+from edge_runtime.monitor.tegrastats import TegrastatsParseError, parse_line, parse_log
+
+# Lines in the forms tegrastats prints on each board (JetPack 5/6), values varied.
+NANO = ("05-07-2026 21:21:53 RAM 2272/7620MB (lfb 4x4MB) SWAP 221/3810MB (cached 0MB) "
+        "CPU [12%@1510,3%@1510,0%@1510,7%@1510,1%@729,0%@729] EMC_FREQ 3%@2133 GR3D_FREQ 45%@[624] "
+        "cpu@54.937C soc2@55.562C soc0@56.156C gpu@55.468C tj@56.656C soc1@56.656C "
+        "VDD_IN 6673mW/4673mW VDD_CPU_GPU_CV 1527mW/527mW VDD_SOC 1339mW/1339mW")
+NX_TWO_GPC = ("RAM 5123/15389MB (lfb 12x4MB) SWAP 0/7694MB (cached 0MB) CPU [5%@1984,off,off,off,2%@1984,1%@1984,"
+              "0%@1984,4%@1984] GR3D_FREQ 87%@[918,918] cpu@49.5C gpu@51.2C tj@52C "
+              "VDD_IN 12840mW/9002mW VDD_CPU_GPU_CV 5120mW/3300mW VDD_SOC 2900mW/2750mW")
+AGX = ("01-30-2026 18:09:55 RAM 14384/62841MB (lfb 303x4MB) SWAP 0/31420MB (cached 0MB) "
+       "CPU [2%@729,3%@729,1%@729,4%@729,off,off,off,off,off,off,off,off] EMC_FREQ 1%@3199 GR3D_FREQ 0%@[0,0] "
+       "cpu@48.75C soc2@43.562C soc0@45.125C tj@48.75C soc1@44.343C "
+       "VDD_GPU_SOC 3192mW/3192mW VDD_CPU_CV 1596mW/1596mW VIN_SYS_5V0 5048mW/5048mW VDDQ_VDD2_1V8AO 403mW/400mW")
+OLD_GR3D = ("RAM 2048/7772MB (lfb 512x1MB) SWAP 0/3886MB CPU [45%@1907,34%@1907] GR3D_FREQ 99% cpu@52C "
+            "VDD_IN 7000mW/6500mW")
+
+
+def test_nano_line():
+    s = parse_line(NANO)
+    assert (s.ram_used_mb, s.ram_total_mb, s.swap_used_mb) == (2272, 7620, 221)
+    assert s.cpu_load_pct[0] == 12 and s.cpu_mhz[4] == 729 and s.emc_load_pct == 3
+    assert s.gpu_load_pct == 45 and s.gpu_mhz == [624]
+    assert s.total_mw == 6673  # VDD_IN's current value, not the running average
+    assert s.temps_c["tj"] == 56.656 and s.timestamp.year == 2026
+
+
+def test_nx_cores_off_and_two_gpcs_without_timestamp():
+    s = parse_line(NX_TWO_GPC)
+    assert s.timestamp is None and s.cpu_load_pct[1:4] == [None, None, None]
+    assert s.gpu_mhz == [918, 918] and s.total_mw == 12840
+    assert s.to_record()["cpu_load_pct"] == pytest.approx((5 + 2 + 1 + 0 + 4) / 5)
+
+
+def test_agx_has_no_vdd_in_total_is_sum_of_rails():
+    s = parse_line(AGX)
+    assert "VDD_IN" not in s.rails_mw
+    assert s.total_mw == 3192 + 1596 + 5048 + 403
+
+
+def test_old_gr3d_form():
+    s = parse_line(OLD_GR3D)
+    assert s.gpu_load_pct == 99 and s.gpu_mhz == []
+
+
+def test_unparseable_lines_are_counted_and_skipped():
+    samples, bad = parse_log([NANO, "garbage line", "", AGX, "RAM oops"])
+    assert len(samples) == 2 and bad == 2
+    with pytest.raises(TegrastatsParseError):
+        parse_line("CPU [1%@729]")
+
+
+def fake_ina3221(root, rails):
+    """rails: {label: (mV, mA)} on one INA3221 at i2c address 1-0040, plus an NC and a sum channel."""
+    dev = root / "sys/bus/i2c/devices/1-0040"
+    hw = dev / "hwmon/hwmon3"
+    hw.mkdir(parents=True)
+    (dev / "name").write_text("ina3221\n")
+    entries = list(rails.items()) + [("NC", (0, 0)), ("sum of shunt voltages", (5, 5))]
+    for i, (label, (mv, ma)) in enumerate(entries, start=1):
+        (hw / f"in{i}_label").write_text(label + "\n")
+        (hw / f"in{i}_input").write_text(f"{mv}\n")
+        (hw / f"curr{i}_input").write_text(f"{ma}\n")
+    return root
+
+
+def test_ina3221_nano_total_is_vdd_in(tmp_path):
+    s = Ina3221Sampler(fake_ina3221(tmp_path, {"VDD_IN": (5000, 1200), "VDD_CPU_GPU_CV": (5000, 300),
+                                               "VDD_SOC": (5000, 250)})).sample()
+    assert s["power_mw"] == pytest.approx(6000.0)
+    assert set(s["rails_mw"]) == {"VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC"}
+
+
+def test_ina3221_agx_total_is_sum(tmp_path):
+    s = Ina3221Sampler(fake_ina3221(tmp_path, {"VDD_GPU_SOC": (5000, 600), "VDD_CPU_CV": (5000, 300),
+                                               "VIN_SYS_5V0": (5000, 1000)})).sample()
+    assert s["power_mw"] == pytest.approx(3000 + 1500 + 5000)
+
+
+def test_no_ina3221_is_unavailable(tmp_path):
+    assert not Ina3221Sampler(tmp_path).available
+
+
+def test_energy_integration_known_answers():
+    recs = [{"t": t / 10, "power_mw": 5000.0} for t in range(11)]  # 5 W for one second
+    assert energy_per_token(recs, [0.1, 0.3, 0.6]) == pytest.approx([1.0, 1.5])
+    ramp = [{"t": 0.0, "power_mw": 0.0}, {"t": 1.0, "power_mw": 10000.0}]  # 0 -> 10 W linearly
+    assert energy_per_token(ramp, [0.0, 0.5, 1.0]) == pytest.approx([1.25, 3.75])
+    counter = [{"t": 0.0, "energy_mj": 1000.0}, {"t": 2.0, "energy_mj": 5000.0}]
+    assert energy_from_counter(counter, 0.5, 1.5) == pytest.approx(2.0)
+
+
+class FakeSampler:
+    available = True
+
+    def __init__(self):
+        self.n = 0
+
+    def sample(self):
+        self.n += 1
+        return {"power_mw": 4000.0 + self.n, "rails_mw": {"VDD_IN": 4000.0 + self.n, "VDD_SOC": 900.0},
+                "temps_c": {"gpu": 50.5}, "cpu_load_pct": 12.0}
+
+
+def test_prometheus_output_parses_back():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge_runtime.monitor.prometheus import registry_for
+
+    rec = Recorder([FakeSampler()], power_mode=lambda: "MODE_30W")
+    rec.sample_once()
+    for t in (0.0, 0.01, 0.02):
+        rec.on_token(rec.latest()["t"] + t)
+    rec.sample_once()
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry_for(rec)).decode())}
+    rails = {s.labels["rail"]: s.value for s in families["edge_runtime_rail_power_milliwatts"].samples}
+    assert rails == {"VDD_IN": 4002.0, "VDD_SOC": 900.0}
+    assert families["edge_runtime_power_milliwatts"].samples[0].value == 4002.0
+    assert families["edge_runtime_temperature_celsius"].samples[0].labels == {"sensor": "gpu"}
+    assert families["edge_runtime_power_mode_info"].samples[0].labels["mode"] == "MODE_30W"
+    assert families["edge_runtime_tokens_per_second"].samples[0].value == pytest.approx(100.0)
+
+
+def test_recorder_is_bounded():
+    rec = Recorder([FakeSampler()], capacity=5)
+    for _ in range(20):
+        rec.sample_once()
+    assert len(rec.snapshot()) == 5
+
+
+def test_report_from_tegrastats(tmp_path, capsys):
+    log = tmp_path / "tegra.log"
+    log.write_text("\n".join([AGX, "not a tegrastats line", AGX.replace("3192mW/", "4192mW/"), NX_TWO_GPC]) + "\n")
+    assert main(["report", "--tegrastats", str(log), "--out", str(tmp_path / "r"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["unparseable_lines"] == 1 and s["samples"] == 3
+    assert s["rails_mw"]["VDD_GPU_SOC"] == {"mean": pytest.approx((3192 + 4192) / 2), "peak": 4192.0}
+    assert s["ram_used_mb_peak"] == 14384 and s["temps_c_peak"]["tj"] == 52.0
+    assert s["gpu_load_pct_mean"] == pytest.approx(87 / 3)
+    assert (tmp_path / "r" / "power.png").stat().st_size > 1000
+
+
+def test_monitor_wraps_a_generation(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from edge_runtime.pack.convert import convert
+    from tests.helpers import make_llama
+
+    make_llama(tmp_path / "hf", act="relu", seed=61)
+    convert(tmp_path / "hf", tmp_path / "p", "int8", progress=False)
+    capsys.readouterr()
+    jsonl = tmp_path / "m.jsonl"
+    code = main(["monitor", "--interval", "20", "--jsonl", str(jsonl), "--", sys.executable, "-m", "edge_runtime.cli",
+                 "generate", "--model", str(tmp_path / "p"), "--prompt", "the door", "--max-new-tokens", "40",
+                 "--backend", "cpu"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["tokens"] == 40 and summary["tokens_per_s"] > 0 and summary["samples"] >= 2
+    assert main(["report", str(jsonl), "--out", str(tmp_path / "rep"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["tokens"] == 40 and "tokens.png" in rep["plots"]
