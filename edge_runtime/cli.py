@@ -34,6 +34,8 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-ms", type=float, default=None, help="per-token latency target for the alpha policy")
     p.add_argument("--quality-budget", type=float, default=None,
                    help="allowed perplexity increase in percent for the alpha policy (default 1)")
+    p.add_argument("--predictor", default="auto", choices=("auto", "sparseinfer", "projection"),
+                   help="which calibrated predictor the policy uses (auto: the one reading fewer bytes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,17 +142,18 @@ def _load(args):
 
     return load(args.model, profile=getattr(args, "profile", "auto"), backend=args.backend,
                 max_context=args.max_context, verify=not args.no_verify, power_mode=getattr(args, "power_mode", None),
-                objective=Objective(getattr(args, "latency_ms", None), getattr(args, "quality_budget", None)))
+                objective=Objective(getattr(args, "latency_ms", None), getattr(args, "quality_budget", None)),
+                predictor=getattr(args, "predictor", "auto"))
 
 
-def _alphas(args, rt) -> list[float] | float | None:
-    """off: dense; --alpha: that alpha everywhere; else the profile policy's per-layer alphas, else the
-    model's default alpha."""
+def _alphas(args, rt) -> list | float | None:
+    """off: dense; --alpha: SparseInfer with that alpha everywhere; else the profile policy's per-layer
+    rules (either predictor), else SparseInfer at the model's default alpha."""
     if args.sparsity == "off":
         return None
     if args.alpha is not None:
         return args.alpha
-    return rt.selection.alphas if rt.selection is not None else rt.default_alpha
+    return rt.rules_for(rt.selection) if rt.selection is not None else rt.default_alpha
 
 
 def cmd_convert(args) -> int:
@@ -196,12 +199,13 @@ def cmd_demo(args) -> int:
     from edge_runtime.runtime import load
 
     rt = load(None, backend="auto")
-    alphas = rt.selection.alphas if rt.selection is not None else rt.default_alpha
-    rt.set_sparsity(alphas, measure_recall=True)
+    sel = rt.selection
+    rt.set_sparsity(rt.rules_for(sel) if sel is not None else rt.default_alpha, measure_recall=True)
     res = rt.generate(DEMO_PROMPT, max_new_tokens=48, repetition_penalty=1.2)
     if not args.json:
-        how = (f"profile {rt.profile.name}, mode {rt.power_mode}, per-layer alphas {alphas}" if rt.selection
-               else f"alpha {alphas}")
+        how = (f"profile {rt.profile.name}, mode {rt.power_mode}, {sel.predictor} predictor, per-layer "
+               f"{rt.calibration['predictors'][sel.predictor]['knob']} {sel.knobs}" if sel
+               else f"alpha {rt.default_alpha}")
         print(f"edge-runtime demo: embedded model, {rt.backend.name} backend, sparse decode ({how})", file=sys.stderr)
     _print_generation(rt, res, args.json, label=DEMO_PROMPT)
     return 0
@@ -209,6 +213,7 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     from edge_runtime.evaluate import evaluate_text
+    from edge_runtime.sparsity.policy import select
 
     path = Path(args.text)
     try:
@@ -217,6 +222,18 @@ def cmd_eval(args) -> int:
         raise EdgeRuntimeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     rt = _load(args)
     res = evaluate_text(rt, text, _alphas(args, rt), window=args.window, max_tokens=args.max_tokens)
+    if rt.selection is not None and args.sparsity == "on" and args.alpha is None:
+        res["predictor"] = rt.selection.predictor
+        res["knobs"] = rt.selection.knobs
+        # every calibrated predictor at its own policy selection, on the same text
+        res["predictors"] = {}
+        for name in rt.calibration["predictors"]:
+            sel = select(rt.calibration, rt.config, rt.model.manifest["encoding"], rt.profile, rt.power_mode,
+                         rt.objective, name, kv_tokens=min(512, rt.decoder.max_context))
+            one = res if name == rt.selection.predictor else evaluate_text(
+                rt, text, rt.rules_for(sel), window=args.window, max_tokens=args.max_tokens)
+            res["predictors"][name] = {"knobs": sel.knobs, **{k: one[k] for k in (
+                "ppl_sparse", "predicted_density", "recall", "top1_agreement", "ffn_bytes_fraction")}}
     if args.json:
         print(json.dumps(res))
         return 0
@@ -229,6 +246,9 @@ def cmd_eval(args) -> int:
         for r in res["per_layer"]:
             print(f"  layer {r['layer']:2d}: sparsity {r['ffn_sparsity']:.4f}  predicted {r['predicted_density']:.3f}"
                   f"  recall {r['recall']:.4f}  bytes {r['ffn_bytes_fraction']:.3f}")
+        for name, r in res.get("predictors", {}).items():
+            print(f"  {name}: knobs {r['knobs']}  ppl {100 * (r['ppl_sparse'] / res['ppl_dense'] - 1):+.2f} %  "
+                  f"predicted density {r['predicted_density']:.3f}  FFN bytes {r['ffn_bytes_fraction']:.3f}")
     return 0
 
 
@@ -304,20 +324,22 @@ def cmd_calibrate(args) -> int:
             bar.n = done
             bar.refresh()
 
-        calib = calibrate(rt, text, source=path.name, window=args.window, max_tokens=args.max_tokens,
-                          progress=progress)
+        calib, thresholds = calibrate(rt, text, source=path.name, window=args.window, max_tokens=args.max_tokens,
+                                      progress=progress)
     try:
-        out = write_calibration(model_dir, calib)
+        out = write_calibration(model_dir, calib, thresholds)
     except OSError as e:
         raise EdgeRuntimeError(f"cannot write calibration.yaml into {model_dir}: {e.strerror}") from None
     summary = {"path": str(out), "tokens": calib["text"]["tokens"], "ppl_dense": calib["ppl_dense"],
-               "uniform": calib["uniform"]}
+               "uniform": {p: sec["uniform"] for p, sec in calib["predictors"].items()}}
     if args.json:
         print(json.dumps(summary))
         return 0
     print(f"wrote {out}: {summary['tokens']} tokens, dense perplexity {calib['ppl_dense']:.3f}")
-    for u in calib["uniform"]:
-        print(f"  alpha {u['alpha']:.2f}: ppl {u['ppl_increase_pct']:+.2f} %, FFN bytes {u['ffn_bytes_fraction']:.3f}")
+    for p, sec in calib["predictors"].items():
+        for u in sec["uniform"]:
+            print(f"  {p} {sec['knob']} {u['knob']:g}: ppl {u['ppl_increase_pct']:+.2f} %, "
+                  f"FFN bytes {u['ffn_bytes_fraction']:.3f}")
     return 0
 
 
@@ -358,12 +380,12 @@ def _profile_select(args) -> int:
     from edge_runtime.pack.loader import load_packed
     from edge_runtime.paths import resolve_model
     from edge_runtime.sparsity.calibrate import read_calibration
-    from edge_runtime.sparsity.policy import Objective, select_alphas
+    from edge_runtime.sparsity.policy import Objective, select
 
     model_dir = resolve_model(args.model)
     model = load_packed(model_dir, verify=False)
-    calib = read_calibration(model_dir)
-    if calib is None:
+    calibrated = read_calibration(model_dir)
+    if calibrated is None:
         raise EdgeRuntimeError(f"{model_dir} is not calibrated; run 'edge-runtime calibrate --model {model_dir} "
                                f"--text FILE' first")
     name, mode = args.profile, args.power_mode
@@ -371,8 +393,8 @@ def _profile_select(args) -> int:
         found = detect()
         name, mode = found.profile, mode or found.power_mode
     profile = load_profile(name)
-    sel = select_alphas(calib, model.config, model.manifest["encoding"], profile, mode,
-                        Objective(args.latency_ms, args.quality_budget))
+    sel = select(calibrated[0], model.config, model.manifest["encoding"], profile, mode,
+                 Objective(args.latency_ms, args.quality_budget), args.predictor)
     plan = plan_memory(model.config, profile, min(args.context, model.config.max_positions))
     out = {**sel.to_dict(), "memory_plan": {"encoding": plan.encoding, "needed_gb": plan.needed_gb,
                                             "budget_gb": plan.budget_gb}}
@@ -380,7 +402,8 @@ def _profile_select(args) -> int:
         print(json.dumps(out))
         return 0
     print(f"{profile.name}, power mode {sel.power_mode}: {sel.note}")
-    print("per-layer alpha: " + " ".join(f"{a:g}" for a in sel.alphas))
+    knob = calibrated[0]["predictors"][sel.predictor]["knob"]
+    print(f"predictor {sel.predictor}, per-layer {knob}: " + " ".join(f"{a:g}" for a in sel.knobs))
     print(f"FFN bytes {sel.ffn_bytes_fraction:.3f} of dense; {sel.bytes_per_token / 1e6:.3f} MB read per token")
     print(f"PROJECTION from the profile's bandwidth (not a measurement): {sel.projected_ms_per_token:.3f} ms/token, "
           f"{sel.projected_tokens_per_s:.0f} tokens/s")

@@ -23,7 +23,7 @@ def windows(ids: Sequence[int], window: int, max_tokens: int) -> list[np.ndarray
     return [ids[s:s + window + 1] for s in range(0, len(ids) - 1, window) if len(ids[s:s + window + 1]) > 1]
 
 
-def evaluate_text(rt: Runtime, text: str, alphas: Sequence[float] | float | None, window: int = 256,
+def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, window: int = 256,
                   max_tokens: int = 4096) -> dict:
     """Dense logits come from batched prefill of each window, sparse ones from token-by-token decode
     with the predictor (the decode path is where sparsity applies); both see the same windows."""
@@ -36,15 +36,15 @@ def evaluate_text(rt: Runtime, text: str, alphas: Sequence[float] | float | None
         raise EdgeRuntimeError("the evaluation text is too short (needs at least 2 tokens)")
     dec = rt.decoder
     nll_dense, nll_sparse, agree, n = 0.0, 0.0, 0, 0
-    sparse = alphas is not None
-    saved = dec.alphas
+    sparse = setting is not None
+    saved = dec.rules
     dec.set_sparsity(None)
     dense_logits = []
     for w in wins:
         dec.reset()
         dense_logits.append(dec.forward(w[:-1]))
     if sparse:
-        dec.set_sparsity(alphas, measure_recall=True)
+        dec.set_sparsity(setting, measure_recall=True)
     stats = None
     dec.reset()
     for w, dl in zip(wins, dense_logits, strict=True):

@@ -25,8 +25,8 @@ from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.model.tokenizer import Tokenizer
 from edge_runtime.pack.loader import PackedModel, load_packed
 from edge_runtime.paths import resolve_model
-from edge_runtime.sparsity.calibrate import read_calibration
-from edge_runtime.sparsity.policy import Objective, Selection, select_alphas
+from edge_runtime.sparsity.calibrate import read_calibration, rules_for
+from edge_runtime.sparsity.policy import Objective, Selection, select
 
 DEFAULT_CONTEXT = 2048
 FALLBACK_ALPHA = 1.0  # SparseInfer's majority vote, for models converted without a default alpha
@@ -46,7 +46,9 @@ class Runtime:
         self._lock = threading.Lock()
         self._closed = False
         self.last_result: GenerationResult | None = None
-        self.calibration = read_calibration(model.path)
+        calibrated = read_calibration(model.path)
+        self.calibration, self.thresholds = calibrated if calibrated else (None, {})
+        self.predictor = "auto"  # which calibrated predictor the policy may pick: auto | sparseinfer | projection
         self.profile: DeviceProfile | None = None
         self.power_mode: str | None = None
         self.objective = Objective()
@@ -85,11 +87,13 @@ class Runtime:
 
     # ---- device policy -----------------------------------------------------------------------------
     def use_profile(self, profile: DeviceProfile, power_mode: str | None = None,
-                    objective: Objective | None = None) -> Selection | None:
-        """Adopt a device profile and objective; with a calibration, select per-layer alphas now."""
+                    objective: Objective | None = None, predictor: str | None = None) -> Selection | None:
+        """Adopt a device profile and objective; with a calibration, select per-layer knobs now."""
         self.profile = profile
         if objective is not None:
             self.objective = objective
+        if predictor is not None:
+            self.predictor = predictor
         return self.set_power_mode(profile.mode(power_mode).name)
 
     def set_power_mode(self, mode: str) -> Selection | None:
@@ -109,11 +113,17 @@ class Runtime:
     def _select(self, mode: str | None) -> Selection | None:
         if self.profile is None or self.calibration is None or not self.config.relu_family:
             return None
-        selection = select_alphas(self.calibration, self.config, self.model.manifest["encoding"], self.profile, mode,
-                                  self.objective, kv_tokens=min(512, self.decoder.max_context))
-        self.decoder.set_sparsity(selection.alphas, self.decoder.measure_recall)
+        selection = select(self.calibration, self.config, self.model.manifest["encoding"], self.profile, mode,
+                           self.objective, self.predictor, kv_tokens=min(512, self.decoder.max_context))
+        self.decoder.set_sparsity(self.rules_for(selection), self.decoder.measure_recall)
         self.selection = selection
         return selection
+
+    def rules_for(self, selection: Selection) -> list:
+        """The per-layer predictor rules a selection stands for (thresholds looked up for q)."""
+        section = self.calibration["predictors"][selection.predictor]
+        grid = section["grid"]
+        return rules_for(selection.predictor, tuple(grid), self.thresholds, [grid.index(k) for k in selection.knobs])
 
     def watch_power_mode(self, read_mode, interval_s: float = 1.0) -> None:
         """Poll `read_mode()` (e.g. the nvpmodel reader) and re-select on every change. Stopped by close()."""
@@ -256,12 +266,13 @@ class Runtime:
 
 def load(path: str | Path | None = None, profile: str | None = "auto", backend: str = "auto",
          max_context: int | None = None, verify: bool = True, power_mode: str | None = None,
-         objective: Objective | None = None) -> Runtime:
+         objective: Objective | None = None, predictor: str = "auto") -> Runtime:
     """Open a packed model (the embedded default model when path is None).
 
     profile: "auto" detects the device, a name or YAML path picks one, None uses no profile. With a
     profile and a calibrated ReLU-family model, sparse decode starts with per-layer alphas chosen for
-    the power mode (detected, or `power_mode`) and the objective (default: +1 % perplexity)."""
+    the power mode (detected, or `power_mode`) and the objective (default: +1 % perplexity), with the
+    predictor asked for ("auto": whichever calibrated one reads fewer bytes)."""
     rt = Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context)
     if profile is not None:
         from edge_runtime.devices.detect import detect
@@ -270,5 +281,5 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
         if profile == "auto":
             found = detect()
             profile, power_mode = found.profile, power_mode or found.power_mode
-        rt.use_profile(load_profile(profile), power_mode, objective)
+        rt.use_profile(load_profile(profile), power_mode, objective, predictor)
     return rt

@@ -26,24 +26,36 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def train_tokenizer(texts: list[str], vocab: int) -> Tokenizer:
-    """Byte-level BPE; the post-processor prepends <s> so that a prompt starts as in training."""
+    """Byte-level BPE. Training wraps chunks as <s> ... </s>; the exported tokenizer.json only prepends
+    <s> (a prompt is an unfinished document)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.train_from_iterator([c for t in texts for c in chunks(t)], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
     return tok
 
 
+def clean(text: str) -> str:
+    """The shared books put one sentence per line and write quotes as `` and '' (NLTK style)."""
+    return text.replace("`` ", '"').replace("``", '"').replace(" ''", '"').replace("''", '"')
+
+
+def chunks(text: str, lines_per_chunk: int = 6) -> list[str]:
+    """Sentences joined into paragraph-sized chunks, so that the model learns sentences follow each other
+    with a space, and each chunk as a document: <s> ... </s>."""
+    lines = [ln.strip() for ln in clean(text).split("\n") if ln.strip()]
+    return [" ".join(lines[i:i + lines_per_chunk]) for i in range(0, len(lines), lines_per_chunk)]
+
+
 def encode_corpus(tok: Tokenizer, texts: list[str]) -> np.ndarray:
-    """Each paragraph becomes <s> + tokens; all concatenated into one uint16 stream."""
+    """<s> chunk </s> for every chunk of every book, concatenated into one uint16 stream."""
     ids: list[int] = []
     for text in texts:
-        paragraphs = [p.strip() for p in text.split("\n") if p.strip()]
-        for enc in tok.encode_batch(paragraphs):
-            ids.extend(enc.ids)
+        for enc in tok.encode_batch(chunks(text)):
+            ids.extend(enc.ids)  # the post-processor adds <s> ... </s>
     return np.asarray(ids, dtype=np.uint16)
 
 
@@ -84,6 +96,7 @@ def main() -> None:
     ap.add_argument("--holdout", default="carroll-alice.txt", help="book never trained on")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokenizer", type=Path, help="reuse this tokenizer.json (the baseline shares it)")
+    ap.add_argument("--save-tokenizer", type=Path, help="write the trained tokenizer here and exit")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
@@ -108,6 +121,10 @@ def main() -> None:
     train_texts = [p.read_text(encoding="utf-8") for p in books]
     holdout_text = (args.corpus / args.holdout).read_text(encoding="utf-8")
     tok = Tokenizer.from_file(str(args.tokenizer)) if args.tokenizer else train_tokenizer(train_texts, args.vocab)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    if args.save_tokenizer:
+        tok.save(str(args.save_tokenizer))
+        return
     train = encode_corpus(tok, train_texts)
     held = encode_corpus(tok, [holdout_text])
     print(f"train tokens {len(train):,} from {len(books)} books; held-out tokens {len(held):,} ({args.holdout})")
@@ -155,6 +172,7 @@ def main() -> None:
     ppl, sp = evaluate(model, held, args.seq, max_windows=256)
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(args.out / "tokenizer.json"))
     summary = {"heldout_ppl": ppl, "heldout_sparsity": sp, "train_tokens": int(len(train)),
                "tokens_seen": args.steps * args.batch * args.seq, "seconds": time.time() - t0,

@@ -48,7 +48,7 @@ def make_llama(out: Path, act: str = "silu", n_kv_heads: int = 2, tie: bool = Fa
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=n_kv_heads, max_position_embeddings=1024,
                       hidden_act="relu" if act == "fatrelu" else act, tie_word_embeddings=tie,
                       rope_scaling=rope, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                       attention_bias=bias, mlp_bias=bias)

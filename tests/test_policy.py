@@ -14,7 +14,7 @@ from edge_runtime.model.shapes import SHAPES
 from edge_runtime.pack.convert import convert
 from edge_runtime.paths import DEFAULT_MODEL_DIR
 from edge_runtime.sparsity.calibrate import calibrate, greedy_path, read_calibration, write_calibration
-from edge_runtime.sparsity.policy import Objective, projected_ms, select_alphas
+from edge_runtime.sparsity.policy import Objective, projected_ms, select, select_knobs
 from tests.helpers import CORPUS, make_llama
 
 TEXT = CORPUS * 3
@@ -27,29 +27,41 @@ def calibrated(tmp_path_factory):
     make_llama(root / "hf", act="relu", seed=51)
     convert(root / "hf", root / "p", "int8", progress=False)
     rt = edge_runtime.load(root / "p", profile=None, backend="cpu")
-    calib = calibrate(rt, TEXT, source="corpus", window=64, max_tokens=256)
-    write_calibration(root / "p", calib)
+    calib, thresholds = calibrate(rt, TEXT, source="corpus", window=64, max_tokens=256)
+    write_calibration(root / "p", calib, thresholds)
     return root / "p", calib
 
 
 def test_calibration_file_roundtrip(calibrated):
     path, calib = calibrated
-    again = read_calibration(path)
-    assert again["alpha_grid"] == calib["alpha_grid"] and len(again["layers"]) == 2
-    for layer in again["layers"]:
-        dens = [r["predicted_density"] for r in layer["table"]]
-        assert dens == sorted(dens)  # larger alpha, more rows
-        assert all(0 <= r["recall"] <= 1 and r["kept_density"] <= r["predicted_density"] for r in layer["table"])
-    fr = [p["ffn_bytes_fraction"] for p in again["path"]]
-    assert fr == sorted(fr, reverse=True)  # the path only ever reads less
+    again, thresholds = read_calibration(path)
+    assert set(again["predictors"]) == {"sparseinfer", "projection"}
+    for name, sec in again["predictors"].items():
+        assert sec["grid"] == calib["predictors"][name]["grid"] and len(sec["layers"]) == 2
+        for layer in sec["layers"]:
+            dens = [r["predicted_density"] for r in layer["table"]]
+            assert dens == sorted(dens)  # later grid entries are more conservative: more rows
+            assert all(0 <= r["recall"] <= 1 and r["kept_density"] <= r["predicted_density"] for r in layer["table"])
+        fr = [p["ffn_bytes_fraction"] for p in sec["path"]]
+        assert fr == sorted(fr, reverse=True)  # the path only ever reads less
+    assert len(thresholds) == 2 * len(calib["predictors"]["projection"]["grid"])
 
 
 def test_batched_sparse_equals_token_by_token_decode(calibrated):
     """The calibration's fast masked forward computes what sparse decode computes."""
     path, _ = calibrated
     rt = edge_runtime.load(path, profile=None, backend="cpu")
-    ids = rt.encode(CORPUS)[:40]
+    # random ids, not the calibration text: its z values sit exactly on the calibrated thresholds
+    ids = np.random.default_rng(3).integers(3, 300, size=40).tolist()
     rt.set_sparsity([1.05, 0.95])
+    check_batched_equals_steps(rt, ids)
+    sel = select(rt.calibration, rt.config, "int8", load_profile("cpu-generic"), None,
+                 Objective(quality_budget_pct=5), "projection")
+    rt.set_sparsity(rt.rules_for(sel))
+    check_batched_equals_steps(rt, ids)
+
+
+def check_batched_equals_steps(rt, ids):
     rt.decoder.reset()
     batched = rt.decoder.forward(ids, batched_sparse=True)
     rt.decoder.reset()
@@ -70,11 +82,15 @@ def _check_monotone(calib, cfg, encoding):
         hi = projected_ms(prof, modes[0].name, cfg, decode_bytes_per_token(cfg, encoding, 1.0))
         assert times
         for target in np.linspace(lo * 0.9, hi * 1.1, 12):
-            sels = [select_alphas(calib, cfg, encoding, prof, m.name, Objective(latency_ms=float(target)))
-                    for m in modes]
-            for slow, fast in zip(sels, sels[1:], strict=False):
-                assert all(a <= b for a, b in zip(slow.alphas, fast.alphas, strict=True)), (name, target)
-                checked += 1
+            for pred, sec in calib["predictors"].items():
+                sels = [select_knobs(sec, pred, cfg, encoding, prof, m.name, Objective(latency_ms=float(target)))
+                        for m in modes]
+                # alpha grows with conservativeness; q shrinks with it
+                sign = 1 if pred == "sparseinfer" else -1
+                for slow, fast in zip(sels, sels[1:], strict=False):
+                    pairs = zip(slow.knobs, fast.knobs, strict=True)
+                    assert all(sign * a <= sign * b for a, b in pairs), (name, target)
+                    checked += 1
     return checked
 
 
@@ -88,19 +104,24 @@ def synthetic_7b_calibration(calib):
     """The small model's per-layer tables cycled over 32 layers (a 7B-shaped config has no weights
     here, so nothing can be measured): a latency-only calibration for the policy."""
     cfg = SHAPES["llama2-7b"]
-    tables = [copy.deepcopy(calib["layers"][i % len(calib["layers"])]) for i in range(cfg.n_layers)]
+    sections = {name: _synthetic_section(sec, cfg) for name, sec in calib["predictors"].items()}
+    return {"predictors": sections}, cfg
+
+
+def _synthetic_section(sec, cfg):
+    tables = [copy.deepcopy(sec["layers"][i % len(sec["layers"])]) for i in range(cfg.n_layers)]
     n, d = cfg.ffn_dim, cfg.dim
     row_bytes = 2 * d  # fp16
 
     def bytes_of(i, row):
         return n * d / 8 + row["predicted_density"] * n * row_bytes + row["kept_density"] * n * 2 * row_bytes
 
-    grid = calib["alpha_grid"]
+    grid = sec["grid"]
     dense = 3 * n * row_bytes
-    path = [{"alphas": [grid[k] for k in idx], "ppl_increase_pct": None,
+    path = [{"knobs": [grid[k] for k in idx], "ppl_increase_pct": None,
              "ffn_bytes_fraction": sum(bytes_of(i, tables[i]["table"][k]) for i, k in enumerate(idx)) / (32 * dense)}
             for idx in greedy_path(tables, bytes_of)]
-    return {"alpha_grid": grid, "layers": tables, "path": path}, cfg
+    return {"grid": grid, "layers": tables, "path": path}
 
 
 def test_monotone_over_every_mode_7b_shape(calibrated):
@@ -114,8 +135,8 @@ def test_quality_budget_uses_measured_points(calibrated):
                            objective=Objective(quality_budget_pct=2.0))
     sel = rt.selection
     assert sel is not None and sel.expected_ppl_increase_pct <= 2.0
-    assert rt.decoder.alphas == sel.alphas
-    tighter = select_alphas(calib, rt.config, "int8", rt.profile, None, Objective(quality_budget_pct=0.0))
+    assert rt.decoder.alphas == sel.knobs
+    tighter = select(calib, rt.config, "int8", rt.profile, None, Objective(quality_budget_pct=0.0), sel.predictor)
     assert tighter.ffn_bytes_fraction >= sel.ffn_bytes_fraction
 
 
@@ -130,11 +151,12 @@ def test_live_power_mode_change_between_tokens(calibrated, tmp_path):
 
     # a target between the two modes' times at the most conservative setting: 25W meets it as is,
     # 15W needs more sparsity
-    bytes0 = decode_bytes_per_token(cfg, "int8", calib["path"][0]["ffn_bytes_fraction"], kv)
+    path0 = calib["predictors"]["sparseinfer"]["path"][0]
+    bytes0 = decode_bytes_per_token(cfg, "int8", path0["ffn_bytes_fraction"], kv)
     target = (projected_ms(prof, "25W", cfg, bytes0) + projected_ms(prof, "15W", cfg, bytes0)) / 2
     rt = edge_runtime.load(path, profile=str(load_profile_path("jetson-orin-nano-8gb-super")), backend="cpu",
-                           power_mode="25W", objective=Objective(latency_ms=target))
-    before = list(rt.selection.alphas)
+                           power_mode="25W", objective=Objective(latency_ms=target), predictor="sparseinfer")
+    before = list(rt.selection.knobs)
     backend = rt.backend
     status = tmp_path / "status"
     status.write_text("pmode:0001\n")
@@ -146,7 +168,7 @@ def test_live_power_mode_change_between_tokens(calibrated, tmp_path):
     while rt.power_mode != "15W":
         assert time.time() < deadline
         time.sleep(0.01)
-    after = rt.selection.alphas
+    after = rt.selection.knobs
     assert all(a <= b for a, b in zip(after, before, strict=True)) and after != before
     assert rt.decoder.alphas == after and rt.backend is backend
     rt.close()
@@ -162,3 +184,4 @@ def load_profile_path(name):
 def test_default_model_monotone():
     rt = edge_runtime.load(None, profile=None, backend="cpu")
     assert _check_monotone(rt.calibration, rt.config, rt.model.manifest["encoding"]) > 50
+    assert _check_monotone(synthetic_7b_calibration(rt.calibration)[0], SHAPES["llama2-7b"], "int4") > 50

@@ -8,7 +8,7 @@ import pytest
 from edge_runtime.pack.convert import convert
 from edge_runtime.pack.signbits import count_negative_products, pack_signs
 from edge_runtime.runtime import load
-from edge_runtime.sparsity.predictor import predict_active
+from edge_runtime.sparsity.predictor import Rule, predict_active
 from tests.helpers import make_llama, make_opt
 
 
@@ -62,7 +62,7 @@ def test_all_rows_predicted_active_equals_dense(relu_model, packed):
     rng = np.random.default_rng(11)
     for layer in rt.backend.layers:
         x = rng.standard_normal((1, rt.config.dim)).astype(np.float32)
-        y, counts = rt.backend.ffn_sparse(x, layer, alpha=1e9)  # alpha huge: every row predicted active
+        y, counts = rt.backend.ffn_sparse(x, layer, Rule("sparseinfer", alpha=1e9))  # every row predicted active
         assert counts.predicted == rt.config.ffn_dim
         dense = rt.backend.ffn(x, layer)
         assert np.abs(y - dense).max() <= 1e-5 * np.abs(dense).max()
@@ -81,7 +81,7 @@ def test_truly_active_predicted_rows_are_exact(relu_model):
         u = x[0] @ layer.up.w.dequantize().T
         h = np.where(active, np.maximum(g, 0) * u, 0.0)
         expected = h @ layer.down_t.dequantize()
-        y, counts = be.ffn_sparse(x, layer, alpha=1.0, recall=True)
+        y, counts = be.ffn_sparse(x, layer, Rule("sparseinfer", alpha=1.0), recall=True)
         assert counts.predicted == active.sum()
         assert counts.kept == int((active & (g > 0)).sum())
         assert np.abs(y[0] - expected).max() <= 1e-5 * np.abs(expected).max()

@@ -68,9 +68,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    rt = edge_runtime.load(model_dir, backend="cpu", max_context=256)
+    rt = edge_runtime.load(model_dir, backend="cpu", max_context=1024)
     rt.set_sparsity(1.0)
-    with Server(create_app(rt, max_queue=3, max_tokens_limit=200)) as s:
+    with Server(create_app(rt, max_queue=3, max_tokens_limit=1000)) as s:
         yield s
 
 
@@ -136,7 +136,7 @@ def test_metrics_parse(server):
 def test_concurrent_clients_complete_or_429(server, model_dir):
     """8 clients x 5 requests, queue of 3: each request completes with exactly its own tokens, or is
     refused with 429 and Retry-After; none is lost."""
-    rt = edge_runtime.load(model_dir, backend="cpu", max_context=256)
+    rt = edge_runtime.load(model_dir, backend="cpu", max_context=1024)
     rt.set_sparsity(1.0)
     outcomes: list[tuple] = []
     lock = threading.Lock()
@@ -178,7 +178,8 @@ def test_concurrent_clients_complete_or_429(server, model_dir):
 def test_disconnect_cancels(server):
     engine = server.app.state.engine
     before = engine.cancelled
-    body = {"prompt": "the door", "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": True}
+    # long enough (about a second here) that the client is gone well before the end
+    body = {"prompt": "the door", "max_tokens": 900, "temperature": 1.0, "seed": 1, "stream": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", server.url + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):

@@ -14,7 +14,7 @@ from edge_runtime.model.config import ModelConfig
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import PackedTensor
-from edge_runtime.sparsity.predictor import keep_after_gate, predict_active, predict_active_batch
+from edge_runtime.sparsity.predictor import Rule, keep_after_gate
 
 
 @dataclass
@@ -164,12 +164,12 @@ class CpuBackend:
         y = h @ layer.down_t.dequantize()
         return y if layer.down_b is None else y + layer.down_b
 
-    def ffn_sparse(self, x: np.ndarray, layer: Layer, alpha: float, recall: bool = False
+    def ffn_sparse(self, x: np.ndarray, layer: Layer, rule: Rule, recall: bool = False
                    ) -> tuple[np.ndarray, FFNCounts]:
-        """One decode token, x (1, d). SparseInfer: predict, gate over predicted rows, drop rows whose
-        gate does not survive the activation, then up and down over the survivors only."""
+        """One decode token, x (1, d). Predict from the sign plane, gate over predicted rows, drop rows
+        whose gate does not survive the activation, then up and down over the survivors only."""
         xv = x[0]
-        active = predict_active(xv, layer.gate_signs, alpha)
+        active = rule.active(xv, layer.gate_signs)
         idx = np.flatnonzero(active)
         g = layer.gate.w.dequantize(idx) @ xv
         if layer.gate.b is not None:
@@ -191,10 +191,10 @@ class CpuBackend:
             counts.true_active, counts.hits = int(truth.sum()), int((truth & active).sum())
         return y[None, :].astype(np.float32, copy=False), counts
 
-    def ffn_predicted(self, x: np.ndarray, layer: Layer, alpha: float) -> np.ndarray:
+    def ffn_predicted(self, x: np.ndarray, layer: Layer, rule: Rule) -> np.ndarray:
         """(T, d) -> (T, d): every token's FFN with its own predicted mask, computed densely and masked.
         Same function as ffn_sparse token by token; for evaluation, not a fast path."""
-        active = predict_active_batch(x, layer.gate_signs, alpha)  # (T, N) bool
+        active = rule.active(x, layer.gate_signs)  # (T, N) bool
         g = self.linear(x, layer.gate)
         h = np.where(active & keep_after_gate(g, self.cfg.act_threshold), g, 0.0).astype(np.float32)
         if layer.up is not None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.sparsity.predictor import Rule
 from edge_runtime.sparsity.stats import FFNStats
 
 
@@ -20,23 +21,34 @@ class Decoder:
         self.cfg = backend.config
         self.max_context = backend.max_context
         self.pos = 0
-        self.alphas: list[float] | None = None  # per-layer alpha; None = dense decode
+        self.rules: list[Rule] | None = None  # per-layer predictor settings; None = dense decode
         self.measure_recall = False
         self.stats = FFNStats(self.cfg.n_layers, self.cfg.ffn_dim)
         # Called with (layer, FFN input (T, d)) on every forward; calibration uses it. None = off.
         self.ffn_observer: Callable[[int, np.ndarray], None] | None = None
 
-    def set_sparsity(self, alphas: Sequence[float] | float | None, measure_recall: bool = False) -> None:
-        """Per-layer alpha (or one for all layers); None turns sparse decode off. Takes effect next token."""
-        if alphas is not None and not self.cfg.relu_family:
+    def set_sparsity(self, setting: Sequence[float] | float | Sequence[Rule] | None,
+                     measure_recall: bool = False) -> None:
+        """Per-layer SparseInfer alphas, one alpha for all layers, per-layer Rules (any predictor), or
+        None for dense decode. Takes effect at the next token."""
+        if setting is not None and not self.cfg.relu_family:
             raise EdgeRuntimeError(f"sparse decode predicts exact zeros of a ReLU-family FFN; this model's "
                                    f"activation is {self.cfg.activation}")
-        if isinstance(alphas, (int, float)):
-            alphas = [float(alphas)] * self.cfg.n_layers
-        if alphas is not None and len(alphas) != self.cfg.n_layers:
-            raise EdgeRuntimeError(f"got {len(alphas)} alphas for {self.cfg.n_layers} layers")
-        self.alphas = None if alphas is None else [float(a) for a in alphas]
+        if isinstance(setting, (int, float)):
+            setting = [float(setting)] * self.cfg.n_layers
+        if setting is not None and len(setting) != self.cfg.n_layers:
+            raise EdgeRuntimeError(f"got {len(setting)} per-layer settings for {self.cfg.n_layers} layers")
+        if setting is None:
+            self.rules = None
+        else:
+            self.rules = [r if isinstance(r, Rule) else Rule("sparseinfer", alpha=float(r), knob=float(r))
+                          for r in setting]
         self.measure_recall = measure_recall
+
+    @property
+    def alphas(self) -> list[float] | None:
+        """The per-layer knob values in use (alpha or q), for reports; None when dense."""
+        return None if self.rules is None else [r.knob for r in self.rules]
 
     def reset(self, clear_stats: bool = True) -> None:
         """Start a new sequence at position 0 (the KV cache is overwritten as it fills)."""
@@ -60,9 +72,9 @@ class Decoder:
         ops, cfg = self.ops, self.cfg
         positions = np.arange(self.pos, self.pos + t)
         x = ops.embed_tokens(np.asarray(ids, dtype=np.int64), positions)
-        alphas = self.alphas  # one snapshot per token: a change lands between tokens, never inside one
-        sparse = alphas is not None and t == 1
-        masked = alphas is not None and t > 1 and batched_sparse
+        rules = self.rules  # one snapshot per token: a change lands between tokens, never inside one
+        sparse = rules is not None and t == 1
+        masked = rules is not None and t > 1 and batched_sparse
         for i, layer in enumerate(ops.layers):
             h = ops.norm(x, layer.attn_norm)
             q, k, v = ops.linear(h, layer.q), ops.linear(h, layer.k), ops.linear(h, layer.v)
@@ -73,10 +85,10 @@ class Decoder:
             if self.ffn_observer is not None:
                 self.ffn_observer(i, h)
             if sparse:
-                y, c = ops.ffn_sparse(h, layer, alphas[i], self.measure_recall)
+                y, c = ops.ffn_sparse(h, layer, rules[i], self.measure_recall)
                 self.stats.record(i, c.predicted, c.kept, c.bytes_read, c.bytes_dense, c.true_active, c.hits)
             elif masked:
-                y = ops.ffn_predicted(h, layer, alphas[i])
+                y = ops.ffn_predicted(h, layer, rules[i])
             else:
                 y = ops.ffn(h, layer)
             x = x + y

@@ -1,15 +1,16 @@
-"""Offline calibration of the sign-bit predictor for one model on calibration text.
+"""Offline calibration of both sign-plane predictors for one model on calibration text.
 
 1. A dense pass records every layer's FFN input for every token.
-2. Per layer and per alpha on the grid: recall (truly active rows predicted active), predicted density,
-   kept density (rows that survive), and the error the layer's mistakes add to its FFN output
-   (relative L2 over all tokens, upstream inputs dense).
-3. A greedy path from the most conservative setting (every layer at the largest alpha) to the most
-   aggressive: each step lowers one layer's alpha by one grid step, the one that saves the most FFN
-   bytes per unit of added error. Per-layer selection is a point on this path.
-4. Held-out-style measurement: perplexity of the calibration windows at every path point and at every
-   uniform alpha, with the predictor applied per token (batched_sparse forward).
-The result is written to calibration.yaml in the model directory (atomically).
+2. Per layer and per knob on the predictor's grid (alpha for SparseInfer, q for the projection
+   predictor, whose per-neuron thresholds are computed here): recall (truly active rows predicted
+   active), predicted density, kept density (rows that survive) and the error the layer's misses add to
+   its FFN output (relative L2 over all tokens, upstream inputs dense).
+3. A greedy path from the most conservative setting (every layer at its most conservative knob) to the
+   most aggressive; each step moves one layer one grid step, the one that saves the most FFN bytes per
+   unit of added error. Per-layer selection is a point on this path.
+4. Perplexity of the calibration windows at every path point and at every uniform knob, with the
+   predictor applied per token (batched_sparse forward, equal to token-by-token sparse decode).
+Written to calibration.yaml (tables) and predictor_thresholds.safetensors (projection thresholds).
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from __future__ import annotations
 import datetime
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.pack.signbits import count_negative_products, pack_signs
-from edge_runtime.sparsity.predictor import keep_after_gate
+from edge_runtime.sparsity.predictor import Rule, keep_after_gate, negative_counts_batch, projection_scores
 
-ALPHA_GRID = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 2.0)
+ALPHA_GRID = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5, 2.0)  # aggressive -> conservative
+Q_GRID = (0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)  # aggressive -> conservative
+GRIDS = {"sparseinfer": ("alpha", ALPHA_GRID), "projection": ("q", Q_GRID)}
 CALIBRATION_FILE = "calibration.yaml"
-CALIBRATION_VERSION = 1
+THRESHOLDS_FILE = "predictor_thresholds.safetensors"
+CALIBRATION_VERSION = 2
 
 
 def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
@@ -43,11 +47,11 @@ def windowed(ids: list[int], window: int, max_tokens: int) -> list[np.ndarray]:
     return [arr[s:s + window + 1] for s in range(0, len(arr) - 1, window) if len(arr[s:s + window + 1]) > 1]
 
 
-def perplexity(rt, wins: list[np.ndarray], alphas: list[float] | None) -> float:
-    """Perplexity over the windows; with alphas, each token's FFN uses its own predicted mask."""
+def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None) -> float:
+    """Perplexity over the windows; with rules, each token's FFN uses its own predicted mask."""
     dec = rt.decoder
-    saved = dec.alphas
-    dec.set_sparsity(alphas)
+    saved = dec.rules
+    dec.set_sparsity(rules)
     nll, n = 0.0, 0
     try:
         for w in wins:
@@ -59,47 +63,50 @@ def perplexity(rt, wins: list[np.ndarray], alphas: list[float] | None) -> float:
     return float(np.exp(nll / n))
 
 
-def _layer_tables(rt, inputs: list[np.ndarray], grid: tuple[float, ...]) -> list[dict]:
-    be, cfg = rt.backend, rt.config
-    tables = []
-    for i, layer in enumerate(be.layers):
-        x = np.concatenate(inputs[i])  # (T, d) FFN inputs of layer i
-        d = x.shape[1]
-        n_neg = np.stack([count_negative_products(row, layer.gate_signs) for row in pack_signs(x)])  # (T, N)
-        g = be.linear(x, layer.gate)
-        truth = keep_after_gate(g, cfg.act_threshold)  # (T, N) truly active
-        h = np.where(truth, g, 0.0)
-        if layer.up is not None:
-            h = h * be.linear(x, layer.up)
-        down = layer.down_t.dequantize()  # (N, d)
-        y_norm = float(np.linalg.norm(h @ down)) or 1.0
-        rows = []
-        for alpha in grid:
-            pred = n_neg <= alpha * (d - n_neg)
-            missed = np.where(pred, 0.0, h)
-            rows.append({
-                "alpha": float(alpha),
-                "recall": float((pred & truth).sum() / max(int(truth.sum()), 1)),
-                "predicted_density": float(pred.mean()),
-                "kept_density": float((pred & truth).mean()),
-                "error": float(np.linalg.norm(missed @ down) / y_norm),
-            })
-        tables.append({"layer": i, "true_density": float(truth.mean()), "table": rows})
-    return tables
+class LayerData:
+    """One layer's calibration tokens: FFN input x (T, d), truth (T, N), dense h (T, N), output norm."""
+
+    def __init__(self, rt, i: int, x: np.ndarray):
+        be = rt.backend
+        self.layer = be.layers[i]
+        self.x = x
+        g = be.linear(x, self.layer.gate)
+        self.truth = keep_after_gate(g, rt.config.act_threshold)
+        h = np.where(self.truth, g, 0.0)
+        if self.layer.up is not None:
+            h = h * be.linear(x, self.layer.up)
+        self.h = h
+        self.down = self.layer.down_t.dequantize()  # (N, d)
+        self.y_norm = float(np.linalg.norm(h @ self.down)) or 1.0
+
+    def row(self, knob: float, pred: np.ndarray) -> dict:
+        truth = self.truth
+        return {"knob": float(knob), "recall": float((pred & truth).sum() / max(int(truth.sum()), 1)),
+                "predicted_density": float(pred.mean()), "kept_density": float((pred & truth).mean()),
+                "error": float(np.linalg.norm(np.where(pred, 0.0, self.h) @ self.down) / self.y_norm)}
 
 
-def ffn_bytes(rt, layer_index: int, row: dict) -> float:
-    """FFN weight bytes per token at a table row: sign plane + predicted gate rows + kept up/down rows."""
-    L = rt.backend.layers[layer_index]
-    n = rt.config.ffn_dim
-    up = L.up.w.row_bytes() if L.up is not None else 0.0
-    return (L.gate_signs.nbytes + row["predicted_density"] * n * L.gate.w.row_bytes()
-            + row["kept_density"] * n * (up + L.down_t.row_bytes()))
+def projection_thresholds(z: np.ndarray, truth: np.ndarray, q: float) -> np.ndarray:
+    """Per neuron: the q-quantile of z over tokens where it was active. A neuron never active in the
+    calibration text gets the largest z seen for it, so it is predicted active only beyond that."""
+    masked = np.where(truth, z, np.nan)
+    with np.errstate(all="ignore"):
+        theta = np.nanquantile(masked, q, axis=0) if truth.any() else np.full(z.shape[1], np.nan)
+    never = ~truth.any(axis=0)
+    theta[never] = z.max(axis=0)[never] + 1e-6
+    return theta.astype(np.float32)
 
 
-def greedy_path(tables: list[dict], bytes_of) -> list[list[int]]:
-    """Grid indices per layer, from all-most-conservative to all-most-aggressive, one step at a time.
-    `bytes_of(layer, row)` gives a table row's FFN bytes per token."""
+def ffn_bytes(layer, row: dict, predictor: str, n: int) -> float:
+    """FFN weight bytes per token: sign plane (+ thresholds) + predicted gate rows + kept up/down rows."""
+    up = layer.up.w.row_bytes() if layer.up is not None else 0.0
+    extra = 4 * n if predictor == "projection" else 0
+    return (layer.gate_signs.nbytes + extra + row["predicted_density"] * n * layer.gate.w.row_bytes()
+            + row["kept_density"] * n * (up + layer.down_t.row_bytes()))
+
+
+def greedy_path(tables: list[dict], bytes_of: Callable[[int, dict], float]) -> list[list[int]]:
+    """Grid indices per layer, from all-most-conservative (last index) to all-most-aggressive (0)."""
     state = [len(t["table"]) - 1 for t in tables]
     path = [list(state)]
     while any(s > 0 for s in state):
@@ -118,11 +125,62 @@ def greedy_path(tables: list[dict], bytes_of) -> list[list[int]]:
     return path
 
 
+def rules_for(predictor: str, grid: tuple[float, ...], thresholds: dict | None, idx: list[int]) -> list[Rule]:
+    if predictor == "sparseinfer":
+        return [Rule("sparseinfer", alpha=grid[k], knob=grid[k]) for k in idx]
+    return [Rule("projection", theta=thresholds[f"layers.{i}.q{k}"], knob=grid[k]) for i, k in enumerate(idx)]
+
+
+def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_dense: float, dense_bytes: float,
+                         progress) -> tuple[dict, dict]:
+    knob, grid = GRIDS[predictor]
+    n = rt.config.ffn_dim
+    tables, thresholds = [], {}
+    for i, ld in enumerate(data):
+        d = ld.x.shape[1]
+        if predictor == "sparseinfer":
+            n_neg = negative_counts_batch(ld.x, ld.layer.gate_signs)
+            rows = [ld.row(a, n_neg <= a * (d - n_neg)) for a in grid]
+        else:
+            z = projection_scores(ld.x, ld.layer.gate_signs)
+            rows = []
+            for k, q in enumerate(grid):
+                theta = projection_thresholds(z, ld.truth, q)
+                thresholds[f"layers.{i}.q{k}"] = theta
+                rows.append(ld.row(q, z >= theta))
+        tables.append({"layer": i, "true_density": float(ld.truth.mean()), "table": rows})
+
+    def bytes_of(i: int, row: dict) -> float:
+        return ffn_bytes(data[i].layer, row, predictor, n)
+
+    def point(idx: list[int]) -> dict:
+        ppl = perplexity(rt, wins, rules_for(predictor, grid, thresholds, idx))
+        b = sum(bytes_of(i, tables[i]["table"][k]) for i, k in enumerate(idx))
+        return {"knobs": [grid[k] for k in idx], "ppl": ppl, "ppl_increase_pct": 100 * (ppl / ppl_dense - 1),
+                "ffn_bytes_fraction": b / dense_bytes}
+
+    path = []
+    for idx in greedy_path(tables, bytes_of):
+        path.append(point(idx))
+        progress()
+    uniform = []
+    for k in range(len(grid)):
+        p = point([k] * len(data))
+        uniform.append({"knob": grid[k], **{key: p[key] for key in ("ppl", "ppl_increase_pct", "ffn_bytes_fraction")}})
+        progress()
+    section = {"knob": knob, "grid": [float(g) for g in grid], "layers": tables, "path": path, "uniform": uniform}
+    if predictor == "projection":
+        section["thresholds_file"] = THRESHOLDS_FILE
+    return section, thresholds
+
+
 def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: int = 2048,
-              grid: tuple[float, ...] = ALPHA_GRID, progress=None) -> dict:
+              predictors: tuple[str, ...] = ("sparseinfer", "projection"),
+              progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
+    """(calibration dict, projection thresholds {"layers.i.qk": (N,) float32})."""
     cfg = rt.config
     if not cfg.relu_family:
-        raise EdgeRuntimeError(f"the sign-bit predictor needs a ReLU-family FFN; this model's is {cfg.activation}")
+        raise EdgeRuntimeError(f"the sign-plane predictors need a ReLU-family FFN; this model's is {cfg.activation}")
     ids = rt.encode(text)
     wins = windowed(ids, min(window, rt.decoder.max_context - 1), max_tokens)
     if not wins:
@@ -140,63 +198,76 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     finally:
         dec.ffn_observer = None
     ppl_dense = float(np.exp(nll / n))
-    tables = _layer_tables(rt, inputs, grid)
-    dense_bytes = sum(L.ffn_dense_bytes() for L in rt.backend.layers)
+    data = [LayerData(rt, i, np.concatenate(xs)) for i, xs in enumerate(inputs)]
+    dense_bytes = float(sum(L.ffn_dense_bytes() for L in rt.backend.layers))
+    total = sum(cfg.n_layers * (len(GRIDS[p][1]) - 1) + 1 + len(GRIDS[p][1]) for p in predictors)
+    done = [0]
 
-    def point(alphas_idx: list[int]) -> dict:
-        alphas = [grid[k] for k in alphas_idx]
-        ppl = perplexity(rt, wins, alphas)
-        b = sum(ffn_bytes(rt, i, tables[i]["table"][k]) for i, k in enumerate(alphas_idx))
-        return {"alphas": alphas, "ppl": ppl, "ppl_increase_pct": 100 * (ppl / ppl_dense - 1),
-                "ffn_bytes_fraction": b / dense_bytes}
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
 
-    path_idx = greedy_path(tables, lambda i, row: ffn_bytes(rt, i, row))
-    steps = len(path_idx) + len(grid)
-    path = []
-    for k, idx in enumerate(path_idx):
-        path.append(point(idx))
-        if progress:
-            progress(k + 1, steps)
-    uniform = []
-    for k in range(len(grid)):
-        p = point([k] * cfg.n_layers)
-        uniform.append({"alpha": grid[k], **{key: p[key] for key in ("ppl", "ppl_increase_pct", "ffn_bytes_fraction")}})
-        if progress:
-            progress(len(path_idx) + k + 1, steps)
-    return {
-        "calibration_version": CALIBRATION_VERSION, "predictor": "sparseinfer", "created": datetime.datetime.now(
-            datetime.timezone.utc).isoformat(timespec="seconds"), "text": {"source": source, "tokens": n},
-        "alpha_grid": [float(a) for a in grid], "ppl_dense": ppl_dense, "dense_ffn_bytes": dense_bytes,
-        "layers": tables, "path": path, "uniform": uniform,
+    sections, thresholds = {}, {}
+    for p in predictors:
+        sections[p], th = _calibrate_predictor(rt, data, wins, p, ppl_dense, dense_bytes, tick)
+        thresholds.update(th)
+    calib = {
+        "calibration_version": CALIBRATION_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "text": {"source": source, "tokens": n}, "ppl_dense": ppl_dense, "dense_ffn_bytes": dense_bytes,
+        "predictors": sections,
     }
+    return calib, thresholds
 
 
-def write_calibration(model_dir: Path, calib: dict) -> Path:
-    """Atomic: a temporary file in the same directory, then rename."""
-    model_dir = Path(model_dir)
-    fd, tmp = tempfile.mkstemp(prefix=".calibration.", suffix=".yaml", dir=model_dir)
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(calib, f, sort_keys=False, width=110)
-        os.replace(tmp, model_dir / CALIBRATION_FILE)
+        write(tmp)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
+    """Thresholds first, then the YAML that refers to them; each file replaced atomically."""
+    from safetensors.numpy import save_file
+
+    model_dir = Path(model_dir)
+    if thresholds:
+        _atomic_write(model_dir / THRESHOLDS_FILE, lambda tmp: save_file(thresholds, tmp))
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            yaml.safe_dump(calib, f, sort_keys=False, width=110)
+
+    _atomic_write(model_dir / CALIBRATION_FILE, dump)
     return model_dir / CALIBRATION_FILE
 
 
-def read_calibration(model_dir: Path) -> dict | None:
+def read_calibration(model_dir: Path) -> tuple[dict, dict] | None:
+    """(calibration, thresholds) or None when the model is not calibrated."""
     path = Path(model_dir) / CALIBRATION_FILE
     if not path.is_file():
         return None
+    again = "run 'edge-runtime calibrate' again"
     try:
         calib = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise EdgeRuntimeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    for key in ("calibration_version", "alpha_grid", "layers", "path", "ppl_dense"):
-        if not isinstance(calib, dict) or key not in calib:
-            raise EdgeRuntimeError(f"{path} is missing '{key}'; run 'edge-runtime calibrate' again")
-    if calib["calibration_version"] != CALIBRATION_VERSION:
-        raise EdgeRuntimeError(f"{path} has calibration_version {calib['calibration_version']}; this runtime reads "
-                               f"{CALIBRATION_VERSION}: run 'edge-runtime calibrate' again")
-    return calib
+    if not isinstance(calib, dict) or calib.get("calibration_version") != CALIBRATION_VERSION:
+        raise EdgeRuntimeError(f"{path} is not a version-{CALIBRATION_VERSION} calibration; {again}")
+    for key in ("ppl_dense", "predictors"):
+        if key not in calib:
+            raise EdgeRuntimeError(f"{path} is missing '{key}'; {again}")
+    thresholds = {}
+    if "projection" in calib["predictors"]:
+        tpath = Path(model_dir) / THRESHOLDS_FILE
+        from edge_runtime.pack.safetensors_mmap import SafetensorsFile
+
+        f = SafetensorsFile(str(tpath))
+        thresholds = {k: np.asarray(f.tensor(k)) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    return calib, thresholds

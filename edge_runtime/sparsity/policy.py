@@ -1,11 +1,13 @@
 """Per-layer conservativeness from the device profile, its power mode, the calibration and an objective.
 
-The calibration's greedy path orders settings from most conservative to most aggressive, each point
-lowering one layer's alpha one grid step. A quality budget picks the furthest point whose measured
+For each predictor (SparseInfer's alpha, the projection predictor's q), the calibration's greedy
+path orders settings from most conservative to most aggressive, each point moving one layer one grid
+step. A quality budget picks the furthest point whose measured
 perplexity increase stays within it; a latency target picks the first point whose projected time per
 token (bytes / effective bandwidth of the mode + launch overhead) meets it, within the quality budget
 when one is also given. Because every mode walks the same path and a lower bandwidth only moves the
-stopping point further along it, a slower mode never gets a more conservative alpha in any layer.
+stopping point further along it, a slower mode never gets a more conservative knob in any layer.
+With predictor "auto", each calibrated predictor is asked and the one reading fewer bytes wins.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class Objective:
 
 @dataclass
 class Selection:
-    alphas: list[float]
+    predictor: str  # "sparseinfer" (knobs are alphas) or "projection" (knobs are q)
+    knobs: list[float]
     path_index: int
     ffn_bytes_fraction: float
     bytes_per_token: float
@@ -56,9 +59,10 @@ def projected_ms(profile: DeviceProfile, mode: str | None, cfg: ModelConfig, byt
     return bytes_per_token / profile.effective_bandwidth(mode) * 1e3 + launches
 
 
-def select_alphas(calib: dict, cfg: ModelConfig, encoding: str, profile: DeviceProfile, mode: str | None,
-                  objective: Objective, kv_tokens: int = 512) -> Selection:
-    path = calib.get("path") or []
+def select_knobs(section: dict, predictor: str, cfg: ModelConfig, encoding: str, profile: DeviceProfile,
+                 mode: str | None, objective: Objective, kv_tokens: int = 512) -> Selection:
+    """One predictor's calibration section -> the selected per-layer knobs."""
+    path = section.get("path") or []
     if not path:
         raise EdgeRuntimeError("the calibration has no selection path; run 'edge-runtime calibrate' again")
     mode_name = profile.mode(mode).name
@@ -85,11 +89,26 @@ def select_alphas(calib: dict, cfg: ModelConfig, encoding: str, profile: DeviceP
             note = note or f"most conservative setting meeting {objective.latency_ms} ms/token"
         else:
             choice, met = allowed[-1], False
-            note = (f"{objective.latency_ms} ms/token is out of reach (projected best {times[allowed[-1]]:.2f} ms)"
+            note = (f"{objective.latency_ms} ms/token is out of reach (projected best {times[allowed[-1]]:.3f} ms)"
                     + (f" within +{budget} % perplexity" if budget is not None else "") + "; using the fastest allowed")
     p = path[choice]
     bpt = decode_bytes_per_token(cfg, encoding, p["ffn_bytes_fraction"], kv_tokens)
-    return Selection(alphas=list(p["alphas"]), path_index=choice, ffn_bytes_fraction=p["ffn_bytes_fraction"],
-                     bytes_per_token=bpt, projected_ms_per_token=times[choice],
-                     projected_tokens_per_s=1e3 / times[choice], expected_ppl_increase_pct=p.get("ppl_increase_pct"),
-                     met=met, note=note, profile=profile.name, power_mode=mode_name)
+    return Selection(predictor=predictor, knobs=list(p["knobs"]), path_index=choice,
+                     ffn_bytes_fraction=p["ffn_bytes_fraction"], bytes_per_token=bpt,
+                     projected_ms_per_token=times[choice], projected_tokens_per_s=1e3 / times[choice],
+                     expected_ppl_increase_pct=p.get("ppl_increase_pct"), met=met, note=note, profile=profile.name,
+                     power_mode=mode_name)
+
+
+def select(calib: dict, cfg: ModelConfig, encoding: str, profile: DeviceProfile, mode: str | None,
+           objective: Objective, predictor: str = "auto", kv_tokens: int = 512) -> Selection:
+    """Per-layer knobs for one predictor, or for "auto" the calibrated predictor that meets the objective
+    with the fewest bytes per token."""
+    sections = calib["predictors"]
+    names = list(sections) if predictor == "auto" else [predictor]
+    missing = [n for n in names if n not in sections]
+    if missing:
+        raise EdgeRuntimeError(f"predictor {missing[0]!r} is not calibrated for this model "
+                               f"(calibrated: {', '.join(sections)})")
+    options = [select_knobs(sections[n], n, cfg, encoding, profile, mode, objective, kv_tokens) for n in names]
+    return min(options, key=lambda s: (not s.met, s.bytes_per_token))
