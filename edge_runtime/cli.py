@@ -21,8 +21,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sparsity_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--sparsity", choices=("off", "on"), default=default,
-                   help="sign-bit predicted FFN sparsity in decode (ReLU-family models)")
+    p.add_argument("--sparsity", choices=("off", "on", "teal"), default=default,
+                   help="on: sign-plane predicted FFN sparsity (ReLU-family models); teal: magnitude "
+                        "activation sparsity on every projection (any model, needs a TEAL calibration)")
+    p.add_argument("--teal-target", type=float, default=0.4, help="TEAL sparsity target (a calibrated one)")
     p.add_argument("--alpha", type=float, default=None,
                    help="one alpha for every layer, overriding the profile's per-layer selection")
     _add_policy_args(p)
@@ -55,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-alpha", type=float, default=None,
                    help="the alpha this model decodes with unless told otherwise (stored in the manifest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--weight-sparsity", type=float, default=0.0,
+                   help="prune this fraction of every attention and FFN row; stored compressed (fp16/int8)")
+    p.add_argument("--prune", default="magnitude", choices=("magnitude", "wanda"))
+    p.add_argument("--calib-text", default=None, help="UTF-8 text for Wanda's activation norms")
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(p)
@@ -100,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="UTF-8 calibration text (not the evaluation text)")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--window", type=int, default=256)
+    p.add_argument("--teal-targets", default="0.25,0.4,0.5", help="comma-separated TEAL sparsity targets")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("profile", help="device profiles: list, show, detect, select")
@@ -149,7 +156,8 @@ def _load(args):
 def _alphas(args, rt) -> list | float | None:
     """off: dense; --alpha: SparseInfer with that alpha everywhere; else the profile policy's per-layer
     rules (either predictor), else SparseInfer at the model's default alpha."""
-    if args.sparsity == "off":
+    if args.sparsity in ("off", "teal"):
+        rt.set_teal(args.teal_target if args.sparsity == "teal" else None)
         return None
     if args.alpha is not None:
         return args.alpha
@@ -159,8 +167,15 @@ def _alphas(args, rt) -> list | float | None:
 def cmd_convert(args) -> int:
     from edge_runtime.pack.convert import convert
 
+    calib_text = None
+    if args.calib_text:
+        try:
+            calib_text = Path(args.calib_text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise EdgeRuntimeError(f"cannot read {args.calib_text}: {getattr(e, 'strerror', None) or e}") from None
     m = convert(Path(args.hf_dir), Path(args.out_dir), args.dtype, args.group_size, args.overwrite,
-                progress=sys.stderr.isatty(), default_alpha=args.default_alpha)
+                progress=sys.stderr.isatty(), default_alpha=args.default_alpha,
+                weight_sparsity=args.weight_sparsity, prune=args.prune, calib_text=calib_text)
     size = sum(f["bytes"] for f in m["files"].values())
     print(f"packed {m['model']['arch']} ({m['model']['n_layers']} layers, {args.dtype}) into {args.out_dir}: "
           f"{size / 1e6:.2f} MB")
@@ -238,6 +253,9 @@ def cmd_eval(args) -> int:
         print(json.dumps(res))
         return 0
     print(f"tokens {res['tokens']}  ppl dense {res['ppl_dense']:.3f}")
+    if "ppl_teal" in res:
+        print(f"ppl TEAL {args.teal_target:g}: {res['ppl_teal']:.3f} "
+              f"({100 * (res['ppl_teal'] / res['ppl_dense'] - 1):+.2f} %), top-1 agreement {res['top1_agreement']:.4f}")
     if "ppl_sparse" in res:
         print(f"ppl sparse {res['ppl_sparse']:.3f} ({100 * (res['ppl_sparse'] / res['ppl_dense'] - 1):+.2f} %)  "
               f"FFN sparsity {res['ffn_sparsity']:.4f}  predicted density {res['predicted_density']:.3f}  "
@@ -254,6 +272,9 @@ def cmd_eval(args) -> int:
 
 def _sparsity_for(args, rt) -> None:
     """--sparsity on applies only to ReLU-family models; serve and chat fall back to dense otherwise."""
+    if args.sparsity == "teal":
+        rt.set_teal(args.teal_target)
+        return
     if args.sparsity == "on" and not rt.config.relu_family:
         print(f"note: {rt.config.activation} model: decoding dense", file=sys.stderr)
         return
@@ -324,8 +345,12 @@ def cmd_calibrate(args) -> int:
             bar.n = done
             bar.refresh()
 
+        try:
+            targets = tuple(float(t) for t in args.teal_targets.split(",") if t.strip())
+        except ValueError:
+            raise EdgeRuntimeError(f"--teal-targets must be numbers like 0.25,0.4, got {args.teal_targets!r}") from None
         calib, thresholds = calibrate(rt, text, source=path.name, window=args.window, max_tokens=args.max_tokens,
-                                      progress=progress)
+                                      teal_targets=targets, progress=progress)
     try:
         out = write_calibration(model_dir, calib, thresholds)
     except OSError as e:

@@ -36,15 +36,18 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
         raise EdgeRuntimeError("the evaluation text is too short (needs at least 2 tokens)")
     dec = rt.decoder
     nll_dense, nll_sparse, agree, n = 0.0, 0.0, 0, 0
-    sparse = setting is not None
+    teal = dec.teal
+    sparse = setting is not None or teal is not None
     saved = dec.rules
     dec.set_sparsity(None)
+    dec.teal = None
     dense_logits = []
     for w in wins:
         dec.reset()
         dense_logits.append(dec.forward(w[:-1]))
     if sparse:
         dec.set_sparsity(setting, measure_recall=True)
+        dec.teal = teal
     stats = None
     dec.reset()
     for w, dl in zip(wins, dense_logits, strict=True):
@@ -60,7 +63,9 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
         stats = dec.stats
     dec.set_sparsity(saved)
     out = {"tokens": n, "ppl_dense": float(np.exp(nll_dense / n))}
-    if sparse:
+    if teal is not None:
+        out.update({"ppl_teal": float(np.exp(nll_sparse / n)), "top1_agreement": agree / n})
+    elif sparse:
         s = stats.summary()
         out.update({
             "ppl_sparse": float(np.exp(nll_sparse / n)),

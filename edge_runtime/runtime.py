@@ -82,6 +82,18 @@ class Runtime:
         """Per-layer alpha, one alpha, or None (dense). Applied between two tokens, never mid-token."""
         self.decoder.set_sparsity(alphas, measure_recall)
 
+    def set_teal(self, target: float | None) -> None:
+        """TEAL magnitude sparsity at a calibrated target (0.25, 0.4, 0.5 ...); None turns it off."""
+        if target is None:
+            self.decoder.teal = None
+            return
+        from edge_runtime.sparsity.teal import thresholds_for
+
+        if self.calibration is None or "teal" not in self.calibration:
+            raise EdgeRuntimeError(f"{self.model.path} has no TEAL calibration; run 'edge-runtime calibrate' first")
+        self.decoder.set_sparsity(None)
+        self.decoder.teal = thresholds_for(self.calibration["teal"], target)
+
     def ffn_stats(self) -> dict:
         return self.decoder.stats.summary()
 
@@ -111,7 +123,8 @@ class Runtime:
         return self._select(self.power_mode)
 
     def _select(self, mode: str | None) -> Selection | None:
-        if self.profile is None or self.calibration is None or not self.config.relu_family:
+        if (self.profile is None or self.calibration is None or not self.config.relu_family
+                or not self.calibration["predictors"]):
             return None
         selection = select(self.calibration, self.config, self.model.manifest["encoding"], self.profile, mode,
                            self.objective, self.predictor, kv_tokens=min(512, self.decoder.max_context))

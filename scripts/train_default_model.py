@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from corpus_text import chunks  # scripts/ is on sys.path when this file runs as a script
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -36,18 +37,6 @@ def train_tokenizer(texts: list[str], vocab: int) -> Tokenizer:
     tok.train_from_iterator([c for t in texts for c in chunks(t)], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
     return tok
-
-
-def clean(text: str) -> str:
-    """The shared books put one sentence per line and write quotes as `` and '' (NLTK style)."""
-    return text.replace("`` ", '"').replace("``", '"').replace(" ''", '"').replace("''", '"')
-
-
-def chunks(text: str, lines_per_chunk: int = 6) -> list[str]:
-    """Sentences joined into paragraph-sized chunks, so that the model learns sentences follow each other
-    with a space, and each chunk as a document: <s> ... </s>."""
-    lines = [ln.strip() for ln in clean(text).split("\n") if ln.strip()]
-    return [" ".join(lines[i:i + lines_per_chunk]) for i in range(0, len(lines), lines_per_chunk)]
 
 
 def encode_corpus(tok: Tokenizer, texts: list[str]) -> np.ndarray:

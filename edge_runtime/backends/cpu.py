@@ -116,9 +116,15 @@ class CpuBackend:
         xc = x - mu
         return xc / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + n.eps) * n.w + n.b
 
-    def linear(self, x: np.ndarray, lin: Linear) -> np.ndarray:
-        """(T, K) @ W^T (+ b) -> (T, N)."""
-        y = x @ lin.w.dequantize().T
+    @staticmethod
+    def teal_mask(x: np.ndarray, threshold: float | None) -> np.ndarray:
+        """TEAL: input channels with |x| < threshold are zero, i.e. their weight columns are skipped."""
+        return x if threshold is None else np.where(np.abs(x) >= threshold, x, 0.0).astype(np.float32)
+
+    def linear(self, x: np.ndarray, lin: Linear, teal: float | None = None) -> np.ndarray:
+        """(T, K) @ W^T (+ b) -> (T, N). One token on compressed weights reads the row segments."""
+        x = self.teal_mask(x, teal)
+        y = lin.w.matvec(x[0])[None, :] if (x.shape[0] == 1 and lin.w.sparse) else x @ lin.w.dequantize().T
         return y if lin.b is None else y + lin.b
 
     def rope(self, x: np.ndarray, positions: np.ndarray, n_heads: int) -> np.ndarray:
@@ -156,12 +162,18 @@ class CpuBackend:
             return np.where(g >= self.cfg.act_threshold, g, 0.0).astype(np.float32)
         return np.maximum(g, 0.0)
 
-    def ffn(self, x: np.ndarray, layer: Layer) -> np.ndarray:
-        """Dense FFN, (T, d) -> (T, d)."""
-        h = self._activate(self.linear(x, layer.gate))
+    def ffn(self, x: np.ndarray, layer: Layer, teal: tuple | None = None) -> np.ndarray:
+        """Dense FFN, (T, d) -> (T, d); with TEAL thresholds (gate, up, down) for the three inputs."""
+        tg, tu, td = teal or (None, None, None)
+        h = self._activate(self.linear(x, layer.gate, tg))
         if layer.up is not None:
-            h = h * self.linear(x, layer.up)
-        y = h @ layer.down_t.dequantize()
+            h = h * self.linear(x, layer.up, tu)
+        h = self.teal_mask(h, td)
+        if h.shape[0] == 1 and layer.down_t.sparse:
+            rows = np.flatnonzero(h[0])
+            y = layer.down_t.rows_weighted_sum(h[0, rows], rows)[None, :]
+        else:
+            y = h @ layer.down_t.dequantize()
         return y if layer.down_b is None else y + layer.down_b
 
     def ffn_sparse(self, x: np.ndarray, layer: Layer, rule: Rule, recall: bool = False
@@ -171,15 +183,15 @@ class CpuBackend:
         xv = x[0]
         active = rule.active(xv, layer.gate_signs)
         idx = np.flatnonzero(active)
-        g = layer.gate.w.dequantize(idx) @ xv
+        g = layer.gate.w.matvec(xv, idx)
         if layer.gate.b is not None:
             g += layer.gate.b[idx]
         keep = keep_after_gate(g, self.cfg.act_threshold)
         rows, h = idx[keep], g[keep]
         if layer.up is not None:
-            u = layer.up.w.dequantize(rows) @ xv
+            u = layer.up.w.matvec(xv, rows)
             h = h * (u if layer.up.b is None else u + layer.up.b[rows])
-        y = h @ layer.down_t.dequantize(rows)
+        y = layer.down_t.rows_weighted_sum(h, rows)
         if layer.down_b is not None:
             y = y + layer.down_b
         read = (layer.gate_signs.nbytes + layer.gate.w.row_bytes() * idx.size

@@ -24,8 +24,12 @@ class Decoder:
         self.rules: list[Rule] | None = None  # per-layer predictor settings; None = dense decode
         self.measure_recall = False
         self.stats = FFNStats(self.cfg.n_layers, self.cfg.ffn_dim)
-        # Called with (layer, FFN input (T, d)) on every forward; calibration uses it. None = off.
-        self.ffn_observer: Callable[[int, np.ndarray], None] | None = None
+        # Called with (layer, point, activations (T, features)) on every forward, point one of
+        # "attn_in" (input of q, k, v), "attn_out" (input of o), "ffn_in" (input of gate, up). None = off.
+        self.observer: Callable[[int, str, np.ndarray], None] | None = None
+        # TEAL: per layer, per projection ("q", "k", "v", "o", "gate", "up", "down") magnitude thresholds;
+        # inputs with |x| below are zeroed in decode. None = off.
+        self.teal: list[dict[str, float]] | None = None
 
     def set_sparsity(self, setting: Sequence[float] | float | Sequence[Rule] | None,
                      measure_recall: bool = False) -> None:
@@ -75,16 +79,27 @@ class Decoder:
         rules = self.rules  # one snapshot per token: a change lands between tokens, never inside one
         sparse = rules is not None and t == 1
         masked = rules is not None and t > 1 and batched_sparse
+        teal = self.teal if (t == 1 or batched_sparse) else None  # TEAL is a decode-time technique
+        obs = self.observer
         for i, layer in enumerate(ops.layers):
+            tl = teal[i] if teal is not None else {}
             h = ops.norm(x, layer.attn_norm)
-            q, k, v = ops.linear(h, layer.q), ops.linear(h, layer.k), ops.linear(h, layer.v)
+            if obs is not None:
+                obs(i, "attn_in", h)
+            q = ops.linear(h, layer.q, tl.get("q"))
+            k, v = ops.linear(h, layer.k, tl.get("k")), ops.linear(h, layer.v, tl.get("v"))
             if cfg.arch == "llama":
                 q, k = ops.rope(q, positions, cfg.n_heads), ops.rope(k, positions, cfg.n_kv_heads)
-            x = x + ops.linear(ops.attention(i, q, k, v, self.pos), layer.o)
+            a = ops.attention(i, q, k, v, self.pos)
+            if obs is not None:
+                obs(i, "attn_out", a)
+            x = x + ops.linear(a, layer.o, tl.get("o"))
             h = ops.norm(x, layer.ffn_norm)
-            if self.ffn_observer is not None:
-                self.ffn_observer(i, h)
-            if sparse:
+            if obs is not None:
+                obs(i, "ffn_in", h)
+            if tl:
+                y = ops.ffn(h, layer, (tl.get("gate"), tl.get("up"), tl.get("down")))
+            elif sparse:
                 y, c = ops.ffn_sparse(h, layer, rules[i], self.measure_recall)
                 self.stats.record(i, c.predicted, c.kept, c.bytes_read, c.bytes_dense, c.true_active, c.hits)
             elif masked:

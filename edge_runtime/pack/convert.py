@@ -23,6 +23,7 @@ from edge_runtime.pack.hf_config import TensorSource, model_config_from_hf, read
 from edge_runtime.pack.hf_reader import CheckpointReader
 from edge_runtime.pack.quant import DEFAULT_INT4_GROUP, ENCODINGS, quantize
 from edge_runtime.pack.signbits import pack_signs
+from edge_runtime.pack.sparse_weights import compress, prune_mask
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -45,8 +46,18 @@ def _chat_template(hf_dir: Path) -> str | None:
     return None
 
 
-def _encode(src: TensorSource, w: np.ndarray, encoding: str, group: int) -> tuple[dict[str, np.ndarray], dict]:
-    """Arrays to store for one tensor and its manifest entry (without file and keys)."""
+PRUNABLE = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down_t")
+
+
+def _prune(src: TensorSource, w: np.ndarray, sparsity: float, norms: dict | None) -> np.ndarray:
+    """The kept-weight mask of w in its HF orientation (per output row, as magnitude and Wanda define)."""
+    return prune_mask(w, sparsity, None if norms is None else norms[src.name])
+
+
+def _encode(src: TensorSource, w: np.ndarray, encoding: str, group: int, mask: np.ndarray | None = None
+            ) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays to store for one tensor and its manifest entry (without file and keys). `mask` (HF
+    orientation) stores the matrix pruned, in the compressed row format."""
     if src.kind == "vector":
         dtype = np.float32 if encoding == "fp32" else np.float16
         return {"w": w.astype(dtype)}, {"encoding": "fp32" if encoding == "fp32" else "fp16",
@@ -58,6 +69,12 @@ def _encode(src: TensorSource, w: np.ndarray, encoding: str, group: int) -> tupl
     layout = "row"
     if src.kind == "matrix_t":
         w, layout = np.ascontiguousarray(w.T), "transposed"
+        mask = None if mask is None else np.ascontiguousarray(mask.T)
+    if mask is not None:
+        enc = "sparse-int8" if encoding == "int8" else "sparse-fp16"
+        arrays = compress(w, mask, enc)
+        return arrays, {"encoding": enc, "shape": list(w.shape), "layout": layout,
+                        "density": float(mask.mean())}
     pt = quantize(w, encoding, group)
     entry = {"encoding": encoding, "shape": list(pt.shape), "layout": layout}
     if encoding == "int4":
@@ -71,11 +88,21 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int = DEFAULT_INT4_GROUP,
-            overwrite: bool = False, progress: bool = True, default_alpha: float | None = None) -> dict[str, Any]:
-    """Write the packed directory atomically and return its manifest."""
+            overwrite: bool = False, progress: bool = True, default_alpha: float | None = None,
+            weight_sparsity: float = 0.0, prune: str = "magnitude", calib_text: str | None = None) -> dict[str, Any]:
+    """Write the packed directory atomically and return its manifest. weight_sparsity > 0 prunes the
+    attention and FFN projections ("magnitude", or "wanda" with calib_text) and stores them compressed."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if encoding not in ENCODINGS:
         raise ModelFormatError(f"unknown --dtype {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if not 0 <= weight_sparsity < 1:
+        raise ModelFormatError(f"--weight-sparsity must be in [0, 1), got {weight_sparsity}")
+    if weight_sparsity and encoding == "int4":
+        raise ModelFormatError("weight sparsity stores fp16 or int8 values; use --dtype fp16 or int8 with it")
+    if prune not in ("magnitude", "wanda"):
+        raise ModelFormatError(f"unknown --prune {prune!r}; choose magnitude or wanda")
+    if weight_sparsity and prune == "wanda" and not calib_text:
+        raise ModelFormatError("--prune wanda needs --calib-text FILE (activation norms come from it)")
     cfg = model_config_from_hf(read_hf_config(hf_dir))
     reader = CheckpointReader(hf_dir)
     plan = tensor_plan(cfg)
@@ -83,13 +110,22 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
     if missing:
         raise ModelFormatError(f"checkpoint in {hf_dir} lacks {len(missing)} tensor(s) the {cfg.arch} "
                                f"architecture needs, first {missing[0]}")
+    norms = None
+    if weight_sparsity and prune == "wanda":
+        from edge_runtime.pack.wanda import input_norms
+
+        norms = input_norms(hf_dir, calib_text)
     with atomic_directory(out_dir, overwrite) as tmp:
         tensors: dict[str, dict] = {}
         files: dict[str, dict] = {}
         by_file: dict[str, dict[str, np.ndarray]] = {}
         for src in tqdm(plan, desc="convert", unit="tensor", disable=not progress, leave=False):
             w = reader.get(src.hf_name)
-            arrays, entry = _encode(src, w, encoding, group_size)
+            mask = None
+            if weight_sparsity and src.name.split(".", 2)[-1] in PRUNABLE:
+                mask = _prune(src, w, weight_sparsity, norms)
+                w = np.where(mask, w, 0.0).astype(np.float32)  # the sign plane sees the pruned gate
+            arrays, entry = _encode(src, w, encoding, group_size, mask)
             fname = _file_for(src.name)
             entry["file"] = fname
             entry["keys"] = {part: f"{src.name}.{part}" for part in arrays}
@@ -119,5 +155,7 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
         }
         if default_alpha is not None:
             manifest["sparsity"] = {"default_alpha": float(default_alpha)}
+        if weight_sparsity:
+            manifest["weight_sparsity"] = {"target": float(weight_sparsity), "prune": prune}
         write_manifest(tmp, manifest)
     return manifest

@@ -11,7 +11,7 @@ import numpy as np
 from edge_runtime.errors import ModelFormatError
 from edge_runtime.model.config import ModelConfig
 from edge_runtime.pack.format import read_manifest, verify_files
-from edge_runtime.pack.quant import ENCODINGS, PackedTensor
+from edge_runtime.pack.quant import STORED_ENCODINGS, PackedTensor
 from edge_runtime.pack.safetensors_mmap import SafetensorsFile
 
 
@@ -63,7 +63,7 @@ def load_packed(path: str | Path, verify: bool = True) -> PackedModel:
             planes[name] = arrays["bits"]
         elif entry.get("layout") == "vector":
             vectors[name] = arrays["w"]
-        elif enc in ENCODINGS:
+        elif enc in STORED_ENCODINGS:
             shape = tuple(entry["shape"])
             if len(shape) != 2:
                 raise ModelFormatError(f"{path}/manifest.yaml: tensor {name} has shape {shape}, expected 2-D")

@@ -19,6 +19,7 @@ import numpy as np
 from edge_runtime.errors import ModelFormatError
 
 ENCODINGS = ("fp32", "fp16", "int8", "int4")
+STORED_ENCODINGS = ENCODINGS + ("sparse-fp16", "sparse-int8")  # what a manifest may name
 DEFAULT_INT4_GROUP = 64
 
 
@@ -40,10 +41,53 @@ class PackedTensor:
         """Bytes read to use one full row (values plus its scales)."""
         return self.nbytes / self.shape[0]
 
+    @property
+    def sparse(self) -> bool:
+        return self.encoding.startswith("sparse-")
+
+    def _row_index(self, rows) -> np.ndarray:
+        return np.arange(self.shape[0]) if rows is None else np.arange(self.shape[0])[rows]
+
+    def matvec(self, x: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """W[rows] @ x for one input x (K,) -> (n,) fp32. Compressed rows are read as segments, never
+        expanded to dense rows."""
+        if not self.sparse:
+            return self.dequantize(rows) @ x
+        from edge_runtime.pack.sparse_weights import row_columns, values_f32
+
+        r = self._row_index(rows)
+        vals, lengths = values_f32(self.arrays, r)
+        prods = vals * x[row_columns(self.arrays["bitmap"], self.shape[1], r)]
+        out = np.zeros(len(r), dtype=np.float32)
+        nonempty = lengths > 0
+        if prods.size:
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[nonempty]
+            out[nonempty] = np.add.reduceat(prods, starts)
+        return out
+
+    def rows_weighted_sum(self, h: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """sum_i h_i * W[rows_i] -> (K,) fp32: the down projection over the rows of W_down^T."""
+        if not self.sparse:
+            return h @ self.dequantize(rows)
+        from edge_runtime.pack.sparse_weights import row_columns, values_f32
+
+        vals, lengths = values_f32(self.arrays, rows)
+        out = np.zeros(self.shape[1], dtype=np.float32)
+        np.add.at(out, row_columns(self.arrays["bitmap"], self.shape[1], rows), vals * np.repeat(h, lengths))
+        return out
+
     def dequantize(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """fp32 (n, K) for the selected rows (all rows when None)."""
         sel = slice(None) if rows is None else rows
         n_cols = self.shape[1]
+        if self.sparse:  # the reference and batched paths; decode uses matvec / rows_weighted_sum
+            from edge_runtime.pack.sparse_weights import values_f32
+
+            r = self._row_index(rows)
+            mask = np.unpackbits(self.arrays["bitmap"][r], axis=1, bitorder="little")[:, :n_cols].astype(bool)
+            dense = np.zeros((len(r), n_cols), dtype=np.float32)
+            dense[mask] = values_f32(self.arrays, r)[0]
+            return dense
         if self.encoding in ("fp32", "fp16"):
             return np.asarray(self.arrays["w"][sel], dtype=np.float32)
         if self.encoding == "int8":

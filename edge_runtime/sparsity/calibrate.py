@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,8 +91,9 @@ def projection_thresholds(z: np.ndarray, truth: np.ndarray, q: float) -> np.ndar
     """Per neuron: the q-quantile of z over tokens where it was active. A neuron never active in the
     calibration text gets the largest z seen for it, so it is predicted active only beyond that."""
     masked = np.where(truth, z, np.nan)
-    with np.errstate(all="ignore"):
-        theta = np.nanquantile(masked, q, axis=0) if truth.any() else np.full(z.shape[1], np.nan)
+    with warnings.catch_warnings():  # columns of never-active neurons are all NaN: handled below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        theta = np.nanquantile(masked, q, axis=0)
     never = ~truth.any(axis=0)
     theta[never] = z.max(axis=0)[never] + 1e-6
     return theta.astype(np.float32)
@@ -176,11 +178,15 @@ def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_de
 
 def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: int = 2048,
               predictors: tuple[str, ...] = ("sparseinfer", "projection"),
+              teal_targets: tuple[float, ...] = (0.25, 0.4, 0.5),
               progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
-    """(calibration dict, projection thresholds {"layers.i.qk": (N,) float32})."""
+    """(calibration dict, projection thresholds {"layers.i.qk": (N,) float32}). The sign-plane
+    predictors are calibrated for ReLU-family models only; TEAL for every model."""
+    from edge_runtime.sparsity.teal import calibrate_teal
+
     cfg = rt.config
     if not cfg.relu_family:
-        raise EdgeRuntimeError(f"the sign-plane predictors need a ReLU-family FFN; this model's is {cfg.activation}")
+        predictors = ()
     ids = rt.encode(text)
     wins = windowed(ids, min(window, rt.decoder.max_context - 1), max_tokens)
     if not wins:
@@ -188,7 +194,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     inputs: list[list[np.ndarray]] = [[] for _ in range(cfg.n_layers)]
     dec = rt.decoder
     dec.set_sparsity(None)
-    dec.ffn_observer = lambda i, h: inputs[i].append(h)
+    dec.observer = lambda i, point, h: inputs[i].append(h) if point == "ffn_in" else None
     nll, n = 0.0, 0
     try:
         for w in wins:
@@ -196,7 +202,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
             nll += _nll_sum(dec.forward(w[:-1]), w[1:])
             n += len(w) - 1
     finally:
-        dec.ffn_observer = None
+        dec.observer = None
     ppl_dense = float(np.exp(nll / n))
     data = [LayerData(rt, i, np.concatenate(xs)) for i, xs in enumerate(inputs)]
     dense_bytes = float(sum(L.ffn_dense_bytes() for L in rt.backend.layers))
@@ -212,12 +218,17 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     for p in predictors:
         sections[p], th = _calibrate_predictor(rt, data, wins, p, ppl_dense, dense_bytes, tick)
         thresholds.update(th)
+    if teal_targets:
+        rt.decoder.set_sparsity(None)
+        teal = calibrate_teal(rt, wins, tuple(teal_targets))
     calib = {
         "calibration_version": CALIBRATION_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "text": {"source": source, "tokens": n}, "ppl_dense": ppl_dense, "dense_ffn_bytes": dense_bytes,
         "predictors": sections,
     }
+    if teal_targets:
+        calib["teal"] = teal
     return calib, thresholds
 
 
@@ -264,7 +275,7 @@ def read_calibration(model_dir: Path) -> tuple[dict, dict] | None:
         if key not in calib:
             raise EdgeRuntimeError(f"{path} is missing '{key}'; {again}")
     thresholds = {}
-    if "projection" in calib["predictors"]:
+    if "projection" in (calib["predictors"] or {}):
         tpath = Path(model_dir) / THRESHOLDS_FILE
         from edge_runtime.pack.safetensors_mmap import SafetensorsFile
 

@@ -105,6 +105,8 @@ def select(calib: dict, cfg: ModelConfig, encoding: str, profile: DeviceProfile,
     """Per-layer knobs for one predictor, or for "auto" the calibrated predictor that meets the objective
     with the fewest bytes per token."""
     sections = calib["predictors"]
+    if not sections:
+        raise EdgeRuntimeError("no sign-plane predictor is calibrated for this model (not ReLU-family)")
     names = list(sections) if predictor == "auto" else [predictor]
     missing = [n for n in names if n not in sections]
     if missing:

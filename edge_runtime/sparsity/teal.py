@@ -1,0 +1,152 @@
+"""TEAL: training-free magnitude activation sparsity for any activation function (SiLU models too).
+
+Every projection's input x is sparsified in decode by zeroing entries with |x| < t; the skipped
+input channels are skipped weight columns. t comes from the calibrated distribution of that input:
+the p-quantile of |x| (TEAL's t = icdf(0.5 + p/2) for a symmetric distribution). Sparsity is
+allocated across a block's 7 projections greedily, as TEAL does: starting from 0, raise by one step
+the projection whose step adds the least block-output error per weight byte saved, until the block's
+byte-weighted average sparsity reaches the target.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_runtime.errors import EdgeRuntimeError
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+INPUT_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "gate": "ffn_in", "up": "ffn_in",
+            "down": "ffn_hidden"}
+STEP = 0.05
+TARGETS = (0.25, 0.4, 0.5)
+
+
+def collect_inputs(rt, wins: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Per layer, the dense model's input to each projection over the calibration windows."""
+    n = rt.config.n_layers
+    got: list[dict[str, list]] = [{p: [] for p in ("attn_in", "attn_out", "ffn_in", "ffn_hidden")} for _ in range(n)]
+
+    def observe(i: int, point: str, x: np.ndarray) -> None:
+        got[i][point].append(x)
+        if point == "ffn_in":
+            be, layer = rt.backend, rt.backend.layers[i]
+            h = be._activate(be.linear(x, layer.gate))
+            got[i]["ffn_hidden"].append(h * be.linear(x, layer.up) if layer.up is not None else h)
+
+    dec = rt.decoder
+    dec.observer = observe
+    try:
+        for w in wins:
+            dec.reset()
+            dec.forward(w[:-1])
+    finally:
+        dec.observer = None
+    return [{k: np.concatenate(v) for k, v in layer.items()} for layer in got]
+
+
+def _weights(rt, i: int) -> dict:
+    L = rt.backend.layers[i]
+    return {"q": L.q.w, "k": L.k.w, "v": L.v.w, "o": L.o.w, "gate": L.gate.w, "up": L.up.w if L.up else None,
+            "down": L.down_t}
+
+
+def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], targets: tuple[float, ...]
+             ) -> dict[float, list[dict[str, float]]]:
+    """Per target, per-layer thresholds {projection: t} reaching that byte-weighted sparsity per block.
+
+    Block by block (the other blocks dense), each step raises by STEP the sparsity of the projection
+    whose step least increases the error of the block's output (the next block's normalised input, or
+    the logits after the last block) per weight byte it saves, measured by running the model on the
+    windows. One greedy walk serves every target: a target's setting is where the walk first reaches it."""
+    for target in targets:
+        if not 0 < target < 1:
+            raise EdgeRuntimeError(f"TEAL target must be in (0, 1), got {target}")
+    n = rt.config.n_layers
+    dense_out = [_block_outputs(rt, wins, None, i) for i in range(n)]
+    out: dict[float, list[dict[str, float]]] = {t: [] for t in targets}
+    for i, acts in enumerate(inputs):
+        mats = {p: m for p, m in _weights(rt, i).items() if m is not None}
+        absx = {p: np.abs(acts[INPUT_OF[p]]) for p in mats}
+        nbytes = {p: float(mats[p].nbytes) for p in mats}
+        total = sum(nbytes.values())
+        level = dict.fromkeys(mats, 0.0)
+
+        def thresholds(lv: dict[str, float], ax=absx) -> dict[str, float]:
+            return {p: float(np.quantile(ax[p], s)) if s > 0 else 0.0 for p, s in lv.items()}
+
+        current = 0.0
+        pending = sorted(targets)
+
+        while pending:
+            while pending and sum(level[p] * nbytes[p] for p in mats) / total >= pending[0] - 1e-9:
+                out[pending.pop(0)].append(thresholds(level))
+            if not pending:
+                break
+            best, best_cost, best_err = None, np.inf, 0.0
+            for p in mats:
+                if level[p] + STEP >= 0.99:
+                    continue
+                trial = thresholds({**level, p: level[p] + STEP})
+                e = _relative_error(_block_outputs(rt, wins, (i, trial), i), dense_out[i])
+                cost = (e - current) / (STEP * nbytes[p])
+                if cost < best_cost:
+                    best, best_cost, best_err = p, cost, e
+            if best is None:  # every projection at its cap: the remaining targets get this setting
+                for t in pending:
+                    out[t].append(thresholds(level))
+                break
+            level[best] += STEP
+            current = best_err
+    return out
+
+
+def _block_outputs(rt, wins: list[np.ndarray], teal_at: tuple[int, dict] | None, i: int) -> np.ndarray:
+    """Block i's output over the windows: the next block's normalised input, or the logits for the last
+    block; TEAL thresholds on one block only (teal_at = (block, thresholds)) or none."""
+    dec = rt.decoder
+    n = rt.config.n_layers
+    outs: list[np.ndarray] = []
+    dec.teal = None if teal_at is None else [teal_at[1] if j == teal_at[0] else {} for j in range(n)]
+    dec.observer = (lambda j, point, x: outs.append(x) if (j == i + 1 and point == "attn_in") else None)
+    try:
+        for w in wins:
+            dec.reset()
+            logits = dec.forward(w[:-1], batched_sparse=True)
+            if i == n - 1:
+                outs.append(logits)
+    finally:
+        dec.observer = None
+        dec.teal = None
+    return np.concatenate(outs)
+
+
+def _relative_error(y: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(y - ref) / (np.linalg.norm(ref) or 1.0))
+
+
+def _apply(w, x: np.ndarray, projection: str) -> np.ndarray:
+    """The projection's output for inputs x (T, K): W x, or for down (stored transposed) x @ W_down^T."""
+    return x @ w.dequantize() if projection == "down" else x @ w.dequantize().T
+
+
+def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARGETS, search_tokens: int = 512
+                   ) -> dict:
+    """{"targets": {"0.25": [per-layer {projection: t}], ...}} for calibration.yaml. Thresholds are
+    quantiles over all windows; the greedy search runs its trial forwards on the first search_tokens."""
+    inputs = collect_inputs(rt, wins)
+    search, n = [], 0
+    for w in wins:
+        if n >= search_tokens:
+            break
+        search.append(w)
+        n += len(w) - 1
+    alloc = allocate(rt, inputs, search, tuple(targets))
+    return {"step": STEP, "targets": {f"{t:g}": alloc[t] for t in targets}}
+
+
+def thresholds_for(teal: dict, target: float) -> list[dict[str, float]]:
+    key = f"{target:g}"
+    if key not in teal["targets"]:
+        raise EdgeRuntimeError(f"TEAL is calibrated for targets {', '.join(teal['targets'])}, not {key}; "
+                               f"run 'edge-runtime calibrate --teal-targets {key}'")
+    return teal["targets"][key]

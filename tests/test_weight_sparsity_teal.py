@@ -1,0 +1,113 @@
+"""Weight pruning with the compressed row format, and TEAL magnitude activation sparsity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.pack.convert import convert
+from edge_runtime.pack.quant import quantize
+from edge_runtime.pack.sparse_weights import compress, prune_mask
+from edge_runtime.sparsity.predictor import Rule
+from edge_runtime.sparsity.teal import calibrate_teal, thresholds_for
+from tests.helpers import CORPUS, make_llama
+
+
+def test_prune_mask_keeps_largest_per_row():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    m = prune_mask(w, 0.75)
+    assert (m.sum(axis=1) == 16).all()
+    for r in range(8):
+        assert np.abs(w[r, m[r]]).min() >= np.abs(w[r, ~m[r]]).max()
+    norms = np.ones(64, dtype=np.float32)
+    norms[:8] = 1e6  # Wanda: channels with large activations win
+    assert prune_mask(w, 0.75, norms)[:, :8].all()
+
+
+@pytest.mark.parametrize("encoding", ["sparse-int8", "sparse-fp16"])
+def test_compressed_gemv_equals_dense_of_same_values(encoding):
+    """matvec and rows_weighted_sum read the segments; they equal the dense product of the same values."""
+    from edge_runtime.pack.quant import PackedTensor
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((50, 96)).astype(np.float32)
+    t = PackedTensor(encoding, w.shape, compress(w, prune_mask(w, 0.6), encoding))
+    dense = t.dequantize()
+    assert (dense == 0).mean() == pytest.approx(0.6, abs=0.02)
+    x = rng.standard_normal(96).astype(np.float32)
+    rows = np.array([3, 0, 17, 49, 20])
+    assert np.allclose(t.matvec(x, rows), dense[rows] @ x, rtol=1e-5, atol=1e-6)
+    h = rng.standard_normal(5).astype(np.float32)
+    assert np.allclose(t.rows_weighted_sum(h, rows), h @ dense[rows], rtol=1e-5, atol=1e-6)
+    if encoding == "sparse-int8":  # kept values quantise exactly as the dense int8 of the pruned matrix
+        pruned = quantize(np.where(prune_mask(w, 0.6), w, 0), "int8").dequantize()
+        assert np.array_equal(dense, pruned)
+
+
+def test_packed_size_at_half_sparsity_int8():
+    """Bar: FFN/attention at 50 % weight sparsity with int8 values <= 0.33 x their fp16 size."""
+    w = np.random.default_rng(2).standard_normal((1024, 1024)).astype(np.float32)
+    packed = sum(a.nbytes for a in compress(w, prune_mask(w, 0.5), "sparse-int8").values())
+    assert packed / (w.size * 2) <= 0.33
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("ws")
+    make_llama(root / "hf", act="relu", seed=71)
+    make_llama(root / "silu", act="silu", seed=72)
+    return root
+
+
+@pytest.mark.parametrize("prune", ["magnitude", "wanda"])
+def test_weight_sparse_model_equals_decompressed_reference(models, tmp_path, prune):
+    """Same values, same function: the compressed model's logits (decode on segments) equal a dense
+    run over its own decompressed weights."""
+    convert(models / "hf", tmp_path / "ws", "int8", weight_sparsity=0.5, prune=prune,
+            calib_text=CORPUS if prune == "wanda" else None, progress=False)
+    rt = edge_runtime.load(tmp_path / "ws", profile=None, backend="cpu")
+    assert rt.model.matrices["layers.0.ffn.up"].encoding == "sparse-int8"
+    ids = rt.encode("the quick brown fox")
+    rt.decoder.reset()
+    steps = np.concatenate([rt.decoder.forward([t]) for t in ids])  # one token at a time: segment GEMVs
+    rt.decoder.reset()
+    batched = rt.decoder.forward(ids)  # prefill: dense over the decompressed rows
+    assert np.abs(steps - batched).max() <= 1e-4 * np.abs(batched).max()
+    rt.set_sparsity([Rule("sparseinfer", alpha=1e9)] * rt.config.n_layers)  # sparse path, every row
+    rt.decoder.reset()
+    sparse = np.concatenate([rt.decoder.forward([t]) for t in ids])
+    assert np.abs(sparse - batched).max() <= 1e-4 * np.abs(batched).max()
+
+
+def test_pruning_needs_fp16_or_int8_and_wanda_needs_text(models, tmp_path):
+    with pytest.raises(EdgeRuntimeError, match="fp16 or int8"):
+        convert(models / "hf", tmp_path / "a", "int4", weight_sparsity=0.5, progress=False)
+    with pytest.raises(EdgeRuntimeError, match="calib-text"):
+        convert(models / "hf", tmp_path / "b", "int8", weight_sparsity=0.5, prune="wanda", progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_teal_on_silu_model(models, tmp_path):
+    convert(models / "silu", tmp_path / "p", "fp32", progress=False)
+    rt = edge_runtime.load(tmp_path / "p", profile=None, backend="cpu")
+    ids = np.asarray(rt.encode(CORPUS)[:200])
+    teal = calibrate_teal(rt, [ids[:100], ids[100:]], targets=(0.25, 0.5), search_tokens=100)
+    lo, hi = thresholds_for(teal, 0.25), thresholds_for(teal, 0.5)
+    assert len(lo) == rt.config.n_layers and set(lo[0]) == {"q", "k", "v", "o", "gate", "up", "down"}
+    assert all(hi[i][p] >= lo[i][p] for i in range(len(lo)) for p in lo[i])  # one greedy walk: monotone
+    rt.decoder.teal = hi
+    rt.decoder.reset()
+    batched = rt.decoder.forward(ids[:30], batched_sparse=True)
+    rt.decoder.reset()
+    steps = np.concatenate([rt.decoder.forward([int(t)]) for t in ids[:30]])
+    assert np.abs(batched - steps).max() <= 1e-4 * np.abs(steps).max()
+    rt.decoder.teal = None
+    rt.decoder.reset()
+    dense = rt.decoder.forward(ids[:30])
+    assert np.abs(dense - steps).max() > 1e-3 * np.abs(dense).max()  # TEAL really changed the function
+    with pytest.raises(EdgeRuntimeError, match="0.4"):
+        thresholds_for(teal, 0.4)
