@@ -1,0 +1,155 @@
+"""FFN-block decode benchmark on a CUDA GPU (part a of the CUDA issue): predictor + gate + up + down at
+imposed densities against the dense GEMVs of the same layer, measured in the same run.
+
+  python scripts/bench_decode.py [--shapes 7b,13b] [--encodings fp16,int8,int4] [--csv out.csv]
+
+Density is the fraction of gate rows the predictor lets through (imposed by choosing alpha on the host
+by bisection for this x); about half of them survive the ReLU. The dense baseline for fp16 is cuBLAS
+(CuPy matmul); for int8/int4 there is no cuBLAS GEMV, so the baseline is this project's dense GEMV
+kernel. Every row reports bytes read, achieved GB/s, the fraction of a device-to-device copy's bandwidth
+(measured here) and the ratio to dense. Weight sets are rotated (several layers' copies) so that L2
+(50 MB on an H100) never holds them; times are medians of CUDA-event timings after warm-up. Jetson rows
+are PROJECTIONS from the profiles' bandwidth, not measurements.
+Parts b (end-to-end 7B-shaped decode) and c (default model) need the CUDA decode backend, not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+
+import numpy as np
+
+from edge_runtime.backends.cuda_kernels import DeviceMatrix, SparseFFN, SparseFFNKernels
+from edge_runtime.devices.profile import load_profile
+from edge_runtime.pack.quant import quantize
+from edge_runtime.pack.signbits import pack_signs
+from edge_runtime.sparsity.predictor import predict_active
+
+SHAPES = {"7b": (4096, 11008), "13b": (5120, 13824)}
+DENSITIES = (1.0, 0.5, 0.25, 0.15, 0.10, 0.05)
+
+
+def event_time_ms(cp, fn, repeats: int = 50, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b))
+    return statistics.median(times)
+
+
+def copy_bandwidth(cp, nbytes: int = 2 << 30) -> float:
+    src = cp.ones(nbytes // 4, dtype=cp.float32)
+    dst = cp.empty_like(src)
+    ms = event_time_ms(cp, lambda: dst.__setitem__(Ellipsis, src), repeats=20)
+    return 2 * nbytes / (ms * 1e-3)  # read + write
+
+
+def alpha_for(x, signs, density: float) -> float:
+    lo, hi = 0.0, 64.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if predict_active(x, signs, mid).mean() < density:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def main() -> None:
+    import cupy as cp
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="7b,13b")
+    ap.add_argument("--encodings", default="fp16,int8,int4")
+    ap.add_argument("--copies", type=int, default=3, help="weight sets rotated per timing")
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args()
+    kernels = SparseFFNKernels()
+    bw = copy_bandwidth(cp)
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in args.shapes.split(","):
+        d, n = SHAPES[shape]
+        for enc in args.encodings.split(","):
+            sets = []
+            for _ in range(args.copies):
+                gate_f = (rng.standard_normal((n, d)) * 0.02).astype(np.float32)
+                mats = [quantize(gate_f, enc)] + [quantize((rng.standard_normal((n, d)) * 0.02).astype(np.float32), enc)
+                                                  for _ in range(2)]
+                sets.append((SparseFFN(kernels, mats[0], mats[1], mats[2], pack_signs(gate_f)), gate_f, mats))
+            x_h = rng.standard_normal(d).astype(np.float32)
+            x = cp.asarray(x_h)
+            dense_mats = [[DeviceMatrix(m) for m in mats] for _, _, mats in sets]
+            ys = [cp.empty(n, cp.float32), cp.empty(n, cp.float32), cp.empty(d, cp.float32)]
+            turn = [0]
+
+            def dense_step():
+                i = turn[0] % len(sets)
+                turn[0] += 1
+                g, u, dt = dense_mats[i]
+                if enc == "fp16":
+                    xh = x.astype(cp.float16)
+                    cp.matmul(g.w, xh)
+                    h = cp.matmul(u.w, xh)
+                    cp.matmul(h, dt.w)
+                else:
+                    kernels.gemv(g, x, ys[0])
+                    kernels.gemv(u, x, ys[1])
+                    kernels.gemv(dt, x, ys[2])  # (N, d) transposed down read in full, as dense would
+
+            dense_ms = event_time_ms(cp, dense_step)
+            dense_bytes = sum(m.nbytes for m in dense_mats[0])
+            for density in DENSITIES:
+                alpha = cp.asarray(np.array([alpha_for(x_h, pack_signs(sets[0][1]), density)], np.float32))
+
+                def sparse_step():
+                    i = turn[0] % len(sets)
+                    turn[0] += 1
+                    sets[i][0].run(x, alpha_ptr=alpha)
+
+                ms = event_time_ms(cp, sparse_step)
+                ffn = sets[0][0]
+                ffn.run(x, alpha_ptr=alpha)
+                pred, kept = int(ffn.predicted.get()[0]), int(ffn.count.get()[0])
+                row_b = dense_mats[0][0].nbytes / n
+                bytes_read = ffn.gate_signs.nbytes + pred * row_b + 2 * kept * row_b
+                rows.append({"shape": shape, "encoding": enc, "density": density, "predicted": pred / n,
+                             "kept": kept / n, "dense_ms": dense_ms, "sparse_ms": ms, "ratio": ms / dense_ms,
+                             "bytes": bytes_read, "gbs": bytes_read / (ms * 1e-3) / 1e9,
+                             "copy_fraction": bytes_read / (ms * 1e-3) / bw,
+                             "dense_gbs": dense_bytes / (dense_ms * 1e-3) / 1e9,
+                             "dense_copy_fraction": dense_bytes / (dense_ms * 1e-3) / bw})
+            for s, _, _ in sets:
+                s.free()
+    print(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
+    print(f"{'shape':5} {'enc':5} {'dens':>5} {'kept':>5} {'dense ms':>9} {'sparse ms':>9} {'x dense':>7} "
+          f"{'GB/s':>6} {'copy':>5}")
+    for r in rows:
+        print(f"{r['shape']:5} {r['encoding']:5} {r['density']:5.2f} {r['kept']:5.2f} {r['dense_ms']:9.4f} "
+              f"{r['sparse_ms']:9.4f} {r['ratio']:7.3f} {r['gbs']:6.0f} {r['copy_fraction']:5.2f}")
+    for name in ("jetson-agx-orin-64gb", "jetson-orin-nano-8gb"):
+        prof = load_profile(name)
+        eff = prof.effective_bandwidth()
+        print(f"PROJECTION for {name} ({prof.default_power_mode}, {eff / 1e9:.0f} GB/s effective), not measured:")
+        for r in rows:
+            if r["encoding"] != "fp16" or r["shape"] != "7b":
+                continue
+            print(f"  7b fp16 density {r['density']:.2f}: sparse {r['bytes'] / eff * 1e3:.3f} ms vs dense "
+                  f"{3 * SHAPES['7b'][0] * SHAPES['7b'][1] * 2 / eff * 1e3:.3f} ms per FFN block")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
