@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for summary.json and PNGs")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("bench", help="decode tokens/s, dense and sparse, measured in one run")
+    _add_model_args(p)
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    _add_sparsity_args(p, "on")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("info", help="what a packed model directory holds")
     p.add_argument("model_dir")
     p.add_argument("--json", action="store_true")
@@ -469,6 +477,20 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from edge_runtime.bench import bench
+
+    rt = _load(args)
+    setting = _alphas(args, rt) if (args.sparsity == "on" and rt.config.relu_family) else None
+    res = bench(rt, setting, args.prompt, args.tokens, args.repeats)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    for k, v in res.items():
+        print(f"{k:30s} {v:.3f}" if isinstance(v, float) else f"{k:30s} {v}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from edge_runtime.pack.format import read_manifest
 
@@ -496,7 +518,7 @@ def cmd_info(args) -> int:
 
 COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "generate": cmd_generate, "eval": cmd_eval,
             "info": cmd_info, "serve": cmd_serve, "chat": cmd_chat, "calibrate": cmd_calibrate,
-            "profile": cmd_profile, "monitor": cmd_monitor, "report": cmd_report}
+            "profile": cmd_profile, "monitor": cmd_monitor, "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

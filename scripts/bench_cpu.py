@@ -12,23 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from edge_runtime.bench import decode_rate
 from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
-
-
-def decode_rate(rt, prompt: str, tokens: int, repeats: int) -> tuple[float, dict]:
-    rt.generate(prompt, max_new_tokens=8)  # warm-up
-    rates = []
-    for _ in range(repeats):
-        res = rt.generate(prompt, max_new_tokens=tokens)
-        rates.append(res.decode_tokens_per_s)
-    return statistics.median(rates), rt.ffn_stats()
 
 
 def peak_rss_mb(model: Path, prompt: str, tokens: int) -> float:
@@ -57,7 +48,7 @@ def main() -> None:
             convert(args.hf, model, args.dtype, progress=False)
         if model is None:
             ap.error("give --model or --hf")
-        rt = load(model, backend="cpu")
+        rt = load(model, profile=None, backend="cpu")
         dense, _ = decode_rate(rt, args.prompt, args.tokens, args.repeats)
         row = {"model": str(args.hf or model), "encoding": rt.model.manifest["encoding"],
                "weight_mb": rt.model.weight_bytes / 1e6, "decode_tokens_per_s_dense": dense}

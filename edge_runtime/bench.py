@@ -1,0 +1,39 @@
+"""Decode throughput on the running backend: dense and sparse tokens/s measured in the same run, with
+the bytes each step reads and, from the device profile, the projected time (labelled a projection)."""
+
+from __future__ import annotations
+
+import statistics
+
+from edge_runtime.pack.sizes import decode_bytes_per_token
+from edge_runtime.sparsity.policy import projected_ms
+
+
+def decode_rate(rt, prompt: str, tokens: int, repeats: int = 3) -> tuple[float, dict]:
+    """Median decode tokens/s over `repeats` generations (after one warm-up) and the last FFN stats."""
+    rt.generate(prompt, max_new_tokens=8)
+    rates = [rt.generate(prompt, max_new_tokens=tokens).decode_tokens_per_s for _ in range(repeats)]
+    return statistics.median(rates), rt.ffn_stats()
+
+
+def bench(rt, setting, prompt: str, tokens: int = 128, repeats: int = 3) -> dict:
+    saved = rt.decoder.rules
+    rt.set_sparsity(None)
+    dense, _ = decode_rate(rt, prompt, tokens, repeats)
+    enc = rt.model.manifest["encoding"]
+    out = {"backend": rt.backend.name, "encoding": enc, "tokens": tokens, "dense_tokens_per_s": dense,
+           "dense_bytes_per_token": decode_bytes_per_token(rt.config, enc, 1.0, tokens)}
+    if setting is not None:
+        rt.set_sparsity(setting)
+        sparse, stats = decode_rate(rt, prompt, tokens, repeats)
+        frac = stats["ffn_bytes_fraction"]
+        out.update(sparse_tokens_per_s=sparse, sparse_over_dense=sparse / dense, ffn_bytes_fraction=frac,
+                   sparse_bytes_per_token=decode_bytes_per_token(rt.config, enc, frac, tokens))
+    if rt.profile is not None:
+        for key in ("dense", "sparse"):
+            if f"{key}_bytes_per_token" in out:
+                ms = projected_ms(rt.profile, rt.power_mode, rt.config, out[f"{key}_bytes_per_token"])
+                out[f"projected_{key}_tokens_per_s"] = 1e3 / ms
+        out["projection"] = f"{rt.profile.name} / {rt.power_mode} (from the profile's bandwidth, not measured)"
+    rt.decoder.rules = saved
+    return out
