@@ -9,6 +9,12 @@ from edge_runtime.pack.sizes import decode_bytes_per_token
 from edge_runtime.sparsity.policy import projected_ms
 
 
+def print_report(report: dict, width: int = 30) -> None:
+    """One `key value` line per entry, floats to three decimals."""
+    for k, v in report.items():
+        print(f"{k:{width}s} {v:.3f}" if isinstance(v, float) else f"{k:{width}s} {v}")
+
+
 def decode_rate(rt, prompt: str, tokens: int, repeats: int = 3) -> tuple[float, dict]:
     """Median decode tokens/s over `repeats` generations (after one warm-up) and the last FFN stats."""
     rt.generate(prompt, max_new_tokens=8)

@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _read_text(path: str | Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EdgeRuntimeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def _load(args):
     from edge_runtime.runtime import load
     from edge_runtime.sparsity.policy import Objective
@@ -175,12 +182,7 @@ def _alphas(args, rt) -> list | float | None:
 def cmd_convert(args) -> int:
     from edge_runtime.pack.convert import convert
 
-    calib_text = None
-    if args.calib_text:
-        try:
-            calib_text = Path(args.calib_text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise EdgeRuntimeError(f"cannot read {args.calib_text}: {getattr(e, 'strerror', None) or e}") from None
+    calib_text = _read_text(args.calib_text) if args.calib_text else None
     m = convert(Path(args.hf_dir), Path(args.out_dir), args.dtype, args.group_size, args.overwrite,
                 progress=sys.stderr.isatty(), default_alpha=args.default_alpha,
                 weight_sparsity=args.weight_sparsity, prune=args.prune, calib_text=calib_text)
@@ -238,11 +240,7 @@ def cmd_eval(args) -> int:
     from edge_runtime.evaluate import evaluate_text
     from edge_runtime.sparsity.policy import select
 
-    path = Path(args.text)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgeRuntimeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    text = _read_text(args.text)
     rt = _load(args)
     res = evaluate_text(rt, text, _alphas(args, rt), window=args.window, max_tokens=args.max_tokens)
     if rt.selection is not None and args.sparsity == "on" and args.alpha is None:
@@ -339,10 +337,7 @@ def cmd_calibrate(args) -> int:
     from edge_runtime.sparsity.calibrate import calibrate, write_calibration
 
     path = Path(args.text)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EdgeRuntimeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    text = _read_text(path)
     model_dir = resolve_model(args.model)
     rt = load(model_dir, profile=None, backend="cpu")
     from tqdm import tqdm
@@ -478,7 +473,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from edge_runtime.bench import bench
+    from edge_runtime.bench import bench, print_report
 
     rt = _load(args)
     setting = _alphas(args, rt) if (args.sparsity == "on" and rt.config.relu_family) else None
@@ -486,8 +481,7 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(res))
         return 0
-    for k, v in res.items():
-        print(f"{k:30s} {v:.3f}" if isinstance(v, float) else f"{k:30s} {v}")
+    print_report(res)
     return 0
 
 

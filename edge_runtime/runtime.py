@@ -149,14 +149,6 @@ class Runtime:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
-        # Called with time.monotonic() as each token is produced (the monitor's per-token hook).
-        self.token_listeners: list[Callable[[float], None]] = []
-        log = os.environ.get(TOKEN_LOG_ENV)
-        if log:  # `edge-runtime monitor -- COMMAND` asks its child for token times this way
-            self._token_log = open(log, "a", buffering=1)  # noqa: SIM115 (closed in close())
-            self.token_listeners.append(lambda t: self._token_log.write(f"{t:.6f}\n"))
-        else:
-            self._token_log = None
 
     # ---- prompts -----------------------------------------------------------------------------------
     def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edge_runtime.bench import decode_rate
+from edge_runtime.bench import decode_rate, print_report
 from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
 
@@ -62,8 +62,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(row))
     else:
-        for k, v in row.items():
-            print(f"{k:28s} {v:.3f}" if isinstance(v, float) else f"{k:28s} {v}")
+        print_report(row, 28)
 
 
 if __name__ == "__main__":

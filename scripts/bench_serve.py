@@ -23,6 +23,7 @@ import time
 import httpx
 
 import edge_runtime
+from edge_runtime.bench import print_report
 from edge_runtime.paths import resolve_model
 
 
@@ -139,8 +140,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
     else:
-        for k, v in report.items():
-            print(f"{k:26s} {v:.3f}" if isinstance(v, float) else f"{k:26s} {v}")
+        print_report(report, 26)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,15 @@ def make_llama(out: Path, act: str = "silu", n_kv_heads: int = 2, tie: bool = Fa
     return model
 
 
+def packed_llama(root: Path, dtype: str = "int8", **kw) -> Path:
+    """make_llama into root/hf, converted into root/p; returns root/p."""
+    from edge_runtime.pack.convert import convert
+
+    make_llama(root / "hf", **kw)
+    convert(root / "hf", root / "p", dtype, progress=False)
+    return root / "p"
+
+
 def make_opt(out: Path, seed: int = 0, with_tokenizer: bool = True):
     import torch
     from transformers import OPTConfig, OPTForCausalLM

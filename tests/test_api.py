@@ -9,17 +9,13 @@ import pytest
 
 import edge_runtime
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.pack.convert import convert
-from tests.helpers import make_llama
+from tests.helpers import packed_llama
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     pytest.importorskip("torch")
-    root = tmp_path_factory.mktemp("api")
-    make_llama(root / "hf", act="relu", seed=21)
-    convert(root / "hf", root / "p", "int8", progress=False)
-    return root / "p"
+    return packed_llama(tmp_path_factory.mktemp("api"), act="relu", seed=21)
 
 
 @pytest.fixture()

@@ -10,9 +10,8 @@ import pytest
 from edge_runtime.cli import main
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model.sampling import Sampler, SamplingParams
-from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
-from tests.helpers import make_llama
+from tests.helpers import packed_llama
 
 
 def _logits(seed=0, n=50):
@@ -54,10 +53,7 @@ def test_bad_sampling_params(bad):
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
     pytest.importorskip("torch")
-    root = tmp_path_factory.mktemp("gen")
-    make_llama(root / "hf", act="relu", seed=9)
-    convert(root / "hf", root / "p", "fp16", progress=False)
-    return load(root / "p", backend="cpu")
+    return load(packed_llama(tmp_path_factory.mktemp("gen"), "fp16", act="relu", seed=9), backend="cpu")
 
 
 def test_stop_string_truncates_and_is_not_streamed(rt):

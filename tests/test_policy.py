@@ -11,11 +11,10 @@ import pytest
 import edge_runtime
 from edge_runtime.devices.profile import list_profiles, load_profile
 from edge_runtime.model.shapes import SHAPES
-from edge_runtime.pack.convert import convert
 from edge_runtime.paths import DEFAULT_MODEL_DIR
 from edge_runtime.sparsity.calibrate import calibrate, greedy_path, read_calibration, write_calibration
 from edge_runtime.sparsity.policy import Objective, projected_ms, select, select_knobs
-from tests.helpers import CORPUS, make_llama
+from tests.helpers import CORPUS, packed_llama
 
 TEXT = CORPUS * 3
 
@@ -23,13 +22,11 @@ TEXT = CORPUS * 3
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     pytest.importorskip("torch")
-    root = tmp_path_factory.mktemp("calib")
-    make_llama(root / "hf", act="relu", seed=51)
-    convert(root / "hf", root / "p", "int8", progress=False)
-    rt = edge_runtime.load(root / "p", profile=None, backend="cpu")
+    path = packed_llama(tmp_path_factory.mktemp("calib"), act="relu", seed=51)
+    rt = edge_runtime.load(path, profile=None, backend="cpu")
     calib, thresholds = calibrate(rt, TEXT, source="corpus", window=64, max_tokens=256)
-    write_calibration(root / "p", calib, thresholds)
-    return root / "p", calib
+    write_calibration(path, calib, thresholds)
+    return path, calib
 
 
 def test_calibration_file_roundtrip(calibrated):

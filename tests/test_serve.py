@@ -20,9 +20,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 import edge_runtime  # noqa: E402
-from edge_runtime.pack.convert import convert  # noqa: E402
 from edge_runtime.serve.app import create_app  # noqa: E402
-from tests.helpers import make_llama  # noqa: E402
+from tests.helpers import packed_llama  # noqa: E402
 
 
 def free_port() -> int:
@@ -60,10 +59,7 @@ class Server:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     pytest.importorskip("torch")
-    root = tmp_path_factory.mktemp("serve")
-    make_llama(root / "hf", act="relu", seed=31)
-    convert(root / "hf", root / "p", "int8", progress=False)
-    return root / "p"
+    return packed_llama(tmp_path_factory.mktemp("serve"), act="relu", seed=31)
 
 
 @pytest.fixture(scope="module")
