@@ -1,7 +1,8 @@
 """The numpy backend: reference semantics for every op, and a usable decoder on a CPU.
 
 Activations are float32 row-major (T, features). Weights stay in their packed encoding (mmapped) and
-are dequantised per call, only the rows that are used: what a sparse step skips is never read.
+are dequantised per call, only the rows that are used: what a sparse step skips is never read. Small
+models (KEEP_F32_BYTES) keep one fp32 copy instead, from which rows are selected the same way.
 """
 
 from __future__ import annotations
@@ -68,11 +69,19 @@ def _linear(model: PackedModel, name: str) -> Linear:
     return Linear(model.matrices[name], _vec(model, name + "_bias"))
 
 
+# Models whose matrices take at most this much as fp32 are dequantised once at load: numpy has no int8 or
+# int4 GEMV, and re-dequantising every call costs more than reading. Larger models dequantise per call.
+KEEP_F32_BYTES = 256 << 20
+
+
 class CpuBackend:
     name = "cpu"
 
     def __init__(self, model: PackedModel, max_context: int):
         cfg = self.cfg = model.config
+        if sum(4 * m.shape[0] * m.shape[1] for m in model.matrices.values()) <= KEEP_F32_BYTES:
+            for m in model.matrices.values():
+                m.keep_f32()
         self.max_context = max_context
         self.embed = model.matrices["embed"]  # (vocab, d)
         self.pos_embed = model.matrices.get("pos_embed")  # (max_positions + offset, d), OPT

@@ -8,13 +8,23 @@ int4 nibbles + fp16 group scales); sign planes uint32; active lists int32 + floa
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
 
-KERNEL_FILE = Path(__file__).resolve().parents[2] / "kernels" / "sparse_ffn.cu"
+
+def kernel_source(name: str) -> Path:
+    """kernels/<name> of a checkout, else where a wheel installs it (<prefix>/share/edge-runtime/kernels)."""
+    for d in (Path(__file__).resolve().parents[2] / "kernels", Path(sys.prefix) / "share" / "edge-runtime" / "kernels"):
+        if (d / name).is_file():
+            return d / name
+    raise EdgeRuntimeError(f"kernel source {name} not found; reinstall edge-runtime")
+
+
+
 THREADS = 256  # 8 warps: 8 rows per block for the row kernels
 ENC = {"fp16": "fp16", "int8": "int8", "int4": "int4"}
 
@@ -50,9 +60,10 @@ class DeviceMatrix:
 class SparseFFNKernels:
     """One module, its kernels, and typed launchers for the decode FFN."""
 
-    def __init__(self, source: Path = KERNEL_FILE):
+    def __init__(self, source: Path | None = None):
         cp = _cupy()
         self.cp = cp
+        source = source or kernel_source("sparse_ffn.cu")
         self.module = cp.RawModule(code=source.read_text(), options=("-std=c++17",))
         self._k = {}
 

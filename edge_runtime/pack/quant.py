@@ -32,6 +32,13 @@ class PackedTensor:
     arrays: dict[str, np.ndarray]
     group_size: int = 0  # int4 only
     meta: dict = field(default_factory=dict)
+    # fp32 copy of the dequantised matrix, kept by the numpy backend for small models (numpy has no
+    # int8/int4 GEMV): rows are still selected as the stored encoding would be read. None = not kept.
+    f32: np.ndarray | None = field(default=None, repr=False)
+
+    def keep_f32(self) -> None:
+        if not self.sparse and self.encoding != "fp32":
+            self.f32 = self.dequantize()
 
     @property
     def nbytes(self) -> int:
@@ -79,6 +86,8 @@ class PackedTensor:
     def dequantize(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """fp32 (n, K) for the selected rows (all rows when None)."""
         sel = slice(None) if rows is None else rows
+        if self.f32 is not None:
+            return self.f32[sel]
         n_cols = self.shape[1]
         if self.sparse:  # the reference and batched paths; decode uses matvec / rows_weighted_sum
             from edge_runtime.pack.sparse_weights import values_f32
