@@ -102,6 +102,7 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         raise ModelFormatError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is meant to be shared read-only
     try:
         yield tmp
         if out_dir.exists():

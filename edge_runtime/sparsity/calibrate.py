@@ -235,6 +235,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
     try:
         write(tmp)
         os.replace(tmp, path)
