@@ -68,7 +68,9 @@ def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int
                 command: list[str]) -> int:
     recorder = Recorder(default_samplers(), interval_s=interval_ms / 1000.0, power_mode=_power_mode,
                         jsonl_path=jsonl_path).start()
-    token_file = Path(tempfile.mkstemp(prefix="edge-runtime-tokens-")[1])
+    fd, name = tempfile.mkstemp(prefix="edge-runtime-tokens-")
+    os.close(fd)
+    token_file = Path(name)
     tokens_jsonl = open(jsonl_path, "a") if jsonl_path else None  # noqa: SIM115 (closed below)
     if prometheus_port is not None:
         from prometheus_client import start_http_server
