@@ -158,14 +158,15 @@ def _read_text(path: str | Path) -> str:
         raise EdgeRuntimeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _load(args):
+def _load(args, watch_power: bool = False):
+    """The runtime for a command; long-running ones (serve, chat) follow the board's power mode."""
     from edge_runtime.runtime import load
     from edge_runtime.sparsity.policy import Objective
 
     return load(args.model, profile=getattr(args, "profile", "auto"), backend=args.backend,
                 max_context=args.max_context, verify=not args.no_verify, power_mode=getattr(args, "power_mode", None),
                 objective=Objective(getattr(args, "latency_ms", None), getattr(args, "quality_budget", None)),
-                predictor=getattr(args, "predictor", "auto"))
+                predictor=getattr(args, "predictor", "auto"), watch_power=watch_power and args.power_mode is None)
 
 
 def _alphas(args, rt) -> list | float | None:
@@ -295,7 +296,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise EdgeRuntimeError(f"serve needs the serve extra: pip install 'edge-runtime[serve]' ({e.name} "
                                f"is missing)") from None
-    rt = _load(args)
+    rt = _load(args, watch_power=True)
     _sparsity_for(args, rt)
     app = create_app(rt, api_key=args.api_key, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit)
     print(f"edge-runtime: serving {rt.name} on http://{args.host}:{args.port} ({rt.backend.name} backend)",
@@ -305,7 +306,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    rt = _load(args)
+    rt = _load(args, watch_power=True)
     _sparsity_for(args, rt)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print("edge-runtime chat: empty line or Ctrl-D to quit, /reset to forget the conversation", file=sys.stderr)

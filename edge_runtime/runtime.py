@@ -271,13 +271,14 @@ class Runtime:
 
 def load(path: str | Path | None = None, profile: str | None = "auto", backend: str = "auto",
          max_context: int | None = None, verify: bool = True, power_mode: str | None = None,
-         objective: Objective | None = None, predictor: str = "auto") -> Runtime:
+         objective: Objective | None = None, predictor: str = "auto", watch_power: bool = False) -> Runtime:
     """Open a packed model (the embedded default model when path is None).
 
     profile: "auto" detects the device, a name or YAML path picks one, None uses no profile. With a
     profile and a calibrated ReLU-family model, sparse decode starts with per-layer alphas chosen for
     the power mode (detected, or `power_mode`) and the objective (default: +1 % perplexity), with the
-    predictor asked for ("auto": whichever calibrated one reads fewer bytes)."""
+    predictor asked for ("auto": whichever calibrated one reads fewer bytes). watch_power polls the
+    board's nvpmodel state every second on a Jetson and re-selects on a change."""
     rt = Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context)
     if profile is not None:
         from edge_runtime.devices.detect import detect
@@ -286,5 +287,10 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
         if profile == "auto":
             found = detect()
             profile, power_mode = found.profile, power_mode or found.power_mode
-        rt.use_profile(load_profile(profile), power_mode, objective, predictor)
+        prof = load_profile(profile)
+        rt.use_profile(prof, power_mode, objective, predictor)
+        if watch_power and prof.kind == "jetson":
+            from edge_runtime.devices.detect import mode_reader
+
+            rt.watch_power_mode(mode_reader(prof))
     return rt

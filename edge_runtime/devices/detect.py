@@ -137,3 +137,17 @@ def detect(root: str | Path = "/", use_nvml: bool = True) -> Detection:
                 return Detection(name, p.default_power_mode, "NVML", {"gpu": gpu})
         return Detection(CPU_PROFILE, None, f"NVML GPU {gpu!r} has no profile", {"gpu": gpu})
     return Detection(CPU_PROFILE, None, "no Jetson device tree, no NVML GPU", {})
+
+
+def mode_reader(profile: DeviceProfile, root: str | Path = "/"):
+    """A no-argument callable giving the board's current power-mode name (None when unknown), for
+    Runtime.watch_power_mode."""
+    root = Path(root)
+
+    def read() -> str | None:
+        name, mode_id = read_power_mode(root)
+        if name is None and mode_id is not None:
+            name = mode_name_for_id(profile, mode_id, _read(root / "etc/nvpmodel.conf"))
+        return name
+
+    return read
