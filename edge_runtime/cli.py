@@ -169,15 +169,28 @@ def _load(args, watch_power: bool = False):
                 predictor=getattr(args, "predictor", "auto"), watch_power=watch_power and args.power_mode is None)
 
 
-def _alphas(args, rt) -> list | float | None:
-    """off: dense; --alpha: SparseInfer with that alpha everywhere; else the profile policy's per-layer
-    rules (either predictor), else SparseInfer at the model's default alpha."""
+def _sparse_setting(args, rt) -> list | float | None:
+    """The decode setting the flags ask for: off/teal -> None (TEAL is set on the runtime); --alpha ->
+    SparseInfer at that alpha everywhere; else the profile policy's per-layer rules (either predictor),
+    else SparseInfer at the model's default alpha."""
     if args.sparsity in ("off", "teal"):
         rt.set_teal(args.teal_target if args.sparsity == "teal" else None)
         return None
     if args.alpha is not None:
         return args.alpha
     return rt.rules_for(rt.selection) if rt.selection is not None else rt.default_alpha
+
+
+def _apply_sparsity(args, rt, measure_recall: bool = False) -> None:
+    """As _sparse_setting, but a policy selection stays in the policy's hands (power-mode changes apply)."""
+    if args.sparsity == "on" and not rt.config.relu_family:
+        print(f"note: {rt.config.activation} model: sparse decode needs a ReLU-family FFN; decoding dense",
+              file=sys.stderr)
+        rt.set_sparsity(None)
+        return
+    if args.sparsity == "on" and args.alpha is None and rt.follow_policy(measure_recall):
+        return
+    rt.set_sparsity(_sparse_setting(args, rt), measure_recall)
 
 
 def cmd_convert(args) -> int:
@@ -213,7 +226,10 @@ def _print_generation(rt, res, as_json: bool, label: str = "") -> None:
 
 def cmd_generate(args) -> int:
     rt = _load(args)
-    rt.set_sparsity(_alphas(args, rt), measure_recall=args.recall)
+    if args.sparsity == "on" and not rt.config.relu_family:
+        raise EdgeRuntimeError(f"sparse decode predicts exact zeros of a ReLU-family FFN; this model's activation "
+                               f"is {rt.config.activation} (use --sparsity teal)")
+    _apply_sparsity(args, rt, measure_recall=args.recall)
     res = rt.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                       seed=args.seed, stop=args.stop)
@@ -243,7 +259,7 @@ def cmd_eval(args) -> int:
 
     text = _read_text(args.text)
     rt = _load(args)
-    res = evaluate_text(rt, text, _alphas(args, rt), window=args.window, max_tokens=args.max_tokens)
+    res = evaluate_text(rt, text, _sparse_setting(args, rt), window=args.window, max_tokens=args.max_tokens)
     if rt.selection is not None and args.sparsity == "on" and args.alpha is None:
         res["predictor"] = rt.selection.predictor
         res["knobs"] = rt.selection.knobs
@@ -277,17 +293,6 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _sparsity_for(args, rt) -> None:
-    """--sparsity on applies only to ReLU-family models; serve and chat fall back to dense otherwise."""
-    if args.sparsity == "teal":
-        rt.set_teal(args.teal_target)
-        return
-    if args.sparsity == "on" and not rt.config.relu_family:
-        print(f"note: {rt.config.activation} model: decoding dense", file=sys.stderr)
-        return
-    rt.set_sparsity(_alphas(args, rt))
-
-
 def cmd_serve(args) -> int:
     try:
         import uvicorn
@@ -297,7 +302,7 @@ def cmd_serve(args) -> int:
         raise EdgeRuntimeError(f"serve needs the serve extra: pip install 'edge-runtime[serve]' ({e.name} "
                                f"is missing)") from None
     rt = _load(args, watch_power=True)
-    _sparsity_for(args, rt)
+    _apply_sparsity(args, rt)
     app = create_app(rt, api_key=args.api_key, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit)
     print(f"edge-runtime: serving {rt.name} on http://{args.host}:{args.port} ({rt.backend.name} backend)",
           file=sys.stderr)
@@ -307,7 +312,7 @@ def cmd_serve(args) -> int:
 
 def cmd_chat(args) -> int:
     rt = _load(args, watch_power=True)
-    _sparsity_for(args, rt)
+    _apply_sparsity(args, rt)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print("edge-runtime chat: empty line or Ctrl-D to quit, /reset to forget the conversation", file=sys.stderr)
     while True:
@@ -477,7 +482,7 @@ def cmd_bench(args) -> int:
     from edge_runtime.bench import bench, print_report
 
     rt = _load(args)
-    setting = _alphas(args, rt) if (args.sparsity == "on" and rt.config.relu_family) else None
+    setting = _sparse_setting(args, rt) if (args.sparsity == "on" and rt.config.relu_family) else None
     res = bench(rt, setting, args.prompt, args.tokens, args.repeats)
     if args.json:
         print(json.dumps(res))

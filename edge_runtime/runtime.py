@@ -53,6 +53,7 @@ class Runtime:
         self.power_mode: str | None = None
         self.objective = Objective()
         self.selection: Selection | None = None
+        self._policy_drives_sparsity = False  # True: every (re)selection is applied to the decoder
         self._watcher = None
         # Called with time.monotonic() as each token is produced (the monitor's per-token hook).
         self.token_listeners: list[Callable[[float], None]] = []
@@ -78,9 +79,20 @@ class Runtime:
         """The alpha stored with the model at conversion (--default-alpha), else FALLBACK_ALPHA."""
         return float((self.model.manifest.get("sparsity") or {}).get("default_alpha", FALLBACK_ALPHA))
 
-    def set_sparsity(self, alphas: Sequence[float] | float | None, measure_recall: bool = False) -> None:
-        """Per-layer alpha, one alpha, or None (dense). Applied between two tokens, never mid-token."""
+    def set_sparsity(self, alphas: Sequence | float | None, measure_recall: bool = False) -> None:
+        """A fixed setting chosen by the caller (per-layer alphas or rules, one alpha, or None for dense),
+        applied between two tokens; power-mode changes no longer touch it until follow_policy()."""
+        self._policy_drives_sparsity = False
         self.decoder.set_sparsity(alphas, measure_recall)
+
+    def follow_policy(self, measure_recall: bool = False) -> bool:
+        """Let the profile policy drive sparse decode (now and on every power-mode change). False when
+        there is no selection (no profile or no calibration): nothing changes then."""
+        if self.selection is None:
+            return False
+        self._policy_drives_sparsity = True
+        self.decoder.set_sparsity(self.rules_for(self.selection), measure_recall)
+        return True
 
     def set_teal(self, target: float | None) -> None:
         """TEAL magnitude sparsity at a calibrated target (0.25, 0.4, 0.5 ...); None turns it off."""
@@ -106,6 +118,7 @@ class Runtime:
             self.objective = objective
         if predictor is not None:
             self.predictor = predictor
+        self._policy_drives_sparsity = True
         return self.set_power_mode(profile.mode(power_mode).name)
 
     def set_power_mode(self, mode: str) -> Selection | None:
@@ -128,8 +141,9 @@ class Runtime:
             return None
         selection = select(self.calibration, self.config, self.model.manifest["encoding"], self.profile, mode,
                            self.objective, self.predictor, kv_tokens=min(512, self.decoder.max_context))
-        self.decoder.set_sparsity(self.rules_for(selection), self.decoder.measure_recall)
         self.selection = selection
+        if self._policy_drives_sparsity:
+            self.decoder.set_sparsity(self.rules_for(selection), self.decoder.measure_recall)
         return selection
 
     def rules_for(self, selection: Selection) -> list:

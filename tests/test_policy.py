@@ -182,3 +182,14 @@ def test_default_model_monotone():
     rt = edge_runtime.load(None, profile=None, backend="cpu")
     assert _check_monotone(rt.calibration, rt.config, rt.model.manifest["encoding"]) > 50
     assert _check_monotone(synthetic_7b_calibration(rt.calibration)[0], SHAPES["llama2-7b"], "int4") > 50
+
+
+def test_user_setting_survives_power_mode_change(calibrated):
+    path, _ = calibrated
+    rt = edge_runtime.load(path, profile=str(load_profile_path("jetson-orin-nano-8gb-super")), backend="cpu",
+                           power_mode="25W")
+    assert rt.decoder.rules is not None  # the policy drives sparse decode after load
+    rt.set_sparsity(None)  # the application wants dense decode
+    rt.set_power_mode("15W")
+    assert rt.decoder.rules is None and rt.selection.power_mode == "15W"
+    assert rt.follow_policy() and rt.decoder.alphas == rt.selection.knobs
