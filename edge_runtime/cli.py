@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="UTF-8 calibration text (not the evaluation text)")
     p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--teal-targets", default="0.25,0.4,0.5", help="comma-separated TEAL sparsity targets")
+    p.add_argument("--teal-targets", default="auto",
+                   help="comma-separated TEAL sparsity targets; auto: 0.25,0.4,0.5 for non-ReLU models, none for ReLU")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("profile", help="device profiles: list, show, detect, select")
@@ -355,7 +356,8 @@ def cmd_calibrate(args) -> int:
             bar.refresh()
 
         try:
-            targets = tuple(float(t) for t in args.teal_targets.split(",") if t.strip())
+            targets = None if args.teal_targets == "auto" else tuple(
+                float(t) for t in args.teal_targets.split(",") if t.strip())
         except ValueError:
             raise EdgeRuntimeError(f"--teal-targets must be numbers like 0.25,0.4, got {args.teal_targets!r}") from None
         calib, thresholds = calibrate(rt, text, source=path.name, window=args.window, max_tokens=args.max_tokens,

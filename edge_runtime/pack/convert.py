@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def _encode(src: TensorSource, w: np.ndarray, encoding: str, group: int, mask: n
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata={"format": FORMAT_NAME})
+    os.chmod(path, 0o644)  # safetensors writes files private; a model is meant to be shared read-only
     return file_entry(path)
 
 

@@ -178,15 +178,18 @@ def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_de
 
 def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: int = 2048,
               predictors: tuple[str, ...] = ("sparseinfer", "projection"),
-              teal_targets: tuple[float, ...] = (0.25, 0.4, 0.5),
+              teal_targets: tuple[float, ...] | None = None,
               progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
     """(calibration dict, projection thresholds {"layers.i.qk": (N,) float32}). The sign-plane
-    predictors are calibrated for ReLU-family models only; TEAL for every model."""
-    from edge_runtime.sparsity.teal import calibrate_teal
+    predictors are calibrated for ReLU-family models only. TEAL targets: None means (0.25, 0.4, 0.5)
+    for models that are not ReLU-family and none for those (they have exact zeros to exploit)."""
+    from edge_runtime.sparsity.teal import TARGETS, calibrate_teal
 
     cfg = rt.config
     if not cfg.relu_family:
         predictors = ()
+    if teal_targets is None:
+        teal_targets = () if cfg.relu_family else TARGETS
     ids = rt.encode(text)
     wins = windowed(ids, min(window, rt.decoder.max_context - 1), max_tokens)
     if not wins:
@@ -235,9 +238,9 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp (and safetensors) make files private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
