@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import edge_runtime
 from edge_runtime.monitor.command import default_samplers
@@ -35,7 +36,17 @@ def main() -> None:
         rec.stop()
         samples += len(rec.snapshot())
     a, b = statistics.median(off), statistics.median(on)
+    # the direct cost: one sample's duration over the interval (the CPU share the sampler thread takes)
+    rec = Recorder(default_samplers(), interval_s=args.interval_ms / 1000)
+    costs = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        rec.sample_once()
+        costs.append(time.perf_counter() - t0)
+    per_sample = statistics.median(costs)
     print(json.dumps({"tokens_per_s_without": a, "tokens_per_s_with": b, "overhead_pct": 100 * (1 - b / a),
+                      "run_to_run_spread_pct": 100 * (max(off) - min(off)) / a,
+                      "sample_cost_us": per_sample * 1e6, "sampler_duty_pct": 100 * per_sample / rec.interval_s,
                       "interval_ms": args.interval_ms, "samples_taken": samples,
                       "samplers": [s.name for s in default_samplers()]}))
 

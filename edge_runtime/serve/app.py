@@ -127,7 +127,7 @@ def create_app(runtime: Runtime, api_key: str | None = None, max_queue: int = 8,
         return {"max_new_tokens": n, "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
                 "stop": req.stop_list()}
 
-    def _submit(prompt, params: dict) -> Job:
+    def _submit(prompt, params: dict, stream: bool) -> Job:
         try:
             ids, implied_stop = runtime.prepare_prompt(prompt)
         except EdgeRuntimeError as e:
@@ -139,7 +139,7 @@ def create_app(runtime: Runtime, api_key: str | None = None, max_queue: int = 8,
         params["stop"] = list(params["stop"]) + list(implied_stop)
         params["max_new_tokens"] = min(params["max_new_tokens"], ctx - len(ids))
         try:
-            return engine.submit(Job(ids, params, asyncio.get_running_loop()))
+            return engine.submit(Job(ids, params, asyncio.get_running_loop(), stream))
         except QueueFull as e:
             raise ServeError(429, "the server is busy: queue full", "queue_full",
                              {"Retry-After": str(e.retry_after_s)}) from None
@@ -191,7 +191,7 @@ def create_app(runtime: Runtime, api_key: str | None = None, max_queue: int = 8,
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         params = _params(req, req.max_completion_tokens or req.max_tokens)
-        job = _submit([m.model_dump() for m in req.messages], params)
+        job = _submit([m.model_dump() for m in req.messages], params, req.stream)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             def chunk(text, finish, first):
@@ -207,7 +207,7 @@ def create_app(runtime: Runtime, api_key: str | None = None, max_queue: int = 8,
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         params = _params(req, req.max_tokens)
-        job = _submit(req.prompt, params)
+        job = _submit(req.prompt, params, req.stream)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             def chunk(text, finish, _first):

@@ -30,6 +30,7 @@ class Job:
     prompt_ids: list[int]
     params: dict[str, Any]  # keyword arguments of Runtime.stream_events
     loop: asyncio.AbstractEventLoop
+    stream: bool = True  # False: only the result is handed over (no per-token wake-ups of the event loop)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     result: GenerationResult | None = None
@@ -107,6 +108,8 @@ class Engine:
                     dt = time.perf_counter() - t0
                     if item.token_ids and dt > 0:
                         self.last_tokens_per_s = len(item.token_ids) / dt
+                elif not job.stream:
+                    continue
                 job._emit(item)
         except EdgeRuntimeError as e:
             job._emit(e)
