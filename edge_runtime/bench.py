@@ -43,3 +43,18 @@ def bench(rt, setting, prompt: str, tokens: int = 128, repeats: int = 3) -> dict
         out["projection"] = f"{rt.profile.name} / {rt.power_mode} (from the profile's bandwidth, not measured)"
     rt.decoder.rules = saved
     return out
+
+
+def cuda_event_ms(cp, fn, repeats: int = 50, warmup: int = 5) -> float:
+    """Median of CUDA-event timings of fn() after warm-up (CuPy module passed in: no import here)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        a, b = cp.cuda.Event(), cp.cuda.Event()
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(cp.cuda.get_elapsed_time(a, b))
+    return statistics.median(times)

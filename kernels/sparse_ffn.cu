@@ -76,6 +76,22 @@ __device__ __forceinline__ void load_x(const float* __restrict__ x, float* xs, i
     __syncthreads();
 }
 
+// A predicted-active row: count it, compute its gate, and append (row, gate) when the gate survives the
+// activation (g > 0 and g >= the FATReLU threshold). Called by one whole warp.
+template <int ENC>
+__device__ __forceinline__ void gate_and_append(const void* __restrict__ w, const __half* __restrict__ scale, int group,
+                                                int row, int K, const float* __restrict__ xs, int lane, float threshold,
+                                                int* __restrict__ idx, float* __restrict__ gval, int* __restrict__ count,
+                                                int* __restrict__ predicted) {
+    if (lane == 0 && predicted) atomicAdd(predicted, 1);
+    const float g = row_dot<ENC>(w, scale, row, K, group, xs, lane);
+    if (lane == 0 && g > 0.f && g >= threshold) {
+        const int pos = atomicAdd(count, 1);
+        idx[pos] = row;
+        gval[pos] = g;
+    }
+}
+
 // SparseInfer predictor + gate GEMV, fused. One warp per gate row.
 //   x (K,) fp32; x_signs (W,) uint32 sign words of x (bit j of word c: x[32c+j] < 0); gate_signs (N, W) uint32;
 //   alpha: device pointer (per-layer value, so a change needs no graph recapture); threshold: FATReLU (0 = ReLU).
@@ -97,13 +113,7 @@ __device__ void sparseinfer_gate(const void* __restrict__ w, const __half* __res
     for (int c = lane; c < W; c += WARP) n_neg += __popc(x_signs[c] ^ __ldg(gate_signs + (size_t)row * W + c));
     n_neg = warp_sum_int(n_neg);
     if ((float)n_neg > (*alpha) * (float)(K - n_neg)) return;  // predicted zero: the row is never read
-    if (lane == 0 && predicted) atomicAdd(predicted, 1);
-    const float g = row_dot<ENC>(w, scale, row, K, group, xs, lane);
-    if (lane == 0 && g > 0.f && g >= threshold) {
-        const int pos = atomicAdd(count, 1);
-        idx[pos] = row;
-        gval[pos] = g;
-    }
+    gate_and_append<ENC>(w, scale, group, row, K, xs, lane, threshold, idx, gval, count, predicted);
 }
 
 // Projection predictor + gate GEMV, fused. z_r = sum_i x_i * sign(w_ri) = sum(x) - 2 * sum_{bit set} x_i;
@@ -131,13 +141,7 @@ __device__ void projection_gate(const void* __restrict__ w, const __half* __rest
     }
     const float z = *x_sum - 2.f * warp_sum(neg);
     if (z < __ldg(theta + row)) return;
-    if (lane == 0 && predicted) atomicAdd(predicted, 1);
-    const float g = row_dot<ENC>(w, scale, row, K, group, xs, lane);
-    if (lane == 0 && g > 0.f && g >= threshold) {
-        const int pos = atomicAdd(count, 1);
-        idx[pos] = row;
-        gval[pos] = g;
-    }
+    gate_and_append<ENC>(w, scale, group, row, K, xs, lane, threshold, idx, gval, count, predicted);
 }
 
 // Up projection over the surviving rows: h[pos] = gval[pos] * dot(W_up[idx[pos]], x). One warp per entry;

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 
 import numpy as np
 
 from edge_runtime.backends.cuda_kernels import DeviceMatrix, SparseFFN, SparseFFNKernels
+from edge_runtime.bench import cuda_event_ms
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.pack.quant import quantize
 from edge_runtime.pack.signbits import pack_signs
@@ -31,24 +31,10 @@ SHAPES = {"7b": (4096, 11008), "13b": (5120, 13824)}
 DENSITIES = (1.0, 0.5, 0.25, 0.15, 0.10, 0.05)
 
 
-def event_time_ms(cp, fn, repeats: int = 50, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = cp.cuda.Event(), cp.cuda.Event()
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(cp.cuda.get_elapsed_time(a, b))
-    return statistics.median(times)
-
-
 def copy_bandwidth(cp, nbytes: int = 2 << 30) -> float:
     src = cp.ones(nbytes // 4, dtype=cp.float32)
     dst = cp.empty_like(src)
-    ms = event_time_ms(cp, lambda: dst.__setitem__(Ellipsis, src), repeats=20)
+    ms = cuda_event_ms(cp, lambda: dst.__setitem__(Ellipsis, src), repeats=20)
     return 2 * nbytes / (ms * 1e-3)  # read + write
 
 
@@ -105,7 +91,7 @@ def main() -> None:
                     kernels.gemv(u, x, ys[1])
                     kernels.gemv(dt, x, ys[2])  # (N, d) transposed down read in full, as dense would
 
-            dense_ms = event_time_ms(cp, dense_step)
+            dense_ms = cuda_event_ms(cp, dense_step)
             dense_bytes = sum(m.nbytes for m in dense_mats[0])
             for density in DENSITIES:
                 alpha = cp.asarray(np.array([alpha_for(x_h, pack_signs(sets[0][1]), density)], np.float32))
@@ -115,7 +101,7 @@ def main() -> None:
                     turn[0] += 1
                     sets[i][0].run(x, alpha_ptr=alpha)
 
-                ms = event_time_ms(cp, sparse_step)
+                ms = cuda_event_ms(cp, sparse_step)
                 ffn = sets[0][0]
                 ffn.run(x, alpha_ptr=alpha)
                 pred, kept = int(ffn.predicted.get()[0]), int(ffn.count.get()[0])

@@ -22,6 +22,7 @@ import numpy as np
 import psutil
 import yaml
 
+from edge_runtime.bench import cuda_event_ms
 from edge_runtime.devices.profile import load_profile, parse_profile
 from edge_runtime.monitor.command import default_samplers
 
@@ -82,16 +83,7 @@ def measure_cuda() -> dict:
     import cupy as cp
 
     def ev(fn, repeats=20):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            a, b = cp.cuda.Event(), cp.cuda.Event()
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(cp.cuda.get_elapsed_time(a, b) * 1e-3)
-        return statistics.median(ts)
+        return cuda_event_ms(cp, fn, repeats) * 1e-3
 
     src = cp.ones(256 << 20, dtype=cp.float32)  # 1 GB
     dst = cp.empty_like(src)
