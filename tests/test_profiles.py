@@ -107,3 +107,13 @@ def test_planner_7b_on_orin_nano_8gb():
 def test_planner_refuses_when_nothing_fits():
     with pytest.raises(EdgeRuntimeError, match="does not fit"):
         plan_memory(SHAPES["llama2-13b"], load_profile("jetson-orin-nano-4gb"), 4096)
+
+
+def test_planner_offers_weight_sparsity_when_int4_does_not_fit():
+    """7B shapes with a 4,096-token KV cache on an 8 GB Orin: int4 no longer fits, int8 values with 70 %
+    weight sparsity do (about 0.43 B per projection weight against int4's 0.53)."""
+    cfg, nano = SHAPES["llama2-7b"], load_profile("jetson-orin-nano-8gb")
+    plan = plan_memory(cfg, nano, 4096)
+    assert plan.encoding == "int8+ws0.7"
+    assert plan.needed_gb["int4"] > plan.budget_gb >= plan.needed_gb["int8+ws0.7"]
+    assert plan_memory(cfg, nano, 2048).encoding == "int4"  # the denser encoding wins when it fits

@@ -8,7 +8,13 @@ from edge_runtime.model.config import ModelConfig
 from edge_runtime.pack.quant import DEFAULT_INT4_GROUP
 
 
-def matrix_bytes(n: int, k: int, encoding: str, group: int = DEFAULT_INT4_GROUP) -> int:
+def matrix_bytes(n: int, k: int, encoding: str, group: int = DEFAULT_INT4_GROUP, weight_sparsity: float = 0.0) -> int:
+    """Stored bytes of an (N, K) matrix; with weight_sparsity, the compressed row format (fp16 or int8
+    values, bitmap, row offsets, int8 row scales)."""
+    if weight_sparsity:
+        kept = int(round(n * k * (1 - weight_sparsity)))
+        value_bytes = 2 if encoding == "fp16" else 1
+        return kept * value_bytes + n * (-(-k // 8)) + 8 * (n + 1) + (2 * n if encoding == "int8" else 0)
     if encoding == "fp32":
         return 4 * n * k
     if encoding == "fp16":
@@ -21,11 +27,13 @@ def matrix_bytes(n: int, k: int, encoding: str, group: int = DEFAULT_INT4_GROUP)
     raise ValueError(f"unknown encoding {encoding!r}")
 
 
-def model_bytes(cfg: ModelConfig, encoding: str, group: int = DEFAULT_INT4_GROUP) -> dict[str, int]:
-    d, hd, n = cfg.dim, cfg.head_dim, cfg.ffn_dim
-    attn = (matrix_bytes(cfg.n_heads * hd, d, encoding, group) * 2  # q and o (o is (d, n_heads*hd))
-            + matrix_bytes(cfg.n_kv_heads * hd, d, encoding, group) * 2)
-    ffn = matrix_bytes(n, d, encoding, group) * (3 if cfg.gated else 2)
+def model_bytes(cfg: ModelConfig, encoding: str, group: int = DEFAULT_INT4_GROUP, weight_sparsity: float = 0.0
+                ) -> dict[str, int]:
+    """weight_sparsity applies to the attention and FFN projections, as convert prunes them."""
+    d, hd, n, s = cfg.dim, cfg.head_dim, cfg.ffn_dim, weight_sparsity
+    attn = (matrix_bytes(cfg.n_heads * hd, d, encoding, group, s) * 2  # q and o (o is (d, n_heads*hd))
+            + matrix_bytes(cfg.n_kv_heads * hd, d, encoding, group, s) * 2)
+    ffn = matrix_bytes(n, d, encoding, group, s) * (3 if cfg.gated else 2)
     emb_bytes = 4 if encoding == "fp32" else 2
     out = {
         "attention": attn * cfg.n_layers,
