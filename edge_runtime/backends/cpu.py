@@ -203,7 +203,8 @@ class CpuBackend:
         y = layer.down_t.rows_weighted_sum(h, rows)
         if layer.down_b is not None:
             y = y + layer.down_b
-        read = (layer.gate_signs.nbytes + layer.gate.w.row_bytes() * idx.size
+        read = (layer.gate_signs.nbytes + (rule.theta.nbytes if rule.theta is not None else 0)
+                + layer.gate.w.row_bytes() * idx.size
                 + (layer.up.w.row_bytes() if layer.up else 0) * rows.size + layer.down_t.row_bytes() * rows.size)
         counts = FFNCounts(int(idx.size), int(rows.size), int(read), layer.ffn_dense_bytes())
         if recall:

@@ -28,10 +28,14 @@ def predict_active(x: np.ndarray, gate_signs: np.ndarray, alpha: float) -> np.nd
     return n_neg <= alpha * (d - n_neg)
 
 
-def negative_counts_batch(x: np.ndarray, gate_signs: np.ndarray) -> np.ndarray:
-    """(T, d) -> (T, N) int64 N_neg for every token."""
-    return np.stack([count_negative_products(row, gate_signs) for row in pack_signs(x)]) if len(x) else \
-        np.zeros((0, gate_signs.shape[0]), dtype=np.int64)
+def negative_counts_batch(x: np.ndarray, gate_signs: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """(T, d) -> (T, N) int64 N_neg for every token; XOR and popcount broadcast over a chunk of tokens."""
+    xs = pack_signs(x)  # (T, W)
+    out = np.empty((len(xs), gate_signs.shape[0]), dtype=np.int64)
+    for s in range(0, len(xs), chunk):
+        both = np.bitwise_xor(xs[s:s + chunk, None, :], gate_signs[None, :, :])  # (t, N, W)
+        out[s:s + chunk] = np.bitwise_count(both).sum(axis=-1, dtype=np.int64)
+    return out
 
 
 def predict_active_batch(x: np.ndarray, gate_signs: np.ndarray, alpha: float) -> np.ndarray:
