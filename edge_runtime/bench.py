@@ -23,7 +23,7 @@ def decode_rate(rt, prompt: str, tokens: int, repeats: int = 3) -> tuple[float, 
 
 
 def bench(rt, setting, prompt: str, tokens: int = 128, repeats: int = 3) -> dict:
-    saved = rt.decoder.rules
+    """Dense, then `setting` (left applied to the runtime afterwards); None measures dense only."""
     rt.set_sparsity(None)
     dense, _ = decode_rate(rt, prompt, tokens, repeats)
     enc = rt.model.manifest["encoding"]
@@ -41,7 +41,6 @@ def bench(rt, setting, prompt: str, tokens: int = 128, repeats: int = 3) -> dict
                 ms = projected_ms(rt.profile, rt.power_mode, rt.config, out[f"{key}_bytes_per_token"])
                 out[f"projected_{key}_tokens_per_s"] = 1e3 / ms
         out["projection"] = f"{rt.profile.name} / {rt.power_mode} (from the profile's bandwidth, not measured)"
-    rt.decoder.rules = saved
     return out
 
 

@@ -7,20 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model.scoring import nll, windowed
 from edge_runtime.runtime import Runtime
-
-
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per-position negative log-likelihood; logits (T, V) float32, targets (T,) int."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return -logp[np.arange(len(targets)), targets]
-
-
-def windows(ids: Sequence[int], window: int, max_tokens: int) -> list[np.ndarray]:
-    ids = np.asarray(ids[: max_tokens + 1], dtype=np.int64)
-    return [ids[s:s + window + 1] for s in range(0, len(ids) - 1, window) if len(ids[s:s + window + 1]) > 1]
 
 
 def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, window: int = 256,
@@ -31,7 +19,7 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
         raise EdgeRuntimeError("the evaluation text is empty")
     window = min(window, rt.decoder.max_context - 1)
     ids = rt.encode(text)
-    wins = windows(ids, window, max_tokens)
+    wins = windowed(ids, window, max_tokens)
     if not wins:
         raise EdgeRuntimeError("the evaluation text is too short (needs at least 2 tokens)")
     dec = rt.decoder
@@ -52,13 +40,13 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
     dec.reset()
     for w, dl in zip(wins, dense_logits, strict=True):
         targets = w[1:]
-        nll_dense += float(_nll(dl, targets).sum())
+        nll_dense += float(nll(dl, targets).sum())
         n += len(targets)
         if not sparse:
             continue
         dec.reset(clear_stats=False)  # statistics accumulate over all windows
         sl = np.concatenate([dec.forward([int(t)]) for t in w[:-1]])
-        nll_sparse += float(_nll(sl, targets).sum())
+        nll_sparse += float(nll(sl, targets).sum())
         agree += int((sl.argmax(-1) == dl.argmax(-1)).sum())
         stats = dec.stats
     dec.set_sparsity(saved)

@@ -19,7 +19,8 @@ import numpy as np
 
 import edge_runtime
 from edge_runtime.devices.profile import load_profile
-from edge_runtime.sparsity.calibrate import GRIDS, _nll_sum, ffn_bytes, rules_for, windowed
+from edge_runtime.model.scoring import nll, windowed
+from edge_runtime.sparsity.calibrate import GRIDS, ffn_bytes, rules_for
 from edge_runtime.sparsity.policy import Objective, select
 
 
@@ -36,21 +37,21 @@ def measure(rt, wins, rules) -> tuple[float, float]:
             masks.setdefault(i, []).append((pred.mean(), (pred & (g > 0)).mean()))
 
     dec.observer = observe
-    nll, n = 0.0, 0
+    total, n = 0.0, 0
     for w in wins:
         dec.reset()
-        nll += _nll_sum(dec.forward(w[:-1], batched_sparse=True), w[1:])
+        total += float(nll(dec.forward(w[:-1], batched_sparse=True), w[1:]).sum())
         n += len(w) - 1
     dec.observer = None
     dec.set_sparsity(None)
     if rules is None:
-        return float(np.exp(nll / n)), 1.0
+        return float(np.exp(total / n)), 1.0
     dense = sum(L.ffn_dense_bytes() for L in rt.backend.layers)
     used = 0.0
     for i, L in enumerate(rt.backend.layers):
         pred, kept = np.mean([m[0] for m in masks[i]]), np.mean([m[1] for m in masks[i]])
         used += ffn_bytes(L, {"predicted_density": pred, "kept_density": kept}, rules[i].kind, rt.config.ffn_dim)
-    return float(np.exp(nll / n)), used / dense
+    return float(np.exp(total / n)), used / dense
 
 
 def main() -> None:

@@ -18,17 +18,8 @@ import numpy as np
 
 from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
-from edge_runtime.sparsity.calibrate import _nll_sum
+from edge_runtime.sparsity.calibrate import perplexity
 from edge_runtime.sparsity.teal import calibrate_teal, thresholds_for
-
-
-def ppl(rt, wins) -> float:
-    nll, n = 0.0, 0
-    for w in wins:
-        rt.decoder.reset()
-        nll += _nll_sum(rt.decoder.forward(w[:-1], batched_sparse=True), w[1:])
-        n += len(w) - 1
-    return float(np.exp(nll / n))
 
 
 def main() -> None:
@@ -47,11 +38,11 @@ def main() -> None:
         calib_wins = [np.asarray(s, dtype=np.int64) for s in samples[:half]]
         eval_wins = [np.asarray(s, dtype=np.int64) for s in samples[half:]]
         teal = calibrate_teal(rt, calib_wins)
-        dense = ppl(rt, eval_wins)
+        dense = perplexity(rt, eval_wins, None)
         rows = []
         for target in (0.25, 0.4, 0.5):
             rt.decoder.teal = thresholds_for(teal, target)
-            p = ppl(rt, eval_wins)
+            p = perplexity(rt, eval_wins, None)
             rt.decoder.teal = None
             rows.append({"teal_target": target, "ppl": p, "ppl_increase_pct": 100 * (p / dense - 1)})
     out = {"ppl_dense": dense, "eval_tokens": int(sum(len(w) - 1 for w in eval_wins)), "teal": rows}

@@ -27,9 +27,6 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def token_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
     def token_text(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 

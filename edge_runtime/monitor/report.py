@@ -50,6 +50,21 @@ def load_tegrastats(path: Path, interval_s: float = 1.0) -> tuple[list[dict], in
     return records, bad
 
 
+def _series(plt, t: list[float], records: list[dict], key: str, names: list[str], ylabel: str, title: str,
+            path: Path, total: list[float] | None = None) -> None:
+    """One line per name of records[i][key] over time (NaN where a sample lacks it), plus a dashed total."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in names:
+        ax.plot(t, [(r.get(key) or {}).get(name, np.nan) for r in records], label=name)
+    if total is not None:
+        ax.plot(t, total, "k--", label="total")
+    ax.set(xlabel="time (s)", ylabel=ylabel, title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(records: list[dict], tokens: list[float], out_dir: Path) -> list[str]:
     import matplotlib
 
@@ -61,27 +76,12 @@ def plot(records: list[dict], tokens: list[float], out_dir: Path) -> list[str]:
     t = [r["t"] - t0 for r in records]
     rails = sorted({k for r in records for k in (r.get("rails_mw") or {})})
     if rails or any(r.get("power_mw") is not None for r in records):
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for rail in rails:
-            ax.plot(t, [(r.get("rails_mw") or {}).get(rail, np.nan) for r in records], label=rail)
-        ax.plot(t, [r.get("power_mw") if r.get("power_mw") is not None else np.nan for r in records], "k--",
-                label="total")
-        ax.set(xlabel="time (s)", ylabel="power (mW)", title="power by rail")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "power.png", dpi=110)
-        plt.close(fig)
+        total = [r["power_mw"] if r.get("power_mw") is not None else np.nan for r in records]
+        _series(plt, t, records, "rails_mw", rails, "power (mW)", "power by rail", out_dir / "power.png", total)
         written.append("power.png")
     sensors = sorted({k for r in records for k in (r.get("temps_c") or {})})
     if sensors:
-        fig, ax = plt.subplots(figsize=(8, 4))
-        for s in sensors:
-            ax.plot(t, [(r.get("temps_c") or {}).get(s, np.nan) for r in records], label=s)
-        ax.set(xlabel="time (s)", ylabel="°C", title="temperature")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / "temperature.png", dpi=110)
-        plt.close(fig)
+        _series(plt, t, records, "temps_c", sensors, "°C", "temperature", out_dir / "temperature.png")
         written.append("temperature.png")
     if len(tokens) >= 3:
         tok = np.asarray(tokens)

@@ -50,11 +50,6 @@ def _chat_template(hf_dir: Path) -> str | None:
 PRUNABLE = ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.up", "ffn.down_t")
 
 
-def _prune(src: TensorSource, w: np.ndarray, sparsity: float, norms: dict | None) -> np.ndarray:
-    """The kept-weight mask of w in its HF orientation (per output row, as magnitude and Wanda define)."""
-    return prune_mask(w, sparsity, None if norms is None else norms[src.name])
-
-
 def _encode(src: TensorSource, w: np.ndarray, encoding: str, group: int, mask: np.ndarray | None = None
             ) -> tuple[dict[str, np.ndarray], dict]:
     """Arrays to store for one tensor and its manifest entry (without file and keys). `mask` (HF
@@ -125,7 +120,8 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
             w = reader.get(src.hf_name)
             mask = None
             if weight_sparsity and src.name.split(".", 2)[-1] in PRUNABLE:
-                mask = _prune(src, w, weight_sparsity, norms)
+                # kept-weight mask in the HF orientation: per output row, as magnitude and Wanda define
+                mask = prune_mask(w, weight_sparsity, None if norms is None else norms[src.name])
                 w = np.where(mask, w, 0.0).astype(np.float32)  # the sign plane sees the pruned gate
             arrays, entry = _encode(src, w, encoding, group_size, mask)
             fname = _file_for(src.name)

@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model.scoring import nll, windowed
 from edge_runtime.sparsity.predictor import Rule, keep_after_gate, negative_counts_batch, projection_scores
 
 ALPHA_GRID = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)  # aggressive -> conservative; 1.3 is already lossless
@@ -38,32 +39,20 @@ THRESHOLDS_FILE = "predictor_thresholds.safetensors"
 CALIBRATION_VERSION = 2
 
 
-def _nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return float(-logp[np.arange(len(targets)), targets].sum())
-
-
-def windowed(ids: list[int], window: int, max_tokens: int) -> list[np.ndarray]:
-    arr = np.asarray(ids[: max_tokens + 1], dtype=np.int64)
-    return [arr[s:s + window + 1] for s in range(0, len(arr) - 1, window) if len(arr[s:s + window + 1]) > 1]
-
-
 def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None) -> float:
     """Perplexity over the windows; with rules, each token's FFN uses its own predicted mask."""
     dec = rt.decoder
     saved = dec.rules
     dec.set_sparsity(rules)
-    nll, n = 0.0, 0
+    total, n = 0.0, 0
     try:
         for w in wins:
             dec.reset(clear_stats=False)
-            nll += _nll_sum(dec.forward(w[:-1], batched_sparse=True), w[1:])
+            total += float(nll(dec.forward(w[:-1], batched_sparse=True), w[1:]).sum())
             n += len(w) - 1
     finally:
         dec.set_sparsity(saved)
-    return float(np.exp(nll / n))
+    return float(np.exp(total / n))
 
 
 class LayerData:
