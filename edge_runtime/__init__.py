@@ -8,6 +8,15 @@
 __version__ = "0.1.0"
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.runtime import Runtime, load
 
 __all__ = ["EdgeRuntimeError", "Runtime", "__version__", "load"]
+
+
+def __getattr__(name: str):
+    # The runtime (and with it tokenizers) is imported on first use, so that the layers below it
+    # (edge_runtime.pack, edge_runtime.devices, ...) import without the runtime's dependencies.
+    if name in ("Runtime", "load"):
+        from edge_runtime import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")

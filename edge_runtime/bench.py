@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from edge_runtime.pack.sizes import decode_bytes_per_token
+from edge_runtime.devices.sizes import decode_bytes_per_token
 from edge_runtime.sparsity.policy import projected_ms
 
 

@@ -196,12 +196,17 @@ def _apply_sparsity(args, rt, measure_recall: bool = False) -> None:
 
 
 def cmd_convert(args) -> int:
-    from edge_runtime.pack.convert import convert
+    from edge_runtime.pack.convert import check_options, convert
 
-    calib_text = _read_text(args.calib_text) if args.calib_text else None
+    norms = None
+    if args.weight_sparsity and args.prune == "wanda" and args.calib_text:
+        from edge_runtime.sparsity.wanda import input_norms
+
+        check_options(args.dtype, args.weight_sparsity, args.prune)
+        norms = input_norms(Path(args.hf_dir), _read_text(args.calib_text))
     m = convert(Path(args.hf_dir), Path(args.out_dir), args.dtype, args.group_size, args.overwrite,
                 progress=sys.stderr.isatty(), default_alpha=args.default_alpha,
-                weight_sparsity=args.weight_sparsity, prune=args.prune, calib_text=calib_text)
+                weight_sparsity=args.weight_sparsity, prune=args.prune, input_norms=norms)
     size = sum(f["bytes"] for f in m["files"].values())
     print(f"packed {m['model']['arch']} ({m['model']['n_layers']} layers, {args.dtype}) into {args.out_dir}: "
           f"{size / 1e6:.2f} MB")
@@ -256,6 +261,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS
     from edge_runtime.evaluate import evaluate_text
     from edge_runtime.sparsity.policy import select
 
@@ -269,7 +275,7 @@ def cmd_eval(args) -> int:
         res["predictors"] = {}
         for name in rt.calibration["predictors"]:
             sel = select(rt.calibration, rt.config, rt.model.manifest["encoding"], rt.profile, rt.power_mode,
-                         rt.objective, name, kv_tokens=min(512, rt.decoder.max_context))
+                         rt.objective, name, kv_tokens=min(DEFAULT_KV_TOKENS, rt.decoder.max_context))
             one = res if name == rt.selection.predictor else evaluate_text(
                 rt, text, rt.rules_for(sel), window=args.window, max_tokens=args.max_tokens)
             res["predictors"][name] = {"knobs": sel.knobs, **{k: one[k] for k in (

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.model.scoring import nll, windowed
 from edge_runtime.runtime import Runtime
+from edge_runtime.scoring import nll, windowed
 
 
 def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, window: int = 256,
@@ -36,7 +36,6 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
     if sparse:
         dec.set_sparsity(setting, measure_recall=True)
         dec.teal = teal
-    stats = None
     dec.reset()
     for w, dl in zip(wins, dense_logits, strict=True):
         targets = w[1:]
@@ -48,7 +47,7 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
         sl = np.concatenate([dec.forward([int(t)]) for t in w[:-1]])
         nll_sparse += float(nll(sl, targets).sum())
         agree += int((sl.argmax(-1) == dl.argmax(-1)).sum())
-        stats = dec.stats
+    stats = dec.stats if sparse else None  # read once, after every window
     dec.set_sparsity(saved)
     out = {"tokens": n, "ppl_dense": float(np.exp(nll_dense / n))}
     if teal is not None:

@@ -17,12 +17,14 @@ from typing import Any
 
 from edge_runtime.backends import create_backend
 from edge_runtime.devices.profile import DeviceProfile
+from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model.chat import DEFAULT_STOP, render_chat
 from edge_runtime.model.decoder import Decoder
 from edge_runtime.model.generate import GenerationConfig, GenerationResult, Piece, generate_stream
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.model.tokenizer import Tokenizer
+from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
 from edge_runtime.pack.loader import PackedModel, load_packed
 from edge_runtime.paths import resolve_model
 from edge_runtime.sparsity.calibrate import read_calibration, rules_for
@@ -30,7 +32,6 @@ from edge_runtime.sparsity.policy import Objective, Selection, select
 
 DEFAULT_CONTEXT = 2048
 FALLBACK_ALPHA = 1.0  # SparseInfer's majority vote, for models converted without a default alpha
-TOKEN_LOG_ENV = "EDGE_RUNTIME_TOKEN_LOG"  # a file to append one time.monotonic() line per token to
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
@@ -140,7 +141,7 @@ class Runtime:
                 or not self.calibration["predictors"]):
             return None
         selection = select(self.calibration, self.config, self.model.manifest["encoding"], self.profile, mode,
-                           self.objective, self.predictor, kv_tokens=min(512, self.decoder.max_context))
+                           self.objective, self.predictor, kv_tokens=min(DEFAULT_KV_TOKENS, self.decoder.max_context))
         self.selection = selection
         if self._policy_drives_sparsity:
             self.decoder.set_sparsity(self.rules_for(selection), self.decoder.measure_recall)

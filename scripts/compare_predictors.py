@@ -19,7 +19,7 @@ import numpy as np
 
 import edge_runtime
 from edge_runtime.devices.profile import load_profile
-from edge_runtime.model.scoring import nll, windowed
+from edge_runtime.scoring import nll, windowed
 from edge_runtime.sparsity.calibrate import GRIDS, ffn_bytes, rules_for
 from edge_runtime.sparsity.policy import Objective, select
 
@@ -29,12 +29,17 @@ def measure(rt, wins, rules) -> tuple[float, float]:
     dec = rt.decoder
     dec.set_sparsity(rules)
     masks: dict[int, list] = {}
+    layers = rt.backend.weights.layers
+    ffn_in: dict[int, np.ndarray] = {}
 
-    def observe(i, point, h):
-        if point == "ffn_in" and rules is not None:
-            g = rt.backend.linear(h, rt.backend.layers[i].gate)
-            pred = rules[i].active(h, rt.backend.layers[i].gate_signs)
-            masks.setdefault(i, []).append((pred.mean(), (pred & (g > 0)).mean()))
+    def observe(i, point, a):
+        if rules is None:
+            return
+        if point == "ffn_in":
+            ffn_in[i] = a
+        elif point == "ffn_act":  # the dense activation: a neuron fired where it is > 0
+            pred = rules[i].active(ffn_in[i], layers[i].gate_signs)
+            masks.setdefault(i, []).append((pred.mean(), (pred & (a > 0)).mean()))
 
     dec.observer = observe
     total, n = 0.0, 0
@@ -46,9 +51,9 @@ def measure(rt, wins, rules) -> tuple[float, float]:
     dec.set_sparsity(None)
     if rules is None:
         return float(np.exp(total / n)), 1.0
-    dense = sum(L.ffn_dense_bytes() for L in rt.backend.layers)
+    dense = sum(L.ffn_dense_bytes() for L in layers)
     used = 0.0
-    for i, L in enumerate(rt.backend.layers):
+    for i, L in enumerate(layers):
         pred, kept = np.mean([m[0] for m in masks[i]]), np.mean([m[1] for m in masks[i]])
         used += ffn_bytes(L, {"predicted_density": pred, "kept_density": kept}, rules[i].kind, rt.config.ffn_dim)
     return float(np.exp(total / n)), used / dense

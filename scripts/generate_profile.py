@@ -55,7 +55,9 @@ def sparse_ffn_cpu(d: int = 1024, n: int = 2816) -> dict:
     """Time of the cpu backend's sparse FFN (SparseInfer) on random int8 weights against density."""
     from types import SimpleNamespace
 
-    from edge_runtime.backends.cpu import CpuBackend, Layer, Linear
+    from edge_runtime.backends.base import DecodeState
+    from edge_runtime.backends.cpu import CpuBackend
+    from edge_runtime.backends.weights import Layer, Linear
     from edge_runtime.pack.quant import quantize
     from edge_runtime.pack.signbits import pack_signs
     from edge_runtime.sparsity.predictor import Rule, predict_active
@@ -65,17 +67,20 @@ def sparse_ffn_cpu(d: int = 1024, n: int = 2816) -> dict:
     layer = Layer(None, None, None, None, None, None, Linear(quantize(gate_f, "int8"), None),
                   Linear(quantize(rng.standard_normal((n, d)).astype(np.float32), "int8"), None),
                   quantize(rng.standard_normal((n, d)).astype(np.float32), "int8"), None, pack_signs(gate_f))
+    # a one-layer backend holding just this FFN: its decode state carries the knob and the counters
+    cfg = SimpleNamespace(n_layers=1, ffn_dim=n, vocab_size=1, act_threshold=0.0)
     be = CpuBackend.__new__(CpuBackend)
-    be.cfg = SimpleNamespace(act_threshold=0.0)
+    be.config, be.state = cfg, DecodeState.allocate(np, cfg)
     x = rng.standard_normal((1, d)).astype(np.float32)
+    y = np.zeros((1, d), dtype=np.float32)
     out = {}
     for density in (1.0, 0.5, 0.25, 0.1, 0.05):
         lo, hi = 0.0, 64.0
         for _ in range(30):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if predict_active(x[0], layer.gate_signs, mid).mean() < density else (lo, mid)
-        rule = Rule("sparseinfer", alpha=hi)
-        out[density] = _median_s(lambda r=rule: be.ffn_sparse(x, layer, r), 20) * 1e3
+        be.set_knobs([Rule("sparseinfer", alpha=hi)], None)
+        out[density] = _median_s(lambda: be.ffn_step(0, x, layer, y, "sparse"), 20) * 1e3
     return out
 
 

@@ -8,8 +8,8 @@ import yaml
 from edge_runtime.devices.detect import detect
 from edge_runtime.devices.planner import plan_memory
 from edge_runtime.devices.profile import ProfileError, list_profiles, load_profile, parse_profile
+from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.model.shapes import SHAPES
 
 JETSONS = ["jetson-agx-orin-64gb", "jetson-agx-orin-32gb", "jetson-orin-nx-16gb", "jetson-orin-nx-8gb",
            "jetson-orin-nano-8gb", "jetson-orin-nano-8gb-super", "jetson-orin-nano-4gb", "jetson-orin-nano-4gb-super"]

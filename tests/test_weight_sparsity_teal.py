@@ -11,7 +11,8 @@ from edge_runtime.pack.convert import convert
 from edge_runtime.pack.quant import quantize
 from edge_runtime.pack.sparse_weights import compress, prune_mask
 from edge_runtime.sparsity.predictor import Rule
-from edge_runtime.sparsity.teal import calibrate_teal, thresholds_for
+from edge_runtime.sparsity.teal import INPUT_OF, STEP, calibrate_teal, collect_inputs, thresholds_for
+from edge_runtime.sparsity.wanda import input_norms
 from tests.helpers import CORPUS, make_llama
 
 
@@ -67,8 +68,9 @@ def models(tmp_path_factory):
 def test_weight_sparse_model_equals_decompressed_reference(models, tmp_path, prune):
     """Same values, same function: the compressed model's logits (decode on segments) equal a dense
     run over its own decompressed weights."""
-    convert(models / "hf", tmp_path / "ws", "int8", weight_sparsity=0.5, prune=prune,
-            calib_text=CORPUS if prune == "wanda" else None, progress=False)
+    norms = input_norms(models / "hf", CORPUS) if prune == "wanda" else None
+    convert(models / "hf", tmp_path / "ws", "int8", weight_sparsity=0.5, prune=prune, input_norms=norms,
+            progress=False)
     rt = edge_runtime.load(tmp_path / "ws", profile=None, backend="cpu")
     assert rt.model.matrices["layers.0.ffn.up"].encoding == "sparse-int8"
     ids = rt.encode("the quick brown fox")
@@ -99,6 +101,14 @@ def test_teal_on_silu_model(models, tmp_path):
     lo, hi = thresholds_for(teal, 0.25), thresholds_for(teal, 0.5)
     assert len(lo) == rt.config.n_layers and set(lo[0]) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert all(hi[i][p] >= lo[i][p] for i in range(len(lo)) for p in lo[i])  # one greedy walk: monotone
+    # the achieved sparsity on the calibration tokens: the byte-weighted share of skipped input channels
+    inputs = collect_inputs(rt, [ids[:100], ids[100:]])
+    for target, setting in ((0.25, lo), (0.5, hi)):
+        for i, layer in enumerate(rt.backend.weights.layers):
+            mats = {p: layer.projection(p) for p in setting[i]}
+            skipped = {p: float((np.abs(inputs[i][INPUT_OF[p]]) < setting[i][p]).mean()) for p in mats}
+            achieved = sum(skipped[p] * mats[p].nbytes for p in mats) / sum(m.nbytes for m in mats.values())
+            assert target - 0.02 <= achieved <= target + STEP + 0.02, (target, i, achieved)
     rt.decoder.teal = hi
     rt.decoder.reset()
     batched = rt.decoder.forward(ids[:30], batched_sparse=True)

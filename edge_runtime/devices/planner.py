@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_runtime.devices.profile import DeviceProfile
+from edge_runtime.devices.sizes import kv_cache_bytes, model_bytes
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model.config import ModelConfig
-from edge_runtime.pack.sizes import kv_cache_bytes, model_bytes
 
 # Best quality first. After int4 come int8 values with unstructured weight pruning of the projections
 # (convert --dtype int8 --weight-sparsity S): smaller than int4 only from about 60 % sparsity on (bitmap

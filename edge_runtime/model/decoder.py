@@ -1,7 +1,10 @@
-"""The decoder: one forward pass over the layers, written against the backend op set only.
+"""The decoder, written against the backend contract (backends/base.py) only.
 
-Prefill runs the prompt as one batch (dense FFN); decode runs one token, with the sparse FFN when a
-per-layer alpha is set. The decoder owns the position; the backend owns weights and the KV cache.
+Two entry points. `prefill(ids)`: the prompt as one eager, batched, dense pass that fills the KV cache.
+`decode_step()`: one token with fixed shapes; its inputs (token id, position, per-layer knobs) are read
+from the backend's decode state and it advances that state itself (samples the next id, moves the
+position), so a GPU backend can replay one captured graph per token. The host reads back only the
+sampled id; FFN statistics stay in the state until someone asks for them (`stats`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,14 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.sparsity.predictor import Rule
 from edge_runtime.sparsity.stats import FFNStats
+
+# Observation points, called as observer(layer, point, activations (T, features)) during batched passes:
+# "attn_in" (input of q, k, v), "attn_out" (input of o), "ffn_in" (input of gate, up),
+# "ffn_act" (activation(gate x), (T, ffn_dim)), "ffn_hidden" (the input of down, (T, ffn_dim)).
+OBSERVATION_POINTS = ("attn_in", "attn_out", "ffn_in", "ffn_act", "ffn_hidden")
 
 
 class Decoder:
@@ -20,17 +29,13 @@ class Decoder:
         self.ops = backend
         self.cfg = backend.config
         self.max_context = backend.max_context
-        self.pos = 0
+        self.pos = 0  # host mirror of state.pos: the host knows how many tokens it has run
         self.rules: list[Rule] | None = None  # per-layer predictor settings; None = dense decode
+        self._teal: list[dict[str, float]] | None = None  # per-layer {projection: threshold}; None = off
         self.measure_recall = False
-        self.stats = FFNStats(self.cfg.n_layers, self.cfg.ffn_dim)
-        # Called with (layer, point, activations (T, features)) on every forward, point one of
-        # "attn_in" (input of q, k, v), "attn_out" (input of o), "ffn_in" (input of gate, up). None = off.
         self.observer: Callable[[int, str, np.ndarray], None] | None = None
-        # TEAL: per layer, per projection ("q", "k", "v", "o", "gate", "up", "down") magnitude thresholds;
-        # inputs with |x| below are zeroed in decode. None = off.
-        self.teal: list[dict[str, float]] | None = None
 
+    # ---- settings (written into the backend's state between tokens) ---------------------------------
     def set_sparsity(self, setting: Sequence[float] | float | Sequence[Rule] | None,
                      measure_recall: bool = False) -> None:
         """Per-layer SparseInfer alphas, one alpha for all layers, per-layer Rules (any predictor), or
@@ -42,72 +47,140 @@ class Decoder:
             setting = [float(setting)] * self.cfg.n_layers
         if setting is not None and len(setting) != self.cfg.n_layers:
             raise EdgeRuntimeError(f"got {len(setting)} per-layer settings for {self.cfg.n_layers} layers")
-        if setting is None:
-            self.rules = None
-        else:
-            self.rules = [r if isinstance(r, Rule) else Rule("sparseinfer", alpha=float(r), knob=float(r))
-                          for r in setting]
+        self.rules = None if setting is None else [
+            r if isinstance(r, Rule) else Rule("sparseinfer", alpha=float(r), knob=float(r)) for r in setting]
         self.measure_recall = measure_recall
+        self._push_knobs()
+
+    @property
+    def teal(self) -> list[dict[str, float]] | None:
+        return self._teal
+
+    @teal.setter
+    def teal(self, thresholds: list[dict[str, float]] | None) -> None:
+        """TEAL: per layer, per projection ("q", "k", "v", "o", "gate", "up", "down") magnitude thresholds;
+        inputs with |x| below are zeroed in decode. None = off."""
+        self._teal = thresholds
+        self._push_knobs()
+
+    def _push_knobs(self) -> None:
+        self.ops.set_knobs(self.rules, self._teal, self.measure_recall)
+
+    @property
+    def mode(self) -> str:
+        """Which decode step runs: "teal", "sparse" or "dense" (a GPU backend keeps one graph per mode)."""
+        return "teal" if self._teal is not None else "sparse" if self.rules is not None else "dense"
 
     @property
     def alphas(self) -> list[float] | None:
         """The per-layer knob values in use (alpha or q), for reports; None when dense."""
         return None if self.rules is None else [r.knob for r in self.rules]
 
+    @property
+    def stats(self) -> FFNStats:
+        """FFN statistics of the decode steps since the last reset, copied from the backend now."""
+        return self.ops.read_stats()
+
     def reset(self, clear_stats: bool = True) -> None:
         """Start a new sequence at position 0 (the KV cache is overwritten as it fills)."""
         self.pos = 0
+        self.ops.set_position(0)
         if clear_stats:
-            self.stats = FFNStats(self.cfg.n_layers, self.cfg.ffn_dim)
+            self.ops.reset_stats()
+
+    # ---- running tokens ------------------------------------------------------------------------------
+    def start(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> int:
+        """A new sequence: prefill the prompt and sample the first new token (returned)."""
+        self.reset()
+        self.ops.begin(prompt_ids, sampling)
+        logits = self._batched(prompt_ids, last_only=True, masked=False)
+        self.ops.sample(logits)
+        return self.ops.read_token()
+
+    def prefill(self, ids: Sequence[int], last_only: bool = False, masked: bool = False) -> np.ndarray:
+        """Run tokens at the current position as one batch and advance; logits (T, vocab) float32 on the
+        host, or (1, vocab) for the last token. masked applies each token's predicted FFN mask (and TEAL
+        thresholds): what token-by-token sparse decode computes, in one pass (evaluation, calibration)."""
+        return self.ops.to_host(self._batched(ids, last_only, masked))
+
+    def decode_step(self) -> int:
+        """One token: the state's token at the state's position; returns the sampled next id."""
+        if self.pos + 1 > self.max_context:
+            raise EdgeRuntimeError(f"context full: {self.pos} + 1 tokens exceed the context of {self.max_context}")
+        self.ops.run_step(self._step, self.mode)
+        self.pos += 1
+        return self.ops.read_token()
 
     def forward(self, ids: Sequence[int], last_only: bool = False, batched_sparse: bool = False) -> np.ndarray:
-        """Run tokens at the current position and advance; logits (T, vocab) float32, or (1, vocab)
-        for the last token when last_only (generation needs no more).
+        """Logits (T, vocab) for tokens run at the current position. One token runs as a decode step (sparse
+        when a setting is in force), several as a batch (masked when batched_sparse)."""
+        if len(ids) == 1:
+            self.ops.set_token(int(ids[0]))
+            self.decode_step()
+            return self.ops.read_logits()
+        return self.prefill(ids, last_only, batched_sparse)
 
-        With alphas set, a single token takes the sparse FFN. batched_sparse applies the same
-        per-token prediction to every token of a batch (the dense arithmetic masked by the predictor):
-        what token-by-token sparse decode computes, in one pass; evaluation and calibration use it."""
+    def _batched(self, ids: Sequence[int], last_only: bool, masked: bool):
         t = len(ids)
         if t == 0:
             raise EdgeRuntimeError("nothing to run: empty token list")
         if self.pos + t > self.max_context:
             raise EdgeRuntimeError(f"context full: {self.pos} + {t} tokens exceed the context of "
                                    f"{self.max_context}")
-        ops, cfg = self.ops, self.cfg
-        positions = np.arange(self.pos, self.pos + t)
-        x = ops.embed_tokens(np.asarray(ids, dtype=np.int64), positions)
-        rules = self.rules  # one snapshot per token: a change lands between tokens, never inside one
-        sparse = rules is not None and t == 1
-        masked = rules is not None and t > 1 and batched_sparse
-        teal = self.teal if (t == 1 or batched_sparse) else None  # TEAL is a decode-time technique
-        obs = self.observer
-        for i, layer in enumerate(ops.layers):
-            tl = teal[i] if teal is not None else {}
-            h = ops.norm(x, layer.attn_norm)
-            if obs is not None:
-                obs(i, "attn_in", h)
-            q = ops.linear(h, layer.q, tl.get("q"))
-            k, v = ops.linear(h, layer.k, tl.get("k")), ops.linear(h, layer.v, tl.get("v"))
-            if cfg.arch == "llama":
-                q, k = ops.rope(q, positions, cfg.n_heads), ops.rope(k, positions, cfg.n_kv_heads)
-            a = ops.attention(i, q, k, v, self.pos)
-            if obs is not None:
-                obs(i, "attn_out", a)
-            x = x + ops.linear(a, layer.o, tl.get("o"))
-            h = ops.norm(x, layer.ffn_norm)
-            if obs is not None:
-                obs(i, "ffn_in", h)
-            if tl:
-                y = ops.ffn(h, layer, (tl.get("gate"), tl.get("up"), tl.get("down")))
-            elif sparse:
-                y, c = ops.ffn_sparse(h, layer, rules[i], self.measure_recall)
-                self.stats.record(i, c.predicted, c.kept, c.bytes_read, c.bytes_dense, c.true_active, c.hits)
-            elif masked:
-                y = ops.ffn_predicted(h, layer, rules[i])
-            else:
-                y = ops.ffn(h, layer)
-            x = x + y
-        self.pos += t
+        ops = self.ops
+        positions = ops.from_host(np.arange(self.pos, self.pos + t), np.int32)
+        x = self._layers(ops.from_host(ids, np.int32), positions, masked=masked)
         if last_only:
             x = x[-1:]
-        return ops.logits(ops.norm(x, ops.final_norm))
+        self.pos += t
+        ops.set_position(self.pos)
+        return ops.logits(ops.norm(x, ops.weights.final_norm))
+
+    def _layers(self, ids, positions, masked: bool):
+        """Batched pass over every layer: (T,) ids -> final hidden (T, d), observers called."""
+        ops, cfg, obs = self.ops, self.cfg, self.observer or (lambda i, point, a: None)
+        teal = masked and self._teal is not None
+        x = ops.embed_tokens(ids, positions)
+        for i, layer in enumerate(ops.weights.layers):
+            h = ops.norm(x, layer.attn_norm)
+            obs(i, "attn_in", h)
+            q = ops.linear(h, layer.q, teal=(i, "q") if teal else None)
+            k = ops.linear(h, layer.k, teal=(i, "k") if teal else None)
+            v = ops.linear(h, layer.v, teal=(i, "v") if teal else None)
+            if cfg.arch == "llama":
+                ops.rope(q, positions, cfg.n_heads)
+                ops.rope(k, positions, cfg.n_kv_heads)
+            a = ops.attention(i, q, k, v, positions)
+            obs(i, "attn_out", a)
+            ops.linear(a, layer.o, teal=(i, "o") if teal else None, add_to=x)
+            h = ops.norm(x, layer.ffn_norm)
+            obs(i, "ffn_in", h)
+            sparse = masked and (self.rules is not None or teal)
+            if self.observer is not None or not sparse:
+                act, hidden = ops.ffn_parts(h, layer)  # the dense FFN's activations (observed)
+                obs(i, "ffn_act", act)
+                obs(i, "ffn_hidden", hidden)
+            x += ops.ffn_masked(i, h, layer) if sparse else ops.ffn_down(hidden, layer)
+        return x
+
+    def _step(self) -> None:
+        """The decode step's ops, in one fixed sequence over preallocated buffers (captured on a GPU)."""
+        ops, cfg, st, b = self.ops, self.cfg, self.ops.state, self.ops.buffers
+        mode = self.mode
+        teal = mode == "teal"
+        x = ops.embed_tokens(st.token, st.pos, out=b.x)
+        for i, layer in enumerate(ops.weights.layers):
+            h = ops.norm(x, layer.attn_norm, out=b.h)
+            q = ops.linear(h, layer.q, out=b.q, teal=(i, "q") if teal else None)
+            k = ops.linear(h, layer.k, out=b.k, teal=(i, "k") if teal else None)
+            v = ops.linear(h, layer.v, out=b.v, teal=(i, "v") if teal else None)
+            if cfg.arch == "llama":
+                ops.rope(q, st.pos, cfg.n_heads)
+                ops.rope(k, st.pos, cfg.n_kv_heads)
+            a = ops.attention(i, q, k, v, st.pos, out=b.a)
+            ops.linear(a, layer.o, teal=(i, "o") if teal else None, add_to=x)
+            h = ops.norm(x, layer.ffn_norm, out=b.h)
+            ops.ffn_step(i, h, layer, x, mode)
+        ops.logits(ops.norm(x, ops.weights.final_norm, out=b.h), out=b.logits)
+        ops.sample(b.logits)
+        ops.advance()

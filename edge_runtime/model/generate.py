@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model.decoder import Decoder
-from edge_runtime.model.sampling import Sampler, SamplingParams
+from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.model.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -59,14 +59,11 @@ def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: S
     if len(prompt_ids) >= decoder.max_context:
         raise EdgeRuntimeError(f"prompt has {len(prompt_ids)} tokens; the context holds {decoder.max_context} "
                                f"(one more is needed to generate)")
-    decoder.reset()
-    sampler = Sampler(config.sampling)
     detok = IncrementalDecoder(tokenizer) if tokenizer else None
-    history = list(prompt_ids)
     out_ids: list[int] = []
     text = ""
     t0 = time.perf_counter()
-    logits = decoder.forward(prompt_ids, last_only=True)[0]
+    tok = decoder.start(prompt_ids, config.sampling)  # prefill, then the first token sampled
     prefill_s = time.perf_counter() - t0
     t_decode = time.perf_counter()
     reason = "length"
@@ -74,12 +71,10 @@ def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: S
     hold = max((len(s) for s in config.stop), default=1) - 1
     emitted = 0
     while True:
-        tok = sampler(logits, history)
         if config.stop_at_eos and tok in cfg.eos_token_ids:
             reason = "eos"
             break
         out_ids.append(tok)
-        history.append(tok)
         piece = detok.push(tok) if detok else ""
         text += piece
         hit = _find_stop(text, config.stop, len(text) - len(piece) - hold) if config.stop and piece else None
@@ -97,7 +92,7 @@ def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: S
         if should_stop is not None and (early := should_stop()):
             reason = early
             break
-        logits = decoder.forward([tok])[0]
+        tok = decoder.decode_step()  # the only value a step hands the host
     if emitted < len(text):
         yield Piece(out_ids[-1], text[emitted:], new_token=False)
     decode_s = time.perf_counter() - t_decode
@@ -108,10 +103,3 @@ def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
     hits = [i for s in stops if (i := text.find(s, max(start, 0))) >= 0]
     return min(hits) if hits else None
 
-
-def generate(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: Sequence[int],
-             config: GenerationConfig) -> GenerationResult:
-    for item in generate_stream(decoder, tokenizer, prompt_ids, config):
-        if isinstance(item, GenerationResult):
-            return item
-    raise AssertionError("generate_stream ended without a result")

@@ -16,7 +16,7 @@ from edge_runtime.devices.detect import read_power_mode
 from edge_runtime.monitor.recorder import Recorder
 from edge_runtime.monitor.samplers import Ina3221Sampler, NvmlSampler, SystemSampler
 from edge_runtime.monitor.summary import live_rates, summarize
-from edge_runtime.runtime import TOKEN_LOG_ENV
+from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
 
 
 def default_samplers(root: str = "/") -> list:

@@ -22,7 +22,8 @@ from edge_runtime.pack.format import (
 )
 from edge_runtime.pack.hf_config import TensorSource, model_config_from_hf, read_hf_config, tensor_plan
 from edge_runtime.pack.hf_reader import CheckpointReader
-from edge_runtime.pack.quant import DEFAULT_INT4_GROUP, ENCODINGS, quantize
+from edge_runtime.pack.loader import PackedModel
+from edge_runtime.pack.quant import DEFAULT_INT4_GROUP, ENCODINGS, PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.pack.sparse_weights import compress, prune_mask
 
@@ -84,12 +85,8 @@ def _save(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     return file_entry(path)
 
 
-def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int = DEFAULT_INT4_GROUP,
-            overwrite: bool = False, progress: bool = True, default_alpha: float | None = None,
-            weight_sparsity: float = 0.0, prune: str = "magnitude", calib_text: str | None = None) -> dict[str, Any]:
-    """Write the packed directory atomically and return its manifest. weight_sparsity > 0 prunes the
-    attention and FFN projections ("magnitude", or "wanda" with calib_text) and stores them compressed."""
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+def check_options(encoding: str, weight_sparsity: float, prune: str) -> None:
+    """The conversion options alone, checked before any expensive work."""
     if encoding not in ENCODINGS:
         raise ModelFormatError(f"unknown --dtype {encoding!r}; choose one of {', '.join(ENCODINGS)}")
     if not 0 <= weight_sparsity < 1:
@@ -98,7 +95,41 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
         raise ModelFormatError("weight sparsity stores fp16 or int8 values; use --dtype fp16 or int8 with it")
     if prune not in ("magnitude", "wanda"):
         raise ModelFormatError(f"unknown --prune {prune!r}; choose magnitude or wanda")
-    if weight_sparsity and prune == "wanda" and not calib_text:
+
+
+def checkpoint_model(hf_dir: Path, encoding: str = "fp16") -> PackedModel:
+    """A checkpoint as an in-memory packed model (nothing written), one tensor at a time through the same
+    encoding as convert: for passes over the unconverted model such as Wanda's activation norms."""
+    hf_dir = Path(hf_dir)
+    cfg = model_config_from_hf(read_hf_config(hf_dir))
+    reader = CheckpointReader(hf_dir)
+    matrices, vectors, planes = {}, {}, {}
+    for src in tensor_plan(cfg):
+        w = reader.get(src.hf_name)
+        arrays, entry = _encode(src, w, encoding, DEFAULT_INT4_GROUP)
+        if entry["layout"] == "vector":
+            vectors[src.name] = arrays["w"]
+        else:
+            matrices[src.name] = PackedTensor(entry["encoding"], tuple(entry["shape"]), arrays,
+                                              entry.get("group_size", 0))
+        if src.name.endswith("ffn.gate"):
+            planes[src.name + "_signs"] = pack_signs(w)
+    tokenizer = "tokenizer.json" if (hf_dir / "tokenizer.json").is_file() else None
+    manifest = {"model": cfg.to_dict(), "encoding": encoding, "tokenizer": tokenizer,
+                "chat_template": _chat_template(hf_dir)}
+    return PackedModel(hf_dir, cfg, manifest, matrices, vectors, planes)
+
+
+def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int = DEFAULT_INT4_GROUP,
+            overwrite: bool = False, progress: bool = True, default_alpha: float | None = None,
+            weight_sparsity: float = 0.0, prune: str = "magnitude",
+            input_norms: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Write the packed directory atomically and return its manifest. weight_sparsity > 0 prunes the
+    attention and FFN projections ("magnitude", or "wanda" with input_norms, the per-matrix input
+    activation norms from sparsity.wanda.input_norms) and stores them compressed."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_options(encoding, weight_sparsity, prune)
+    if weight_sparsity and prune == "wanda" and input_norms is None:
         raise ModelFormatError("--prune wanda needs --calib-text FILE (activation norms come from it)")
     cfg = model_config_from_hf(read_hf_config(hf_dir))
     reader = CheckpointReader(hf_dir)
@@ -107,11 +138,7 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
     if missing:
         raise ModelFormatError(f"checkpoint in {hf_dir} lacks {len(missing)} tensor(s) the {cfg.arch} "
                                f"architecture needs, first {missing[0]}")
-    norms = None
-    if weight_sparsity and prune == "wanda":
-        from edge_runtime.pack.wanda import input_norms
-
-        norms = input_norms(hf_dir, calib_text)
+    norms = input_norms if (weight_sparsity and prune == "wanda") else None
     with atomic_directory(out_dir, overwrite) as tmp:
         tensors: dict[str, dict] = {}
         files: dict[str, dict] = {}

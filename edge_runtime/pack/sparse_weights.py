@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-SPARSE_ENCODINGS = ("sparse-fp16", "sparse-int8")
-
 
 def prune_mask(w: np.ndarray, sparsity: float, input_norms: np.ndarray | None = None) -> np.ndarray:
     """(N, K) bool of kept weights: per row, the top (1 - sparsity) by score."""

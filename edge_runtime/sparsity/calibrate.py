@@ -28,8 +28,8 @@ import numpy as np
 import yaml
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.model.scoring import nll, windowed
-from edge_runtime.sparsity.predictor import Rule, keep_after_gate, negative_counts_batch, projection_scores
+from edge_runtime.scoring import nll, windowed
+from edge_runtime.sparsity.predictor import Rule, negative_counts_batch, projection_scores
 
 ALPHA_GRID = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)  # aggressive -> conservative; 1.3 is already lossless
 Q_GRID = (0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)  # aggressive -> conservative
@@ -56,26 +56,24 @@ def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None) -> float:
 
 
 class LayerData:
-    """One layer's calibration tokens: FFN input x (T, d), truth (T, N), dense h (T, N), output norm."""
+    """One layer's calibration tokens from the dense pass: FFN input x (T, d), truth (T, N) (neurons that
+    fired), the hidden activations h (T, N) (the input of down) and the norm of the FFN output."""
 
-    def __init__(self, rt, i: int, x: np.ndarray):
-        be = rt.backend
-        self.layer = be.layers[i]
+    def __init__(self, rt, i: int, x: np.ndarray, act: np.ndarray, h: np.ndarray):
+        self.backend, self.layer = rt.backend, rt.backend.weights.layers[i]
         self.x = x
-        g = be.linear(x, self.layer.gate)
-        self.truth = keep_after_gate(g, rt.config.act_threshold)
-        h = np.where(self.truth, g, 0.0)
-        if self.layer.up is not None:
-            h = h * be.linear(x, self.layer.up)
+        self.truth = act > 0  # the activation let the neuron through: g > 0 and, for FATReLU, g >= threshold
         self.h = h
-        self.down = self.layer.down_t.dequantize()  # (N, d)
-        self.y_norm = float(np.linalg.norm(h @ self.down)) or 1.0
+        self.y_norm = float(np.linalg.norm(self.down(h))) or 1.0
+
+    def down(self, h: np.ndarray) -> np.ndarray:
+        return self.backend.ffn_down(h, self.layer, bias=False)
 
     def row(self, knob: float, pred: np.ndarray) -> dict:
         truth = self.truth
         return {"knob": float(knob), "recall": float((pred & truth).sum() / max(int(truth.sum()), 1)),
                 "predicted_density": float(pred.mean()), "kept_density": float((pred & truth).mean()),
-                "error": float(np.linalg.norm(np.where(pred, 0.0, self.h) @ self.down) / self.y_norm)}
+                "error": float(np.linalg.norm(self.down(np.where(pred, np.float32(0.0), self.h))) / self.y_norm)}
 
 
 def projection_thresholds(z: np.ndarray, truth: np.ndarray, q: float) -> np.ndarray:
@@ -210,10 +208,11 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     # Even windows fit the tables and thresholds, odd windows judge every setting's perplexity: a setting
     # is never scored on the text its thresholds were fitted to (that flattered the projection predictor).
     fit, judge = (wins[0::2], wins[1::2]) if len(wins) > 1 else (wins, wins)
-    inputs: list[list[np.ndarray]] = [[] for _ in range(cfg.n_layers)]
+    seen: dict[str, list[list[np.ndarray]]] = {p: [[] for _ in range(cfg.n_layers)]
+                                               for p in ("ffn_in", "ffn_act", "ffn_hidden")}
     dec = rt.decoder
     dec.set_sparsity(None)
-    dec.observer = lambda i, point, h: inputs[i].append(h) if point == "ffn_in" else None
+    dec.observer = lambda i, point, a: seen[point][i].append(a) if point in seen else None
     try:
         for w in fit:
             dec.reset()
@@ -223,8 +222,9 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     ppl_dense = perplexity(rt, judge, None)
     n = int(sum(len(w) - 1 for w in wins))
     wins = judge
-    data = [LayerData(rt, i, np.concatenate(xs)) for i, xs in enumerate(inputs)]
-    dense_bytes = float(sum(L.ffn_dense_bytes() for L in rt.backend.layers))
+    data = [LayerData(rt, i, *(np.concatenate(seen[p][i]) for p in ("ffn_in", "ffn_act", "ffn_hidden")))
+            for i in range(cfg.n_layers)]
+    dense_bytes = float(sum(L.ffn_dense_bytes() for L in rt.backend.weights.layers))
     total = sum(cfg.n_layers * (len(GRIDS[p][1]) - 1) + 1 + len(GRIDS[p][1]) for p in predictors)
     done = [0]
 

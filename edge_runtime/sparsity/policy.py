@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from edge_runtime.devices.profile import DeviceProfile
+from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS, decode_bytes_per_token
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model.config import ModelConfig
-from edge_runtime.pack.sizes import decode_bytes_per_token
 
 DEFAULT_QUALITY_BUDGET_PCT = 1.0
 # Perplexity increases are measured on the calibration text; text met in use differs. The policy spends
@@ -65,7 +65,7 @@ def projected_ms(profile: DeviceProfile, mode: str | None, cfg: ModelConfig, byt
 
 
 def select_knobs(section: dict, predictor: str, cfg: ModelConfig, encoding: str, profile: DeviceProfile,
-                 mode: str | None, objective: Objective, kv_tokens: int = 512) -> Selection:
+                 mode: str | None, objective: Objective, kv_tokens: int = DEFAULT_KV_TOKENS) -> Selection:
     """One predictor's calibration section -> the selected per-layer knobs."""
     path = section.get("path") or []
     if not path:
@@ -108,7 +108,7 @@ def select_knobs(section: dict, predictor: str, cfg: ModelConfig, encoding: str,
 
 
 def select(calib: dict, cfg: ModelConfig, encoding: str, profile: DeviceProfile, mode: str | None,
-           objective: Objective, predictor: str = "auto", kv_tokens: int = 512) -> Selection:
+           objective: Objective, predictor: str = "auto", kv_tokens: int = DEFAULT_KV_TOKENS) -> Selection:
     """Per-layer knobs for one predictor, or for "auto" the calibrated predictor that meets the objective
     with the fewest bytes per token."""
     sections = calib["predictors"]

@@ -18,8 +18,6 @@ import numpy as np
 
 from edge_runtime.pack.signbits import count_negative_products, pack_signs
 
-PREDICTORS = ("sparseinfer", "projection")
-
 
 def predict_active(x: np.ndarray, gate_signs: np.ndarray, alpha: float) -> np.ndarray:
     """SparseInfer. x (d,) float, gate_signs (N, ceil(d/32)) uint32 -> (N,) bool, True = predicted non-zero."""

@@ -1,10 +1,15 @@
-"""Per-layer FFN statistics accumulated over decode steps."""
+"""Per-layer FFN statistics accumulated over decode steps.
+
+The counters live in one (len(FIELDS), n_layers) int64 array so that a backend can keep them in device
+memory, advance them inside a decode step and copy them to the host only when someone asks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+FIELDS = ("steps", "predicted", "kept", "true_active", "hits", "recall_steps", "bytes_read", "bytes_dense")
 
 
 @dataclass
@@ -13,6 +18,7 @@ class FFNStats:
 
     n_layers: int
     ffn_dim: int
+    counts: np.ndarray | None = None  # (len(FIELDS), n_layers) int64; the fields below are its rows
     steps: np.ndarray = field(init=False)
     predicted: np.ndarray = field(init=False)  # rows the predictor let through
     kept: np.ndarray = field(init=False)  # rows whose computed gate survived: the actual active count
@@ -23,21 +29,10 @@ class FFNStats:
     bytes_dense: np.ndarray = field(init=False)  # what the dense FFN would have read
 
     def __post_init__(self) -> None:
-        for name in ("steps", "predicted", "kept", "true_active", "hits", "recall_steps",
-                     "bytes_read", "bytes_dense"):
-            setattr(self, name, np.zeros(self.n_layers, dtype=np.int64))
-
-    def record(self, layer: int, predicted: int, kept: int, bytes_read: int, bytes_dense: int,
-               true_active: int = -1, hits: int = -1) -> None:
-        self.steps[layer] += 1
-        self.predicted[layer] += predicted
-        self.kept[layer] += kept
-        self.bytes_read[layer] += bytes_read
-        self.bytes_dense[layer] += bytes_dense
-        if true_active >= 0:
-            self.recall_steps[layer] += 1
-            self.true_active[layer] += true_active
-            self.hits[layer] += hits
+        if self.counts is None:
+            self.counts = np.zeros((len(FIELDS), self.n_layers), dtype=np.int64)
+        for row, name in zip(self.counts, FIELDS, strict=True):
+            setattr(self, name, row)
 
     def per_layer(self) -> list[dict]:
         out = []

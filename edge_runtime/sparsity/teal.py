@@ -24,17 +24,10 @@ TARGETS = (0.25, 0.4, 0.5)
 def collect_inputs(rt, wins: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
     """Per layer, the dense model's input to each projection over the calibration windows."""
     n = rt.config.n_layers
-    got: list[dict[str, list]] = [{p: [] for p in ("attn_in", "attn_out", "ffn_in", "ffn_hidden")} for _ in range(n)]
-
-    def observe(i: int, point: str, x: np.ndarray) -> None:
-        got[i][point].append(x)
-        if point == "ffn_in":
-            be, layer = rt.backend, rt.backend.layers[i]
-            h = be._activate(be.linear(x, layer.gate))
-            got[i]["ffn_hidden"].append(h * be.linear(x, layer.up) if layer.up is not None else h)
-
+    points = ("attn_in", "attn_out", "ffn_in", "ffn_hidden")
+    got: list[dict[str, list]] = [{p: [] for p in points} for _ in range(n)]
     dec = rt.decoder
-    dec.observer = observe
+    dec.observer = lambda i, point, x: got[i][point].append(x) if point in points else None
     try:
         for w in wins:
             dec.reset()
@@ -45,9 +38,8 @@ def collect_inputs(rt, wins: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
 
 
 def _weights(rt, i: int) -> dict:
-    L = rt.backend.layers[i]
-    return {"q": L.q.w, "k": L.k.w, "v": L.v.w, "o": L.o.w, "gate": L.gate.w, "up": L.up.w if L.up else None,
-            "down": L.down_t}
+    layer = rt.backend.weights.layers[i]
+    return {p: layer.projection(p) for p in PROJECTIONS}
 
 
 def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], targets: tuple[float, ...]
@@ -122,11 +114,6 @@ def _block_outputs(rt, wins: list[np.ndarray], teal_at: tuple[int, dict] | None,
 
 def _relative_error(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(y - ref) / (np.linalg.norm(ref) or 1.0))
-
-
-def _apply(w, x: np.ndarray, projection: str) -> np.ndarray:
-    """The projection's output for inputs x (T, K): W x, or for down (stored transposed) x @ W_down^T."""
-    return x @ w.dequantize() if projection == "down" else x @ w.dequantize().T
 
 
 def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARGETS, search_tokens: int = 512

@@ -7,6 +7,9 @@ from __future__ import annotations
 from edge_runtime.model.config import ModelConfig
 from edge_runtime.pack.quant import DEFAULT_INT4_GROUP
 
+# KV-cache length the planner and the policy assume when no context is given: a typical chat turn.
+DEFAULT_KV_TOKENS = 512
+
 
 def matrix_bytes(n: int, k: int, encoding: str, group: int = DEFAULT_INT4_GROUP, weight_sparsity: float = 0.0) -> int:
     """Stored bytes of an (N, K) matrix; with weight_sparsity, the compressed row format (fp16 or int8
@@ -51,7 +54,8 @@ def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * tokens * dtype_bytes
 
 
-def decode_bytes_per_token(cfg: ModelConfig, encoding: str, ffn_fraction: float = 1.0, kv_tokens: int = 512) -> float:
+def decode_bytes_per_token(cfg: ModelConfig, encoding: str, ffn_fraction: float = 1.0,
+                           kv_tokens: int = DEFAULT_KV_TOKENS) -> float:
     """Bytes one decode step reads: attention weights, the FFN (times the fraction the predictor leaves,
     sign planes included in the fraction), the output head, one embedding row and the KV cache so far."""
     b = model_bytes(cfg, encoding)

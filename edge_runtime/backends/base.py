@@ -1,0 +1,176 @@
+"""The backend contract: the op set the decoder is written against, and the decode state a backend owns.
+
+Two kinds of call:
+- Prefill and evaluation run T tokens eagerly ("batched"): ops take host-known shapes, may allocate, and
+  may be called with out=None.
+- A decode step is one token with fixed shapes: every op writes into the backend's preallocated
+  `buffers` (out=...), and everything that changes from token to token (the token id, the position,
+  the per-layer knobs, the statistic counters, the sampler's state) is read from and advanced in
+  `state`, device memory on a GPU. Nothing host-side enters a step, so a backend may capture one step
+  as a CUDA graph and replay it every token (`run_step`).
+
+Arrays: activations are float32 row-major (T, features); `xp` arrays are numpy on the cpu backend and
+device arrays on the cuda backend. `positions` is an int32 array (T,) of absolute positions; in a decode
+step it is `state.pos` itself, so the position is read where the kernels run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge_runtime.backends.weights import PROJECTIONS, Layer, Linear, Norm, Weights
+from edge_runtime.model.config import ModelConfig
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.sparsity.predictor import Rule
+from edge_runtime.sparsity.stats import FIELDS, FFNStats
+
+# Per-layer FFN predictor kinds, as stored in DecodeState.predictor.
+DENSE, SPARSEINFER, PROJECTION = 0, 1, 2
+PREDICTOR_CODE = {"sparseinfer": SPARSEINFER, "projection": PROJECTION}
+
+
+@dataclass
+class DecodeState:
+    """What a decode step reads and advances. Allocated once per backend with its array module."""
+
+    token: Any  # (1,) int32: input id of the next step; the step overwrites it with the sampled id
+    pos: Any  # (1,) int32: position of `token` = KV length before the step; the step adds 1
+    predictor: Any  # (L,) int32: DENSE | SPARSEINFER | PROJECTION per layer
+    alpha: Any  # (L,) float32: SparseInfer alpha per layer
+    theta: Any  # (L, ffn_dim) float32: projection-predictor thresholds per neuron
+    teal: Any  # (L, 7) float32: TEAL thresholds per projection input (PROJECTIONS order), 0 = off
+    counters: Any  # (len(FIELDS), L) int64: FFN statistic accumulators, read only when asked
+    seen: Any  # (vocab,) uint8: 1 for ids in the prompt or generated so far (repetition penalty)
+    measure_recall: bool = False  # also run the dense gate to count recall (evaluation only)
+
+    @classmethod
+    def allocate(cls, xp, cfg: ModelConfig) -> DecodeState:
+        n = cfg.n_layers
+        return cls(token=xp.zeros(1, dtype=xp.int32), pos=xp.zeros(1, dtype=xp.int32),
+                   predictor=xp.zeros(n, dtype=xp.int32), alpha=xp.ones(n, dtype=xp.float32),
+                   theta=xp.zeros((n, cfg.ffn_dim), dtype=xp.float32),
+                   teal=xp.zeros((n, len(PROJECTIONS)), dtype=xp.float32),
+                   counters=xp.zeros((len(FIELDS), n), dtype=xp.int64), seen=xp.zeros(cfg.vocab_size, dtype=xp.uint8))
+
+
+def knob_arrays(rules: Sequence[Rule] | None, n_layers: int, ffn_dim: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host arrays (predictor (L,) int32, alpha (L,) float32, theta (L, N) float32) for per-layer rules."""
+    kind = np.zeros(n_layers, dtype=np.int32)
+    alpha = np.ones(n_layers, dtype=np.float32)
+    theta = np.zeros((n_layers, ffn_dim), dtype=np.float32)
+    for i, r in enumerate(rules or ()):
+        kind[i] = PREDICTOR_CODE[r.kind]
+        alpha[i] = r.alpha
+        if r.theta is not None:
+            theta[i] = r.theta
+    return kind, alpha, theta
+
+
+def teal_array(thresholds: Sequence[dict[str, float]] | None, n_layers: int) -> np.ndarray:
+    """(L, 7) float32 from per-layer {projection: threshold}; missing projections are 0 (off)."""
+    out = np.zeros((n_layers, len(PROJECTIONS)), dtype=np.float32)
+    for i, layer in enumerate(thresholds or ()):
+        for p, t in layer.items():
+            out[i, PROJECTIONS.index(p)] = t
+    return out
+
+
+class Backend(Protocol):
+    """The op set. Batched ops take (T, features) float32 and return the same; with out= they write it."""
+
+    name: str
+    config: ModelConfig
+    max_context: int
+    weights: Weights  # host-side view of the packed weights (sizes, sign planes, encodings)
+    state: DecodeState
+    buffers: Any  # preallocated one-token activations: x, h (1, d); q, a (1, H*hd); k, v (1, KV*hd); logits (1, V)
+
+    # ---- ops shared by prefill and the decode step --------------------------------------------------
+    def embed_tokens(self, ids, positions, out=None):
+        """ids (T,) int32, positions (T,) int32 -> (T, d): token embedding (+ learned position, OPT)."""
+
+    def norm(self, x, n: Norm, out=None):
+        """(T, d) -> (T, d): RMSNorm (n.b is None) or LayerNorm, eps n.eps, in float32."""
+
+    def linear(self, x, lin: Linear, out=None, teal: tuple[int, str] | None = None, add_to=None):
+        """(T, K) -> (T, N) = x W^T + b. teal=(layer, projection): input channels with |x| under that
+        threshold in `state.teal` are skipped. add_to: accumulate into it (residual) instead of out."""
+
+    def rope(self, x, positions, n_heads: int):
+        """(T, n_heads * head_dim), rotated in place per head at `positions` (HF rotate_half)."""
+
+    def attention(self, layer: int, q, k, v, positions, out=None):
+        """Write k, v (T, KV*hd) into the cache at `positions`, attend causally (GQA) up to each
+        position; q (T, H*hd) -> (T, H*hd)."""
+
+    def logits(self, x, out=None):
+        """(T, d) final hidden, already normed -> (T, vocab) float32."""
+
+    # ---- prefill and evaluation only (T tokens, dense arithmetic) -----------------------------------
+    def ffn_parts(self, x, layer: Layer) -> tuple:
+        """(T, d) -> (act (T, N), hidden (T, N)): act = activation(gate x + b), hidden = act * (up x + b)
+        (act itself without an up projection). The decoder's observation points "ffn_act" and
+        "ffn_hidden"."""
+
+    def ffn_down(self, hidden, layer: Layer, bias: bool = True):
+        """(T, N) -> (T, d): hidden @ W_down^T (+ b)."""
+
+    def ffn_masked(self, i: int, x, layer: Layer):
+        """(T, d) -> (T, d): each token's FFN with its own predicted mask from `state`'s knobs for layer i,
+        computed densely and masked: token-by-token sparse decode in one pass (evaluation, calibration)."""
+
+    def write_kv(self, layer: int, k, v, pos0: int) -> None:
+        """Place k, v (KV, T, hd) float32 computed elsewhere (ONNX prefill) into the cache at pos0."""
+
+    # ---- decode step (one token, `buffers` and `state` only) ----------------------------------------
+    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str) -> None:
+        """x (1, d) -> add_to (1, d) += FFN(x). mode "dense", "sparse" (predict from the sign plane with
+        layer i's knobs, gate over predicted rows, up/down over the survivors, counters advanced) or
+        "teal" (dense FFN with layer i's TEAL input thresholds)."""
+
+    def sample(self, logits) -> None:
+        """logits (1, vocab) -> state.token (sampled with the parameters given to begin), state.seen marked."""
+
+    def advance(self) -> None:
+        """state.pos += 1 (the last op of a step)."""
+
+    def run_step(self, body: Callable[[], None], mode: str) -> None:
+        """Run one decode step: `body` issues the step's ops. A GPU backend captures it once per mode
+        into a graph and replays the graph; the cpu backend calls it."""
+
+    # ---- host interface (between steps, never inside one) ------------------------------------------
+    def from_host(self, a, dtype):
+        """A host array (or list) as this backend's array of dtype (prefill inputs)."""
+
+    def to_host(self, a) -> np.ndarray:
+        """This backend's array as a host numpy array."""
+
+    def begin(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
+        """A new sequence: pos 0, `seen` from the prompt, the sampler reset (seeded)."""
+
+    def set_position(self, pos: int) -> None:
+        """state.pos = pos (after a prefill of pos tokens)."""
+
+    def set_token(self, token: int) -> None:
+        """state.token = token (teacher forcing in evaluation)."""
+
+    def read_token(self) -> int:
+        """state.token to the host: the one device-to-host copy of a generation step."""
+
+    def read_logits(self):
+        """buffers.logits (1, vocab) to the host as float32 numpy."""
+
+    def set_knobs(self, rules: Sequence[Rule] | None, teal: Sequence[dict[str, float]] | None,
+                  measure_recall: bool = False) -> None:
+        """Write per-layer predictor rules and TEAL thresholds into `state` (no recapture)."""
+
+    def read_stats(self) -> FFNStats:
+        """The counters so far, copied to the host (counted in `stats_reads`)."""
+
+    def reset_stats(self) -> None:
+        """Zero the counters."""

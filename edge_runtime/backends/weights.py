@@ -1,0 +1,99 @@
+"""The model's weights as every backend sees them: host-side views of a packed model, grouped per layer.
+
+Backends import these and upload what they need; the decoder walks `layers` without looking inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_runtime.pack.loader import PackedModel
+from edge_runtime.pack.quant import PackedTensor
+
+# TEAL thresholds are kept per layer in this order (one float per projection input); 0 = off.
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class Linear:
+    w: PackedTensor  # (N, K) logical, in its stored encoding
+    b: np.ndarray | None  # (N,) float32
+
+
+@dataclass
+class Norm:
+    w: np.ndarray  # (d,) float32
+    b: np.ndarray | None  # (d,) float32, LayerNorm only (None = RMSNorm)
+    eps: float
+
+
+@dataclass
+class Layer:
+    attn_norm: Norm
+    q: Linear  # (n_heads * head_dim, d)
+    k: Linear  # (n_kv_heads * head_dim, d)
+    v: Linear  # (n_kv_heads * head_dim, d)
+    o: Linear  # (d, n_heads * head_dim)
+    ffn_norm: Norm
+    gate: Linear  # (ffn_dim, d); OPT's fc1
+    up: Linear | None  # (ffn_dim, d); None for OPT
+    down_t: PackedTensor  # (ffn_dim, d): down_proj transposed, one row per FFN neuron
+    down_b: np.ndarray | None  # (d,)
+    gate_signs: np.ndarray  # (ffn_dim, ceil(d/32)) uint32, bit set = weight negative
+
+    def ffn_dense_bytes(self) -> int:
+        n = self.gate.w.nbytes + self.down_t.nbytes
+        return n + (self.up.w.nbytes if self.up else 0)
+
+    def projection(self, name: str) -> PackedTensor | None:
+        """The weight a TEAL projection name refers to (down: the transposed matrix)."""
+        if name == "down":
+            return self.down_t
+        lin = getattr(self, name)
+        return None if lin is None else lin.w
+
+
+@dataclass
+class Weights:
+    embed: PackedTensor  # (vocab, d)
+    pos_embed: PackedTensor | None  # (max_positions + offset, d), OPT only
+    lm_head: PackedTensor  # (vocab, d); the embedding itself when tied
+    final_norm: Norm
+    layers: list[Layer]
+
+
+def _vec(model: PackedModel, name: str) -> np.ndarray | None:
+    v = model.vectors.get(name)
+    return None if v is None else np.asarray(v, dtype=np.float32)
+
+
+def _linear(model: PackedModel, name: str) -> Linear:
+    return Linear(model.matrices[name], _vec(model, name + "_bias"))
+
+
+def _norm(model: PackedModel, prefix: str) -> Norm:
+    return Norm(_vec(model, prefix + ".weight"), _vec(model, prefix + ".bias"), model.config.norm_eps)
+
+
+def _layer(model: PackedModel, i: int) -> Layer:
+    p = f"layers.{i}."
+    return Layer(
+        attn_norm=_norm(model, p + "attn_norm"),
+        q=_linear(model, p + "attn.q"), k=_linear(model, p + "attn.k"),
+        v=_linear(model, p + "attn.v"), o=_linear(model, p + "attn.o"),
+        ffn_norm=_norm(model, p + "ffn_norm"),
+        gate=_linear(model, p + "ffn.gate"),
+        up=_linear(model, p + "ffn.up") if model.config.gated else None,
+        down_t=model.matrices[p + "ffn.down_t"], down_b=_vec(model, p + "ffn.down_bias"),
+        gate_signs=np.asarray(model.sign_planes[p + "ffn.gate_signs"]),
+    )
+
+
+def weights_of(model: PackedModel) -> Weights:
+    cfg = model.config
+    embed = model.matrices["embed"]
+    return Weights(embed=embed, pos_embed=model.matrices.get("pos_embed"),
+                   lm_head=embed if cfg.tie_embeddings else model.matrices["lm_head"],
+                   final_norm=_norm(model, "final_norm"), layers=[_layer(model, i) for i in range(cfg.n_layers)])
