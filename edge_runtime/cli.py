@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT.onnx")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "packed"),
                    help="packed: int8/int4 weights stay quantised as DequantizeLinear initialisers (opset 21)")
-    p.add_argument("--max-context", type=int, default=None, help="position table rows (default: the model's)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="RoPE table rows: the positions the graph accepts (default: the model's)")
     p.add_argument("--logits", default="all", choices=("all", "last"), help="logits of every position or the last")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the weights")
     p.add_argument("--json", action="store_true")

@@ -34,7 +34,7 @@ FLOAT = TensorProto.FLOAT
 @dataclass(frozen=True)
 class ExportOptions:
     dtype: str = "fp32"  # one of EXPORT_DTYPES: how matrices are stored (see onnx_weights)
-    max_context: int | None = None  # rows of the position tables; None = the model's max_positions
+    max_context: int | None = None  # RoPE table rows (OPT keeps its learned table); None = max_positions
     logits: str = "all"  # "all" positions, or the "last" one only (prefill needs no more)
 
     def __post_init__(self) -> None:
