@@ -150,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a packed model directory holds")
     p.add_argument("model_dir")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export-onnx", help="the dense forward as an ONNX graph (ONNX Runtime, TensorRT)")
+    p.add_argument("model_dir", metavar="MODEL", help="packed model directory")
+    p.add_argument("out", metavar="OUT.onnx")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "packed"),
+                   help="packed: int8/int4 weights stay quantised as DequantizeLinear initialisers (opset 21)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="RoPE table rows: the positions the graph accepts (default: the model's)")
+    p.add_argument("--logits", default="all", choices=("all", "last"), help="logits of every position or the last")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the weights")
+    p.add_argument("--json", action="store_true")
     return ap
 
 
@@ -525,9 +536,30 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export_onnx(args) -> int:
+    try:
+        from edge_runtime.export.onnx_export import export_onnx
+        from edge_runtime.export.onnx_graph import ExportOptions
+    except ImportError:
+        raise EdgeRuntimeError("export-onnx needs the onnx package: pip install 'edge-runtime[onnx]'") from None
+    from edge_runtime.pack.loader import load_packed
+
+    opts = ExportOptions(dtype=args.dtype, max_context=args.max_context, logits=args.logits)
+    info = export_onnx(load_packed(Path(args.model_dir), verify=not args.no_verify), Path(args.out), opts)
+    if args.json:
+        print(json.dumps({**info, "options": opts.as_dict()}))
+        return 0
+    size = sum(f["bytes"] for f in info["files"].values())
+    extra = " with its external data file" if info["external"] else ""
+    print(f"exported {args.model_dir} ({args.dtype}, opset {opts.opset}) to {args.out}{extra}: "
+          f"{size / 1e6:.2f} MB in {info['seconds']:.1f} s; onnx.checker passed")
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "generate": cmd_generate, "eval": cmd_eval,
             "info": cmd_info, "serve": cmd_serve, "chat": cmd_chat, "calibrate": cmd_calibrate,
-            "profile": cmd_profile, "monitor": cmd_monitor, "report": cmd_report, "bench": cmd_bench}
+            "profile": cmd_profile, "monitor": cmd_monitor, "report": cmd_report, "bench": cmd_bench,
+            "export-onnx": cmd_export_onnx}
 
 
 def main(argv: list[str] | None = None) -> int:
