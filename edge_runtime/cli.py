@@ -17,6 +17,9 @@ DEMO_PROMPT = "The old man looked at the sea and"
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="packed model directory (default: the embedded default model)")
     p.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--prefill", default="native", choices=("native", "onnx"),
+                   help="prompt prefill: the backend's own batched pass, or the dense model exported to ONNX and run "
+                        "by ONNX Runtime (TensorRT, CUDA or CPU provider, whichever is installed)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default 2048)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the weights at load")
 
@@ -179,7 +182,8 @@ def _load(args, watch_power: bool = False):
     return load(args.model, profile=getattr(args, "profile", "auto"), backend=args.backend,
                 max_context=args.max_context, verify=not args.no_verify, power_mode=getattr(args, "power_mode", None),
                 objective=Objective(getattr(args, "latency_ms", None), getattr(args, "quality_budget", None)),
-                predictor=getattr(args, "predictor", "auto"), watch_power=watch_power and args.power_mode is None)
+                predictor=getattr(args, "predictor", "auto"), watch_power=watch_power and args.power_mode is None,
+                prefill=args.prefill)
 
 
 def _sparse_setting(args, rt) -> list | float | None:

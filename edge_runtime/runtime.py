@@ -37,11 +37,18 @@ Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
 
 class Runtime:
-    def __init__(self, model: PackedModel, backend: str = "auto", max_context: int | None = None):
+    def __init__(self, model: PackedModel, backend: str = "auto", max_context: int | None = None,
+                 prefill: str = "native"):
         self.model = model
         ctx = min(max_context or DEFAULT_CONTEXT, model.config.max_positions)
         self.backend = create_backend(backend, model, ctx)
         self.decoder = Decoder(self.backend)
+        self.prefill = None  # an OnnxPrefill when prompts run through ONNX Runtime
+        if prefill == "onnx":
+            self.prefill = onnx_prefill(model, ctx)
+            self.decoder.external_prefill = self.prefill
+        elif prefill != "native":
+            raise EdgeRuntimeError(f"unknown prefill {prefill!r}; choose native or onnx")
         path = model.tokenizer_path
         self.tokenizer = Tokenizer(path) if path else None
         self._lock = threading.Lock()
@@ -284,17 +291,29 @@ class Runtime:
         self.close()
 
 
+def onnx_prefill(model: PackedModel, max_context: int):
+    """The dense model exported to ONNX (cached beside it) in an ONNX Runtime session, for prompt prefill."""
+    try:
+        from edge_runtime.export.onnx_prefill import OnnxPrefill
+    except ImportError:
+        raise EdgeRuntimeError("--prefill onnx needs onnx and onnxruntime: pip install 'edge-runtime[onnx]'") from None
+    return OnnxPrefill(model, max_context=max_context)
+
+
 def load(path: str | Path | None = None, profile: str | None = "auto", backend: str = "auto",
          max_context: int | None = None, verify: bool = True, power_mode: str | None = None,
-         objective: Objective | None = None, predictor: str = "auto", watch_power: bool = False) -> Runtime:
+         objective: Objective | None = None, predictor: str = "auto", watch_power: bool = False,
+         prefill: str = "native") -> Runtime:
     """Open a packed model (the embedded default model when path is None).
 
     profile: "auto" detects the device, a name or YAML path picks one, None uses no profile. With a
     profile and a calibrated ReLU-family model, sparse decode starts with per-layer alphas chosen for
     the power mode (detected, or `power_mode`) and the objective (default: +1 % perplexity), with the
     predictor asked for ("auto": whichever calibrated one reads fewer bytes). watch_power polls the
-    board's nvpmodel state every second on a Jetson and re-selects on a change."""
-    rt = Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context)
+    board's nvpmodel state every second on a Jetson and re-selects on a change. prefill "onnx" runs
+    prompts through the ONNX export of the dense model in ONNX Runtime; decode stays on the backend."""
+    rt = Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context,
+                 prefill=prefill)
     if profile is not None:
         from edge_runtime.devices.detect import detect
         from edge_runtime.devices.profile import load_profile

@@ -18,6 +18,7 @@ from edge_runtime.cli import main  # noqa: E402
 from edge_runtime.export.onnx_export import export_onnx  # noqa: E402
 from edge_runtime.export.onnx_graph import ExportOptions  # noqa: E402
 from edge_runtime.export.onnx_prefill import OnnxPrefill, choose_providers, session_options  # noqa: E402
+from edge_runtime.model.sampling import SamplingParams  # noqa: E402
 from edge_runtime.pack.convert import convert  # noqa: E402
 from edge_runtime.pack.loader import load_packed  # noqa: E402
 from edge_runtime.paths import DEFAULT_MODEL_DIR  # noqa: E402
@@ -32,28 +33,21 @@ def numpy_forward(model_dir, ids: list[int]):
     """The numpy reference: logits (T, vocab) and per layer (k, v) each (n_kv, T, hd), from one batch."""
     rt = load(model_dir, profile=None, backend="cpu")
     rt.decoder.reset()
-    logits = rt.decoder.forward(ids)
+    logits = rt.decoder.prefill(ids)
     t = len(ids)
     kv = [(rt.backend.k_cache[i][:, :t].copy(), rt.backend.v_cache[i][:, :t].copy()) for i in range(rt.config.n_layers)]
     return logits, kv
 
 
 def greedy_decode(rt, prompt: list[int], n: int, prefill=None) -> list[int]:
-    """Greedy ids after the prompt: the prompt through `prefill` (an OnnxPrefill, whose K/V are written
-    into the numpy backend's cache) or through the numpy decoder (None); then numpy token by token."""
-    rt.decoder.reset()
-    if prefill is None:
-        last = rt.decoder.forward(prompt, last_only=True)[-1]
-    else:
-        last, kv = prefill.run(prompt)
-        for i, (k, v) in enumerate(kv):
-            rt.backend.k_cache[i][:, : len(prompt)] = k
-            rt.backend.v_cache[i][:, : len(prompt)] = v
-        rt.decoder.pos = len(prompt)
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(last)))
-        last = rt.decoder.forward([out[-1]], last_only=True)[-1]
+    """Greedy ids after the prompt: the prompt through `prefill` (an OnnxPrefill, whose K/V the decoder
+    writes into the numpy backend's cache) or through the numpy decoder (None); then numpy decode steps."""
+    rt.decoder.external_prefill = prefill
+    try:
+        out = [rt.decoder.start(prompt, SamplingParams())]  # greedy, past any EOS
+        out += [rt.decoder.decode_step() for _ in range(n - 1)]
+    finally:
+        rt.decoder.external_prefill = None
     return out
 
 

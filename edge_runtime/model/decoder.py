@@ -34,6 +34,9 @@ class Decoder:
         self._teal: list[dict[str, float]] | None = None  # per-layer {projection: threshold}; None = off
         self.measure_recall = False
         self.observer: Callable[[int, str, np.ndarray], None] | None = None
+        # A prompt engine outside the backend (export.onnx_prefill.OnnxPrefill): run(ids) -> (last logits
+        # (vocab,), per layer (k, v) each (n_kv, T, head_dim) float32), whose K/V become the backend's cache.
+        self.external_prefill = None
 
     # ---- settings (written into the backend's state between tokens) ---------------------------------
     def set_sparsity(self, setting: Sequence[float] | float | Sequence[Rule] | None,
@@ -93,7 +96,10 @@ class Decoder:
         """A new sequence: prefill the prompt and sample the first new token (returned)."""
         self.reset()
         self.ops.begin(prompt_ids, sampling)
-        logits = self._batched(prompt_ids, last_only=True, masked=False)
+        if self.external_prefill is not None and self.observer is None:
+            logits = self._external(prompt_ids)
+        else:
+            logits = self._batched(prompt_ids, last_only=True, masked=False)
         self.ops.sample(logits)
         return self.ops.read_token()
 
@@ -119,6 +125,17 @@ class Decoder:
             self.decode_step()
             return self.ops.read_logits()
         return self.prefill(ids, last_only, batched_sparse)
+
+    def _external(self, ids: Sequence[int]):
+        """The prompt through the external engine at position 0; its K/V written into the backend's cache."""
+        if len(ids) > self.max_context:
+            raise EdgeRuntimeError(f"context full: {len(ids)} tokens exceed the context of {self.max_context}")
+        last, kv = self.external_prefill.run(list(ids))
+        for i, (k, v) in enumerate(kv):
+            self.ops.write_kv(i, self.ops.from_host(k, np.float32), self.ops.from_host(v, np.float32), 0)
+        self.pos = len(ids)
+        self.ops.set_position(self.pos)
+        return self.ops.from_host(last[None, :], np.float32)
 
     def _batched(self, ids: Sequence[int], last_only: bool, masked: bool):
         t = len(ids)
