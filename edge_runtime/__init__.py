@@ -5,9 +5,8 @@
         print(rt.generate("The robot", max_new_tokens=32, deadline_s=0.5).text)
 """
 
-__version__ = "0.1.0"
-
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.version import __version__
 
 __all__ = ["EdgeRuntimeError", "Runtime", "__version__", "load"]
 

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.version import __version__
 
 DEMO_PROMPT = "The old man looked at the sea and"
 

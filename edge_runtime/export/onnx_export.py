@@ -11,12 +11,12 @@ from typing import Any
 
 import onnx
 
-from edge_runtime import __version__
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.export.onnx_builder import GraphBuilder
 from edge_runtime.export.onnx_graph import ExportOptions, build
 from edge_runtime.pack.format import MANIFEST, file_entry, sha256_file
 from edge_runtime.pack.loader import PackedModel
+from edge_runtime.version import __version__
 
 # Weights above this go to an external data file, streamed tensor by tensor (bounded memory, and
 # protobuf's 2 GB limit never reached); below it the .onnx file is self-contained.
