@@ -1,98 +1,202 @@
-"""CUDA kernels against their numpy twins (skipped without CuPy and a GPU). Fresh random inputs every
-run, outputs poisoned with NaN before each launch, fp32 accumulation: relative error bounds asserted."""
+"""CUDA ops against the cpu backend's op (its numpy reference), in the style of llama.cpp's test-backend-ops:
+seeded shape sweeps, fresh inputs per case, every output poisoned with NaN before each launch (and, for
+kernels that initialise their own accumulators, the intermediate buffers they read poisoned instead), no
+threshold ties (thresholds sit midway between adjacent values), relative error bounds (fp32 paths < 1e-5,
+packed-weight paths < 2e-3 against the dequantised weights).
+
+Runs on a GPU with CuPy, or on the CPU under ../shared/tools/cuda_emu (its README: own pytest process,
+PYTHONPATH=../shared/tools/cuda_emu/fake_cupy:../shared/tools/cuda_emu); skipped when neither is present.
+Emulated kernels cost about 10 us per simulated thread: the shapes are chosen for that.
+"""
 
 from __future__ import annotations
+
+import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from edge_runtime.backends import cuda_available
-from edge_runtime.pack.quant import quantize
+from edge_runtime.backends.cpu import CpuBackend, Layer, Linear, Norm
+from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
-from edge_runtime.sparsity.predictor import keep_after_gate, predict_active, projection_scores
+from edge_runtime.pack.sparse_weights import compress, prune_mask
+from edge_runtime.sparsity.predictor import Rule, projection_scores
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU")]
-BOUND = {"fp16": 2e-3, "int8": 2e-3, "int4": 2e-3}  # vs the numpy twin on the same quantised weights
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not cuda_available(), reason="needs CuPy and a CUDA GPU (or cuda_emu)")]
+F32 = 1e-5  # fp32 paths
+PACKED = 2e-3  # packed weights vs the numpy twin on the same quantised weights
+ENCODINGS = ["fp16", "int8", "int4", "sparse-fp16", "sparse-int8"]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all(), "unwritten (poisoned) output"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _nan(cp, shape, dtype=np.float32):
+    return cp.full(shape, np.nan, dtype=dtype)
+
+
+def _pack(w: np.ndarray, enc: str, group: int = 64, sparsity: float = 0.5) -> PackedTensor:
+    if enc.startswith("sparse-"):
+        return PackedTensor(enc, w.shape, compress(w, prune_mask(w, sparsity), enc))
+    return quantize(w, enc, group)
+
+
+def _midway(v: np.ndarray, q: float, scale: float) -> np.float32:
+    """A threshold near the q-quantile of v, midway between two adjacent distinct values whose gap is at least
+    1e-3 * scale: kernel and numpy then agree on every comparison whatever their summation order."""
+    s = np.unique(np.asarray(v, np.float64))
+    gaps = np.flatnonzero(np.diff(s) > 1e-3 * scale)
+    i = gaps[np.argmin(np.abs(gaps - q * (len(s) - 1)))]
+    return np.float32((s[i] + s[i + 1]) / 2)
 
 
 @pytest.fixture(scope="module")
-def kernels():
-    from edge_runtime.backends.cuda_kernels import SparseFFNKernels
+def cp():
+    import cupy
+
+    return cupy
+
+
+@pytest.fixture(scope="module")
+def ffn_k():
+    from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFNKernels
 
     return SparseFFNKernels()
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert np.isfinite(a).all(), "unwritten (poisoned) output"
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+# ------------------------------------------------------------------------------------------- sparse FFN
+FFN_CASES = [  # (encoding, predictor, variant); variants: biases, FATReLU threshold, OPT (no up), norms
+    ("fp16", "sparseinfer", "plain"), ("int8", "sparseinfer", "plain"), ("int4", "sparseinfer", "plain"),
+    ("fp16", "projection", "plain"), ("int8", "projection", "plain"), ("int4", "projection", "plain"),
+    ("sparse-fp16", "sparseinfer", "plain"), ("sparse-int8", "projection", "plain"),
+    ("int4", "sparseinfer", "bias-fatrelu-layernorm"), ("fp16", "projection", "bias-fatrelu-rmsnorm"),
+    ("int8", "sparseinfer", "opt"), ("sparse-int8", "sparseinfer", "opt"),
+    ("fp16", "sparseinfer", "all-active"), ("int4", "projection", "none-active"),
+]
 
 
-@pytest.mark.parametrize("enc", ["fp16", "int8", "int4"])
-def test_gemv(kernels, enc):
-    import cupy as cp
+@pytest.mark.parametrize("enc,predictor,variant", FFN_CASES)
+def test_sparse_ffn(cp, ffn_k, enc, predictor, variant):
+    from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFN
 
-    from edge_runtime.backends.cuda_kernels import DeviceMatrix
-
-    rng = np.random.default_rng()
-    n, k = 1000, 4096
-    w = quantize(rng.standard_normal((n, k)).astype(np.float32), enc)
-    x = rng.standard_normal(k).astype(np.float32)
-    y = cp.full(n, cp.nan, dtype=cp.float32)
-    kernels.gemv(DeviceMatrix(w), cp.asarray(x), y)
-    assert _rel(y.get(), w.dequantize() @ x) < BOUND[enc]
-
-
-@pytest.mark.parametrize("enc", ["fp16", "int8", "int4"])
-@pytest.mark.parametrize("predictor", ["sparseinfer", "projection"])
-def test_sparse_ffn_block(kernels, enc, predictor):
-    import cupy as cp
-
-    from edge_runtime.backends.cuda_kernels import SparseFFN
-
-    rng = np.random.default_rng()
-    n, d = 1376, 512
-    gate_f = rng.standard_normal((n, d)).astype(np.float32) * 0.05
-    gate, up = quantize(gate_f, enc), quantize(rng.standard_normal((n, d)).astype(np.float32) * 0.05, enc)
-    down_t = quantize(rng.standard_normal((n, d)).astype(np.float32) * 0.05, enc)
+    rng = np.random.default_rng(zlib.crc32(f"{enc} {predictor} {variant}".encode()))
+    # d = 288 is not a multiple of the int4 group 64 (the padded layout); N grid-strides over capped blocks
+    n, d = 1000, 288 if enc == "int4" else 256
+    opt, biased = variant == "opt", variant.startswith("bias") or variant == "opt"
+    gate_f = (rng.standard_normal((n, d)) * 0.05).astype(np.float32)
+    gate = _pack(gate_f, enc)
+    up = None if opt else _pack((rng.standard_normal((n, d)) * 0.05).astype(np.float32), enc)
+    down_t = _pack((rng.standard_normal((n, d)) * 0.05).astype(np.float32), enc)
     signs = pack_signs(gate_f)
-    x = rng.standard_normal(d).astype(np.float32)
-    ffn = SparseFFN(kernels, gate, up, down_t, signs)
+    vec = (lambda m: (rng.standard_normal(m) * 0.1).astype(np.float32)) if biased else (lambda m: None)
+    gate_b, up_b, down_b = vec(n), (None if opt else vec(n)), vec(d)
+    x = (rng.standard_normal(d) * 2 + 0.3).astype(np.float32)
+    residual = rng.standard_normal(d).astype(np.float32)
+    norm = None
+    if "rmsnorm" in variant:
+        norm = Norm(rng.uniform(0.5, 1.5, d).astype(np.float32), None, 1e-5)
+    elif "layernorm" in variant or opt:
+        norm = Norm(rng.uniform(0.5, 1.5, d).astype(np.float32), rng.standard_normal(d).astype(np.float32), 1e-5)
+    xn = x if norm is None else CpuBackend.norm(None, x[None], norm)[0]
+
+    g_all = gate.matvec(xn) + (gate_b if gate_b is not None else 0)
+    threshold = _midway(g_all[g_all > 0], 0.3, np.abs(g_all).max()) if "fatrelu" in variant else np.float32(0.0)
     if predictor == "sparseinfer":
-        active = predict_active(x, signs, 1.05)
-        y = ffn.run(cp.asarray(x), alpha_ptr=cp.asarray(np.array([1.05], np.float32)))
+        alpha = {"all-active": 1e9, "none-active": -1.0}.get(variant, 1.05)
+        rule, knob = Rule("sparseinfer", alpha=alpha), np.array([alpha], np.float32)
     else:
-        z = projection_scores(x[None], signs)[0]
-        theta = np.quantile(z, 0.6).astype(np.float32) * np.ones(n, np.float32)
-        active = z >= theta
-        ffn.y.fill(cp.nan)
-        y = ffn.run(cp.asarray(x), theta=cp.asarray(theta))
-    g = gate.dequantize() @ x
-    keep = active & keep_after_gate(g, 0.0)
-    h = np.where(keep, g * (up.dequantize() @ x), 0.0)
-    expected = h @ down_t.dequantize()
-    assert int(ffn.predicted.get()[0]) == int(active.sum())
-    assert int(ffn.count.get()[0]) == int(keep.sum())
-    assert 0 < keep.sum() < n
-    assert _rel(y.get(), expected) < BOUND[enc]
+        z = projection_scores(xn[None], signs)[0]
+        theta_v = {"all-active": z.min() - 1.0, "none-active": z.max() + 1.0}.get(variant)
+        theta_v = _midway(z, 0.6, np.abs(z).max()) if theta_v is None else theta_v
+        knob = np.full(n, theta_v, np.float32)
+        rule = Rule("projection", theta=knob)
+
+    layer = Layer(None, None, None, None, None, None, Linear(gate, gate_b), None if opt else Linear(up, up_b), down_t,
+                  down_b, signs)
+    twin = SimpleNamespace(cfg=SimpleNamespace(act_threshold=float(threshold)))
+    y_ref, counts = CpuBackend.ffn_sparse(twin, xn[None], layer, rule)
+    expected = residual + y_ref[0]
+
+    ffn = SparseFFN(ffn_k, gate, up, down_t, signs, threshold=float(threshold), gate_b=gate_b, up_b=up_b,
+                    down_b=down_b, n_layers=3)
+    # Poison: y is initialised by prepare (NaN shows an unwritten element); h and xn are what gate and down
+    # read (NaN in y shows an entry the gate counted but did not write); counters must be reset by prepare.
+    for buf in (ffn.y, ffn.h, ffn.xn, ffn.x_sum):
+        buf.fill(np.nan)
+    ffn.counters[...] = 12345
+    ffn.x_signs.fill(0xFFFFFFFF)
+    kw = dict(alpha_ptr=cp.asarray(knob)) if predictor == "sparseinfer" else dict(theta=cp.asarray(knob))
+    norm_args = {} if norm is None else dict(norm_w=cp.asarray(norm.w), eps=norm.eps,
+                                              norm_b=None if norm.b is None else cp.asarray(norm.b))
+    y = ffn.run(cp.asarray(x), residual=cp.asarray(residual), layer=1, **kw, **norm_args).get()
+    pred, kept = int(ffn.predicted.get()[0]), int(ffn.count.get()[0])
+    assert pred == counts.predicted
+    # a gate within float rounding of zero may fall either side (its h is ~0, so y does not care)
+    predicted_rows = rule.active(xn, signs)
+    ambiguous = int((predicted_rows & (np.abs(g_all) < 1e-5 * np.abs(g_all).max())).sum())
+    assert abs(kept - counts.kept) <= ambiguous
+    if variant == "all-active":
+        assert pred == n
+    elif variant == "none-active":
+        assert pred == 0 and kept == 0
+    else:
+        assert 0 < kept < pred < n
+    assert _rel(y, expected) < (PACKED if variant != "none-active" else F32)
+    assert np.array_equal(ffn.stats.get(), np.array([[0, 0], [pred, kept], [0, 0]], np.uint64))
     ffn.free()
 
 
-def test_alpha_change_takes_effect_without_new_buffers(kernels):
-    """The alpha lives in device memory: writing a new value changes the next run, nothing else."""
-    import cupy as cp
+def test_sparse_ffn_grid_stride_and_alpha_in_device_memory(cp, ffn_k):
+    """A few blocks serve every row (x loaded once per block); alpha is read from device memory each launch."""
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
 
-    from edge_runtime.backends.cuda_kernels import SparseFFN
-
-    rng = np.random.default_rng()
-    n, d = 512, 256
+    rng = np.random.default_rng(7)
+    n, d = 600, 256
     gate_f = rng.standard_normal((n, d)).astype(np.float32)
-    ffn = SparseFFN(kernels, quantize(gate_f, "fp16"), quantize(rng.standard_normal((n, d)), "fp16"),
-                    quantize(rng.standard_normal((n, d)), "fp16"), pack_signs(gate_f))
+    gate = DeviceMatrix(quantize(gate_f, "int8"))
+    signs = cp.asarray(pack_signs(gate_f))
     x = cp.asarray(rng.standard_normal(d).astype(np.float32))
+    xn, x_signs, x_sum, counters = cp.empty(d, cp.float32), cp.empty(d // 32, cp.uint32), cp.empty(1, cp.float32), \
+        cp.empty(2, cp.int32)
+    y, idx, h = cp.empty(d, cp.float32), cp.empty(n, cp.int32), cp.empty(n, cp.float32)
     alpha = cp.asarray(np.array([0.9], np.float32))
-    ffn.run(x, alpha_ptr=alpha)
-    few = int(ffn.predicted.get()[0])
-    alpha[...] = 1.3
-    ffn.run(x, alpha_ptr=alpha)
-    assert int(ffn.predicted.get()[0]) > few
+    seen = []
+    for a in (0.9, 1.3):
+        alpha[...] = a
+        ffn_k.prepare(x, None, None, 0.0, None, None, xn, x_signs, x_sum, counters, y)
+        ffn_k.gate("sparseinfer", gate, None, None, None, xn, x_signs, x_sum, signs, alpha, 0.0, idx, h, counters,
+                   max_blocks=3)
+        c = counters.get()
+        rows = np.sort(idx.get()[: c[0]])
+        g = quantize(gate_f, "int8").matvec(x.get())
+        from edge_runtime.sparsity.predictor import predict_active
+
+        active = predict_active(x.get(), pack_signs(gate_f), a)
+        assert c[1] == active.sum()
+        assert np.array_equal(rows, np.flatnonzero(active & (g > 0)))
+        seen.append(c[1])
+    assert seen[1] > seen[0]
+
+
+def test_launchers_reject_bad_arguments(cp, ffn_k):
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+    from edge_runtime.errors import EdgeRuntimeError
+
+    d = 64
+    x = cp.zeros(d, cp.float32)
+    good = dict(x=x, norm_w=None, norm_b=None, eps=1e-5, residual=None, down_b=None, xn=cp.zeros(d, cp.float32),
+                x_signs=cp.zeros(2, cp.uint32), x_sum=cp.zeros(1, cp.float32), counters=cp.zeros(2, cp.int32),
+                y=cp.zeros(d, cp.float32))
+    for key, bad in [("x", cp.zeros(d, cp.float64)), ("xn", cp.zeros(d + 1, cp.float32)), ("y", None),
+                     ("counters", cp.zeros(2, cp.int64)), ("x", np.zeros(d, np.float32)),
+                     ("y", cp.zeros((d, 2), cp.float32)[:, 0])]:
+        with pytest.raises(EdgeRuntimeError):
+            ffn_k.prepare(**{**good, key: bad})
+    with pytest.raises(EdgeRuntimeError, match="multiple of 32"):
+        DeviceMatrix(quantize(np.ones((4, 64), np.float32), "int4", 16))
