@@ -200,3 +200,47 @@ def test_launchers_reject_bad_arguments(cp, ffn_k):
             ffn_k.prepare(**{**good, key: bad})
     with pytest.raises(EdgeRuntimeError, match="multiple of 32"):
         DeviceMatrix(quantize(np.ones((4, 64), np.float32), "int4", 16))
+
+
+# ------------------------------------------------------------------------------------------- dense GEMV
+GEMV_CASES = [  # (encoding, N, K, group, extras)
+    ("fp16", 300, 256, 0, ""), ("int8", 300, 256, 0, "bias"), ("int4", 300, 256, 64, ""),
+    ("int4", 200, 288, 64, "bias residual"), ("int4", 200, 200, 32, "rmsnorm"), ("int4", 100, 320, 128, "layernorm"),
+    ("sparse-fp16", 200, 200, 0, "bias residual"), ("sparse-int8", 200, 136, 0, "rmsnorm"),
+    ("fp16", 1000, 64, 0, "rmsnorm capped"),  # an LM head: vocab rows, final norm fused; 3 blocks for 1000 rows
+    ("fp16", 20, 14336, 0, "residual"),  # a down GEMV over d_ff = 14336: 56 KB of shared memory (> 48 KB)
+]
+
+
+@pytest.fixture(scope="module")
+def gemv():
+    from edge_runtime.backends.cuda_ops.gemv import Gemv
+
+    return Gemv()
+
+
+@pytest.mark.parametrize("enc,n,k,group,extras", GEMV_CASES)
+def test_gemv(cp, gemv, enc, n, k, group, extras):
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+
+    rng = np.random.default_rng(zlib.crc32(f"{enc} {n} {k} {group} {extras}".encode()))
+    w = _pack(rng.standard_normal((n, k)).astype(np.float32), enc, group or 64)
+    x = (rng.standard_normal(k) + 0.5).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if "bias" in extras else None
+    norm = None
+    if "rmsnorm" in extras:
+        norm = Norm(rng.uniform(0.5, 1.5, k).astype(np.float32), None, 1e-6)
+    elif "layernorm" in extras:
+        norm = Norm(rng.uniform(0.5, 1.5, k).astype(np.float32), rng.standard_normal(k).astype(np.float32), 1e-5)
+    xn = x[None] if norm is None else CpuBackend.norm(None, x[None], norm)
+    expected = CpuBackend.linear(CpuBackend, xn, Linear(w, bias))[0]
+    y = _nan(cp, n)
+    if "residual" in extras:  # in place: y = y + W x
+        r = rng.standard_normal(n).astype(np.float32)
+        y[...] = cp.asarray(r)
+        expected = expected + r
+    gemv(DeviceMatrix(w), cp.asarray(x), y, bias=None if bias is None else cp.asarray(bias),
+         residual=y if "residual" in extras else None,
+         norm_w=None if norm is None else cp.asarray(norm.w), norm_b=None if norm is None or norm.b is None
+         else cp.asarray(norm.b), eps=1e-5 if norm is None else norm.eps, max_blocks=3 if "capped" in extras else None)
+    assert _rel(y.get(), expected) < F32
