@@ -244,3 +244,106 @@ def test_gemv(cp, gemv, enc, n, k, group, extras):
          norm_w=None if norm is None else cp.asarray(norm.w), norm_b=None if norm is None or norm.b is None
          else cp.asarray(norm.b), eps=1e-5 if norm is None else norm.eps, max_blocks=3 if "capped" in extras else None)
     assert _rel(y.get(), expected) < F32
+
+
+# ------------------------------------------------------------------------------------------- norm, RoPE, KV, attention
+def _step(cp, token: int = 0, pos: int = 0, rng_counter: int = 0):
+    from edge_runtime.backends.cuda_ops.common import STEP_POS, STEP_RNG, STEP_SIZE, STEP_TOKEN
+
+    s = np.zeros(STEP_SIZE, np.int32)
+    s[STEP_TOKEN], s[STEP_POS], s[STEP_RNG] = token, pos, rng_counter
+    return cp.asarray(s)
+
+
+def _config(n_heads: int, n_kv: int, hd: int, scaling: str | None):
+    from edge_runtime.model.config import ModelConfig
+
+    rope_scaling = {None: None, "linear": {"rope_type": "linear", "factor": 4.0},
+                    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 64}}[scaling]
+    return ModelConfig(arch="llama", vocab_size=16, dim=n_heads * hd, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv,
+                       head_dim=hd, ffn_dim=32, activation="silu", max_positions=4096, rope_scaling=rope_scaling)
+
+
+@pytest.mark.parametrize("rows,k,layer_norm", [(1, 256, False), (3, 200, True), (2, 4096, False)])
+def test_norm(cp, rows, k, layer_norm):
+    from edge_runtime.backends.cuda_ops.norm import NormKernel
+
+    rng = np.random.default_rng(rows * k)
+    x = (rng.standard_normal((rows, k)) * 3 + 1).astype(np.float32)
+    n = Norm(rng.uniform(0.5, 1.5, k).astype(np.float32),
+             rng.standard_normal(k).astype(np.float32) if layer_norm else None, 1e-5)
+    y = _nan(cp, (rows, k))
+    NormKernel()(cp.asarray(x), cp.asarray(n.w), None if n.b is None else cp.asarray(n.b), n.eps, y)
+    assert _rel(y.get(), CpuBackend.norm(None, x, n)) < F32
+    xd = cp.asarray(x)  # in place
+    NormKernel()(xd, cp.asarray(n.w), None if n.b is None else cp.asarray(n.b), n.eps, xd)
+    assert _rel(xd.get(), CpuBackend.norm(None, x, n)) < F32
+
+
+ATTN_CASES = [  # (n_heads, n_kv, hd, pos, cache dtype, rope scaling); GQA ratios 1, 2, 4, 8; odd lengths
+    (4, 4, 32, 0, "f32", None), (8, 4, 64, 37, "f32", "linear"), (8, 2, 32, 100, "f16", None),
+    (8, 1, 64, 130, "f16", "llama3"), (6, 3, 32, 159, "f32", "llama3"),
+]
+
+
+@pytest.mark.parametrize("n_heads,n_kv,hd,pos,cache,scaling", ATTN_CASES)
+def test_rope_kv_append_attention(cp, n_heads, n_kv, hd, pos, cache, scaling):
+    """q rotated in place, k rotated into the cache and v appended at the device position, split-K attention
+    over [0, pos]: against CpuBackend.rope + CpuBackend.attention on the same (fp16-rounded) cache."""
+    from edge_runtime.backends.cuda_ops.attention import DecodeAttention
+    from edge_runtime.backends.cuda_ops.rope import KVAppendKernel, RopeKernel
+    from edge_runtime.model.rope import rope_tables
+
+    cfg = _config(n_heads, n_kv, hd, scaling)
+    max_ctx, chunk = 160, 32
+    rng = np.random.default_rng(zlib.crc32(f"{n_heads} {n_kv} {hd} {pos} {cache} {scaling}".encode()))
+    cos, sin = rope_tables(cfg, max_ctx)
+    dt = np.float32 if cache == "f32" else np.float16
+    kc = rng.standard_normal((n_kv, max_ctx, hd)).astype(dt)
+    vc = rng.standard_normal((n_kv, max_ctx, hd)).astype(dt)
+    q = rng.standard_normal(n_heads * hd).astype(np.float32)
+    k = rng.standard_normal(n_kv * hd).astype(np.float32)
+    v = rng.standard_normal(n_kv * hd).astype(np.float32)
+
+    twin = SimpleNamespace(cfg=cfg, cos=cos, sin=sin, k_cache=kc[None].astype(np.float32),
+                           v_cache=vc[None].astype(np.float32))
+    q_ref = CpuBackend.rope(twin, q[None], np.array([pos]), n_heads)
+    k_ref = CpuBackend.rope(twin, k[None], np.array([pos]), n_kv)
+    k_round, v_round = k_ref.astype(dt).astype(np.float32), v[None].astype(dt).astype(np.float32)
+    out_ref = CpuBackend.attention(twin, 0, q_ref, k_round, v_round, pos)[0]
+
+    step = _step(cp, pos=pos)
+    cos_d, sin_d = cp.asarray(cos), cp.asarray(sin)
+    qd, kcd, vcd = cp.asarray(q), cp.asarray(kc), cp.asarray(vc)
+    RopeKernel()(qd, cos_d, sin_d, step, n_heads)
+    assert _rel(qd.get(), q_ref[0]) < F32
+    KVAppendKernel()(cp.asarray(k), cp.asarray(v), cos_d, sin_d, step, kcd, vcd)
+    got_k, got_v = kcd.get(), vcd.get()
+    tol = F32 if cache == "f32" else 1e-3
+    assert _rel(got_k[:, pos].reshape(-1), k_ref[0]) < tol
+    assert np.array_equal(got_v[:, pos].reshape(-1), v.astype(dt))
+    mask = np.ones(max_ctx, bool)
+    mask[pos] = False
+    assert np.array_equal(got_k[:, mask], kc[:, mask]) and np.array_equal(got_v[:, mask], vc[:, mask])
+    kcd[:, pos] = cp.asarray(k_round.reshape(n_kv, hd).astype(dt))  # the reference's rounding of the new key
+
+    attn = DecodeAttention(n_heads, n_kv, hd, max_ctx, chunk=chunk)
+    for buf in (attn.part_m, attn.part_l, attn.part_acc):
+        buf.fill(np.nan)  # chunks past the length stay NaN: the combine must not read them
+    out = _nan(cp, n_heads * hd)
+    attn(qd, kcd, vcd, step, out)
+    assert _rel(out.get(), out_ref) < F32
+    attn.free()
+
+
+def test_kv_append_without_rope_and_out_of_range_position(cp):
+    from edge_runtime.backends.cuda_ops.rope import KVAppendKernel
+
+    kc = cp.zeros((2, 8, 16), cp.float32)
+    vc = cp.zeros((2, 8, 16), cp.float32)
+    k, v = cp.arange(32, dtype=cp.float32), cp.arange(32, dtype=cp.float32) + 100
+    KVAppendKernel()(k, v, None, None, _step(cp, pos=3), kc, vc)
+    assert np.array_equal(kc.get()[:, 3].reshape(-1), np.arange(32)) and float(vc.get()[1, 3, 0]) == 116.0
+    KVAppendKernel()(k, v, None, None, _step(cp, pos=8), kc, vc)  # past max_ctx: nothing written
+    assert float(kc.get().sum()) == float(np.arange(32).sum())
