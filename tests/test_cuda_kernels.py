@@ -347,3 +347,162 @@ def test_kv_append_without_rope_and_out_of_range_position(cp):
     assert np.array_equal(kc.get()[:, 3].reshape(-1), np.arange(32)) and float(vc.get()[1, 3, 0]) == 116.0
     KVAppendKernel()(k, v, None, None, _step(cp, pos=8), kc, vc)  # past max_ctx: nothing written
     assert float(kc.get().sum()) == float(np.arange(32).sum())
+
+
+# ------------------------------------------------------------------------------------------- embed, elementwise
+@pytest.mark.parametrize("enc,k,group", [("fp16", 64, 0), ("int8", 96, 0), ("int4", 72, 32)])
+def test_embed_token_and_learned_positions(cp, enc, k, group):
+    from edge_runtime.backends.cuda_ops.common import STEP_POS, DeviceMatrix
+    from edge_runtime.backends.cuda_ops.embed import EmbedKernel
+
+    rng = np.random.default_rng(k)
+    tok = _pack(rng.standard_normal((50, k)).astype(np.float32), enc, group or 64)
+    pos_t = _pack(rng.standard_normal((20, k)).astype(np.float32), enc, group or 64)
+    out = _nan(cp, k)
+    step = _step(cp, token=31, pos=7)
+    emb = EmbedKernel()
+    emb(DeviceMatrix(tok), step, out)
+    assert np.array_equal(out.get(), tok.dequantize(np.array([31]))[0])
+    emb(DeviceMatrix(pos_t), step, out, slot=STEP_POS, offset=2, accumulate=True)  # OPT: positions start at 2
+    twin = SimpleNamespace(embed=tok, pos_embed=pos_t, cfg=SimpleNamespace(pos_offset=2))
+    assert _rel(out.get(), CpuBackend.embed_tokens(twin, np.array([31]), np.array([7]))[0]) < F32
+
+
+@pytest.mark.parametrize("activation,with_up", [("silu", True), ("relu", True), ("fatrelu", False)])
+def test_elementwise(cp, activation, with_up):
+    from edge_runtime.backends.cuda_ops.elementwise import Elementwise
+
+    rng = np.random.default_rng(3)
+    n = 300
+    g, u, r = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    twin = SimpleNamespace(cfg=SimpleNamespace(activation=activation, act_threshold=0.4))
+    expected = CpuBackend._activate(twin, g) * (u if with_up else 1.0)
+    h = _nan(cp, n)
+    ew = Elementwise()
+    ew.act_mul(cp.asarray(g), cp.asarray(u) if with_up else None, h, activation, threshold=0.4)
+    assert _rel(h.get(), expected) < F32
+    x = cp.asarray(r)
+    ew.add(x, h)
+    assert _rel(x.get(), r + expected) < F32
+
+
+# ------------------------------------------------------------------------------------------- sampling
+class _Draw:
+    """Stands in for the numpy sampler's generator: numpy Generator.choice's rule (first index whose normalised
+    cumulative probability exceeds u) with a given u; keeps the probabilities it was handed."""
+
+    def __init__(self, u: float):
+        self.u, self.p = u, None
+
+    def choice(self, n, p):
+        self.p = p
+        cdf = np.cumsum(p)
+        return int(np.searchsorted(cdf / cdf[-1], self.u, side="right"))
+
+
+def _numpy_sample(logits, history, params, u):
+    from edge_runtime.model.sampling import Sampler
+
+    s = Sampler(params)
+    s.rng = _Draw(u)
+    return s(logits, history), s.rng.p
+
+
+SAMPLE_CASES = [  # temperature, top_k, top_p, repetition_penalty, tied logits
+    (1.0, 0, 1.0, 1.0, False), (0.7, 50, 1.0, 1.0, False), (1.3, 0, 0.9, 1.3, False), (1.0, 20, 0.5, 1.0, True),
+    (0.8, 7, 0.95, 0.7, True), (2.0, 0, 0.3, 1.1, False),
+]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,rep,tied", SAMPLE_CASES)
+def test_sampling_matches_numpy_sampler(cp, temperature, top_k, top_p, rep, tied):
+    """Penalty, top-k, top-p and the draw against edge_runtime/model/sampling.py given the same uniform; no draw
+    or top_p within 1e-4 of a cumulative boundary (fp32 and fp64 sums may disagree there)."""
+    from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
+    from edge_runtime.model.sampling import SamplingParams
+
+    rng = np.random.default_rng(zlib.crc32(f"{temperature} {top_k} {top_p} {rep} {tied}".encode()))
+    v = 1000
+    logits = (rng.standard_normal(v) * 3).astype(np.float32)
+    if tied:
+        logits = np.round(logits).astype(np.float32)  # many exact ties, at the top-k and top-p boundaries too
+    history = rng.integers(0, v, 40)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=rep)
+    _, full = _numpy_sample(logits, history, SamplingParams(temperature=temperature, top_k=top_k,
+                                                            repetition_penalty=rep), 0.5)
+    cum = np.cumsum(np.sort(full)[::-1])
+    while top_p < 1 and np.abs(cum - top_p).min() < 1e-4:
+        top_p -= 0.003
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=rep)
+    p_h, ip_h = param_arrays(params, seed=0)
+    seen_h = np.zeros(v, np.uint8)
+    seen_h[history] = 1
+    logits_d, p_d, ip_d = cp.asarray(logits), cp.asarray(p_h), cp.asarray(ip_h)
+    work, ids, uni = cp.empty(v, cp.float32), cp.full(64, -1, cp.int32), cp.empty(1, cp.float32)
+    sampler = SampleKernel()
+    draws = 0
+    for u in rng.uniform(0, 1, 40):
+        expected, p = _numpy_sample(logits, history, params, u)
+        cdf = np.cumsum(p) / p.sum()
+        if np.abs(cdf - u).min() < 1e-4:
+            continue
+        seen, step = cp.asarray(seen_h), _step(cp, pos=10, rng_counter=3)
+        uni[...] = np.float32(u)
+        sampler(logits_d, p_d, ip_d, seen, work, step, ids, uniform=uni, threads=256)
+        got = int(step.get()[0])
+        assert got == expected, f"u={u}"
+        assert np.array_equal(step.get()[1:3], [11, 4]) and int(ids.get()[11]) == got and seen.get()[got] == 1
+        draws += 1
+        if draws == 6:
+            break
+    assert draws == 6
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-30, 1e-308])
+def test_sampling_greedy_and_tiny_temperatures(cp, temperature):
+    """Greedy = numpy argmax (ties to the lowest index) after the penalty; a tiny temperature (1e-308 is 0 in fp32)
+    gives the same token, never NaN."""
+    from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
+    from edge_runtime.model.sampling import Sampler, SamplingParams
+
+    rng = np.random.default_rng(11)
+    v = 777
+    logits = rng.standard_normal(v).astype(np.float32)
+    logits[[600, 123, 700]] = logits.max() + 1.0  # a three-way tie for the maximum
+    logits[5] = logits.max() * 1.1  # ... beaten by a token the penalty pushes back below it
+    history = [5, 9]
+    expected = Sampler(SamplingParams(repetition_penalty=1.2))(logits, history)
+    assert expected == 123
+    p_h, ip_h = param_arrays(SamplingParams(temperature=temperature, top_k=3, top_p=0.5, repetition_penalty=1.2), 1)
+    seen = cp.zeros(v, cp.uint8)
+    seen[cp.asarray(np.array(history))] = 1
+    step = _step(cp, token=9, pos=0)
+    SampleKernel()(cp.asarray(logits), cp.asarray(p_h), cp.asarray(ip_h), seen, cp.empty(v, cp.float32), step,
+                   cp.zeros(8, cp.int32), threads=256)
+    assert int(step.get()[0]) == expected
+
+
+def test_sampling_counter_rng(cp):
+    """Without a given uniform the kernel draws splitmix64(seed, step[STEP_RNG]); device_uniform is its twin."""
+    from edge_runtime.backends.cuda_ops.sampling import SampleKernel, device_uniform, param_arrays
+    from edge_runtime.model.sampling import SamplingParams
+
+    rng = np.random.default_rng(5)
+    v = 500
+    logits = rng.standard_normal(v).astype(np.float32)
+    seed = 0xDEADBEEF12345
+    params = SamplingParams(temperature=1.0, seed=seed)
+    p_h, ip_h = param_arrays(params, seed)
+    step = _step(cp, pos=2, rng_counter=41)
+    sampler = SampleKernel()
+    ids = cp.zeros(16, cp.int32)
+    got = []
+    for counter in (41, 42, 43):
+        u = device_uniform(seed, counter)
+        expected, _ = _numpy_sample(logits, [], params, u)
+        sampler(cp.asarray(logits), cp.asarray(p_h), cp.asarray(ip_h), cp.zeros(v, cp.uint8), cp.empty(v, cp.float32),
+                step, ids, threads=256)
+        got.append(int(step.get()[0]))
+        assert got[-1] == expected
+    assert np.array_equal(step.get()[1:3], [5, 44]) and np.array_equal(ids.get()[3:6], got)
+    assert len({device_uniform(seed, c) for c in range(100)}) == 100
