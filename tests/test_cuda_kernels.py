@@ -506,3 +506,32 @@ def test_sampling_counter_rng(cp):
         assert got[-1] == expected
     assert np.array_equal(step.get()[1:3], [5, 44]) and np.array_equal(ids.get()[3:6], got)
     assert len({device_uniform(seed, c) for c in range(100)}) == 100
+
+
+# ------------------------------------------------------------------------------------------- TEAL
+@pytest.mark.parametrize("enc,n,k,extras", [("fp16", 256, 300, "bias"), ("int8", 200, 256, "residual"),
+                                             ("int4", 200, 300, "bias residual"), ("int4", 136, 64, "dense")])
+def test_teal_gemv(cp, enc, n, k, extras):
+    """W stored transposed; channels with |x| < t skipped; t midway between two |x| values, in device memory
+    (a second threshold written there changes the next launch)."""
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+    from edge_runtime.backends.cuda_ops.teal import TealGemv
+
+    rng = np.random.default_rng(zlib.crc32(f"{enc} {n} {k} {extras}".encode()))
+    wt = _pack(rng.standard_normal((k, n)).astype(np.float32), enc)  # (K, N) = W^T
+    lin = Linear(PackedTensor("fp32", (n, k), {"w": np.ascontiguousarray(wt.dequantize().T)}),
+                 rng.standard_normal(n).astype(np.float32) if "bias" in extras else None)
+    x = rng.standard_normal(k).astype(np.float32)
+    r = rng.standard_normal(n).astype(np.float32)
+    dev, kern, thr = DeviceMatrix(wt), TealGemv(), cp.zeros(1, cp.float32)
+    for q in (0.0,) if "dense" in extras else (0.4, 0.7):
+        t = np.float32(0.0) if q == 0 else _midway(np.abs(x), q, 1.0)
+        thr[...] = t
+        expected = CpuBackend.linear(CpuBackend, x[None], lin, teal=float(t))[0]
+        y = _nan(cp, n)
+        if "residual" in extras:
+            y[...] = cp.asarray(r)
+            expected = expected + r
+        kern(dev, cp.asarray(x), thr, y, bias=None if lin.b is None else cp.asarray(lin.b),
+             accumulate="residual" in extras, splits=7)
+        assert _rel(y.get(), expected) < F32

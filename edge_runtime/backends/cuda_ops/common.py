@@ -127,7 +127,8 @@ class DeviceMatrix:
       scale    fp16 (N,) int8 | (N, Kp/group) int4 | (1,) unused placeholder
       bitmap   uint8 (N, ceil(K/8)) and row_offsets int64 (N+1,): compressed rows only, else (1,) placeholders
       group    int4 group (0 otherwise); kp: K padded to the group (int4), else K
-    Checked at upload: the layout the kernels index (row stride Kp/2, Kp/group scales, group % 32 == 0)."""
+    Checked at upload: the layout the kernels index (row stride Kp/2, Kp/group scales, group % 32 == 0); the
+    launchers check the alignment their kernel needs (check_row_kernel, check_column_kernel)."""
 
     def __init__(self, packed):
         cp = cupy()
@@ -138,8 +139,6 @@ class DeviceMatrix:
         self.encoding, self.shape, self.kenc = enc, (int(n), int(k)), KERNEL_ENC[enc]
         self.group, self.kp = int(packed.group_size or 0), int(k)
         a = packed.arrays
-        if enc in DENSE_ALIGN and k % DENSE_ALIGN[enc] and enc != "int4":
-            raise EdgeRuntimeError(f"{enc} kernels need K % {DENSE_ALIGN[enc]} == 0, got K = {k}")
         if enc == "int4":
             g = self.group
             if g <= 0 or g % 32:
@@ -169,6 +168,18 @@ class DeviceMatrix:
     def row_args(self) -> tuple:
         """(w, scale, group, bitmap, row_offsets): how the row kernels take a matrix."""
         return self.w, self.scale, i32(self.group), self.bitmap, self.row_offsets
+
+    def check_row_kernel(self, what: str) -> None:
+        """Row dots (gemv, FFN gate/up) read 16 bytes a lane: fp16 K % 8, int8 K % 16 (int4: padded rows)."""
+        need = DENSE_ALIGN.get(self.encoding, 1) if self.encoding != "int4" else 1
+        if self.shape[1] % need:
+            raise EdgeRuntimeError(f"{what}: {self.encoding} row kernels need K % {need} == 0, got K = {self.shape[1]}")
+
+    def check_column_kernel(self, what: str) -> None:
+        """Accumulations over rows (FFN down, TEAL) give each thread 8 columns: row length % 8 == 0."""
+        if self.shape[1] % 8:
+            raise EdgeRuntimeError(f"{what}: kernels over rows of a transposed matrix need its row length % 8 == 0, "
+                                   f"got {self.shape[1]}")
 
     def free(self) -> None:
         self.w = self.scale = self.bitmap = self.row_offsets = None

@@ -29,6 +29,7 @@ class Gemv:
         norm_w (K,) fp32 fuses RMSNorm (norm_b None) or LayerNorm (norm_b (K,)) of x into the load."""
         m = as_matrix(m)
         n, k = m.shape
+        m.check_row_kernel("gemv")
         check(x, np.float32, (k,), "x")
         check(y, np.float32, (n,), "y")
         check_opt(bias, np.float32, (n,), "bias")

@@ -61,6 +61,7 @@ class SparseFFNKernels:
         if predictor not in PREDICTORS:
             raise EdgeRuntimeError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
         gate = as_matrix(gate)
+        gate.check_row_kernel("gate")
         n, k = gate.shape
         if up is not None:
             up = as_matrix(up)
@@ -107,8 +108,7 @@ class SparseFFNKernels:
                             (down_t.w, down_t.scale, down_t.bitmap, down_t.row_offsets, i32(d), idx, h, counters,
                              stats, i32(layer), y))
             return
-        if d % 8:
-            raise EdgeRuntimeError(f"down kernels need D % 8 == 0, got D = {d}")
+        down_t.check_column_kernel("down")
         cols = -(-d // (8 * DOWN_THREADS))
         self.m.launch(f"ffn_down_{down_t.kenc}", (cols, row_splits), (DOWN_THREADS,),
                       (down_t.w, down_t.scale, i32(down_t.group), i32(d), i32(down_t.kp), idx, h, counters, stats,
