@@ -78,6 +78,7 @@ FFN_CASES = [  # (encoding, predictor, variant); variants: biases, FATReLU thres
     ("int4", "sparseinfer", "bias-fatrelu-layernorm"), ("fp16", "projection", "bias-fatrelu-rmsnorm"),
     ("int8", "sparseinfer", "opt"), ("sparse-int8", "sparseinfer", "opt"),
     ("fp16", "sparseinfer", "all-active"), ("int4", "projection", "none-active"),
+    ("int4", "projection", "g32-bias-fatrelu"), ("int4", "sparseinfer", "g128-rmsnorm"),
 ]
 
 
@@ -88,11 +89,12 @@ def test_sparse_ffn(cp, ffn_k, enc, predictor, variant):
     rng = np.random.default_rng(zlib.crc32(f"{enc} {predictor} {variant}".encode()))
     # d = 288 is not a multiple of the int4 group 64 (the padded layout); N grid-strides over capped blocks
     n, d = 1000, 288 if enc == "int4" else 256
-    opt, biased = variant == "opt", variant.startswith("bias") or variant == "opt"
+    opt, biased = variant == "opt", "bias" in variant or variant == "opt"
+    group = 32 if "g32" in variant else 128 if "g128" in variant else 64
     gate_f = (rng.standard_normal((n, d)) * 0.05).astype(np.float32)
-    gate = _pack(gate_f, enc)
-    up = None if opt else _pack((rng.standard_normal((n, d)) * 0.05).astype(np.float32), enc)
-    down_t = _pack((rng.standard_normal((n, d)) * 0.05).astype(np.float32), enc)
+    gate = _pack(gate_f, enc, group)
+    up = None if opt else _pack((rng.standard_normal((n, d)) * 0.05).astype(np.float32), enc, group)
+    down_t = _pack((rng.standard_normal((n, d)) * 0.05).astype(np.float32), enc, group)
     signs = pack_signs(gate_f)
     vec = (lambda m: (rng.standard_normal(m) * 0.1).astype(np.float32)) if biased else (lambda m: None)
     gate_b, up_b, down_b = vec(n), (None if opt else vec(n)), vec(d)
