@@ -1,277 +1,169 @@
-// Sparse FFN decode kernels (one token), CuPy RawModule. Semantics: edge_runtime/sparsity/predictor.py and
-// edge_runtime/backends/cpu.py (ffn_sparse) are the numpy twins.
-//
-// Weights, one row per output (gate, up) or per FFN neuron (down stored transposed):
-//   ENC_FP16: w (rows, K) half
-//   ENC_INT8: w (rows, K) int8, scale (rows,) half            value = q * scale[row]
-//   ENC_INT4: w (rows, K/2) uint8 (low nibble = even column), scale (rows, K/group) half, value = (nib - 8) * s
-// Activations fp32. Accumulation fp32, warp-shuffle reductions, 16-byte weight loads (K % 8 == 0 for fp16,
-// K % 16 == 0 for int8, K % 32 == 0 for int4; the host launcher asserts it).
-// The active set never leaves the device: gate kernels append (row, gate value) pairs and bump *count;
-// up and down kernels read *count, so a decode step needs no host synchronisation (graph-capturable).
-#include <cuda_fp16.h>
-#include <stdint.h>
+// Sparse FFN decode (one token): three launches, no host synchronisation (graph-capturable).
+//   ffn_prepare       norm(x) -> xn once, its sign words and sum for the predictors; zero this step's counters;
+//                     y = residual + down bias (the down accumulation then adds into it: residual add fused)
+//   ffn_gate_<P>_<E>  predictor + gate GEMV + (gated models) up GEMV, fused: a predicted row's gate is computed,
+//                     dropped when it does not survive the activation (g > 0 and g >= FATReLU threshold), else
+//                     h = g * (up . x + up bias) (or h = g without an up projection, OPT) and (row, h) appended to
+//                     the active list; P = sparseinfer | projection, E = fp16 | int8 | int4 | csr_fp16 | csr_int8
+//   ffn_down_<E>      y += sum over the active list of h * W_down^T[row] (dense encodings; compressed rows:
+//                     kernels/sparse_weights.cu csr_down_*), and the step's counts added into per-layer statistics
+// Numpy twin: edge_runtime/backends/cpu.py CpuBackend.ffn_sparse (semantics of the predictors:
+// edge_runtime/sparsity/predictor.py).
+#include "common.cuh"
 
-#define ENC_FP16 0
-#define ENC_INT8 1
-#define ENC_INT4 2
-#define WARP 32
-#define MAX_D 8192  // largest hidden size held in shared memory (fp32): 32 KB
+#define PRED_SPARSEINFER 0
+#define PRED_PROJECTION 1
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ int warp_sum_int(int v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// dot(W[row], x) for one warp; x (K,) fp32 in shared memory. Each lane reads 16 bytes per step.
-template <int ENC>
-__device__ __forceinline__ float row_dot(const void* __restrict__ w, const __half* __restrict__ scale, int row, int K,
-                                         int group, const float* __restrict__ xs, int lane) {
-    float acc = 0.f;
-    if (ENC == ENC_FP16) {
-        const uint4* p = reinterpret_cast<const uint4*>(static_cast<const __half*>(w) + (size_t)row * K);
-        for (int c = lane; c < K / 8; c += WARP) {
-            uint4 v = __ldg(p + c);
-            const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float2 f = __half22float2(h[j]);
-                acc += f.x * xs[c * 8 + 2 * j] + f.y * xs[c * 8 + 2 * j + 1];
-            }
-        }
-    } else if (ENC == ENC_INT8) {
-        const uint4* p = reinterpret_cast<const uint4*>(static_cast<const int8_t*>(w) + (size_t)row * K);
-        for (int c = lane; c < K / 16; c += WARP) {
-            uint4 v = __ldg(p + c);
-            const int8_t* q = reinterpret_cast<const int8_t*>(&v);
-#pragma unroll
-            for (int j = 0; j < 16; ++j) acc += float(q[j]) * xs[c * 16 + j];
-        }
-        acc = warp_sum(acc) * __half2float(scale[row]);
-        return acc;  // already reduced
-    } else {  // ENC_INT4: 16 bytes = 32 values, all inside one group (group % 32 == 0)
-        const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w) + (size_t)row * (K / 2));
-        const int groups = K / group;
-        for (int c = lane; c < K / 32; c += WARP) {
-            uint4 v = __ldg(p + c);
-            const uint8_t* b = reinterpret_cast<const uint8_t*>(&v);
-            float part = 0.f;
-#pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                part += float(int(b[j] & 0xF) - 8) * xs[c * 32 + 2 * j] + float(int(b[j] >> 4) - 8) * xs[c * 32 + 2 * j + 1];
-            }
-            acc += part * __half2float(scale[(size_t)row * groups + (c * 32) / group]);
-        }
-    }
-    return warp_sum(acc);
-}
-
-__device__ __forceinline__ void load_x(const float* __restrict__ x, float* xs, int K) {
-    for (int i = threadIdx.x; i < K; i += blockDim.x) xs[i] = x[i];
-    __syncthreads();
-}
-
-// A predicted-active row: count it, compute its gate, and append (row, gate) when the gate survives the
-// activation (g > 0 and g >= the FATReLU threshold). Called by one whole warp.
-template <int ENC>
-__device__ __forceinline__ void gate_and_append(const void* __restrict__ w, const __half* __restrict__ scale, int group,
-                                                int row, int K, const float* __restrict__ xs, int lane, float threshold,
-                                                int* __restrict__ idx, float* __restrict__ gval, int* __restrict__ count,
-                                                int* __restrict__ predicted) {
-    if (lane == 0 && predicted) atomicAdd(predicted, 1);
-    const float g = row_dot<ENC>(w, scale, row, K, group, xs, lane);
-    if (lane == 0 && g > 0.f && g >= threshold) {
-        const int pos = atomicAdd(count, 1);
-        idx[pos] = row;
-        gval[pos] = g;
-    }
-}
-
-// SparseInfer predictor + gate GEMV, fused. One warp per gate row.
-//   x (K,) fp32; x_signs (W,) uint32 sign words of x (bit j of word c: x[32c+j] < 0); gate_signs (N, W) uint32;
-//   alpha: device pointer (per-layer value, so a change needs no graph recapture); threshold: FATReLU (0 = ReLU).
-//   Out: idx (N,) int32, gval (N,) fp32 of surviving rows in arbitrary order, *count their number (zeroed
-//   before launch). Row predicted zero when n_neg > alpha * (K - n_neg).
-template <int ENC>
-__device__ void sparseinfer_gate(const void* __restrict__ w, const __half* __restrict__ scale, int group,
-                                 const float* __restrict__ x, const uint32_t* __restrict__ x_signs,
-                                 const uint32_t* __restrict__ gate_signs, const float* __restrict__ alpha, float threshold,
-                                 int N, int K, int* __restrict__ idx, float* __restrict__ gval, int* __restrict__ count,
-                                 int* __restrict__ predicted) {
-    extern __shared__ float xs[];
-    load_x(x, xs, K);
+// One block (blockDim.x a multiple of 32).
+//   x (K,) fp32 the FFN input before its norm; norm_w (K,) fp32 | NULL (no norm), norm_b (K,) | NULL (RMSNorm);
+//   residual (K,) | NULL (0), down_b (K,) | NULL; y may alias residual or x (each element read before written).
+// Out: xn (K,) fp32; x_signs (ceil(K/32),) uint32 (bit j of word c: xn[32c+j] < 0); x_sum (1,) fp32 = sum(xn);
+//   counters (2,) int32 = {kept, predicted} zeroed; y (K,) = residual + down_b.
+extern "C" __global__ void ffn_prepare(const float* x, const float* norm_w, const float* norm_b, float eps, int K,
+                                       const float* residual, const float* down_b, float* xn, uint32_t* x_signs,
+                                       float* x_sum, int* counters, float* y) {
+    __shared__ float red[32];
     const int lane = threadIdx.x % WARP;
-    const int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-    if (row >= N) return;
-    const int W = (K + 31) / 32;
-    int n_neg = 0;
-    for (int c = lane; c < W; c += WARP) n_neg += __popc(x_signs[c] ^ __ldg(gate_signs + (size_t)row * W + c));
-    n_neg = warp_sum_int(n_neg);
-    if ((float)n_neg > (*alpha) * (float)(K - n_neg)) return;  // predicted zero: the row is never read
-    gate_and_append<ENC>(w, scale, group, row, K, xs, lane, threshold, idx, gval, count, predicted);
+    float mu = 0.f, inv = 1.f;
+    if (norm_w) norm_stats(x, norm_b != nullptr, eps, K, red, &mu, &inv);
+    float s = 0.f;
+    for (int base = (threadIdx.x / WARP) * WARP; base < K; base += blockDim.x) {  // whole warps: the ballot is uniform
+        const int i = base + lane;
+        float v = 0.f;
+        if (i < K) {
+            v = norm_apply(x[i], i, norm_w, norm_b, mu, inv);
+            xn[i] = v;
+            y[i] = (residual ? residual[i] : 0.f) + (down_b ? down_b[i] : 0.f);
+        }
+        s += v;
+        const uint32_t word = __ballot_sync(FULL_MASK, v < 0.f);
+        if (lane == 0) x_signs[base / WARP] = word;
+    }
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) {
+        *x_sum = s;
+        counters[0] = 0;
+        counters[1] = 0;
+    }
 }
 
-// Projection predictor + gate GEMV, fused. z_r = sum_i x_i * sign(w_ri) = sum(x) - 2 * sum_{bit set} x_i;
-// predicted active when z_r >= theta[r] (theta (N,) fp32 read beside the row). x_sum: device scalar sum(x).
-template <int ENC>
-__device__ void projection_gate(const void* __restrict__ w, const __half* __restrict__ scale, int group,
-                                const float* __restrict__ x, const float* __restrict__ x_sum,
-                                const uint32_t* __restrict__ gate_signs, const float* __restrict__ theta, float threshold,
-                                int N, int K, int* __restrict__ idx, float* __restrict__ gval, int* __restrict__ count,
-                                int* __restrict__ predicted) {
+// Grid-stride over gate rows, one warp per row, x loaded into shared memory once per block (the launcher caps the
+// grid at a few blocks per SM, so a block serves many rows instead of reloading x for every 8).
+//   gate/up: (N, K) in encoding ENC (same encoding and group for both; up_w NULL: no up projection);
+//   gate_b, up_b (N,) fp32 | NULL; xn (K,) fp32; x_signs (ceil(K/32),) uint32; x_sum (1,) fp32;
+//   gate_signs (N, ceil(K/32)) uint32; knob: SparseInfer alpha (1,) fp32 (row predicted zero when
+//   n_neg > alpha * (K - n_neg)) | projection theta (N,) fp32 (row predicted active when z >= theta[row]), read from
+//   device memory every launch; threshold: FATReLU threshold (0 = ReLU), a model constant.
+// Out: idx (N,) int32 and h (N,) fp32, the first counters[0] entries (in arbitrary order); counters (2,) int32
+//   {kept, predicted}, zeroed by ffn_prepare.
+template <int ENC, int PRED>
+__device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restrict__ gate_scale,
+                         const float* __restrict__ gate_b, const uint8_t* __restrict__ gate_bitmap,
+                         const long long* __restrict__ gate_offsets, const void* __restrict__ up_w,
+                         const __half* __restrict__ up_scale, const float* __restrict__ up_b,
+                         const uint8_t* __restrict__ up_bitmap, const long long* __restrict__ up_offsets, int group,
+                         int N, int K, int Kp, const float* __restrict__ xn, const uint32_t* __restrict__ x_signs,
+                         const float* __restrict__ x_sum, const uint32_t* __restrict__ gate_signs,
+                         const float* __restrict__ knob, float threshold, int* __restrict__ idx, float* __restrict__ h,
+                         int* __restrict__ counters) {
     extern __shared__ float xs[];
-    load_x(x, xs, K);
-    const int lane = threadIdx.x % WARP;
-    const int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-    if (row >= N) return;
-    const int W = (K + 31) / 32;
-    float neg = 0.f;
-    for (int c = lane; c < W; c += WARP) {
-        uint32_t bits = __ldg(gate_signs + (size_t)row * W + c);
-        while (bits) {
-            const int j = __ffs(bits) - 1;
-            neg += xs[c * 32 + j];
-            bits &= bits - 1;
+    load_x<ENC>(xn, nullptr, nullptr, 0.f, K, Kp, xs);
+    const int lane = threadIdx.x % WARP, wpb = blockDim.x / WARP;
+    const int W = (K + WARP - 1) / WARP;
+    const float alpha = PRED == PRED_SPARSEINFER ? *knob : 0.f;
+    const float sum = PRED == PRED_PROJECTION ? *x_sum : 0.f;
+    int n_pred = 0;
+    for (int row = blockIdx.x * wpb + threadIdx.x / WARP; row < N; row += gridDim.x * wpb) {
+        const uint32_t* srow = gate_signs + (size_t)row * W;
+        bool active;
+        if (PRED == PRED_SPARSEINFER) {
+            int n_neg = 0;
+            for (int c = lane; c < W; c += WARP) n_neg += __popc(x_signs[c] ^ __ldg(srow + c));
+            n_neg = warp_sum_int(n_neg);
+            active = !((float)n_neg > alpha * (float)(K - n_neg));
+        } else {  // z = sum(x) - 2 * sum of x_i where w_ri < 0
+            float neg = 0.f;
+            for (int c = lane; c < W; c += WARP) {
+                uint32_t bits = __ldg(srow + c);
+                while (bits) {
+                    neg += xs[xs_index<ENC>(c * WARP + __ffs(bits) - 1, Kp)];
+                    bits &= bits - 1;
+                }
+            }
+            active = sum - 2.f * warp_sum(neg) >= __ldg(knob + row);
+        }
+        if (!active) continue;  // warp-uniform: the row's weights are never read
+        ++n_pred;
+        float g = row_dot<ENC>(gate_w, gate_scale, group, gate_bitmap, gate_offsets, row, Kp, xs, lane);
+        if (gate_b) g += gate_b[row];
+        if (!(g > 0.f && g >= threshold)) continue;
+        float hv = g;
+        if (up_w) {
+            float u = row_dot<ENC>(up_w, up_scale, group, up_bitmap, up_offsets, row, Kp, xs, lane);
+            if (up_b) u += up_b[row];
+            hv = g * u;
+        }
+        if (lane == 0) {
+            const int at = atomicAdd(counters, 1);
+            idx[at] = row;
+            h[at] = hv;
         }
     }
-    const float z = *x_sum - 2.f * warp_sum(neg);
-    if (z < __ldg(theta + row)) return;
-    gate_and_append<ENC>(w, scale, group, row, K, xs, lane, threshold, idx, gval, count, predicted);
+    if (lane == 0 && n_pred) atomicAdd(counters + 1, n_pred);
 }
 
-// Up projection over the surviving rows: h[pos] = gval[pos] * dot(W_up[idx[pos]], x). One warp per entry;
-// launched for N entries, entries at or past *count return at once.
+// y (D,) += sum_{pos < counters[0]} h[pos] * Wt[idx[pos], :], Wt (N, D) = W_down^T packed in ENC (int4: rows of Dp).
+// Grid (column tiles of 8 * blockDim.x, row splits); each thread owns 8 columns and walks its split of the active
+// list; one atomicAdd per column per thread. y was initialised by ffn_prepare (residual + down bias).
+// Block (0, 0) thread 0 adds this step's {predicted, kept} into stats[layer] (n_layers, 2) uint64.
 template <int ENC>
-__device__ void up_sparse(const void* __restrict__ w, const __half* __restrict__ scale, int group, const float* __restrict__ x,
-                          int K, const int* __restrict__ idx, const float* __restrict__ gval, const int* __restrict__ count,
-                          float* __restrict__ h) {
-    extern __shared__ float xs[];
-    const int n = *count;
-    const int pos = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-    if (blockIdx.x * (blockDim.x / WARP) >= n) return;  // whole block idle: skip loading x
-    load_x(x, xs, K);
-    if (pos >= n) return;
-    const float u = row_dot<ENC>(w, scale, idx[pos], K, group, xs, threadIdx.x % WARP);
-    if (threadIdx.x % WARP == 0) h[pos] = gval[pos] * u;
-}
-
-// Down projection as an accumulation over rows of W_down^T (N, D): y[col] += sum_pos h[pos] * Wt[idx[pos], col].
-// Grid (D / (8 * blockDim.x) column tiles, row splits); each thread owns 8 columns (one 16-byte fp16 load, or 8
-// int8 values) and walks its split of the active list; one atomicAdd per column per thread. y zeroed before.
-template <int ENC>
-__device__ void down_sparse(const void* __restrict__ wt, const __half* __restrict__ scale, int group, int D,
-                            const int* __restrict__ idx, const float* __restrict__ h, const int* __restrict__ count,
-                            float* __restrict__ y) {
-    const int n = *count;
+__device__ void ffn_down(const void* __restrict__ wt, const __half* __restrict__ scale, int group, int D, int Dp,
+                         const int* __restrict__ idx, const float* __restrict__ h, const int* __restrict__ counters,
+                         unsigned long long* __restrict__ stats, int layer, float* __restrict__ y) {
+    const int n = counters[0];
+    if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+        stats[2 * layer] += (unsigned long long)counters[1];
+        stats[2 * layer + 1] += (unsigned long long)n;
+    }
     const int col0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (col0 >= D) return;
     const int per = (n + gridDim.y - 1) / gridDim.y;
     const int begin = blockIdx.y * per, end = min(n, begin + per);
+    if (begin >= end) return;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int pos = begin; pos < end; ++pos) {
-        const int r = idx[pos];
-        const float hv = h[pos];
-        if (ENC == ENC_FP16) {
-            uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const __half*>(wt) + (size_t)r * D + col0));
-            const __half2* p = reinterpret_cast<const __half2*>(&v);
+    for (int pos = begin; pos < end; ++pos) axpy8<ENC>(wt, scale, group, Dp, idx[pos], col0, h[pos], acc);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float2 f = __half22float2(p[j]);
-                acc[2 * j] += hv * f.x;
-                acc[2 * j + 1] += hv * f.y;
-            }
-        } else if (ENC == ENC_INT8) {
-            uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const int8_t*>(wt) + (size_t)r * D + col0));
-            const int8_t* q = reinterpret_cast<const int8_t*>(&v);
-            const float s = hv * __half2float(scale[r]);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[j] += s * float(q[j]);
-        } else {
-            uint32_t v = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(wt) + (size_t)r * (D / 2) + col0 / 2));
-            const float s = hv * __half2float(scale[(size_t)r * (D / group) + col0 / group]);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const uint32_t b = (v >> (8 * j)) & 0xFF;
-                acc[2 * j] += s * float(int(b & 0xF) - 8);
-                acc[2 * j + 1] += s * float(int(b >> 4) - 8);
-            }
-        }
-    }
-    if (begin < end) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) atomicAdd(y + col0 + j, acc[j]);
-    }
+    for (int j = 0; j < 8; ++j) atomicAdd(y + col0 + j, acc[j]);
 }
 
-// Dense GEMV, one warp per row: y[row] = dot(W[row], x). The baseline and the non-FFN projections.
-template <int ENC>
-__device__ void gemv(const void* __restrict__ w, const __half* __restrict__ scale, int group, const float* __restrict__ x,
-                     int N, int K, float* __restrict__ y) {
-    extern __shared__ float xs[];
-    load_x(x, xs, K);
-    const int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
-    if (row >= N) return;
-    const float v = row_dot<ENC>(w, scale, row, K, group, xs, threadIdx.x % WARP);
-    if (threadIdx.x % WARP == 0) y[row] = v;
-}
+#define GATE_ARGS                                                                                                     \
+    const void *gate_w, const __half *gate_scale, const float *gate_b, const uint8_t *gate_bitmap,                    \
+        const long long *gate_offsets, const void *up_w, const __half *up_scale, const float *up_b,                   \
+        const uint8_t *up_bitmap, const long long *up_offsets, int group, int N, int K, int Kp, const float *xn,       \
+        const uint32_t *x_signs, const float *x_sum, const uint32_t *gate_signs, const float *knob, float threshold,  \
+        int *idx, float *h, int *counters
+#define GATE_CALL                                                                                                     \
+    gate_w, gate_scale, gate_b, gate_bitmap, gate_offsets, up_w, up_scale, up_b, up_bitmap, up_offsets, group, N, K, \
+        Kp, xn, x_signs, x_sum, gate_signs, knob, threshold, idx, h, counters
 
-// Sign words of x and sum(x), one block: x_signs (ceil(K/32),) uint32, x_sum scalar. Zeroes the counters
-// of this layer's active list (count, predicted) so that the whole step stays on the device.
-extern "C" __global__ void prepare_x(const float* __restrict__ x, int K, uint32_t* __restrict__ x_signs,
-                                     float* __restrict__ x_sum, int* __restrict__ count, int* __restrict__ predicted) {
-    __shared__ float partial[32];
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    float s = 0.f;
-    for (int base = warp * WARP; base < K; base += blockDim.x) {
-        const int i = base + lane;
-        const float v = i < K ? x[i] : 0.f;
-        s += v;
-        const uint32_t word = __ballot_sync(0xffffffffu, v < 0.f);
-        if (lane == 0) x_signs[base / 32] = word;
-    }
-    s = warp_sum(s);
-    if (lane == 0) partial[warp] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float t = 0.f;
-        for (int w = 0; w < (int)(blockDim.x / WARP); ++w) t += partial[w];
-        *x_sum = t;
-        *count = 0;
-        if (predicted) *predicted = 0;
-    }
-}
+#define INSTANTIATE_GATE(SUFFIX, ENC)                                                                                  \
+    extern "C" __global__ void ffn_gate_sparseinfer_##SUFFIX(GATE_ARGS) {                                              \
+        ffn_gate<ENC, PRED_SPARSEINFER>(GATE_CALL);                                                                    \
+    }                                                                                                                  \
+    extern "C" __global__ void ffn_gate_projection_##SUFFIX(GATE_ARGS) { ffn_gate<ENC, PRED_PROJECTION>(GATE_CALL); }
 
-#define INSTANTIATE(SUFFIX, ENC)                                                                                          \
-    extern "C" __global__ void sparseinfer_gate_##SUFFIX(const void* w, const __half* scale, int group, const float* x,     \
-                                                         const uint32_t* x_signs, const uint32_t* gate_signs,               \
-                                                         const float* alpha, float threshold, int N, int K, int* idx,       \
-                                                         float* gval, int* count, int* predicted) {                         \
-        sparseinfer_gate<ENC>(w, scale, group, x, x_signs, gate_signs, alpha, threshold, N, K, idx, gval, count, predicted); \
-    }                                                                                                                     \
-    extern "C" __global__ void projection_gate_##SUFFIX(const void* w, const __half* scale, int group, const float* x,      \
-                                                        const float* x_sum, const uint32_t* gate_signs, const float* theta, \
-                                                        float threshold, int N, int K, int* idx, float* gval, int* count,   \
-                                                        int* predicted) {                                                   \
-        projection_gate<ENC>(w, scale, group, x, x_sum, gate_signs, theta, threshold, N, K, idx, gval, count, predicted);  \
-    }                                                                                                                     \
-    extern "C" __global__ void up_sparse_##SUFFIX(const void* w, const __half* scale, int group, const float* x, int K,      \
-                                                  const int* idx, const float* gval, const int* count, float* h) {          \
-        up_sparse<ENC>(w, scale, group, x, K, idx, gval, count, h);                                                       \
-    }                                                                                                                     \
-    extern "C" __global__ void down_sparse_##SUFFIX(const void* wt, const __half* scale, int group, int D, const int* idx,  \
-                                                    const float* h, const int* count, float* y) {                           \
-        down_sparse<ENC>(wt, scale, group, D, idx, h, count, y);                                                          \
-    }                                                                                                                     \
-    extern "C" __global__ void gemv_##SUFFIX(const void* w, const __half* scale, int group, const float* x, int N, int K,   \
-                                             float* y) {                                                                    \
-        gemv<ENC>(w, scale, group, x, N, K, y);                                                                           \
+#define INSTANTIATE_DOWN(SUFFIX, ENC)                                                                                  \
+    extern "C" __global__ void ffn_down_##SUFFIX(const void* wt, const __half* scale, int group, int D, int Dp,         \
+                                                 const int* idx, const float* h, const int* counters,                  \
+                                                 unsigned long long* stats, int layer, float* y) {                     \
+        ffn_down<ENC>(wt, scale, group, D, Dp, idx, h, counters, stats, layer, y);                                     \
     }
 
-INSTANTIATE(fp16, ENC_FP16)
-INSTANTIATE(int8, ENC_INT8)
-INSTANTIATE(int4, ENC_INT4)
+INSTANTIATE_GATE(fp16, ENC_FP16)
+INSTANTIATE_GATE(int8, ENC_INT8)
+INSTANTIATE_GATE(int4, ENC_INT4)
+INSTANTIATE_GATE(csr_fp16, ENC_CSR_FP16)
+INSTANTIATE_GATE(csr_int8, ENC_CSR_INT8)
+INSTANTIATE_DOWN(fp16, ENC_FP16)
+INSTANTIATE_DOWN(int8, ENC_INT8)
+INSTANTIATE_DOWN(int4, ENC_INT4)

@@ -20,7 +20,9 @@ import csv
 
 import numpy as np
 
-from edge_runtime.backends.cuda_kernels import DeviceMatrix, SparseFFN, SparseFFNKernels
+from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+from edge_runtime.backends.cuda_ops.gemv import Gemv
+from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFN, SparseFFNKernels
 from edge_runtime.bench import cuda_event_ms
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.pack.quant import quantize
@@ -58,7 +60,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=3, help="weight sets rotated per timing")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args()
-    kernels = SparseFFNKernels()
+    kernels, gemv = SparseFFNKernels(), Gemv()
     bw = copy_bandwidth(cp)
     rng = np.random.default_rng(0)
     rows = []
@@ -87,9 +89,9 @@ def main() -> None:
                     h = cp.matmul(u.w, xh)
                     cp.matmul(h, dt.w)
                 else:
-                    kernels.gemv(g, x, ys[0])
-                    kernels.gemv(u, x, ys[1])
-                    kernels.gemv(dt, x, ys[2])  # (N, d) transposed down read in full, as dense would
+                    gemv(g, x, ys[0])
+                    gemv(u, x, ys[1])
+                    gemv(dt, x, ys[2])  # (N, d) transposed down read in full, as dense would
 
             dense_ms = cuda_event_ms(cp, dense_step)
             dense_bytes = sum(m.nbytes for m in dense_mats[0])

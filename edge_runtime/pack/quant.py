@@ -109,7 +109,7 @@ class PackedTensor:
             q[:, 1::2] = (packed >> 4).astype(np.float32) - 8.0
             scale = self.arrays["scale"][sel].astype(np.float32)
             q = q.reshape(q.shape[0], scale.shape[1], self.group_size) * scale[:, :, None]
-            return q.reshape(q.shape[0], -1)[:, :n_cols]
+            return q.reshape(q.shape[0], scale.shape[1] * self.group_size)[:, :n_cols]  # (0 rows too)
         raise ModelFormatError(f"unknown encoding {self.encoding!r}")
 
 

@@ -1,0 +1,193 @@
+"""Shared by the CUDA launchers: CuPy import, kernel sources and their RawModule cache, argument checks, the
+device matrix (a packed weight uploaded as stored), and the step-buffer layout.
+
+Every launcher writes into caller-provided buffers, allocates nothing per call and checks every argument's
+type, dtype, shape and contiguity (EdgeRuntimeError naming the argument). Per-token values (token id,
+position, per-layer knobs, RNG counter) are device arrays read by the kernels, so that one captured CUDA
+graph can be replayed every step; host scalars are model constants only.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import EdgeRuntimeError
+
+# int32 step buffer (STEP_SIZE,): kernels/common.cuh STEP_* must agree.
+STEP_TOKEN, STEP_POS, STEP_RNG = 0, 1, 2
+STEP_SIZE = 4
+THREADS = 256  # row kernels: 8 warps, one row per warp at a time
+BLOCKS_PER_SM = 4  # row kernels' grid cap: x is loaded once per block, which then serves many rows
+SMEM_DEFAULT = 48 << 10  # dynamic shared memory without the opt-in attribute
+
+_INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
+
+
+def cupy():
+    try:
+        import cupy
+    except ImportError:
+        raise EdgeRuntimeError("the CUDA kernels need CuPy (pip install 'edge-runtime[cuda]')") from None
+    return cupy
+
+
+def kernel_source(name: str) -> Path:
+    """kernels/<name> of a checkout, else where a wheel installs it (<prefix>/share/edge-runtime/kernels)."""
+    for d in (Path(__file__).resolve().parents[3] / "kernels", Path(sys.prefix) / "share" / "edge-runtime" / "kernels"):
+        if (d / name).is_file():
+            return d / name
+    raise EdgeRuntimeError(f"kernel source {name} not found; reinstall edge-runtime")
+
+
+def source_text(name: str) -> str:
+    """The kernel file with its local #include "x.cuh" lines replaced by the header (NVRTC gets one text)."""
+    path = kernel_source(name)
+    return _INCLUDE.sub(lambda m: source_text(m.group(1)).replace("#pragma once", ""), path.read_text())
+
+
+_modules: dict[str, object] = {}
+
+
+class Module:
+    """One kernels/<file>.cu compiled once per process (CuPy caches the binary on disk), its kernels by name."""
+
+    def __init__(self, name: str):
+        cp = cupy()
+        if name not in _modules:
+            _modules[name] = cp.RawModule(code=source_text(name), options=("-std=c++17",))
+        self.raw = _modules[name]
+        self._k: dict[str, object] = {}
+
+    def __call__(self, name: str):
+        if name not in self._k:
+            self._k[name] = self.raw.get_function(name)
+        return self._k[name]
+
+    def launch(self, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
+        """Launch, raising the kernel's dynamic shared-memory limit first when it needs more than 48 KB."""
+        k = self(name)
+        if shared_mem > SMEM_DEFAULT:
+            limit = smem_optin()
+            if shared_mem > limit:
+                raise EdgeRuntimeError(f"{name} needs {shared_mem} B of shared memory, the device allows {limit} B")
+            if (k.max_dynamic_shared_size_bytes or 0) < shared_mem:
+                k.max_dynamic_shared_size_bytes = shared_mem
+        k(grid, block, args, shared_mem=shared_mem)
+
+
+def smem_optin() -> int:
+    return int(cupy().cuda.Device().attributes.get("MaxSharedMemoryPerBlockOptin", SMEM_DEFAULT))
+
+
+def row_grid(n_rows: int, threads: int = THREADS, max_blocks: int | None = None) -> tuple[int]:
+    """Blocks for a grid-stride row kernel: one row per warp, capped at BLOCKS_PER_SM per SM (or max_blocks)."""
+    if max_blocks is None:
+        max_blocks = BLOCKS_PER_SM * int(cupy().cuda.Device().attributes.get("MultiProcessorCount", 16))
+    return (max(1, min(-(-n_rows // (threads // 32)), max_blocks)),)
+
+
+def check(a, dtype, shape, what: str) -> None:
+    """a must be a contiguous device array of this dtype and shape (-1 in shape: any length)."""
+    cp = cupy()
+    if a is None or not isinstance(a, cp.ndarray):
+        raise EdgeRuntimeError(f"{what}: want a device array, got {type(a).__name__}")
+    ok = len(a.shape) == len(shape) and all(s in (-1, t) for s, t in zip(shape, a.shape, strict=True))
+    if a.dtype != np.dtype(dtype) or not ok or not a.flags.c_contiguous:
+        raise EdgeRuntimeError(f"{what}: want {np.dtype(dtype).name}{tuple(shape)} contiguous, got {a.dtype}"
+                               f"{tuple(a.shape)}{'' if a.flags.c_contiguous else ' non-contiguous'}")
+
+
+def check_opt(a, dtype, shape, what: str) -> None:
+    """check(), or None (the kernel tests the pointer)."""
+    if a is not None:
+        check(a, dtype, shape, what)
+
+
+def i32(v) -> np.int32:
+    return np.int32(v)
+
+
+def f32(v) -> np.float32:
+    return np.float32(v)
+
+
+# Encoding suffix of the kernels and the K alignment of their 16-byte loads.
+DENSE_ALIGN = {"fp16": 8, "int8": 16, "int4": 32}
+KERNEL_ENC = {"fp16": "fp16", "int8": "int8", "int4": "int4", "sparse-fp16": "csr_fp16", "sparse-int8": "csr_int8"}
+
+
+class DeviceMatrix:
+    """A packed logical (N, K) matrix on the device, in its stored encoding (edge_runtime/pack/quant.py,
+    sparse_weights.py). Fields are what the kernels take:
+      w        fp16 (N, K) | int8 (N, K) | uint8 (N, Kp/2) int4 | compressed values (nnz,) fp16 | int8
+      scale    fp16 (N,) int8 | (N, Kp/group) int4 | (1,) unused placeholder
+      bitmap   uint8 (N, ceil(K/8)) and row_offsets int64 (N+1,): compressed rows only, else (1,) placeholders
+      group    int4 group (0 otherwise); kp: K padded to the group (int4), else K
+    Checked at upload: the layout the kernels index (row stride Kp/2, Kp/group scales, group % 32 == 0); the
+    launchers check the alignment their kernel needs (check_row_kernel, check_column_kernel)."""
+
+    def __init__(self, packed):
+        cp = cupy()
+        enc = packed.encoding
+        if enc not in KERNEL_ENC:
+            raise EdgeRuntimeError(f"no CUDA kernel for encoding {enc!r} (have {', '.join(KERNEL_ENC)})")
+        n, k = packed.shape
+        self.encoding, self.shape, self.kenc = enc, (int(n), int(k)), KERNEL_ENC[enc]
+        self.group, self.kp = int(packed.group_size or 0), int(k)
+        a = packed.arrays
+        if enc == "int4":
+            g = self.group
+            if g <= 0 or g % 32:
+                raise EdgeRuntimeError(f"int4 kernels need the group to be a multiple of 32, got {g}")
+            self.kp = -(-k // g) * g
+            if a["q"].shape != (n, self.kp // 2) or a["scale"].shape != (n, self.kp // g):
+                raise EdgeRuntimeError(f"int4 layout: want q (N, Kp/2) = {(n, self.kp // 2)} and scale (N, Kp/group) = "
+                                       f"{(n, self.kp // g)}, got {a['q'].shape}, {a['scale'].shape}")
+        self.w = cp.asarray(np.ascontiguousarray(a["w"] if enc == "fp16" else a["q"] if "q" in a else a["values"]))
+        if enc.startswith("sparse-"):
+            if a["bitmap"].shape != (n, -(-k // 8)) or a["row_offsets"].shape != (n + 1,):
+                raise EdgeRuntimeError("compressed rows: bitmap (N, ceil(K/8)) and row_offsets (N+1,) expected")
+            self.bitmap = cp.asarray(np.ascontiguousarray(a["bitmap"], dtype=np.uint8))
+            self.row_offsets = cp.asarray(np.ascontiguousarray(a["row_offsets"], dtype=np.int64))
+        else:
+            self.bitmap, self.row_offsets = cp.zeros(1, cp.uint8), cp.zeros(1, cp.int64)
+        has_scale = "scale" in a
+        self.scale = cp.asarray(np.ascontiguousarray(a["scale"], dtype=np.float16)) if has_scale else \
+            cp.zeros(1, dtype=cp.float16)
+        self.nbytes = int(self.w.nbytes + (self.scale.nbytes if has_scale else 0)
+                          + (self.bitmap.nbytes + self.row_offsets.nbytes if self.sparse else 0))
+
+    @property
+    def sparse(self) -> bool:
+        return self.encoding.startswith("sparse-")
+
+    def row_args(self) -> tuple:
+        """(w, scale, group, bitmap, row_offsets): how the row kernels take a matrix."""
+        return self.w, self.scale, i32(self.group), self.bitmap, self.row_offsets
+
+    def check_row_kernel(self, what: str) -> None:
+        """Row dots (gemv, FFN gate/up) read 16 bytes a lane: fp16 K % 8, int8 K % 16 (int4: padded rows)."""
+        need = DENSE_ALIGN.get(self.encoding, 1) if self.encoding != "int4" else 1
+        if self.shape[1] % need:
+            raise EdgeRuntimeError(f"{what}: {self.encoding} row kernels need K % {need} == 0, got K = {self.shape[1]}")
+
+    def check_column_kernel(self, what: str) -> None:
+        """Accumulations over rows (FFN down, TEAL) give each thread 8 columns: row length % 8 == 0."""
+        if self.shape[1] % 8:
+            raise EdgeRuntimeError(f"{what}: kernels over rows of a transposed matrix need its row length % 8 == 0, "
+                                   f"got {self.shape[1]}")
+
+    def free(self) -> None:
+        self.w = self.scale = self.bitmap = self.row_offsets = None
+
+
+def as_matrix(m) -> DeviceMatrix:
+    if not isinstance(m, DeviceMatrix):
+        raise EdgeRuntimeError(f"want a DeviceMatrix (upload with DeviceMatrix(packed)), got {type(m).__name__}")
+    if m.w is None:
+        raise EdgeRuntimeError("DeviceMatrix used after free()")
+    return m

@@ -1,0 +1,34 @@
+"""Launcher for kernels/elementwise.cu: residual add, activation times up. Numpy twins: the decoder's residual
+adds, CpuBackend._activate."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_runtime.backends.cuda_ops.common import Module, check, check_opt, f32, i32
+from edge_runtime.errors import EdgeRuntimeError
+
+ACTIVATIONS = {"silu": 0, "relu": 1, "fatrelu": 2}
+
+
+class Elementwise:
+    def __init__(self):
+        self.m = Module("elementwise.cu")
+
+    def add(self, x, y, threads: int = 256) -> None:
+        """x (n,) fp32 += y (n,) fp32."""
+        n = x.shape[0] if x is not None else -1
+        check(x, np.float32, (n,), "x")
+        check(y, np.float32, (n,), "y")
+        self.m.launch("add_f32", (-(-n // threads),), (threads,), (x, y, i32(n)))
+
+    def act_mul(self, g, u, h, activation: str, threshold: float = 0.0, threads: int = 256) -> None:
+        """h (n,) = act(g) * u (u None: act(g)); activation silu | relu | fatrelu (threshold)."""
+        if activation not in ACTIVATIONS:
+            raise EdgeRuntimeError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        n = g.shape[0] if g is not None else -1
+        check(g, np.float32, (n,), "g")
+        check_opt(u, np.float32, (n,), "u")
+        check(h, np.float32, (n,), "h")
+        self.m.launch("act_mul", (-(-n // threads),), (threads,),
+                      (g, u, i32(n), i32(ACTIVATIONS[activation]), f32(threshold), h))

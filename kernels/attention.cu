@@ -1,0 +1,100 @@
+// Decode attention over the KV cache, split over the KV length (flash-decoding), GQA.
+// Numpy twin: CpuBackend.attention for one token (T = 1): softmax(q k^T / sqrt(hd)) v over positions [0, pos].
+//   attn_partial_<f32|f16>: grid (n_kv, n_chunks), block (threads, a multiple of 32). Block (g, c) covers positions
+//     [c * chunk, min((c + 1) * chunk, L)), L = min(step[STEP_POS] + 1, max_ctx), for the group = n_heads / n_kv
+//     query heads g * group .. (g + 1) * group - 1 that share kv head g (K and V read once for the group).
+//     q (n_heads, hd) fp32 (rotated); k_cache, v_cache (n_kv, max_ctx, hd) fp32 | fp16.
+//     Out, per query head h and chunk c: part_m (n_heads, n_chunks) the chunk's max score, part_l the sum of
+//     exp(score - m), part_acc (n_heads, n_chunks, hd) sum of exp(score - m) v. Chunks at or past L write nothing.
+//     Dynamic shared memory: 4 * group * (hd + chunk) bytes.
+//   attn_combine: grid (n_heads,), block >= 32. out (n_heads, hd) fp32 = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M)
+//     over the chunks below L.
+#include "common.cuh"
+
+__device__ __forceinline__ float load_f(const float* p) { return *p; }
+__device__ __forceinline__ float load_f(const __half* p) { return __half2float(*p); }
+
+template <typename T>
+__device__ void attn_partial(const float* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                             const int* __restrict__ step, int n_heads, int n_kv, int max_ctx, int hd, int chunk,
+                             float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) {
+    extern __shared__ float sm[];
+    const int g = blockIdx.x, c = blockIdx.y, n_chunks = gridDim.y;
+    const int L = min(step[STEP_POS] + 1, max_ctx);
+    const int t0 = c * chunk;
+    if (t0 >= L) return;  // past the context: the combine does not read this chunk
+    const int nt = min(chunk, L - t0), group = n_heads / n_kv;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    float* qs = sm;                 // (group, hd)
+    float* s = sm + group * hd;     // (group, chunk) scores, then exp(score - m)
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) qs[i] = q[(size_t)g * group * hd + i];
+    __syncthreads();
+    const float scale = 1.f / sqrtf((float)hd);
+    const T* kbase = k_cache + ((size_t)g * max_ctx + t0) * hd;
+    const T* vbase = v_cache + ((size_t)g * max_ctx + t0) * hd;
+    for (int t = warp; t < nt; t += nw) {  // one warp per position, all heads of the group
+        const T* kt = kbase + (size_t)t * hd;
+        for (int j = 0; j < group; ++j) {
+            float a = 0.f;
+            for (int d = lane; d < hd; d += WARP) a += qs[j * hd + d] * load_f(kt + d);
+            a = warp_sum(a);
+            if (lane == 0) s[j * chunk + t] = a * scale;
+        }
+    }
+    __syncthreads();
+    for (int j = warp; j < group; j += nw) {  // one warp per head: max and sum of exponentials
+        float m = -INFINITY;
+        for (int t = lane; t < nt; t += WARP) m = fmaxf(m, s[j * chunk + t]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int t = lane; t < nt; t += WARP) {
+            const float e = expf(s[j * chunk + t] - m);
+            s[j * chunk + t] = e;
+            l += e;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            const int h = g * group + j;
+            part_m[h * n_chunks + c] = m;
+            part_l[h * n_chunks + c] = l;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {  // one thread per (head, dim): coalesced v reads
+        const int j = i / hd, d = i % hd;
+        float a = 0.f;
+        for (int t = 0; t < nt; ++t) a += s[j * chunk + t] * load_f(vbase + (size_t)t * hd + d);
+        part_acc[((size_t)(g * group + j) * n_chunks + c) * hd + d] = a;
+    }
+}
+
+extern "C" __global__ void attn_partial_f32(const float* q, const float* k_cache, const float* v_cache, const int* step,
+                                            int n_heads, int n_kv, int max_ctx, int hd, int chunk, float* part_m,
+                                            float* part_l, float* part_acc) {
+    attn_partial<float>(q, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, part_m, part_l, part_acc);
+}
+
+extern "C" __global__ void attn_partial_f16(const float* q, const __half* k_cache, const __half* v_cache,
+                                            const int* step, int n_heads, int n_kv, int max_ctx, int hd, int chunk,
+                                            float* part_m, float* part_l, float* part_acc) {
+    attn_partial<__half>(q, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, part_m, part_l, part_acc);
+}
+
+extern "C" __global__ void attn_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                        const float* __restrict__ part_acc, const int* __restrict__ step, int max_ctx,
+                                        int chunk, int n_chunks, int hd, float* __restrict__ out) {
+    const int h = blockIdx.x;
+    const int L = min(step[STEP_POS] + 1, max_ctx);
+    const int used = (L + chunk - 1) / chunk;
+    const float* m = part_m + (size_t)h * n_chunks;
+    const float* l = part_l + (size_t)h * n_chunks;
+    float M = -INFINITY;
+    for (int c = 0; c < used; ++c) M = fmaxf(M, m[c]);
+    float den = 0.f;
+    for (int c = 0; c < used; ++c) den += l[c] * expf(m[c] - M);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float num = 0.f;
+        for (int c = 0; c < used; ++c) num += part_acc[((size_t)h * n_chunks + c) * hd + d] * expf(m[c] - M);
+        out[(size_t)h * hd + d] = num / den;
+    }
+}

@@ -1,0 +1,238 @@
+// Device helpers shared by kernels/*.cu. nvcc finds it beside the including file; the host loader
+// (edge_runtime/backends/cuda_ops/common.py) inlines it into the source it hands to NVRTC.
+//
+// Weight encodings (edge_runtime/pack/quant.py, sparse_weights.py), a logical (N, K) matrix, one row per output:
+//   ENC_FP16      w (N, K) half                                             K % 8 == 0
+//   ENC_INT8      w (N, K) int8, scale (N,) half: value = q * scale[row]    K % 16 == 0
+//   ENC_INT4      w (N, Kp/2) uint8, Kp = K rounded up to the group (quantize pads with zeros); low nibble =
+//                 even column; scale (N, Kp/group) half: value = (nibble - 8) * s; group % 32 == 0
+//   ENC_CSR_FP16  compressed weight-sparse rows: bitmap (N, ceil(K/8)) uint8 (bit j of byte c = column 8c+j kept),
+//                 values (nnz,) half in row order, row_offsets (N+1,) int64
+//   ENC_CSR_INT8  the same with int8 values and scale (N,) half
+// Activations fp32; accumulation fp32; warp-shuffle reductions. Launchers assert every precondition.
+#pragma once
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define WARP 32
+#define FULL_MASK 0xffffffffu
+#define ENC_FP16 0
+#define ENC_INT8 1
+#define ENC_INT4 2
+#define ENC_CSR_FP16 3
+#define ENC_CSR_INT8 4
+
+// The int32 step buffer: what changes every token, read by pointer so that one captured graph serves every step.
+// Slots (edge_runtime/backends/cuda_ops/common.py STEP_* must agree):
+#define STEP_TOKEN 0  // the token this step decodes; the sampler writes the next one here
+#define STEP_POS 1    // its position: the KV append writes there, attention covers [0, pos]; the sampler advances it
+#define STEP_RNG 2    // sampling counter (uint32), advanced by the sampler
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;  // xor butterfly: every lane gets the bitwise-same value
+}
+
+__device__ __forceinline__ int warp_sum_int(int v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, every thread calling); every thread gets the same value.
+// red: __shared__ float[32].
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();  // red may still be read by a previous call
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < nw; ++i) t += red[i];
+    return t;
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float t = red[0];
+    for (int i = 1; i < nw; ++i) t = fmaxf(t, red[i]);
+    return t;
+}
+
+// mean and 1/sqrt(var + eps) of x (K,) over the block: LayerNorm when center, else RMSNorm (mean 0, mean of x^2).
+// The cpu backend's `norm`: two passes (mean, then centred squares), as numpy does.
+__device__ __forceinline__ void norm_stats(const float* x, bool center, float eps, int K, float* red, float* mu,
+                                           float* inv) {
+    float m = 0.f;
+    if (center) {
+        float s = 0.f;
+        for (int i = threadIdx.x; i < K; i += blockDim.x) s += x[i];
+        m = block_sum(s, red) / (float)K;
+    }
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        const float d = x[i] - m;
+        ss += d * d;
+    }
+    *mu = m;
+    *inv = 1.f / sqrtf(block_sum(ss, red) / (float)K + eps);
+}
+
+// One normalised element: norm_w == NULL: x as is; norm_b == NULL: RMSNorm; else LayerNorm.
+__device__ __forceinline__ float norm_apply(float v, int i, const float* norm_w, const float* norm_b, float mu,
+                                            float inv) {
+    if (!norm_w) return v;
+    return norm_b ? (v - mu) * inv * norm_w[i] + norm_b[i] : v * inv * norm_w[i];
+}
+
+// Values per 16-byte weight chunk: the shared-memory layout of x for a row dot (see load_x).
+template <int ENC>
+struct Enc {
+    static constexpr int VALS = 1;  // compressed rows: x in natural order
+};
+template <>
+struct Enc<ENC_FP16> {
+    static constexpr int VALS = 8;
+};
+template <>
+struct Enc<ENC_INT8> {
+    static constexpr int VALS = 16;
+};
+template <>
+struct Enc<ENC_INT4> {
+    static constexpr int VALS = 32;
+};
+
+// Index of x[i] in the shared layout of ENC for Kp inputs.
+template <int ENC>
+__device__ __forceinline__ int xs_index(int i, int Kp) {
+    constexpr int V = Enc<ENC>::VALS;
+    return (i % V) * (Kp / V) + i / V;
+}
+
+// x (K,) fp32 (optionally normalised) -> xs, zero-padded to Kp, chunk-transposed: xs[j * C + c] = x[c * V + j],
+// V values per 16-byte weight chunk, C = Kp / V. Lane c of a warp reading value j of its chunk c then hits bank
+// (j * C + c) % 32: consecutive lanes, consecutive banks, no conflicts (a natural layout gives 8/16/32-way ones).
+// Whole block, uniform control flow; ends with __syncthreads.
+template <int ENC>
+__device__ void load_x(const float* x, const float* norm_w, const float* norm_b, float eps, int K, int Kp, float* xs) {
+    __shared__ float red[32];
+    float mu = 0.f, inv = 1.f;
+    if (norm_w) norm_stats(x, norm_b != nullptr, eps, K, red, &mu, &inv);
+    for (int i = threadIdx.x; i < Kp; i += blockDim.x)
+        xs[xs_index<ENC>(i, Kp)] = i < K ? norm_apply(x[i], i, norm_w, norm_b, mu, inv) : 0.f;
+    __syncthreads();
+}
+
+// dot(W[row], x) by one warp, x in shared memory as load_x<ENC> left it; every lane gets the result.
+// Dense encodings: each lane reads 16 bytes per step. bitmap/row_offsets: compressed rows only (else unused).
+template <int ENC>
+__device__ __forceinline__ float row_dot(const void* __restrict__ w, const __half* __restrict__ scale, int group,
+                                         const uint8_t* __restrict__ bitmap, const long long* __restrict__ row_offsets,
+                                         int row, int Kp, const float* __restrict__ xs, int lane) {
+    constexpr int V = Enc<ENC>::VALS;
+    const int C = Kp / V;
+    float acc = 0.f;
+    if (ENC == ENC_FP16) {
+        const uint4* p = reinterpret_cast<const uint4*>(static_cast<const __half*>(w) + (size_t)row * Kp);
+        for (int c = lane; c < C; c += WARP) {
+            const uint4 v = __ldg(p + c);
+            const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float2 f = __half22float2(h[j]);
+                acc += f.x * xs[(2 * j) * C + c] + f.y * xs[(2 * j + 1) * C + c];
+            }
+        }
+        return warp_sum(acc);
+    } else if (ENC == ENC_INT8) {
+        const uint4* p = reinterpret_cast<const uint4*>(static_cast<const int8_t*>(w) + (size_t)row * Kp);
+        for (int c = lane; c < C; c += WARP) {
+            const uint4 v = __ldg(p + c);
+            const int8_t* q = reinterpret_cast<const int8_t*>(&v);
+#pragma unroll
+            for (int j = 0; j < 16; ++j) acc += float(q[j]) * xs[j * C + c];
+        }
+        return warp_sum(acc) * __half2float(scale[row]);
+    } else if (ENC == ENC_INT4) {  // 16 bytes = 32 values, all inside one group (group % 32 == 0)
+        const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w) + (size_t)row * (Kp / 2));
+        const __half* srow = scale + (size_t)row * (Kp / group);
+        for (int c = lane; c < C; c += WARP) {
+            const uint4 v = __ldg(p + c);
+            const uint8_t* b = reinterpret_cast<const uint8_t*>(&v);
+            float part = 0.f;
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+                part += float(int(b[j] & 0xF) - 8) * xs[(2 * j) * C + c] + float(int(b[j] >> 4) - 8) * xs[(2 * j + 1) * C + c];
+            acc += part * __half2float(srow[(c * 32) / group]);
+        }
+        return warp_sum(acc);
+    } else {  // compressed row: lane c takes bitmap byte c (8 columns) of each 32-byte stretch
+        const int KB = (Kp + 7) / 8;
+        const uint8_t* bm = bitmap + (size_t)row * KB;
+        long long base = row_offsets[row];
+        for (int c0 = 0; c0 < KB; c0 += WARP) {
+            const int c = c0 + lane;
+            uint32_t b = c < KB ? bm[c] : 0u;
+            const int n = __popc(b);
+            int incl = n;  // inclusive prefix of kept counts over the lanes
+            for (int o = 1; o < WARP; o <<= 1) {
+                const int t = __shfl_up_sync(FULL_MASK, incl, o);
+                if (lane >= o) incl += t;
+            }
+            long long at = base + incl - n;
+            while (b) {
+                const int j = __ffs(b) - 1;
+                const float v = ENC == ENC_CSR_FP16 ? __half2float(static_cast<const __half*>(w)[at])
+                                                    : float(static_cast<const int8_t*>(w)[at]);
+                acc += v * xs[8 * c + j];
+                ++at;
+                b &= b - 1;
+            }
+            base += __shfl_sync(FULL_MASK, incl, WARP - 1);
+        }
+        acc = warp_sum(acc);
+        return ENC == ENC_CSR_INT8 ? acc * __half2float(scale[row]) : acc;
+    }
+}
+
+// acc[0..7] += hv * W[r, col0 .. col0 + 7] for a dense packed matrix with rows of D values (Dp for int4): the
+// accumulation over rows of a transposed matrix (down_t, TEAL's W^T). One 16-byte (fp16), 8-byte (int8) or 4-byte
+// (int4) load; col0 % 8 == 0, D % 8 == 0, int4 group % 8 == 0.
+template <int ENC>
+__device__ __forceinline__ void axpy8(const void* __restrict__ wt, const __half* __restrict__ scale, int group, int Dp,
+                                      int r, int col0, float hv, float* acc) {
+    if (ENC == ENC_FP16) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const __half*>(wt) + (size_t)r * Dp + col0));
+        const __half2* p = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 f = __half22float2(p[j]);
+            acc[2 * j] += hv * f.x;
+            acc[2 * j + 1] += hv * f.y;
+        }
+    } else if (ENC == ENC_INT8) {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const int8_t*>(wt) + (size_t)r * Dp + col0));
+        const int8_t* q = reinterpret_cast<const int8_t*>(&v);
+        const float s = hv * __half2float(scale[r]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] += s * float(q[j]);
+    } else {
+        const uint32_t v = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(wt) + (size_t)r * (Dp / 2) + col0 / 2));
+        const float s = hv * __half2float(scale[(size_t)r * (Dp / group) + col0 / group]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t b = (v >> (8 * j)) & 0xFF;
+            acc[2 * j] += s * float(int(b & 0xF) - 8);
+            acc[2 * j + 1] += s * float(int(b >> 4) - 8);
+        }
+    }
+}
