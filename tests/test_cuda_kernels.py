@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from edge_runtime.backends import cuda_available
-from edge_runtime.backends.cpu import CpuBackend, Layer, Linear, Norm
+from edge_runtime.backends.base import DecodeState
+from edge_runtime.backends.cpu import CpuBackend
+from edge_runtime.backends.weights import Layer, Linear, Norm
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.pack.sparse_weights import compress, prune_mask
@@ -30,6 +32,27 @@ F32 = 1e-5  # fp32 paths
 PACKED = 2e-3  # packed weights vs the numpy twin on the same quantised weights
 ENCODINGS = ["fp16", "int8", "int4", "sparse-fp16", "sparse-int8"]
 
+
+
+def _twin(config=None, **attrs) -> CpuBackend:
+    """A CpuBackend holding no model: the numpy twin of each op, with its own config and decode state."""
+    cfg = config or SimpleNamespace(**{"n_layers": 1, "ffn_dim": 1, "vocab_size": 1, "act_threshold": 0.0,
+                                       **attrs.pop("cfg", {})})
+    be = CpuBackend.__new__(CpuBackend)
+    be.config, be.state, be.stats_reads = cfg, DecodeState.allocate(np, cfg), 0
+    for name, value in attrs.items():
+        setattr(be, name, value)
+    return be
+
+
+def _cpu_sparse_ffn(xn: np.ndarray, layer: Layer, rule: Rule, threshold: float):
+    """The cpu backend's decode-step FFN on one input: (y (d,), {predicted, kept})."""
+    be = _twin(cfg={"ffn_dim": layer.gate_signs.shape[0], "act_threshold": float(threshold)})
+    be.set_knobs([rule], None)
+    y = np.zeros((1, xn.shape[0]), dtype=np.float32)
+    be.ffn_step(0, xn[None], layer, y, "sparse")
+    stats = be.read_stats()
+    return y[0], SimpleNamespace(predicted=int(stats.predicted[0]), kept=int(stats.kept[0]))
 
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -121,9 +144,8 @@ def test_sparse_ffn(cp, ffn_k, enc, predictor, variant):
 
     layer = Layer(None, None, None, None, None, None, Linear(gate, gate_b), None if opt else Linear(up, up_b), down_t,
                   down_b, signs)
-    twin = SimpleNamespace(cfg=SimpleNamespace(act_threshold=float(threshold)))
-    y_ref, counts = CpuBackend.ffn_sparse(twin, xn[None], layer, rule)
-    expected = residual + y_ref[0]
+    y_ref, counts = _cpu_sparse_ffn(xn, layer, rule, threshold)
+    expected = residual + y_ref
 
     ffn = SparseFFN(ffn_k, gate, up, down_t, signs, threshold=float(threshold), gate_b=gate_b, up_b=up_b,
                     down_b=down_b, n_layers=3)
@@ -235,7 +257,7 @@ def test_gemv(cp, gemv, enc, n, k, group, extras):
     elif "layernorm" in extras:
         norm = Norm(rng.uniform(0.5, 1.5, k).astype(np.float32), rng.standard_normal(k).astype(np.float32), 1e-5)
     xn = x[None] if norm is None else CpuBackend.norm(None, x[None], norm)
-    expected = CpuBackend.linear(CpuBackend, xn, Linear(w, bias))[0]
+    expected = _twin().linear(xn, Linear(w, bias))[0]
     y = _nan(cp, n)
     if "residual" in extras:  # in place: y = y + W x
         r = rng.standard_normal(n).astype(np.float32)
@@ -308,12 +330,11 @@ def test_rope_kv_append_attention(cp, n_heads, n_kv, hd, pos, cache, scaling):
     k = rng.standard_normal(n_kv * hd).astype(np.float32)
     v = rng.standard_normal(n_kv * hd).astype(np.float32)
 
-    twin = SimpleNamespace(cfg=cfg, cos=cos, sin=sin, k_cache=kc[None].astype(np.float32),
-                           v_cache=vc[None].astype(np.float32))
-    q_ref = CpuBackend.rope(twin, q[None], np.array([pos]), n_heads)
-    k_ref = CpuBackend.rope(twin, k[None], np.array([pos]), n_kv)
+    twin = _twin(cfg, cos=cos, sin=sin, k_cache=kc[None].astype(np.float32), v_cache=vc[None].astype(np.float32))
+    q_ref = twin.rope(q[None].copy(), np.array([pos]), n_heads)
+    k_ref = twin.rope(k[None].copy(), np.array([pos]), n_kv)
     k_round, v_round = k_ref.astype(dt).astype(np.float32), v[None].astype(dt).astype(np.float32)
-    out_ref = CpuBackend.attention(twin, 0, q_ref, k_round, v_round, pos)[0]
+    out_ref = twin.attention(0, q_ref, k_round, v_round, np.array([pos]))[0]
 
     step = _step(cp, pos=pos)
     cos_d, sin_d = cp.asarray(cos), cp.asarray(sin)
@@ -366,8 +387,8 @@ def test_embed_token_and_learned_positions(cp, enc, k, group):
     emb(DeviceMatrix(tok), step, out)
     assert np.array_equal(out.get(), tok.dequantize(np.array([31]))[0])
     emb(DeviceMatrix(pos_t), step, out, slot=STEP_POS, offset=2, accumulate=True)  # OPT: positions start at 2
-    twin = SimpleNamespace(embed=tok, pos_embed=pos_t, cfg=SimpleNamespace(pos_offset=2))
-    assert _rel(out.get(), CpuBackend.embed_tokens(twin, np.array([31]), np.array([7]))[0]) < F32
+    twin = _twin(cfg={"pos_offset": 2}, weights=SimpleNamespace(embed=tok, pos_embed=pos_t))
+    assert _rel(out.get(), twin.embed_tokens(np.array([31]), np.array([7]))[0]) < F32
 
 
 @pytest.mark.parametrize("activation,with_up", [("silu", True), ("relu", True), ("fatrelu", False)])
@@ -377,8 +398,8 @@ def test_elementwise(cp, activation, with_up):
     rng = np.random.default_rng(3)
     n = 300
     g, u, r = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
-    twin = SimpleNamespace(cfg=SimpleNamespace(activation=activation, act_threshold=0.4))
-    expected = CpuBackend._activate(twin, g) * (u if with_up else 1.0)
+    twin = _twin(cfg={"activation": activation, "act_threshold": 0.4})
+    expected = twin._activate(g) * (u if with_up else 1.0)
     h = _nan(cp, n)
     ew = Elementwise()
     ew.act_mul(cp.asarray(g), cp.asarray(u) if with_up else None, h, activation, threshold=0.4)
@@ -529,7 +550,9 @@ def test_teal_gemv(cp, enc, n, k, extras):
     for q in (0.0,) if "dense" in extras else (0.4, 0.7):
         t = np.float32(0.0) if q == 0 else _midway(np.abs(x), q, 1.0)
         thr[...] = t
-        expected = CpuBackend.linear(CpuBackend, x[None], lin, teal=float(t))[0]
+        twin = _twin()
+        twin.state.teal[0, 0] = t  # projection "q" of layer 0: the slot the twin's linear reads
+        expected = twin.linear(x[None], lin, teal=(0, "q"))[0]
         y = _nan(cp, n)
         if "residual" in extras:
             y[...] = cp.asarray(r)
