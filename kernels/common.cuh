@@ -2,6 +2,7 @@
 // (edge_runtime/backends/cuda_ops/common.py) inlines it into the source it hands to NVRTC.
 //
 // Weight encodings (edge_runtime/pack/quant.py, sparse_weights.py), a logical (N, K) matrix, one row per output:
+//   ENC_FP32      w (N, K) float (small models, exact references)           K % 4 == 0
 //   ENC_FP16      w (N, K) half                                             K % 8 == 0
 //   ENC_INT8      w (N, K) int8, scale (N,) half: value = q * scale[row]    K % 16 == 0
 //   ENC_INT4      w (N, Kp/2) uint8, Kp = K rounded up to the group (quantize pads with zeros); low nibble =
@@ -21,6 +22,7 @@
 #define ENC_INT4 2
 #define ENC_CSR_FP16 3
 #define ENC_CSR_INT8 4
+#define ENC_FP32 5
 
 // The int32 step buffer: what changes every token, read by pointer so that one captured graph serves every step.
 // Slots (edge_runtime/backends/cuda_ops/common.py STEP_* must agree):
@@ -110,6 +112,10 @@ template <>
 struct Enc<ENC_INT4> {
     static constexpr int VALS = 32;
 };
+template <>
+struct Enc<ENC_FP32> {
+    static constexpr int VALS = 4;
+};
 
 // Index of x[i] in the shared layout of ENC for Kp inputs.
 template <int ENC>
@@ -141,7 +147,14 @@ __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __hal
     constexpr int V = Enc<ENC>::VALS;
     const int C = Kp / V;
     float acc = 0.f;
-    if (ENC == ENC_FP16) {
+    if (ENC == ENC_FP32) {
+        const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(w) + (size_t)row * Kp);
+        for (int c = lane; c < C; c += WARP) {
+            const float4 v = __ldg(p + c);
+            acc += v.x * xs[c] + v.y * xs[C + c] + v.z * xs[2 * C + c] + v.w * xs[3 * C + c];
+        }
+        return warp_sum(acc);
+    } else if (ENC == ENC_FP16) {
         const uint4* p = reinterpret_cast<const uint4*>(static_cast<const __half*>(w) + (size_t)row * Kp);
         for (int c = lane; c < C; c += WARP) {
             const uint4 v = __ldg(p + c);
@@ -210,7 +223,12 @@ __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __hal
 template <int ENC>
 __device__ __forceinline__ void axpy8(const void* __restrict__ wt, const __half* __restrict__ scale, int group, int Dp,
                                       int r, int col0, float hv, float* acc) {
-    if (ENC == ENC_FP16) {
+    if (ENC == ENC_FP32) {
+        const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(wt) + (size_t)r * Dp + col0);
+        const float4 a = __ldg(p), b = __ldg(p + 1);
+        acc[0] += hv * a.x; acc[1] += hv * a.y; acc[2] += hv * a.z; acc[3] += hv * a.w;
+        acc[4] += hv * b.x; acc[5] += hv * b.y; acc[6] += hv * b.z; acc[7] += hv * b.w;
+    } else if (ENC == ENC_FP16) {
         const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const __half*>(wt) + (size_t)r * Dp + col0));
         const __half2* p = reinterpret_cast<const __half2*>(&v);
 #pragma unroll

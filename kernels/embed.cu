@@ -9,6 +9,7 @@
 template <int ENC>
 __device__ __forceinline__ float dequant(const void* __restrict__ w, const __half* __restrict__ scale, int group,
                                          int Kp, int row, int i) {
+    if (ENC == ENC_FP32) return static_cast<const float*>(w)[(size_t)row * Kp + i];
     if (ENC == ENC_FP16) return __half2float(static_cast<const __half*>(w)[(size_t)row * Kp + i]);
     if (ENC == ENC_INT8) return float(static_cast<const int8_t*>(w)[(size_t)row * Kp + i]) * __half2float(scale[row]);
     const uint8_t b = static_cast<const uint8_t*>(w)[(size_t)row * (Kp / 2) + i / 2];
@@ -32,6 +33,7 @@ __device__ void embed(const void* __restrict__ w, const __half* __restrict__ sca
         embed<ENC>(w, scale, group, N, K, Kp, step, slot, offset, accumulate, out);                                 \
     }
 
+INSTANTIATE(fp32, ENC_FP32)
 INSTANTIATE(fp16, ENC_FP16)
 INSTANTIATE(int8, ENC_INT8)
 INSTANTIATE(int4, ENC_INT4)

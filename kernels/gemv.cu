@@ -34,6 +34,7 @@ __device__ void gemv(const void* __restrict__ w, const __half* __restrict__ scal
         gemv<ENC>(w, scale, group, bitmap, row_offsets, x, norm_w, norm_b, eps, bias, residual, N, K, Kp, y);        \
     }
 
+INSTANTIATE(fp32, ENC_FP32)
 INSTANTIATE(fp16, ENC_FP16)
 INSTANTIATE(int8, ENC_INT8)
 INSTANTIATE(int4, ENC_INT4)

@@ -159,11 +159,13 @@ __device__ void ffn_down(const void* __restrict__ wt, const __half* __restrict__
         ffn_down<ENC>(wt, scale, group, D, Dp, idx, h, counters, stats, layer, y);                                     \
     }
 
+INSTANTIATE_GATE(fp32, ENC_FP32)
 INSTANTIATE_GATE(fp16, ENC_FP16)
 INSTANTIATE_GATE(int8, ENC_INT8)
 INSTANTIATE_GATE(int4, ENC_INT4)
 INSTANTIATE_GATE(csr_fp16, ENC_CSR_FP16)
 INSTANTIATE_GATE(csr_int8, ENC_CSR_INT8)
+INSTANTIATE_DOWN(fp32, ENC_FP32)
 INSTANTIATE_DOWN(fp16, ENC_FP16)
 INSTANTIATE_DOWN(int8, ENC_INT8)
 INSTANTIATE_DOWN(int4, ENC_INT4)

@@ -42,6 +42,7 @@ __device__ void teal_gemv(const void* __restrict__ wt, const __half* __restrict_
         teal_gemv<ENC>(wt, scale, group, K, N, Np, x, thr, bias, y);                                                \
     }
 
+INSTANTIATE(fp32, ENC_FP32)
 INSTANTIATE(fp16, ENC_FP16)
 INSTANTIATE(int8, ENC_INT8)
 INSTANTIATE(int4, ENC_INT4)

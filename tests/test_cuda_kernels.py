@@ -102,6 +102,7 @@ FFN_CASES = [  # (encoding, predictor, variant); variants: biases, FATReLU thres
     ("int8", "sparseinfer", "opt"), ("sparse-int8", "sparseinfer", "opt"),
     ("fp16", "sparseinfer", "all-active"), ("int4", "projection", "none-active"),
     ("int4", "projection", "g32-bias-fatrelu"), ("int4", "sparseinfer", "g128-rmsnorm"),
+    ("fp32", "sparseinfer", "bias-fatrelu-rmsnorm"), ("fp32", "projection", "opt"),
 ]
 
 
@@ -233,6 +234,7 @@ GEMV_CASES = [  # (encoding, N, K, group, extras)
     ("sparse-fp16", 200, 200, 0, "bias residual"), ("sparse-int8", 200, 136, 0, "rmsnorm"),
     ("fp16", 1000, 64, 0, "rmsnorm capped"),  # an LM head: vocab rows, final norm fused; 3 blocks for 1000 rows
     ("fp16", 20, 14336, 0, "residual"),  # a down GEMV over d_ff = 14336: 56 KB of shared memory (> 48 KB)
+    ("fp32", 200, 100, 0, "bias residual"), ("fp32", 64, 96, 0, "layernorm"),
 ]
 
 
@@ -373,7 +375,7 @@ def test_kv_append_without_rope_and_out_of_range_position(cp):
 
 
 # ------------------------------------------------------------------------------------------- embed, elementwise
-@pytest.mark.parametrize("enc,k,group", [("fp16", 64, 0), ("int8", 96, 0), ("int4", 72, 32)])
+@pytest.mark.parametrize("enc,k,group", [("fp32", 40, 0), ("fp16", 64, 0), ("int8", 96, 0), ("int4", 72, 32)])
 def test_embed_token_and_learned_positions(cp, enc, k, group):
     from edge_runtime.backends.cuda_ops.common import STEP_POS, DeviceMatrix
     from edge_runtime.backends.cuda_ops.embed import EmbedKernel
@@ -532,7 +534,8 @@ def test_sampling_counter_rng(cp):
 
 
 # ------------------------------------------------------------------------------------------- TEAL
-@pytest.mark.parametrize("enc,n,k,extras", [("fp16", 256, 300, "bias"), ("int8", 200, 256, "residual"),
+@pytest.mark.parametrize("enc,n,k,extras", [("fp32", 64, 100, "bias residual"),
+                                            ("fp16", 256, 300, "bias"), ("int8", 200, 256, "residual"),
                                              ("int4", 200, 300, "bias residual"), ("int4", 136, 64, "dense")])
 def test_teal_gemv(cp, enc, n, k, extras):
     """W stored transposed; channels with |x| < t skipped; t midway between two |x| values, in device memory

@@ -26,7 +26,9 @@ def create_backend(name: str, model, max_context: int):
         if not cuda_available():
             raise EdgeRuntimeError("backend 'cuda' needs CuPy and a CUDA GPU; none was found "
                                    "(install edge-runtime[cuda] or use --backend cpu)")
-        raise EdgeRuntimeError("the cuda backend is not built yet; use --backend cpu")
+        from edge_runtime.backends.cuda import CudaBackend
+
+        return CudaBackend(model, max_context)
     from edge_runtime.backends.cpu import CpuBackend
 
     return CpuBackend(model, max_context)

@@ -116,14 +116,15 @@ def f32(v) -> np.float32:
 
 
 # Encoding suffix of the kernels and the K alignment of their 16-byte loads.
-DENSE_ALIGN = {"fp16": 8, "int8": 16, "int4": 32}
-KERNEL_ENC = {"fp16": "fp16", "int8": "int8", "int4": "int4", "sparse-fp16": "csr_fp16", "sparse-int8": "csr_int8"}
+DENSE_ALIGN = {"fp32": 4, "fp16": 8, "int8": 16, "int4": 32}
+KERNEL_ENC = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4", "sparse-fp16": "csr_fp16",
+              "sparse-int8": "csr_int8"}
 
 
 class DeviceMatrix:
     """A packed logical (N, K) matrix on the device, in its stored encoding (edge_runtime/pack/quant.py,
     sparse_weights.py). Fields are what the kernels take:
-      w        fp16 (N, K) | int8 (N, K) | uint8 (N, Kp/2) int4 | compressed values (nnz,) fp16 | int8
+      w        fp32 | fp16 (N, K) | int8 (N, K) | uint8 (N, Kp/2) int4 | compressed values (nnz,) fp16 | int8
       scale    fp16 (N,) int8 | (N, Kp/group) int4 | (1,) unused placeholder
       bitmap   uint8 (N, ceil(K/8)) and row_offsets int64 (N+1,): compressed rows only, else (1,) placeholders
       group    int4 group (0 otherwise); kp: K padded to the group (int4), else K
@@ -147,7 +148,8 @@ class DeviceMatrix:
             if a["q"].shape != (n, self.kp // 2) or a["scale"].shape != (n, self.kp // g):
                 raise EdgeRuntimeError(f"int4 layout: want q (N, Kp/2) = {(n, self.kp // 2)} and scale (N, Kp/group) = "
                                        f"{(n, self.kp // g)}, got {a['q'].shape}, {a['scale'].shape}")
-        self.w = cp.asarray(np.ascontiguousarray(a["w"] if enc == "fp16" else a["q"] if "q" in a else a["values"]))
+        values = a["w"] if enc in ("fp32", "fp16") else a["q"] if "q" in a else a["values"]
+        self.w = cp.asarray(np.ascontiguousarray(values))
         if enc.startswith("sparse-"):
             if a["bitmap"].shape != (n, -(-k // 8)) or a["row_offsets"].shape != (n + 1,):
                 raise EdgeRuntimeError("compressed rows: bitmap (N, ceil(K/8)) and row_offsets (N+1,) expected")
@@ -170,7 +172,8 @@ class DeviceMatrix:
         return self.w, self.scale, i32(self.group), self.bitmap, self.row_offsets
 
     def check_row_kernel(self, what: str) -> None:
-        """Row dots (gemv, FFN gate/up) read 16 bytes a lane: fp16 K % 8, int8 K % 16 (int4: padded rows)."""
+        """Row dots (gemv, FFN gate/up) read 16 bytes a lane: fp32 K % 4, fp16 K % 8, int8 K % 16 (int4: padded
+        rows)."""
         need = DENSE_ALIGN.get(self.encoding, 1) if self.encoding != "int4" else 1
         if self.shape[1] % need:
             raise EdgeRuntimeError(f"{what}: {self.encoding} row kernels need K % {need} == 0, got K = {self.shape[1]}")

@@ -1,0 +1,354 @@
+"""The cuda backend: the contract of backends/base.py on an NVIDIA GPU through CuPy RawKernels.
+
+Weights are uploaded once in their stored encodings; the KV cache lives on the device. Prefill runs eager
+CuPy (matrices through cuBLAS). A decode step is the decoder's `_step` issued on a non-default stream and
+captured once per (mode, per-layer predictor kinds) as a CUDA graph, then replayed every token: the token
+id and position live in the step buffer, the knobs (alpha, thresholds, TEAL) in device arrays the graph
+reads, the FFN statistics in device counters. Per token the host copies back 4 bytes (the sampled id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+
+import numpy as np
+
+from edge_runtime.backends import cuda_batched as eager
+from edge_runtime.backends.base import DENSE, PROJECTION, DecodeState, knob_arrays, teal_array
+from edge_runtime.backends.cuda_ops.attention import DecodeAttention
+from edge_runtime.backends.cuda_ops.common import STEP_POS, STEP_RNG, STEP_SIZE, STEP_TOKEN, cupy
+from edge_runtime.backends.cuda_ops.elementwise import Elementwise
+from edge_runtime.backends.cuda_ops.embed import EmbedKernel
+from edge_runtime.backends.cuda_ops.gemv import Gemv
+from edge_runtime.backends.cuda_ops.norm import NormKernel
+from edge_runtime.backends.cuda_ops.rope import KVAppendKernel, RopeKernel
+from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
+from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFNKernels
+from edge_runtime.backends.cuda_ops.teal import TealGemv
+from edge_runtime.backends.cuda_weights import DeviceWeights
+from edge_runtime.backends.weights import PROJECTIONS, Layer, Linear, Norm, weights_of
+from edge_runtime.model.rope import rope_tables
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.pack.loader import PackedModel
+from edge_runtime.sparsity.predictor import Rule, keep_after_gate
+from edge_runtime.sparsity.stats import FIELDS, FFNStats
+
+TEAL_SLOT = {p: j for j, p in enumerate(PROJECTIONS)}
+KIND_NAME = {1: "sparseinfer", 2: "projection"}
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, model: PackedModel, max_context: int, kv_dtype: str = "fp32", use_graphs: bool = True):
+        cp = self.cp = cupy()
+        cfg = self.config = model.config
+        self.max_context = max_context
+        self.use_graphs = use_graphs  # False: every step eager (debugging, and the graph-equivalence test)
+        self.weights = weights_of(model)
+        self.dev = DeviceWeights(self.weights)
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        self.k = SimpleNamespace(gemv=Gemv(), ffn=SparseFFNKernels(), norm=NormKernel(), rope=RopeKernel(),
+                                 kv=KVAppendKernel(), embed=EmbedKernel(), ew=Elementwise(), sample=SampleKernel(),
+                                 teal=TealGemv(),
+                                 attn=DecodeAttention(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, max_context))
+        cos, sin = rope_tables(cfg, max_context)  # (ctx, head_dim/2) float32
+        self.cos, self.sin = cp.asarray(cos), cp.asarray(sin)
+        kv = cp.float32 if kv_dtype == "fp32" else cp.float16
+        shape = (cfg.n_layers, cfg.n_kv_heads, max_context, cfg.head_dim)  # (layer, kv_head, position, head_dim)
+        self.k_cache, self.v_cache = cp.zeros(shape, dtype=kv), cp.zeros(shape, dtype=kv)
+        n, d, v = cfg.ffn_dim, cfg.dim, cfg.vocab_size
+        self.step = cp.zeros(STEP_SIZE, dtype=cp.int32)  # [token, pos, rng counter, spare]
+        self.state = DecodeState(
+            token=self.step[STEP_TOKEN:STEP_TOKEN + 1], pos=self.step[STEP_POS:STEP_POS + 1],
+            predictor=np.zeros(cfg.n_layers, dtype=np.int32),  # host: the kernels a graph holds depend on it
+            alpha=cp.ones(cfg.n_layers, dtype=cp.float32), theta=cp.zeros((cfg.n_layers, n), dtype=cp.float32),
+            teal=cp.zeros((cfg.n_layers, len(PROJECTIONS)), dtype=cp.float32),
+            counters=np.zeros((len(FIELDS), cfg.n_layers), dtype=np.int64),  # host, filled by read_stats
+            seen=cp.zeros(v, dtype=cp.uint8))
+        f32 = cp.float32
+        hq, hkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.buffers = SimpleNamespace(x=cp.zeros((1, d), f32), h=cp.zeros((1, d), f32), q=cp.zeros((1, hq), f32),
+                                       k=cp.zeros((1, hkv), f32), v=cp.zeros((1, hkv), f32), a=cp.zeros((1, hq), f32),
+                                       logits=cp.zeros((1, v), f32))
+        # FFN scratch shared by every layer (one layer runs at a time)
+        self.f = SimpleNamespace(xn=cp.zeros(d, f32), x_signs=cp.zeros(-(-d // 32), cp.uint32),
+                                 x_sum=cp.zeros(1, f32), counters=cp.zeros(2, cp.int32), idx=cp.zeros(n, cp.int32),
+                                 h=cp.zeros(n, f32), g=cp.zeros(n, f32), u=cp.zeros(n, f32),
+                                 zero=cp.zeros(1, f32), every_row=cp.full(1, np.inf, f32))
+        self.ffn_stats = cp.zeros((cfg.n_layers, 2), dtype=cp.uint64)  # {predicted, kept} per layer, sparse steps
+        self.dense_counts = cp.zeros((cfg.n_layers, 2), dtype=cp.uint64)  # the same from dense steps: not reported
+        self.ffn_steps = np.zeros((cfg.n_layers, 3), dtype=np.int64)  # host: sparse steps per kind (dense, si, proj)
+        self.sampling = SimpleNamespace(params=cp.zeros(4, f32), iparams=cp.zeros(4, cp.int32),
+                                        work=cp.zeros(v, f32), ids=cp.zeros(max_context + 1, cp.int32))
+        self._graphs: dict[tuple, object] = {}
+        self._in_step = False
+        self._pos = 0  # host mirror of step[POS] between steps
+        self.stats_reads = 0
+
+    # ---- ops: a decode step (out given, kernels) or a batch (out None, eager CuPy) ------------------------
+    def embed_tokens(self, ids, positions, out=None):
+        if out is None:
+            dw = self.dev
+            x = eager.dense_f32(dw.embed, dw.embed_host, ids)
+            if dw.pos_embed is not None:
+                x += eager.dense_f32(dw.pos_embed, dw.pos_embed_host, positions + self.config.pos_offset)
+            return x
+        y = out.reshape(-1)
+        self.k.embed(self.dev.embed, self.step, y, slot=STEP_TOKEN)
+        if self.dev.pos_embed is not None:  # OPT: learned positions, read at step[POS] + offset
+            self.k.embed(self.dev.pos_embed, self.step, y, slot=STEP_POS, offset=self.config.pos_offset,
+                         accumulate=True)
+        return out
+
+    def norm(self, x, n: Norm, out=None):
+        dn = self.dev.of(n)
+        if out is None:
+            return eager.rms_or_layer_norm(x, dn.w, dn.b, dn.eps)
+        self.k.norm(x.reshape(-1), dn.w, dn.b, dn.eps, out.reshape(-1))
+        return out
+
+    def _teal_threshold(self, teal: tuple[int, str]):
+        i, p = teal
+        return self.state.teal[i, TEAL_SLOT[p]:TEAL_SLOT[p] + 1]  # (1,) device view
+
+    def linear(self, x, lin: Linear, out=None, teal: tuple[int, str] | None = None, add_to=None):
+        dl = self.dev.of(lin)
+        if out is None and add_to is None or x.shape[0] > 1:
+            if teal is not None:
+                t = self._teal_threshold(teal)
+                x = self.cp.where(self.cp.abs(x) >= t, x, np.float32(0.0))
+            y = self.cp.matmul(x, eager.dense_f32(dl.m, dl.host).T)
+            if dl.b is not None:
+                y += dl.b
+            if add_to is not None:
+                add_to += y
+                return add_to
+            return y
+        xv = x.reshape(-1)
+        if teal is not None:  # skipped input channels are skipped rows of W^T
+            y = add_to if add_to is not None else out
+            self.k.teal(dl.transposed(), xv, self._teal_threshold(teal), y.reshape(-1), bias=dl.b,
+                        accumulate=add_to is not None)
+            return y
+        if add_to is not None:
+            self.k.gemv(dl.m, xv, add_to.reshape(-1), bias=dl.b, residual=add_to.reshape(-1))
+            return add_to
+        self.k.gemv(dl.m, xv, out.reshape(-1), bias=dl.b)
+        return out
+
+    def rope(self, x, positions, n_heads: int):
+        if x.shape[0] > 1 or not self._in_step:
+            return eager.rope(x, self.cos, self.sin, positions, n_heads, self.config.head_dim)
+        self.k.rope(x.reshape(-1), self.cos, self.sin, self.step, n_heads)
+        return x
+
+    def attention(self, layer: int, q, k, v, positions, out=None):
+        cfg = self.config
+        kc, vc = self.k_cache[layer], self.v_cache[layer]
+        if out is None:
+            pos0 = int(self.cp.asnumpy(positions[:1])[0])
+            return eager.causal_attention(q, k, v, kc, vc, pos0, cfg.n_heads, cfg.head_dim)
+        # k is already rotated by the decoder: append without rotation, then split-K attention over [0, pos]
+        self.k.kv(k.reshape(-1), v.reshape(-1), None, None, self.step, kc, vc)
+        self.k.attn(q.reshape(-1), kc, vc, self.step, out.reshape(-1))
+        return out
+
+    def logits(self, x, out=None):
+        dw = self.dev
+        if out is None:
+            return self.cp.matmul(x, eager.dense_f32(dw.lm_head, dw.lm_head_host).T)
+        self.k.gemv(dw.lm_head, x.reshape(-1), out.reshape(-1))
+        return out
+
+    # ---- prefill and evaluation (eager) ----------------------------------------------------------------
+    def _activate(self, g):
+        return eager.activate(g, self.config.activation, self.config.act_threshold)
+
+    def ffn_parts(self, x, layer: Layer, teal_layer: int | None = None):
+        slot = (lambda p: None) if teal_layer is None else (lambda p: (teal_layer, p))
+        act = self._activate(self.linear(x, layer.gate, teal=slot("gate")))
+        hidden = act * self.linear(x, layer.up, teal=slot("up")) if layer.up is not None else act
+        return act, hidden
+
+    def ffn_down(self, hidden, layer: Layer, bias: bool = True):
+        dl = self.dev.layers[self._layer_index(layer)]
+        y = self.cp.matmul(hidden, eager.dense_f32(dl.down_t, dl.down_host))
+        return y + dl.down_b if (bias and dl.down_b is not None) else y
+
+    def _layer_index(self, layer: Layer) -> int:
+        for i, candidate in enumerate(self.weights.layers):
+            if candidate is layer:
+                return i
+        raise KeyError("layer not of this model")
+
+    def ffn_masked(self, i: int, x, layer: Layer):
+        """Evaluation path: the predicted masks are computed by the numpy predictor on the host (one copy of
+        x per layer), the FFN on the device."""
+        cp = self.cp
+        if self.cp.asnumpy(self.state.teal[i]).any():
+            _, hidden = self.ffn_parts(x, layer, teal_layer=i)
+            t = self._teal_threshold((i, "down"))
+            return self.ffn_down(cp.where(cp.abs(hidden) >= t, hidden, np.float32(0.0)), layer)
+        kind = int(self.state.predictor[i])
+        if kind == DENSE:
+            return self.ffn_down(self.ffn_parts(x, layer)[1], layer)
+        rule = Rule(KIND_NAME[kind], alpha=float(self.cp.asnumpy(self.state.alpha[i])),
+                    theta=cp.asnumpy(self.state.theta[i]) if kind == PROJECTION else None)
+        active = cp.asarray(rule.active(cp.asnumpy(x), layer.gate_signs))
+        g = self.linear(x, layer.gate)
+        h = cp.where(active & keep_after_gate(g, self.config.act_threshold), g, np.float32(0.0))
+        if layer.up is not None:
+            h = h * self.linear(x, layer.up)
+        return self.ffn_down(h, layer)
+
+    def write_kv(self, layer: int, k, v, pos0: int) -> None:
+        t = k.shape[1]
+        self.k_cache[layer][:, pos0:pos0 + t] = k.astype(self.k_cache.dtype)
+        self.v_cache[layer][:, pos0:pos0 + t] = v.astype(self.v_cache.dtype)
+
+    # ---- decode step -------------------------------------------------------------------------------------
+    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str) -> None:
+        dl, f, cfg = self.dev.layers[i], self.f, self.config
+        xv, y = x.reshape(-1), add_to.reshape(-1)
+        kind = int(self.state.predictor[i]) if mode == "sparse" else DENSE
+        if kind != DENSE or (mode == "dense" and cfg.relu_family):
+            # A dense ReLU-family FFN is the sparse one with every row predicted: rows whose gate does not
+            # survive the activation are exact zeros, so up and down still skip them.
+            gate_b, up_b = dl.gate.b, (dl.up.b if dl.up else None)
+            knob = (f.every_row if kind == DENSE else self.state.alpha[i:i + 1] if kind != PROJECTION
+                    else self.state.theta[i])
+            self.k.ffn.prepare(xv, None, None, 0.0, y, dl.down_b, f.xn, f.x_signs, f.x_sum, f.counters, y)
+            self.k.ffn.gate(KIND_NAME.get(kind, "sparseinfer"), dl.gate.m, dl.up.m if dl.up else None, gate_b, up_b,
+                            f.xn, f.x_signs, f.x_sum, dl.gate_signs, knob, cfg.act_threshold, f.idx, f.h, f.counters)
+            self.k.ffn.down(dl.down_t, f.idx, f.h, f.counters, self.ffn_stats if kind != DENSE else self.dense_counts,
+                            i, y)
+            return
+        teal = mode == "teal"
+        g, u = f.g, f.u
+        self.linear(x, layer.gate, out=g[None], teal=(i, "gate") if teal else None)
+        if layer.up is not None:
+            self.linear(x, layer.up, out=u[None], teal=(i, "up") if teal else None)
+        self.k.ew.act_mul(g, u if layer.up is not None else None, f.h, cfg.activation, cfg.act_threshold)
+        thr = self._teal_threshold((i, "down")) if teal else f.zero
+        self.k.teal(dl.down_t, f.h, thr, y, bias=dl.down_b, accumulate=True)  # rows of W_down^T: one per neuron
+
+    def sample(self, logits) -> None:
+        """The sampling kernel also advances step[POS] (it closes a step); outside a step (the first token,
+        after prefill) the position is put back."""
+        s = self.sampling
+        self.k.sample(logits.reshape(-1), s.params, s.iparams, self.state.seen, s.work, self.step, s.ids)
+        if not self._in_step:
+            self.set_position(self._pos)
+
+    def advance(self) -> None:
+        """Nothing: the sampling kernel advanced the position inside the step."""
+
+    def run_step(self, body: Callable[[], None], mode: str) -> None:
+        kinds = tuple(int(k) for k in self.state.predictor) if mode == "sparse" else ()
+        for i, kind in enumerate(kinds):
+            self.ffn_steps[i, kind] += 1
+        with self.stream:
+            if not self.use_graphs:
+                self._issue(body)
+            else:
+                key = (mode, kinds)
+                graph = self._graphs.get(key)
+                if graph is None:
+                    graph = self._graphs[key] = self._capture(body)
+                graph.launch(self.stream)
+        self._pos += 1
+
+    def _issue(self, body: Callable[[], None]) -> None:
+        self._in_step = True
+        try:
+            body()
+        finally:
+            self._in_step = False
+
+    def _capture(self, body: Callable[[], None]):
+        self.stream.begin_capture()
+        try:
+            self._issue(body)
+        finally:
+            graph = self.stream.end_capture()
+        return graph
+
+    # ---- host interface ----------------------------------------------------------------------------------
+    def from_host(self, a, dtype):
+        return self.cp.asarray(np.asarray(a, dtype=dtype))
+
+    def to_host(self, a) -> np.ndarray:
+        return self.cp.asnumpy(a)
+
+    def begin(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
+        cp = self.cp
+        seed = sampling.seed if sampling.seed is not None else int(np.random.default_rng().integers(1 << 62))
+        params, iparams = param_arrays(sampling, seed)
+        self.sampling.params[...] = cp.asarray(params)
+        self.sampling.iparams[...] = cp.asarray(iparams)
+        seen = np.zeros(self.config.vocab_size, dtype=np.uint8)
+        seen[np.asarray(prompt_ids, dtype=np.int64)] = 1
+        self.state.seen[...] = cp.asarray(seen)
+        self.step[STEP_RNG:STEP_RNG + 1] = cp.asarray(np.zeros(1, np.int32))
+        self.set_position(0)
+
+    def set_position(self, pos: int) -> None:
+        self._pos = int(pos)
+        self.step[STEP_POS:STEP_POS + 1] = self.cp.asarray(np.array([pos], np.int32))
+
+    def set_token(self, token: int) -> None:
+        self.step[STEP_TOKEN:STEP_TOKEN + 1] = self.cp.asarray(np.array([token], np.int32))
+
+    def read_token(self) -> int:
+        return int(self.cp.asnumpy(self.step[STEP_TOKEN:STEP_TOKEN + 1])[0])  # the step's one 4-byte copy
+
+    def read_logits(self) -> np.ndarray:
+        return self.cp.asnumpy(self.buffers.logits)
+
+    def set_knobs(self, rules: Sequence[Rule] | None, teal: Sequence[dict[str, float]] | None,
+                  measure_recall: bool = False) -> None:
+        """Device knobs written in place (a captured graph reads them at its next replay). Recall needs the dense
+        gate and is counted by the cpu backend only."""
+        cfg, cp = self.config, self.cp
+        kind, alpha, theta = knob_arrays(rules, cfg.n_layers, cfg.ffn_dim)
+        self.state.predictor[:] = kind
+        self.state.alpha[...] = cp.asarray(alpha)
+        self.state.theta[...] = cp.asarray(theta)
+        self.state.teal[...] = cp.asarray(teal_array(teal, cfg.n_layers))
+        self.state.measure_recall = measure_recall
+        if teal is not None:  # TEAL reads W^T: made now, never inside a captured step (no allocation there)
+            for layer in self.weights.layers:
+                for lin in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up):
+                    if lin is not None:
+                        self.dev.of(lin).transposed()
+
+    def read_stats(self) -> FFNStats:
+        """Counters from the device ({predicted, kept} per layer) and the host's step counts per predictor kind;
+        bytes follow from them and the weights' row sizes."""
+        self.stats_reads += 1
+        cfg = self.config
+        dev = self.cp.asnumpy(self.ffn_stats).astype(np.int64)  # (L, 2)
+        s = FFNStats(cfg.n_layers, cfg.ffn_dim)
+        for i, layer in enumerate(self.weights.layers):
+            steps = int(self.ffn_steps[i, 1:].sum())
+            up_row = layer.up.w.row_bytes() if layer.up else 0.0
+            s.steps[i], s.predicted[i], s.kept[i] = steps, dev[i, 0], dev[i, 1]
+            s.bytes_read[i] = int(steps * layer.gate_signs.nbytes + self.ffn_steps[i, PROJECTION] * 4 * cfg.ffn_dim
+                                  + dev[i, 0] * layer.gate.w.row_bytes()
+                                  + dev[i, 1] * (up_row + layer.down_t.row_bytes()))
+            s.bytes_dense[i] = steps * layer.ffn_dense_bytes()
+        self.state.counters[...] = s.counts
+        return s
+
+    def reset_stats(self) -> None:
+        self.ffn_stats.fill(0)
+        self.ffn_steps[...] = 0
+
+    def free(self) -> None:
+        """Release device memory (weights, cache, graphs)."""
+        self._graphs.clear()
+        self.dev.free()
+        self.k.attn.free()
+        self.k_cache = self.v_cache = None

@@ -1,0 +1,144 @@
+"""The cuda backend against the cpu backend, whole models: logits and greedy ids, dense, both predictors,
+TEAL, OPT; graph replay equals eager launches; a knob change takes effect without recapture.
+
+Runs on a GPU with CuPy, or on the CPU under ../shared/tools/cuda_emu in its own pytest process (see .ci/run);
+skipped when neither is there. Shapes are small: the emulator costs about 10 us per simulated thread."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cp = pytest.importorskip("cupy")
+if not cp.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+import edge_runtime  # noqa: E402
+from edge_runtime.model.sampling import SamplingParams  # noqa: E402
+from edge_runtime.pack.convert import convert  # noqa: E402
+from edge_runtime.paths import DEFAULT_MODEL_DIR  # noqa: E402
+from edge_runtime.sparsity.predictor import Rule, projection_scores  # noqa: E402
+from tests.helpers import STORIES, make_llama, make_opt  # noqa: E402
+
+PROMPT = [1, 17, 42, 99, 7, 250, 3]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cudabe")
+    make_llama(root / "relu", act="relu", seed=31, bias=True)  # GQA 4/2, biases
+    make_llama(root / "silu", act="silu", seed=32, n_kv_heads=1)  # GQA 4/1
+    make_opt(root / "opt", seed=33)
+    out = {}
+    for name, hf, dtype in (("relu-fp32", "relu", "fp32"), ("relu-int8", "relu", "int8"),
+                            ("relu-int4", "relu", "int4"), ("silu-fp16", "silu", "fp16"), ("opt-fp32", "opt", "fp32")):
+        convert(root / hf, root / name, dtype, progress=False, group_size=32)
+        out[name] = root / name
+    return out
+
+
+def _pair(path, **kw):
+    return (edge_runtime.load(path, profile=None, backend="cpu", max_context=64),
+            edge_runtime.load(path, profile=None, backend="cuda", max_context=64, **kw))
+
+
+def _run(rt, setting=None, n=10, teal=None):
+    """Greedy ids (past EOS) and every step's logits."""
+    rt.decoder.set_sparsity(setting)
+    rt.decoder.teal = teal
+    ids = [rt.decoder.start(PROMPT, SamplingParams())]
+    logits = []
+    for _ in range(n - 1):
+        ids.append(rt.decoder.decode_step())
+        logits.append(rt.backend.read_logits()[0])
+    return ids, np.array(logits)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("name", ["relu-fp32", "relu-int8", "relu-int4", "silu-fp16", "opt-fp32"])
+def test_dense_decode_equals_cpu(models, name):
+    cpu, gpu = _pair(models[name])
+    ids_c, lg_c = _run(cpu)
+    ids_g, lg_g = _run(gpu)
+    assert ids_g == ids_c
+    assert _rel(lg_g, lg_c) < 1e-4
+    assert _rel(gpu.decoder.prefill(PROMPT), cpu.decoder.prefill(PROMPT)) < 1e-4  # cuBLAS prefill, continued
+
+
+@pytest.mark.parametrize("predictor", ["sparseinfer", "projection"])
+def test_sparse_decode_equals_cpu_and_counts_the_same(models, predictor):
+    cpu, gpu = _pair(models["relu-int8"])
+    if predictor == "sparseinfer":
+        rules = [Rule("sparseinfer", alpha=1.0)] * cpu.config.n_layers
+    else:  # thresholds between two z values of the prompt's first layer input: no ties
+        z = projection_scores(np.random.default_rng(0).standard_normal((64, cpu.config.dim)).astype(np.float32),
+                              cpu.backend.weights.layers[0].gate_signs)
+        theta = np.sort(z, axis=0)[20] + 0.37
+        rules = [Rule("projection", theta=theta.astype(np.float32))] * cpu.config.n_layers
+    ids_c, lg_c = _run(cpu, rules)
+    ids_g, lg_g = _run(gpu, rules)
+    assert ids_g == ids_c
+    assert _rel(lg_g, lg_c) < 1e-3
+    sc, sg = cpu.decoder.stats, gpu.decoder.stats
+    assert (sg.steps == sc.steps).all() and sc.steps[0] == len(ids_c) - 1
+    assert (sg.predicted == sc.predicted).all() and (sg.kept == sc.kept).all()
+    assert 0 < sc.kept.sum() < sc.predicted.sum() < sc.steps.sum() * cpu.config.ffn_dim  # a real subset
+    assert (sg.bytes_read == sc.bytes_read).all()
+
+
+def test_teal_decode_equals_cpu(models):
+    cpu, gpu = _pair(models["silu-fp16"])
+    rng = np.random.default_rng(4)
+    teal = [{p: float(rng.uniform(0.05, 0.3)) for p in ("q", "k", "v", "o", "gate", "up", "down")}
+            for _ in range(cpu.config.n_layers)]
+    ids_c, lg_c = _run(cpu, teal=teal)
+    ids_g, lg_g = _run(gpu, teal=teal)
+    _, dense = _run(cpu)
+    assert _rel(lg_c, dense) > 1e-3  # the thresholds really skip channels
+    assert ids_g == ids_c
+    assert _rel(lg_g, lg_c) < 1e-3
+
+
+def test_graph_replay_equals_eager_and_knobs_need_no_recapture(models):
+    eager = edge_runtime.load(models["relu-fp32"], profile=None, backend="cuda", max_context=64)
+    eager.backend.use_graphs = False
+    graph = edge_runtime.load(models["relu-fp32"], profile=None, backend="cuda", max_context=64)
+    rules = [Rule("sparseinfer", alpha=1.0)] * graph.config.n_layers
+    ids_e, lg_e = _run(eager, rules, n=16)
+    ids_g, lg_g = _run(graph, rules, n=16)
+    assert ids_g == ids_e and np.array_equal(lg_g, lg_e)
+    assert len(graph.backend._graphs) == 1
+    before = graph.decoder.stats.predicted.sum()
+    _run(graph, [Rule("sparseinfer", alpha=0.9)] * graph.config.n_layers, n=16)  # new alphas, same graph
+    assert len(graph.backend._graphs) == 1
+    assert graph.decoder.stats.predicted.sum() < before  # the replayed graph read the new alpha
+
+
+def test_sampled_generation_is_seeded(models):
+    gpu = edge_runtime.load(models["relu-int8"], profile=None, backend="cuda", max_context=64)
+    runs = [gpu.generate(PROMPT, max_new_tokens=8, temperature=0.9, top_p=0.9, seed=s, stop=()).token_ids
+            for s in (5, 5, 6)]
+    assert runs[0] == runs[1] and all(0 <= t < gpu.config.vocab_size for t in runs[2])
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/models/stories260K-hf is absent")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_stories260k_greedy_equals_cpu(tmp_path, dtype):
+    convert(STORIES, tmp_path / "m", dtype, progress=False)
+    ids = {b: edge_runtime.load(tmp_path / "m", profile=None, backend=b, max_context=64)
+           .generate("Once upon a time", max_new_tokens=24).token_ids for b in ("cpu", "cuda")}
+    assert ids["cuda"] == ids["cpu"]
+
+
+@pytest.mark.parametrize("predictor", ["sparseinfer", "projection"])
+def test_default_model_sparse_greedy_equals_cpu(predictor):
+    ids = {}
+    for b in ("cpu", "cuda"):
+        rt = edge_runtime.load(DEFAULT_MODEL_DIR, profile="cpu-generic", backend=b, max_context=64,
+                               predictor=predictor)
+        assert rt.selection is not None and rt.selection.predictor == predictor
+        ids[b] = rt.generate("The old man looked at the sea", max_new_tokens=8).token_ids
+    assert ids["cuda"] == ids["cpu"]
