@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from edge_runtime.backends import cuda_batched as eager
+import edge_runtime.backends.cuda_batched as eager
 from edge_runtime.backends.base import DENSE, PROJECTION, DecodeState, knob_arrays, teal_array
 from edge_runtime.backends.cuda_ops.attention import DecodeAttention
 from edge_runtime.backends.cuda_ops.common import STEP_POS, STEP_RNG, STEP_SIZE, STEP_TOKEN, cupy
