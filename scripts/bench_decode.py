@@ -10,7 +10,7 @@ kernel. Every row reports bytes read, achieved GB/s, the fraction of a device-to
 (measured here) and the ratio to dense. Weight sets are rotated (several layers' copies) so that L2
 (50 MB on an H100) never holds them; times are medians of CUDA-event timings after warm-up. Jetson rows
 are PROJECTIONS from the profiles' bandwidth, not measurements.
-Parts b (end-to-end 7B-shaped decode) and c (default model) need the CUDA decode backend, not built yet.
+Parts b (end-to-end 7B-shaped decode) and c (default model, cuda vs cpu) are scripts/bench_decode_e2e.py.
 """
 
 from __future__ import annotations
