@@ -37,10 +37,11 @@ Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
 
 class Runtime:
-    def __init__(self, model: PackedModel, backend: str = "auto", max_context: int | None = None):
+    def __init__(self, model: PackedModel, backend: str = "auto", max_context: int | None = None,
+                 threads: int | None = None):
         self.model = model
         ctx = min(max_context or DEFAULT_CONTEXT, model.config.max_positions)
-        self.backend = create_backend(backend, model, ctx)
+        self.backend = create_backend(backend, model, ctx, threads)
         self.decoder = Decoder(self.backend)
         path = model.tokenizer_path
         self.tokenizer = Tokenizer(path) if path else None
@@ -286,15 +287,18 @@ class Runtime:
 
 def load(path: str | Path | None = None, profile: str | None = "auto", backend: str = "auto",
          max_context: int | None = None, verify: bool = True, power_mode: str | None = None,
-         objective: Objective | None = None, predictor: str = "auto", watch_power: bool = False) -> Runtime:
+         objective: Objective | None = None, predictor: str = "auto", watch_power: bool = False,
+         threads: int | None = None) -> Runtime:
     """Open a packed model (the embedded default model when path is None).
 
     profile: "auto" detects the device, a name or YAML path picks one, None uses no profile. With a
     profile and a calibrated ReLU-family model, sparse decode starts with per-layer alphas chosen for
     the power mode (detected, or `power_mode`) and the objective (default: +1 % perplexity), with the
     predictor asked for ("auto": whichever calibrated one reads fewer bytes). watch_power polls the
-    board's nvpmodel state every second on a Jetson and re-selects on a change."""
-    rt = Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context)
+    board's nvpmodel state every second on a Jetson and re-selects on a change. threads: the cpu backend's
+    compute threads (None: the cores numpy's BLAS would use)."""
+    rt = Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context,
+                 threads=threads)
     if profile is not None:
         from edge_runtime.devices.detect import detect
         from edge_runtime.devices.profile import load_profile
