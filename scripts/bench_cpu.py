@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,14 +39,24 @@ SHAPES = {
 PROMPT_IDS = [1, 450, 2030, 338, 263]
 
 
+# Run the CLI in a fresh interpreter and print its own VmHWM (peak RSS of this address space) at exit:
+# getrusage(RUSAGE_CHILDREN) would include the pages a big parent shares with the child at fork time.
+_RSS_CHILD = ("import sys\nfrom edge_runtime.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+              "    s = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+              "    print('VmHWM', s['VmHWM'].split()[0], file=sys.stderr)\n")
+
+
 def peak_rss_mb(model: Path, prompt: str, tokens: int, threads: int | None) -> float:
-    """ru_maxrss of a child `edge-runtime generate` (kilobytes on Linux)."""
-    cmd = [sys.executable, "-m", "edge_runtime.cli", "generate", "--model", str(model), "--prompt", prompt,
+    """Peak RSS (VmHWM) of a child `edge-runtime generate`, in MB."""
+    cmd = [sys.executable, "-c", _RSS_CHILD, "generate", "--model", str(model), "--prompt", prompt,
            "--max-new-tokens", str(tokens), "--backend", "cpu"]
     if threads:
         cmd += ["--threads", str(threads)]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    hwm = [line.split()[1] for line in res.stderr.splitlines() if line.startswith("VmHWM")]
+    if res.returncode != 0 or not hwm:
+        raise RuntimeError(f"generate failed: {res.stderr[-2000:]}")
+    return int(hwm[0]) / 1024
 
 
 def build_synthetic(name: str, dtype: str, workdir: Path) -> tuple[Path, Path]:

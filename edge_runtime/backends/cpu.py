@@ -21,7 +21,7 @@ import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.base import PROJECTION, SPARSEINFER, DecodeState, knob_arrays, teal_array
 from edge_runtime.backends.cpu_dispatch import MatrixKernels
-from edge_runtime.backends.jit import default_threads, use_threads
+from edge_runtime.backends.jit import default_threads, threads_for, use_threads
 from edge_runtime.backends.weights import PROJECTIONS, Layer, Linear, Norm, weights_of
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import Sampler, SamplingParams
@@ -34,6 +34,7 @@ from edge_runtime.sparsity.stats import FIELDS, FFNStats
 KEEP_F32_BYTES = 64 << 20
 C = {name: j for j, name in enumerate(FIELDS)}  # counter rows
 TEAL_SLOT = {p: j for j, p in enumerate(PROJECTIONS)}
+STEP_COUNTERS = np.array([C[f] for f in ("steps", "predicted", "kept", "bytes_read", "bytes_dense")], np.int64)
 
 
 class CpuBackend:
@@ -76,6 +77,11 @@ class CpuBackend:
             scores=np.zeros((cfg.n_heads, max_context), f32),  # (H, ctx) attention weights
             pos_ids=np.zeros(1, np.int32))  # learned-position row of the token (OPT)
         self.sign_bytes = [np.ascontiguousarray(lay.gate_signs).view(np.uint8) for lay in self.weights.layers]
+        # per layer, the bytes a sparse step reads: sign plane, one gate row, one up + down row; and dense
+        self.ffn_bytes = [(lay.gate_signs.nbytes, lay.gate.w.row_bytes(),
+                           (lay.up.w.row_bytes() if lay.up else 0) + lay.down_t.row_bytes(), lay.ffn_dense_bytes())
+                          for lay in self.weights.layers]
+        self.predictor_threads = threads_for(8 * self.weights.layers[0].gate_signs.nbytes, self.threads)
         self.act = cpu_step_ops.ACTIVATION_CODE.get(cfg.activation, cpu_step_ops.RELU)
         self.act_threshold = np.float32(cfg.act_threshold)
         self.attn_scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
@@ -286,6 +292,7 @@ class CpuBackend:
         """x (d,) -> scratch.y[:d]. Predict from the sign plane, gate over predicted rows, drop rows whose
         gate does not survive the activation, then up and down over the survivors only; counters advanced."""
         s, st = self.scratch, self.state
+        use_threads(self.predictor_threads)
         if kind == SPARSEINFER:
             n = cpu_predict.sparseinfer(xv, layer.gate_signs, float(st.alpha[i]), s.xs, s.mask, s.idx)
         else:
@@ -296,14 +303,10 @@ class CpuBackend:
             self.kernels[id(layer.up.w)].gemv(xv, s.u, s.rows, m, bias=layer.up.b)
             np.multiply(s.h[:m], s.u[:m], out=s.h[:m])
         self._down(layer, s.h, s.rows, m)
+        signs, gate_row, up_down_row, dense_bytes = self.ffn_bytes[i]
+        read = signs + (st.theta[i].nbytes if kind == PROJECTION else 0) + gate_row * n + up_down_row * m
+        cpu_predict.count_step(st.counters, STEP_COUNTERS, i, n, m, int(read), dense_bytes)
         c = st.counters
-        c[C["steps"], i] += 1
-        c[C["predicted"], i] += n
-        c[C["kept"], i] += m
-        c[C["bytes_read"], i] += int(layer.gate_signs.nbytes + (st.theta[i].nbytes if kind == PROJECTION else 0)
-                                     + layer.gate.w.row_bytes() * n
-                                     + ((layer.up.w.row_bytes() if layer.up else 0) + layer.down_t.row_bytes()) * m)
-        c[C["bytes_dense"], i] += layer.ffn_dense_bytes()
         if st.measure_recall:  # evaluation only: the dense gate, on the host
             self.kernels[id(layer.gate.w)].gemv(xv, s.g_all, bias=layer.gate.b)
             truth = keep_after_gate(s.g_all, self.config.act_threshold)

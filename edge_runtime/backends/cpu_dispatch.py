@@ -12,7 +12,7 @@ import numpy as np
 
 import edge_runtime.backends.cpu_gemv as dense
 import edge_runtime.backends.cpu_sparse_rows as sparse
-from edge_runtime.backends.jit import f16_bits
+from edge_runtime.backends.jit import f16_bits, threads_for, use_threads
 from edge_runtime.pack.quant import PackedTensor
 
 BLOCK_BYTES = 4 << 20  # fp32 rows dequantised at once by the batched path
@@ -28,6 +28,7 @@ class MatrixKernels:
         n, k = self.shape = t.shape
         a = t.arrays
         self.all_rows = np.arange(n, dtype=np.int32)  # idx for "every row"
+        self.threads = threads_for(t.nbytes, threads)
         self.kind = "sparse" if t.sparse else "int4" if t.encoding == "int4" else "dense"
         self.scale = f16_bits(a["scale"]) if "scale" in a else NO_U16  # (N,) or (N, groups) fp16 bits
         if self.kind == "sparse":
@@ -48,6 +49,7 @@ class MatrixKernels:
         if idx is None:
             idx, n = self.all_rows, self.shape[0]
         b = NO_F32 if bias is None else bias
+        use_threads(self.threads)
         if self.kind == "dense":
             dense.gemv_rows(self.w, self.scale, b, x, idx, n, out)
         elif self.kind == "int4":
@@ -59,6 +61,7 @@ class MatrixKernels:
         """out (K,) = sum_j h[j] * W[idx[j]] over j < n (all rows when idx is None)."""
         if idx is None:
             idx, n = self.all_rows, self.shape[0]
+        use_threads(self.threads)
         if self.kind == "dense":
             dense.axpy_rows(self.w, self.scale, h, idx, n, self.part, out)
         elif self.kind == "int4":

@@ -104,3 +104,14 @@ def keep_after_gate(g, rows, n, threshold, kept_rows, h):
             h[m] = v
             m += 1
     return m
+
+
+@kernel()
+def count_step(counters, rows, layer, predicted, kept, bytes_read, bytes_dense):
+    """Advance layer's FFN statistics by one sparse step in one call; counters (fields, L) int64, rows (5,)
+    int64: the counter rows of steps, predicted, kept, bytes_read, bytes_dense (sparsity/stats.py FIELDS)."""
+    counters[rows[0], layer] += 1
+    counters[rows[1], layer] += predicted
+    counters[rows[2], layer] += kept
+    counters[rows[3], layer] += bytes_read
+    counters[rows[4], layer] += bytes_dense

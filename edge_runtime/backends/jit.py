@@ -43,9 +43,21 @@ def default_threads() -> int:
     return min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
 
 
+# Work smaller than this (bytes read) runs on one thread: a parallel region's fork/join costs more, and on a
+# loaded machine a region waits for its slowest thread to be scheduled.
+PARALLEL_MIN_BYTES = 256 << 10
+
+
 def use_threads(n: int) -> None:
     """Threads for the compiled kernels called from this thread (numba's setting is per calling thread)."""
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+def threads_for(nbytes: int, threads: int) -> int:
+    """Threads worth using for a kernel reading nbytes."""
+    return threads if nbytes >= PARALLEL_MIN_BYTES else 1
 
 
 def _low32(builder, value):
