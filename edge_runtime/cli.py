@@ -22,6 +22,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "by ONNX Runtime (TensorRT, CUDA or CPU provider, whichever is installed)")
     p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default 2048)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the weights at load")
+    _add_threads_arg(p)
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="cpu backend compute threads (default: the cores numpy's BLAS would use)")
 
 
 def _add_sparsity_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -51,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="generate from the embedded default model with sparse decode")
+    _add_threads_arg(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("convert", help="pack a Hugging Face checkpoint directory")
@@ -183,7 +190,7 @@ def _load(args, watch_power: bool = False):
                 max_context=args.max_context, verify=not args.no_verify, power_mode=getattr(args, "power_mode", None),
                 objective=Objective(getattr(args, "latency_ms", None), getattr(args, "quality_budget", None)),
                 predictor=getattr(args, "predictor", "auto"), watch_power=watch_power and args.power_mode is None,
-                prefill=args.prefill)
+                prefill=args.prefill, threads=args.threads)
 
 
 def _sparse_setting(args, rt) -> list | float | None:
@@ -262,7 +269,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from edge_runtime.runtime import load
 
-    rt = load(None, backend="auto")
+    rt = load(None, backend="auto", threads=args.threads)
     sel = rt.selection
     rt.set_sparsity(rt.rules_for(sel) if sel is not None else rt.default_alpha, measure_recall=True)
     res = rt.generate(DEMO_PROMPT, max_new_tokens=48, repetition_penalty=1.2)

@@ -38,10 +38,10 @@ Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
 class Runtime:
     def __init__(self, model: PackedModel, backend: str = "auto", max_context: int | None = None,
-                 prefill: str = "native"):
+                 prefill: str = "native", threads: int | None = None):
         self.model = model
         ctx = min(max_context or DEFAULT_CONTEXT, model.config.max_positions)
-        self.backend = create_backend(backend, model, ctx)
+        self.backend = create_backend(backend, model, ctx, threads)
         self.decoder = Decoder(self.backend)
         self.prefill = None  # an OnnxPrefill when prompts run through ONNX Runtime
         if prefill == "onnx":
@@ -303,7 +303,7 @@ def onnx_prefill(model: PackedModel, max_context: int):
 def load(path: str | Path | None = None, profile: str | None = "auto", backend: str = "auto",
          max_context: int | None = None, verify: bool = True, power_mode: str | None = None,
          objective: Objective | None = None, predictor: str = "auto", watch_power: bool = False,
-         prefill: str = "native") -> Runtime:
+         prefill: str = "native", threads: int | None = None) -> Runtime:
     """Open a packed model (the embedded default model when path is None).
 
     profile: "auto" detects the device, a name or YAML path picks one, None uses no profile. With a
@@ -311,9 +311,10 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
     the power mode (detected, or `power_mode`) and the objective (default: +1 % perplexity), with the
     predictor asked for ("auto": whichever calibrated one reads fewer bytes). watch_power polls the
     board's nvpmodel state every second on a Jetson and re-selects on a change. prefill "onnx" runs
-    prompts through the ONNX export of the dense model in ONNX Runtime; decode stays on the backend."""
+    prompts through the ONNX export of the dense model in ONNX Runtime; decode stays on the backend. threads:
+    the cpu backend's compute threads (None: the cores numpy's BLAS would use)."""
     rt = Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context,
-                 prefill=prefill)
+                 prefill=prefill, threads=threads)
     if profile is not None:
         from edge_runtime.devices.detect import detect
         from edge_runtime.devices.profile import load_profile

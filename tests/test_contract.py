@@ -61,15 +61,95 @@ def test_decode_steps_advance_the_state_and_equal_the_batched_pass(packed):
     assert int(st.token[0]) == int(np.argmax(steps[-1]))  # greedy: the step sampled its own next id
 
 
+OPS = ("embed_tokens", "norm", "linear", "rope", "attention", "logits", "ffn_parts", "ffn_down", "ffn_masked",
+       "ffn_step")
+
+
+class DtypeCheckingCpu(CpuBackend):
+    """The cpu backend with every activation op's output (returned, or written to out= / add_to=) recorded,
+    so a test can assert they are all float32 (test-only subclass; the ops themselves are unchanged)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outputs: list[tuple[str, np.dtype]] = []
+
+    def _record(self, name: str, result, kwargs: dict, args: tuple) -> None:
+        arrays = list(result) if isinstance(result, tuple) else [result]
+        arrays += [kwargs.get("out"), kwargs.get("add_to")]
+        if name == "ffn_step":
+            arrays.append(args[3])  # add_to
+        self.outputs += [(name, a.dtype) for a in arrays if isinstance(a, np.ndarray)]
+
+
+def _checked(name: str):
+    def op(self, *args, **kwargs):
+        result = getattr(CpuBackend, name)(self, *args, **kwargs)
+        self._record(name, result, kwargs, args)
+        return result
+
+    return op
+
+
+for _name in OPS:
+    setattr(DtypeCheckingCpu, _name, _checked(_name))
+
+
 def test_every_activation_is_float32(packed):
-    rt = edge_runtime.load(packed, profile=None, backend="cpu")
+    from edge_runtime.model.decoder import Decoder
+    from edge_runtime.model.sampling import SamplingParams
+    from edge_runtime.pack.loader import load_packed
+    from edge_runtime.sparsity.predictor import Rule
+
+    ops = DtypeCheckingCpu(load_packed(packed), 64)
+    dec = Decoder(ops)
     seen = []
-    rt.decoder.observer = lambda i, point, a: seen.append((point, a.dtype))
-    logits = rt.decoder.prefill([1, 5, 9, 13])
-    rt.decoder.observer = None
+    dec.observer = lambda i, point, a: seen.append((point, a.dtype))
+    logits = dec.prefill([1, 5, 9, 13])
+    dec.observer = None
     assert seen and all(dt == np.float32 for _, dt in seen), [s for s in seen if s[1] != np.float32]
     assert logits.dtype == np.float32
-    rt.set_sparsity(1.0)
-    rt.generate([1, 5, 9], max_new_tokens=4)
-    b = rt.backend.buffers
+    theta = np.random.default_rng(0).standard_normal(ops.config.ffn_dim).astype(np.float32)
+    settings = [None, 1.0, [Rule("projection", theta=theta)] * ops.config.n_layers]
+    teal = [{p: 0.05 for p in ("q", "k", "v", "o", "gate", "up", "down")}] * ops.config.n_layers
+    for setting in settings:
+        dec.set_sparsity(setting)
+        dec.start([1, 5, 9], SamplingParams())
+        for _ in range(3):
+            dec.decode_step()
+        dec.reset()
+        assert dec.prefill([1, 5, 9, 13], masked=True).dtype == np.float32
+    dec.set_sparsity(None)
+    dec.teal = teal
+    dec.start([1, 5, 9], SamplingParams())
+    dec.decode_step()
+    assert dec.prefill([3, 4], masked=True).dtype == np.float32
+    names = {n for n, _ in ops.outputs}
+    assert names == set(OPS)  # every op ran, in prefill or decode
+    bad = [(n, dt) for n, dt in ops.outputs if dt != np.float32]
+    assert not bad, bad
+    b = ops.buffers
     assert all(getattr(b, n).dtype == np.float32 for n in ("x", "h", "q", "k", "v", "a", "logits"))
+
+
+def test_decode_steps_allocate_no_arrays():
+    """After warm-up, decode steps (dense or sparse) allocate no vocabulary-sized array and no weights: peak
+    traced memory over 16 steps of the default model stays under 8 KB (logits are 16 KB; what remains is
+    Python's own per-call objects, about 5 KB, and the generated ids)."""
+    import tracemalloc
+
+    from edge_runtime.model.sampling import SamplingParams
+
+    rt = edge_runtime.load(None, profile=None, backend="cpu")
+    for setting in (None, 1.0):
+        rt.set_sparsity(setting)
+        dec = rt.decoder
+        dec.start([1, 20, 30], SamplingParams())
+        for _ in range(4):
+            dec.decode_step()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in range(16):
+            dec.decode_step()
+        peak = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+        assert peak < 8192, (setting, peak)

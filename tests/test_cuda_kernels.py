@@ -12,15 +12,17 @@ Emulated kernels cost about 10 us per simulated thread: the shapes are chosen fo
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from edge_runtime.backends import cuda_available
-from edge_runtime.backends.base import DecodeState
 from edge_runtime.backends.cpu import CpuBackend
 from edge_runtime.backends.weights import Layer, Linear, Norm
+from edge_runtime.model.config import ModelConfig
+from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.pack.sparse_weights import compress, prune_mask
@@ -34,30 +36,58 @@ ENCODINGS = ["fp16", "int8", "int4", "sparse-fp16", "sparse-int8"]
 
 
 
-def _twin(config=None, **attrs) -> CpuBackend:
-    """A CpuBackend holding no model: the numpy twin of each op, with its own config and decode state."""
-    cfg = config or SimpleNamespace(**{"n_layers": 1, "ffn_dim": 1, "vocab_size": 1, "act_threshold": 0.0,
-                                       **attrs.pop("cfg", {})})
-    be = CpuBackend.__new__(CpuBackend)
-    be.config, be.state, be.stats_reads = cfg, DecodeState.allocate(np, cfg), 0
-    for name, value in attrs.items():
-        setattr(be, name, value)
-    return be
+def _twin(config: ModelConfig | None = None, tensors: dict | None = None, vectors: dict | None = None,
+          signs: np.ndarray | None = None, max_context: int = 64, **fields) -> CpuBackend:
+    """A real one-layer CpuBackend, built in memory, whose ops are the numpy twins: `tensors` / `vectors`
+    (packed names, e.g. "layers.0.ffn.gate", "layers.0.attn.q_bias") are the ones under test, the rest small
+    random fp32 weights consistent with the config (ModelConfig fields as keywords)."""
+    cfg = config or ModelConfig(**{"arch": "llama", "vocab_size": 16, "dim": 32, "n_layers": 1, "n_heads": 1,
+                                   "n_kv_heads": 1, "head_dim": 32, "ffn_dim": 32, "activation": "relu",
+                                   "max_positions": 64, "tie_embeddings": True, **fields})
+    rng = np.random.default_rng(0)
+    d, n, hq, hkv = cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"embed": (cfg.vocab_size, d), "layers.0.attn.q": (hq, d), "layers.0.attn.k": (hkv, d),
+              "layers.0.attn.v": (hkv, d), "layers.0.attn.o": (d, hq), "layers.0.ffn.gate": (n, d),
+              "layers.0.ffn.down_t": (n, d)}
+    if cfg.gated:
+        shapes["layers.0.ffn.up"] = (n, d)
+    if cfg.arch == "opt":
+        shapes["pos_embed"] = (cfg.max_positions + cfg.pos_offset, d)
+    mats = {k: quantize((rng.standard_normal(v) * 0.1).astype(np.float32), "fp32") for k, v in shapes.items()}
+    mats.update(tensors or {})
+    vecs = {f"{p}.weight": np.ones(d, np.float32) for p in ("final_norm", "layers.0.attn_norm", "layers.0.ffn_norm")}
+    if cfg.arch == "opt":
+        vecs.update({f"{p}.bias": np.zeros(d, np.float32) for p in ("final_norm", "layers.0.attn_norm",
+                                                                    "layers.0.ffn_norm")})
+    vecs.update(vectors or {})
+    planes = {"layers.0.ffn.gate_signs": pack_signs(mats["layers.0.ffn.gate"].dequantize()) if signs is None else signs}
+    model = PackedModel(Path("twin"), cfg, {"model": cfg.to_dict(), "encoding": "fp32"}, mats, vecs, planes)
+    return CpuBackend(model, max_context)
 
-
-def _cpu_sparse_ffn(xn: np.ndarray, layer: Layer, rule: Rule, threshold: float):
-    """The cpu backend's decode-step FFN on one input: (y (d,), {predicted, kept})."""
-    be = _twin(cfg={"ffn_dim": layer.gate_signs.shape[0], "act_threshold": float(threshold)})
-    be.set_knobs([rule], None)
-    y = np.zeros((1, xn.shape[0]), dtype=np.float32)
-    be.ffn_step(0, xn[None], layer, y, "sparse")
-    stats = be.read_stats()
-    return y[0], SimpleNamespace(predicted=int(stats.predicted[0]), kept=int(stats.kept[0]))
 
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     assert np.isfinite(a).all(), "unwritten (poisoned) output"
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _cpu_sparse_ffn(xn: np.ndarray, layer: Layer, rule: Rule, threshold: float, opt: bool):
+    """The cpu backend's decode-step FFN on one input (a one-layer model holding this FFN): (y (d,), counts)."""
+    n, d = layer.gate.w.shape
+    tensors = {"layers.0.ffn.gate": layer.gate.w, "layers.0.ffn.down_t": layer.down_t}
+    vectors = {"layers.0.ffn.gate_bias": layer.gate.b, "layers.0.ffn.down_bias": layer.down_b}
+    if layer.up is not None:
+        tensors["layers.0.ffn.up"] = layer.up.w
+        vectors["layers.0.ffn.up_bias"] = layer.up.b
+    be = _twin(tensors=tensors, vectors={k: v for k, v in vectors.items() if v is not None}, signs=layer.gate_signs,
+               dim=d, head_dim=d,
+               ffn_dim=n, arch="opt" if opt else "llama", pos_offset=2 if opt else 0,
+               activation="fatrelu" if threshold > 0 else "relu", act_threshold=float(threshold))
+    be.set_knobs([rule], None)
+    y = np.zeros((1, d), dtype=np.float32)
+    be.ffn_step(0, xn[None], be.weights.layers[0], y, "sparse")
+    stats = be.read_stats()
+    return y[0], SimpleNamespace(predicted=int(stats.predicted[0]), kept=int(stats.kept[0]))
 
 
 def _nan(cp, shape, dtype=np.float32):
@@ -145,7 +175,7 @@ def test_sparse_ffn(cp, ffn_k, enc, predictor, variant):
 
     layer = Layer(None, None, None, None, None, None, Linear(gate, gate_b), None if opt else Linear(up, up_b), down_t,
                   down_b, signs)
-    y_ref, counts = _cpu_sparse_ffn(xn, layer, rule, threshold)
+    y_ref, counts = _cpu_sparse_ffn(xn, layer, rule, threshold, opt)
     expected = residual + y_ref
 
     ffn = SparseFFN(ffn_k, gate, up, down_t, signs, threshold=float(threshold), gate_b=gate_b, up_b=up_b,
@@ -259,7 +289,9 @@ def test_gemv(cp, gemv, enc, n, k, group, extras):
     elif "layernorm" in extras:
         norm = Norm(rng.uniform(0.5, 1.5, k).astype(np.float32), rng.standard_normal(k).astype(np.float32), 1e-5)
     xn = x[None] if norm is None else CpuBackend.norm(None, x[None], norm)
-    expected = _twin().linear(xn, Linear(w, bias))[0]
+    twin = _twin(tensors={"layers.0.attn.q": w}, vectors={"layers.0.attn.q_bias": bias} if bias is not None else None,
+                 dim=k, head_dim=n)  # the matrix under test as a q projection (N, K)
+    expected = twin.linear(xn, twin.weights.layers[0].q)[0]
     y = _nan(cp, n)
     if "residual" in extras:  # in place: y = y + W x
         r = rng.standard_normal(n).astype(np.float32)
@@ -288,6 +320,7 @@ def _config(n_heads: int, n_kv: int, hd: int, scaling: str | None):
                     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                "original_max_position_embeddings": 64}}[scaling]
     return ModelConfig(arch="llama", vocab_size=16, dim=n_heads * hd, n_layers=1, n_heads=n_heads, n_kv_heads=n_kv,
+                       tie_embeddings=True,
                        head_dim=hd, ffn_dim=32, activation="silu", max_positions=4096, rope_scaling=rope_scaling)
 
 
@@ -332,7 +365,8 @@ def test_rope_kv_append_attention(cp, n_heads, n_kv, hd, pos, cache, scaling):
     k = rng.standard_normal(n_kv * hd).astype(np.float32)
     v = rng.standard_normal(n_kv * hd).astype(np.float32)
 
-    twin = _twin(cfg, cos=cos, sin=sin, k_cache=kc[None].astype(np.float32), v_cache=vc[None].astype(np.float32))
+    twin = _twin(cfg, max_context=max_ctx)
+    twin.k_cache[...], twin.v_cache[...] = kc[None], vc[None]
     q_ref = twin.rope(q[None].copy(), np.array([pos]), n_heads)
     k_ref = twin.rope(k[None].copy(), np.array([pos]), n_kv)
     k_round, v_round = k_ref.astype(dt).astype(np.float32), v[None].astype(dt).astype(np.float32)
@@ -389,7 +423,8 @@ def test_embed_token_and_learned_positions(cp, enc, k, group):
     emb(DeviceMatrix(tok), step, out)
     assert np.array_equal(out.get(), tok.dequantize(np.array([31]))[0])
     emb(DeviceMatrix(pos_t), step, out, slot=STEP_POS, offset=2, accumulate=True)  # OPT: positions start at 2
-    twin = _twin(cfg={"pos_offset": 2}, weights=SimpleNamespace(embed=tok, pos_embed=pos_t))
+    twin = _twin(tensors={"embed": tok, "pos_embed": pos_t}, arch="opt", pos_offset=2, vocab_size=50, dim=k,
+                 head_dim=k, max_positions=18)
     assert _rel(out.get(), twin.embed_tokens(np.array([31]), np.array([7]))[0]) < F32
 
 
@@ -400,7 +435,7 @@ def test_elementwise(cp, activation, with_up):
     rng = np.random.default_rng(3)
     n = 300
     g, u, r = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
-    twin = _twin(cfg={"activation": activation, "act_threshold": 0.4})
+    twin = _twin(activation=activation, act_threshold=0.4 if activation == "fatrelu" else 0.0)
     expected = twin._activate(g) * (u if with_up else 1.0)
     h = _nan(cp, n)
     ew = Elementwise()
@@ -545,22 +580,24 @@ def test_teal_gemv(cp, enc, n, k, extras):
 
     rng = np.random.default_rng(zlib.crc32(f"{enc} {n} {k} {extras}".encode()))
     wt = _pack(rng.standard_normal((k, n)).astype(np.float32), enc)  # (K, N) = W^T
-    lin = Linear(PackedTensor("fp32", (n, k), {"w": np.ascontiguousarray(wt.dequantize().T)}),
-                 rng.standard_normal(n).astype(np.float32) if "bias" in extras else None)
+    bias = rng.standard_normal(n).astype(np.float32) if "bias" in extras else None
+    w = PackedTensor("fp32", (n, k), {"w": np.ascontiguousarray(wt.dequantize().T)})
+    twin = _twin(tensors={"layers.0.attn.q": w}, vectors={"layers.0.attn.q_bias": bias} if bias is not None else None,
+                 dim=k, head_dim=n)  # W as a q projection: the twin's TEAL linear reads q's threshold slot
+    lin = twin.weights.layers[0].q
     x = rng.standard_normal(k).astype(np.float32)
     r = rng.standard_normal(n).astype(np.float32)
     dev, kern, thr = DeviceMatrix(wt), TealGemv(), cp.zeros(1, cp.float32)
     for q in (0.0,) if "dense" in extras else (0.4, 0.7):
         t = np.float32(0.0) if q == 0 else _midway(np.abs(x), q, 1.0)
         thr[...] = t
-        twin = _twin()
-        twin.state.teal[0, 0] = t  # projection "q" of layer 0: the slot the twin's linear reads
+        twin.state.teal[0, 0] = t  # projection "q" of layer 0
         expected = twin.linear(x[None], lin, teal=(0, "q"))[0]
         y = _nan(cp, n)
         if "residual" in extras:
             y[...] = cp.asarray(r)
             expected = expected + r
-        kern(dev, cp.asarray(x), thr, y, bias=None if lin.b is None else cp.asarray(lin.b),
+        kern(dev, cp.asarray(x), thr, y, bias=None if bias is None else cp.asarray(bias),
              accumulate="residual" in extras, splits=7)
         assert _rel(y.get(), expected) < F32
 

@@ -18,8 +18,9 @@ def cuda_available() -> bool:
         return False
 
 
-def create_backend(name: str, model, max_context: int):
-    """A backend holding `model`'s weights and a KV cache of `max_context` positions."""
+def create_backend(name: str, model, max_context: int, threads: int | None = None):
+    """A backend holding `model`'s weights and a KV cache of `max_context` positions; threads: the cpu
+    backend's compute threads (None: the cores numpy's BLAS would use)."""
     if name not in BACKENDS:
         raise EdgeRuntimeError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "cuda" or (name == "auto" and cuda_available()):
@@ -31,4 +32,4 @@ def create_backend(name: str, model, max_context: int):
         return CudaBackend(model, max_context)
     from edge_runtime.backends.cpu import CpuBackend
 
-    return CpuBackend(model, max_context)
+    return CpuBackend(model, max_context, threads)

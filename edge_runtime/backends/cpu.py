@@ -1,10 +1,13 @@
-"""The numpy backend: reference semantics for every op of the contract (backends/base.py), and a usable
-decoder on a CPU.
+"""The cpu backend: every op of the contract (backends/base.py) on numpy arrays, with compiled (numba)
+kernels for one token and numpy/BLAS for several.
 
-Activations are float32 row-major (T, features). Weights stay in their packed encoding (mmapped) and
-are dequantised per call, only the rows that are used: what a sparse step skips is never read. Small
-models (KEEP_F32_BYTES) keep one fp32 copy instead, from which rows are selected the same way.
-The decode state is numpy; a step writes into `buffers` and advances `state` like a device would.
+Activations are float32 row-major (T, features). Weights stay in their packed encoding (mmapped). A
+decode step reads them as stored through compiled GEMV kernels (cpu_dispatch.MatrixKernels, chosen once
+per matrix by its encoding), writes into `buffers` and preallocated scratch, and advances `state` like a
+device would: nothing is allocated per token. Batched passes (prefill, evaluation) are dense BLAS over
+fp32 rows dequantised a block at a time; small models (KEEP_F32_BYTES) keep one fp32 copy for them.
+The numpy reference semantics of each kernel (PackedTensor.dequantize, sparsity/predictor.py) are what
+the kernel tests compare against.
 """
 
 from __future__ import annotations
@@ -14,7 +17,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
+import edge_runtime.backends.cpu_predict as cpu_predict
+import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.base import PROJECTION, SPARSEINFER, DecodeState, knob_arrays, teal_array
+from edge_runtime.backends.cpu_dispatch import MatrixKernels
+from edge_runtime.backends.jit import default_threads, threads_for, use_threads
 from edge_runtime.backends.weights import PROJECTIONS, Layer, Linear, Norm, weights_of
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import Sampler, SamplingParams
@@ -22,21 +29,25 @@ from edge_runtime.pack.loader import PackedModel
 from edge_runtime.sparsity.predictor import Rule, keep_after_gate
 from edge_runtime.sparsity.stats import FIELDS, FFNStats
 
-# Models whose matrices take at most this much as fp32 are dequantised once at load: numpy has no int8 or
-# int4 GEMV, and re-dequantising every call costs more than reading. Larger models dequantise per call.
-KEEP_F32_BYTES = 256 << 20
+# Models whose matrices take at most this much as fp32 keep one fp32 copy for the batched (BLAS) path, which
+# otherwise dequantises a block of rows per call. Decode never reads it: the kernels read the stored encoding.
+KEEP_F32_BYTES = 64 << 20
 C = {name: j for j, name in enumerate(FIELDS)}  # counter rows
 TEAL_SLOT = {p: j for j, p in enumerate(PROJECTIONS)}
+STEP_COUNTERS = np.array([C[f] for f in ("steps", "predicted", "kept", "bytes_read", "bytes_dense")], np.int64)
 
 
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self, model: PackedModel, max_context: int):
+    def __init__(self, model: PackedModel, max_context: int, threads: int | None = None):
         cfg = self.config = model.config
         if sum(4 * m.shape[0] * m.shape[1] for m in model.matrices.values()) <= KEEP_F32_BYTES:
             for m in model.matrices.values():
                 m.keep_f32()
+        self.threads = threads or default_threads()  # compiled kernels' threads (set per decode step)
+        use_threads(self.threads)
+        self.kernels = {id(m): MatrixKernels(m, self.threads) for m in model.matrices.values()}
         self.max_context = max_context
         self.weights = weights_of(model)
         # the weights by name, for tests and tools that compare against other engines
@@ -52,66 +63,101 @@ class CpuBackend:
         self.buffers = SimpleNamespace(x=np.zeros((1, d), f32), h=np.zeros((1, d), f32), q=np.zeros((1, hq), f32),
                                        k=np.zeros((1, hkv), f32), v=np.zeros((1, hkv), f32),
                                        a=np.zeros((1, hq), f32), logits=np.zeros((1, cfg.vocab_size), f32))
+        n, w = cfg.ffn_dim, -(-d // 32)  # FFN rows; uint32 words of a sign-plane row
+        kmax = max(d, hq, n)
+        # decode-step scratch (not part of the contract): FFN rows and values, predictor tables, attention
+        self.scratch = SimpleNamespace(
+            y=np.zeros(kmax, f32),  # (max(d, H*hd, N),) a projection's output before it is added
+            xin=np.zeros(kmax, f32),  # TEAL-masked input
+            g=np.zeros(n, f32), u=np.zeros(n, f32), h=np.zeros(n, f32),  # (N,) gate, up, hidden
+            g_all=np.zeros(n, f32),  # (N,) dense gate (recall measurement)
+            idx=np.zeros(n, np.int32), rows=np.zeros(n, np.int32),  # (N,) predicted rows, kept rows
+            mask=np.zeros(n, np.uint8), z=np.zeros(n, f32),  # (N,) predictor mask, projection scores
+            xs=np.zeros(w, np.uint32), table=np.zeros((4 * w, 256), f32),  # sign words of x, byte sums
+            scores=np.zeros((cfg.n_heads, max_context), f32),  # (H, ctx) attention weights
+            pos_ids=np.zeros(1, np.int32))  # learned-position row of the token (OPT)
+        self.sign_bytes = [np.ascontiguousarray(lay.gate_signs).view(np.uint8) for lay in self.weights.layers]
+        # per layer, the bytes a sparse step reads: sign plane, one gate row, one up + down row; and dense
+        self.ffn_bytes = [(lay.gate_signs.nbytes, lay.gate.w.row_bytes(),
+                           (lay.up.w.row_bytes() if lay.up else 0) + lay.down_t.row_bytes(), lay.ffn_dense_bytes())
+                          for lay in self.weights.layers]
+        self.predictor_threads = threads_for(8 * self.weights.layers[0].gate_signs.nbytes, self.threads)
+        self.act = cpu_step_ops.ACTIVATION_CODE.get(cfg.activation, cpu_step_ops.RELU)
+        self.act_threshold = np.float32(cfg.act_threshold)
+        self.attn_scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
         self._sampler = Sampler(SamplingParams())
         self._history: list[int] = []
         self.stats_reads = 0  # how often the counters were copied out (tests: never per token)
 
     # ---- ops shared by prefill and the decode step ----------------------------------------------------
     def embed_tokens(self, ids: np.ndarray, positions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        x = self.weights.embed.dequantize(ids)
+        out = np.empty((len(ids), self.config.dim), np.float32) if out is None else out
+        self.kernels[id(self.weights.embed)].rows(ids, out)
         if self.weights.pos_embed is not None:
-            x += self.weights.pos_embed.dequantize(positions + self.config.pos_offset)
-        if out is None:
-            return x
-        out[...] = x
+            if len(ids) == 1:
+                pos = np.add(positions, self.config.pos_offset, out=self.scratch.pos_ids)
+                y = self.scratch.y[:out.shape[1]].reshape(1, -1)
+                self.kernels[id(self.weights.pos_embed)].rows(pos, y)
+                out += y
+            else:
+                out += self.weights.pos_embed.dequantize(positions + self.config.pos_offset)
         return out
 
     def norm(self, x: np.ndarray, n: Norm, out: np.ndarray | None = None) -> np.ndarray:
-        if n.b is None:  # RMSNorm
-            y = np.multiply(x, 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + n.eps), out=out)
-            y *= n.w
-            return y
-        xc = x - x.mean(axis=-1, keepdims=True)
-        y = np.multiply(xc, 1.0 / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + n.eps), out=out)
-        y *= n.w
-        y += n.b
-        return y
+        out = np.empty_like(x) if out is None else out
+        if n.b is None:
+            cpu_step_ops.rms_norm(x, n.w, np.float32(n.eps), out)
+        else:
+            cpu_step_ops.layer_norm(x, n.w, n.b, np.float32(n.eps), out)
+        return out
+
+    def _teal_threshold(self, teal: tuple[int, str] | None) -> np.float32:
+        return np.float32(0.0) if teal is None else self.state.teal[teal[0], TEAL_SLOT[teal[1]]]
 
     def _teal_mask(self, x: np.ndarray, teal: tuple[int, str] | None) -> np.ndarray:
         """TEAL: input channels with |x| under the layer's threshold are zero, i.e. skipped weight columns."""
-        if teal is None:
-            return x
-        t = self.state.teal[teal[0], TEAL_SLOT[teal[1]]]
+        t = self._teal_threshold(teal)
         return x if t <= 0 else np.where(np.abs(x) >= t, x, np.float32(0.0))
+
+    def _gemv_input(self, xv: np.ndarray, teal: tuple[int, str] | None) -> np.ndarray:
+        """One token's input (K,), TEAL-masked into scratch when a threshold is set."""
+        t = self._teal_threshold(teal)
+        if t <= 0:
+            return xv
+        xin = self.scratch.xin[:xv.shape[0]]
+        cpu_step_ops.teal_mask(xv, t, xin)
+        return xin
 
     def linear(self, x: np.ndarray, lin: Linear, out: np.ndarray | None = None, teal: tuple[int, str] | None = None,
                add_to: np.ndarray | None = None) -> np.ndarray:
-        """(T, K) @ W^T (+ b) -> (T, N). One token on compressed weights reads the row segments."""
-        x = self._teal_mask(x, teal)
-        if x.shape[0] == 1 and lin.w.sparse:
-            y = lin.w.matvec(x[0])[None, :]
-        else:
-            y = np.matmul(x, lin.w.dequantize().T, out=out if add_to is None else None)
+        """(T, K) @ W^T (+ b) -> (T, N). One token: the compiled GEMV on the stored encoding."""
+        k = self.kernels[id(lin.w)]
+        if x.shape[0] == 1:
+            n = lin.w.shape[0]
+            if add_to is not None:
+                y = self.scratch.y[:n]
+            else:
+                out = np.empty((1, n), np.float32) if out is None else out
+                y = out[0]
+            k.gemv(self._gemv_input(x[0], teal), y, bias=lin.b)
+            if add_to is None:
+                return out
+            add_to[0] += y
+            return add_to
+        y = k.matmul(self._teal_mask(x, teal))
         if lin.b is not None:
             y += lin.b
         if add_to is not None:
             add_to += y
             return add_to
-        if out is not None and y is not out:
+        if out is not None:
             out[...] = y
             return out
         return y
 
     def rope(self, x: np.ndarray, positions: np.ndarray, n_heads: int) -> np.ndarray:
         """(T, n_heads * head_dim) rotated in place per head; HF rotate_half convention."""
-        t, hd = x.shape[0], self.config.head_dim
-        half = hd // 2
-        xv = x.reshape(t, n_heads, hd)
-        c, s = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        x1 = xv[..., :half].copy()
-        x2 = xv[..., half:]
-        xv[..., :half] = x1 * c - x2 * s
-        xv[..., half:] = x2 * c + x1 * s
+        cpu_step_ops.rope(x, positions, self.cos, self.sin, n_heads)
         return x
 
     def attention(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
@@ -120,17 +166,20 @@ class CpuBackend:
         cfg = self.config
         t, hd, nkv = q.shape[0], cfg.head_dim, cfg.n_kv_heads
         pos0 = int(positions[0])
-        end = pos0 + t
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # (n_kv, ctx, hd)
+        if t == 1:
+            out = np.empty_like(q) if out is None else out
+            cpu_step_ops.attention_step(q, k, v, kc, vc, pos0, self.attn_scale, self.scratch.scores, out)
+            return out
+        end = pos0 + t
         kc[:, pos0:end] = k.reshape(t, nkv, hd).transpose(1, 0, 2)
         vc[:, pos0:end] = v.reshape(t, nkv, hd).transpose(1, 0, 2)
         group = cfg.n_heads // nkv
         qh = q.reshape(t, nkv, group, hd).transpose(1, 2, 0, 3).reshape(nkv, group * t, hd)
         scores = qh @ kc[:, :end].transpose(0, 2, 1)  # (n_kv, group*T, end)
-        scores *= np.float32(1.0 / np.sqrt(hd))
-        if t > 1:
-            qpos = np.tile(np.arange(pos0, end), group)
-            scores = np.where(np.arange(end)[None, :] > qpos[:, None], -np.inf, scores).astype(np.float32)
+        scores *= self.attn_scale
+        qpos = np.tile(np.arange(pos0, end), group)
+        scores = np.where(np.arange(end)[None, :] > qpos[:, None], -np.inf, scores).astype(np.float32)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
         a = (scores @ vc[:, :end]).reshape(nkv, group, t, hd).transpose(2, 0, 1, 3).reshape(t, cfg.n_heads * hd)
@@ -140,7 +189,16 @@ class CpuBackend:
         return out
 
     def logits(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return np.matmul(x, self.weights.lm_head.dequantize().T, out=out)
+        k = self.kernels[id(self.weights.lm_head)]
+        if x.shape[0] == 1:
+            out = np.empty((1, self.config.vocab_size), np.float32) if out is None else out
+            k.gemv(x[0], out[0])
+            return out
+        y = k.matmul(x)
+        if out is None:
+            return y
+        out[...] = y
+        return out
 
     # ---- prefill and evaluation ---------------------------------------------------------------------
     def _activate(self, g: np.ndarray) -> np.ndarray:
@@ -160,12 +218,13 @@ class CpuBackend:
         return act, hidden
 
     def ffn_down(self, hidden: np.ndarray, layer: Layer, bias: bool = True) -> np.ndarray:
-        """(T, N) -> (T, d) over the rows of W_down^T; one token on compressed rows reads its segments."""
-        if hidden.shape[0] == 1 and layer.down_t.sparse:
-            rows = np.flatnonzero(hidden[0])
-            y = layer.down_t.rows_weighted_sum(hidden[0, rows], rows)[None, :]
+        """(T, N) -> (T, d) over the rows of W_down^T (one token: the compiled accumulation)."""
+        k = self.kernels[id(layer.down_t)]
+        if hidden.shape[0] == 1:
+            y = np.empty((1, self.config.dim), np.float32)
+            k.axpy(np.ascontiguousarray(hidden[0]), y[0])
         else:
-            y = hidden @ layer.down_t.dequantize()
+            y = k.matmul_t(hidden)
         return y + layer.down_b if (bias and layer.down_b is not None) else y
 
     def _ffn_teal(self, i: int, x: np.ndarray, layer: Layer) -> np.ndarray:
@@ -202,50 +261,63 @@ class CpuBackend:
 
     # ---- decode step ---------------------------------------------------------------------------------
     def ffn_step(self, i: int, x: np.ndarray, layer: Layer, add_to: np.ndarray, mode: str) -> None:
-        if mode == "teal":
-            add_to += self._ffn_teal(i, x, layer)
-            return
-        rule = self._rule(i) if mode == "sparse" else None
-        if rule is None:
-            add_to += self.ffn_down(self.ffn_parts(x, layer)[1], layer)
-            return
-        add_to += self._ffn_sparse(i, x[0], layer, rule)
+        kind = int(self.state.predictor[i]) if mode == "sparse" else 0
+        if kind in (SPARSEINFER, PROJECTION):
+            self._ffn_sparse(i, x[0], layer, kind)
+        else:
+            self._ffn_dense(i, x[0], layer, teal=mode == "teal")
+        add_to[0] += self.scratch.y[:self.config.dim]
 
-    def _ffn_sparse(self, i: int, xv: np.ndarray, layer: Layer, rule: Rule) -> np.ndarray:
-        """x (d,) -> (d,). Predict from the sign plane, gate over predicted rows, drop rows whose gate does
-        not survive the activation, then up and down over the survivors only; counters advanced."""
-        active = rule.active(xv, layer.gate_signs)
-        idx = np.flatnonzero(active)
-        g = layer.gate.w.matvec(xv, idx)
-        if layer.gate.b is not None:
-            g += layer.gate.b[idx]
-        keep = keep_after_gate(g, self.config.act_threshold)
-        rows, h = idx[keep], g[keep]
+    def _ffn_dense(self, i: int, xv: np.ndarray, layer: Layer, teal: bool) -> None:
+        """x (d,) -> scratch.y[:d]: every row of gate, up and W_down^T (TEAL-masked inputs when teal)."""
+        s, n = self.scratch, self.config.ffn_dim
+        self.kernels[id(layer.gate.w)].gemv(self._gemv_input(xv, (i, "gate") if teal else None), s.g,
+                                            bias=layer.gate.b)
+        u = s.u[:0]
         if layer.up is not None:
-            u = layer.up.w.matvec(xv, rows)
-            h = h * (u if layer.up.b is None else u + layer.up.b[rows])
-        y = layer.down_t.rows_weighted_sum(h, rows)
+            u = s.u
+            self.kernels[id(layer.up.w)].gemv(self._gemv_input(xv, (i, "up") if teal else None), u,
+                                              bias=layer.up.b)
+        cpu_step_ops.activate_mul(s.g, u, self.act, self.act_threshold, s.h)
+        h = self._gemv_input(s.h, (i, "down") if teal else None)
+        self._down(layer, h, None, n)
+
+    def _down(self, layer: Layer, h: np.ndarray, rows: np.ndarray | None, n: int) -> None:
+        y = self.scratch.y[:self.config.dim]
+        self.kernels[id(layer.down_t)].axpy(h, y, rows, n)
         if layer.down_b is not None:
             y += layer.down_b
-        c = self.state.counters
-        c[C["steps"], i] += 1
-        c[C["predicted"], i] += idx.size
-        c[C["kept"], i] += rows.size
-        c[C["bytes_read"], i] += int(layer.gate_signs.nbytes + (rule.theta.nbytes if rule.theta is not None else 0)
-                                     + layer.gate.w.row_bytes() * idx.size
-                                     + ((layer.up.w.row_bytes() if layer.up else 0) + layer.down_t.row_bytes())
-                                     * rows.size)
-        c[C["bytes_dense"], i] += layer.ffn_dense_bytes()
-        if self.state.measure_recall:
-            truth = keep_after_gate(layer.gate.w.matvec(xv) + (0 if layer.gate.b is None else layer.gate.b),
-                                    self.config.act_threshold)
+
+    def _ffn_sparse(self, i: int, xv: np.ndarray, layer: Layer, kind: int) -> None:
+        """x (d,) -> scratch.y[:d]. Predict from the sign plane, gate over predicted rows, drop rows whose
+        gate does not survive the activation, then up and down over the survivors only; counters advanced."""
+        s, st = self.scratch, self.state
+        use_threads(self.predictor_threads)
+        if kind == SPARSEINFER:
+            n = cpu_predict.sparseinfer(xv, layer.gate_signs, float(st.alpha[i]), s.xs, s.mask, s.idx)
+        else:
+            n = cpu_predict.projection(xv, self.sign_bytes[i], st.theta[i], s.table, s.z, s.mask, s.idx)
+        self.kernels[id(layer.gate.w)].gemv(xv, s.g, s.idx, n, bias=layer.gate.b)
+        m = cpu_predict.keep_after_gate(s.g, s.idx, n, self.act_threshold, s.rows, s.h)
+        if layer.up is not None:
+            self.kernels[id(layer.up.w)].gemv(xv, s.u, s.rows, m, bias=layer.up.b)
+            np.multiply(s.h[:m], s.u[:m], out=s.h[:m])
+        self._down(layer, s.h, s.rows, m)
+        signs, gate_row, up_down_row, dense_bytes = self.ffn_bytes[i]
+        read = signs + (st.theta[i].nbytes if kind == PROJECTION else 0) + gate_row * n + up_down_row * m
+        cpu_predict.count_step(st.counters, STEP_COUNTERS, i, n, m, int(read), dense_bytes)
+        c = st.counters
+        if st.measure_recall:  # evaluation only: the dense gate, on the host
+            self.kernels[id(layer.gate.w)].gemv(xv, s.g_all, bias=layer.gate.b)
+            truth = keep_after_gate(s.g_all, self.config.act_threshold)
             c[C["true_active"], i] += int(truth.sum())
-            c[C["hits"], i] += int((truth & active).sum())
+            c[C["hits"], i] += int((truth & s.mask.astype(bool)).sum())
             c[C["recall_steps"], i] += 1
-        return y
 
     def sample(self, logits: np.ndarray) -> None:
-        tok = self._sampler(logits[0], self._history)
+        p = self._sampler.p
+        greedy = p.temperature == 0 and p.repetition_penalty == 1.0  # the sampler's argmax, without its copy
+        tok = int(np.argmax(logits[0])) if greedy else self._sampler(logits[0], self._history)
         self.state.token[0] = tok
         self.state.seen[tok] = 1
         self._history.append(tok)
@@ -254,6 +326,7 @@ class CpuBackend:
         self.state.pos[0] += 1
 
     def run_step(self, body: Callable[[], None], mode: str) -> None:
+        use_threads(self.threads)  # numba's thread count is per calling thread (serve runs steps elsewhere)
         body()
 
     # ---- host interface ------------------------------------------------------------------------------

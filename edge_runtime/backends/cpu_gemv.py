@@ -1,0 +1,156 @@
+"""Compiled GEMV over dense weights as stored (fp32, fp16, int8 with per-row scale, int4 with group scales):
+the decode step's projections, the sparse FFN's gate/up over selected rows, and down as an accumulation
+over rows of W_down^T. Weights are read in their encoding and widened in registers; no dequantised copy.
+
+Shapes and dtypes (N rows, K inputs):
+  w      (N, K)      float32 | uint16 (fp16 bits) | int8          dense kernels
+  scale  (N,)        uint16 fp16 bits (int8), or (0,) = none
+  q      (N, Kp/2)   uint8, two nibbles (low = even column), value = nibble - 8; Kp = K rounded up to group
+  gscale (N, Kp/g)   uint16 fp16 bits, one per group of g columns
+  bias   (N,) float32, or (0,) = none
+  x      (K,) float32; idx (>= n,) int32 rows to use; out (>= n,) float32: out[j] = W[idx[j]] . x + b[idx[j]]
+  axpy:  h (>= n,) float32, out (K,) float32 = sum_j h[j] * W[idx[j]];
+         part (threads, K) float32 (int4: (threads, 2, Kp/2)) per-thread partial sums, preallocated.
+Reference semantics: PackedTensor.dequantize (pack/quant.py); accumulation in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from edge_runtime.backends.jit import kernel, widen
+
+
+@kernel(parallel=True)
+def gemv_rows(w, scale, bias, x, idx, n, out):
+    """out[j] = (W[idx[j]] . x) * scale[idx[j]] + bias[idx[j]] for j < n; fp32 / fp16-bits / int8 rows."""
+    k = w.shape[1]
+    scaled = scale.shape[0] > 0
+    biased = bias.shape[0] > 0
+    for j in prange(n):
+        r = idx[j]
+        row = w[r]  # 1-D row views vectorise; 2-D indexing in the inner loop does not always
+        acc = np.float32(0.0)
+        for c in range(k):
+            acc += widen(row[c]) * x[c]
+        acc = acc * widen(scale[r]) if scaled else acc
+        out[j] = acc + bias[r] if biased else acc
+
+
+@kernel(parallel=True)
+def axpy_rows(w, scale, h, idx, n, part, out):
+    """out = sum_{j < n} h[j] * scale[idx[j]] * W[idx[j]]: rows split over threads, partial sums reduced."""
+    k = w.shape[1]
+    nt = part.shape[0]
+    scaled = scale.shape[0] > 0
+    for t in prange(nt):
+        acc = part[t]
+        acc[:] = 0.0
+        for j in range(t * n // nt, (t + 1) * n // nt):
+            r = idx[j]
+            cj = h[j] * widen(scale[r]) if scaled else h[j]
+            for c in range(k):
+                acc[c] += cj * widen(w[r, c])
+    for c in range(k):
+        s = np.float32(0.0)
+        for t in range(nt):
+            s += part[t, c]
+        out[c] = s
+
+
+@kernel()
+def _split_even_odd(x, xeo, xg):
+    """x (K,) -> xeo (2, Kp/2): even columns, odd columns, zero beyond K (padding nibbles are 8 = 0);
+    xg (Kp/g,): each group's sum of x, for the "- 8" of every nibble applied once per group."""
+    half = xeo.shape[1]
+    k = x.shape[0]
+    gh = half // xg.shape[0]
+    for i in range(half):
+        xeo[0, i] = x[2 * i] if 2 * i < k else np.float32(0.0)
+        xeo[1, i] = x[2 * i + 1] if 2 * i + 1 < k else np.float32(0.0)
+    for g in range(xg.shape[0]):
+        s = np.float32(0.0)
+        for i in range(g * gh, (g + 1) * gh):
+            s += xeo[0, i] + xeo[1, i]
+        xg[g] = s
+
+
+@kernel(parallel=True)
+def _gemv_rows_int4(q, gscale, bias, xeo, xg, idx, n, out):
+    gh = q.shape[1] // gscale.shape[1]  # bytes per group
+    biased = bias.shape[0] > 0
+    xe, xo = xeo[0], xeo[1]
+    for j in prange(n):
+        r = idx[j]
+        row, srow = q[r], gscale[r]
+        acc = np.float32(0.0)
+        for g in range(gscale.shape[1]):
+            part = np.float32(0.0)
+            o = g * gh
+            for b in range(gh):
+                v = np.int32(row[o + b])  # int32, not uint8 arithmetic: the conversions vectorise
+                part += np.float32(v & 15) * xe[o + b] + np.float32(v >> 4) * xo[o + b]
+            acc += (part - np.float32(8.0) * xg[g]) * widen(srow[g])
+        out[j] = acc + bias[r] if biased else acc
+
+
+def gemv_rows_int4(q, gscale, bias, x, xeo, xg, idx, n, out):
+    """out[j] = W[idx[j]] . x + bias[idx[j]] for int4 rows; xeo (2, Kp/2) and xg (Kp/g,) float32 scratch."""
+    _split_even_odd(x, xeo, xg)
+    _gemv_rows_int4(q, gscale, bias, xeo, xg, idx, n, out)
+
+
+@kernel(parallel=True)
+def axpy_rows_int4(q, gscale, h, idx, n, part, out):
+    """out (K,) = sum_j h[j] * W[idx[j]] for int4 rows; part (threads, 2, Kp/2) even/odd partial sums."""
+    gh = q.shape[1] // gscale.shape[1]
+    ng = gscale.shape[1]
+    nt = part.shape[0]
+    k = out.shape[0]
+    for t in prange(nt):
+        acc = part[t]
+        acc[:] = 0.0
+        ae, ao = acc[0], acc[1]
+        for j in range(t * n // nt, (t + 1) * n // nt):
+            r = idx[j]
+            row, srow = q[r], gscale[r]
+            for g in range(ng):
+                cg = h[j] * widen(srow[g])
+                o = g * gh
+                for b in range(gh):
+                    v = np.int32(row[o + b])
+                    ae[o + b] += cg * np.float32((v & 15) - 8)
+                    ao[o + b] += cg * np.float32((v >> 4) - 8)
+    for c in range(k):
+        s = np.float32(0.0)
+        for t in range(nt):
+            s += part[t, c & 1, c >> 1]
+        out[c] = s
+
+
+@kernel()
+def dense_rows(w, scale, ids, out):
+    """out[i] = row ids[i] of W as float32 (embedding lookup); fp32 / fp16-bits / int8 rows."""
+    scaled = scale.shape[0] > 0
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        s = widen(scale[r]) if scaled else np.float32(1.0)
+        for c in range(w.shape[1]):
+            out[i, c] = widen(w[r, c]) * s
+
+
+@kernel()
+def int4_rows(q, gscale, ids, out):
+    """out[i] = row ids[i] of an int4 W as float32 (first K columns)."""
+    gh = q.shape[1] // gscale.shape[1]
+    k = out.shape[1]
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        for b in range(q.shape[1]):
+            v = np.int32(q[r, b])
+            s = widen(gscale[r, b // gh])
+            if 2 * b < k:
+                out[i, 2 * b] = np.float32((v & 15) - 8) * s
+            if 2 * b + 1 < k:
+                out[i, 2 * b + 1] = np.float32((v >> 4) - 8) * s

@@ -1,0 +1,120 @@
+"""Compiled small ops of the cpu backend: norms, RoPE, one-token attention, the FFN activation and the
+TEAL input mask. They write into the caller's buffers (the decode step allocates nothing) and keep the
+numpy semantics of backends/cpu.py's batched path, in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from edge_runtime.backends.jit import kernel
+
+SILU, RELU, FATRELU = 0, 1, 2
+ACTIVATION_CODE = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU}
+
+
+@kernel()
+def rms_norm(x, w, eps, out):
+    """x (T, d) -> out (T, d) = x / sqrt(mean(x^2) + eps) * w; eps float32."""
+    d = x.shape[1]
+    for t in range(x.shape[0]):
+        ss = np.float32(0.0)
+        for i in range(d):
+            ss += x[t, i] * x[t, i]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(d) + eps)
+        for i in range(d):
+            out[t, i] = x[t, i] * inv * w[i]
+
+
+@kernel()
+def layer_norm(x, w, b, eps, out):
+    """x (T, d) -> out (T, d) = (x - mean) / sqrt(var + eps) * w + b; eps float32."""
+    d = x.shape[1]
+    for t in range(x.shape[0]):
+        mean = np.float32(0.0)
+        for i in range(d):
+            mean += x[t, i]
+        mean /= np.float32(d)
+        var = np.float32(0.0)
+        for i in range(d):
+            var += (x[t, i] - mean) * (x[t, i] - mean)
+        inv = np.float32(1.0) / np.sqrt(var / np.float32(d) + eps)
+        for i in range(d):
+            out[t, i] = (x[t, i] - mean) * inv * w[i] + b[i]
+
+
+@kernel()
+def rope(x, positions, cos, sin, n_heads):
+    """x (T, n_heads * hd) rotated in place (HF rotate_half); cos, sin (ctx, hd/2) float32; positions (T,)."""
+    half = cos.shape[1]
+    for t in range(x.shape[0]):
+        p = positions[t]
+        for h in range(n_heads):
+            o = h * 2 * half
+            for i in range(half):
+                x1, x2 = x[t, o + i], x[t, o + half + i]
+                x[t, o + i] = x1 * cos[p, i] - x2 * sin[p, i]
+                x[t, o + half + i] = x2 * cos[p, i] + x1 * sin[p, i]
+
+
+@kernel(parallel=True)
+def attention_step(q, k, v, kc, vc, pos, scale, scores, out):
+    """One token at position pos: k, v (1, KV*hd) written into kc, vc (KV, ctx, hd) at pos, then each of
+    the H query heads in q (1, H*hd) attends over positions 0..pos of its KV head (GQA) -> out (1, H*hd).
+    scores (H, ctx) float32 scratch; scale float32 = 1/sqrt(hd)."""
+    nkv, _, hd = kc.shape
+    nh = q.shape[1] // hd
+    group = nh // nkv
+    end = pos + 1
+    for g in range(nkv):
+        for i in range(hd):
+            kc[g, pos, i] = k[0, g * hd + i]
+            vc[g, pos, i] = v[0, g * hd + i]
+    for h in prange(nh):
+        g = h // group
+        qh = q[0, h * hd:(h + 1) * hd]
+        s = scores[h]
+        top = -np.inf
+        for t in range(end):
+            kt = kc[g, t]
+            acc = np.float32(0.0)
+            for i in range(hd):
+                acc += qh[i] * kt[i]
+            acc *= scale
+            s[t] = acc
+            top = max(top, acc)
+        total = np.float32(0.0)
+        for t in range(end):
+            e = np.exp(s[t] - top)
+            s[t] = e
+            total += e
+        o = out[0, h * hd:(h + 1) * hd]
+        o[:] = 0.0
+        for t in range(end):
+            p = s[t] / total
+            vt = vc[g, t]
+            for i in range(hd):
+                o[i] += p * vt[i]
+
+
+@kernel()
+def activate_mul(g, u, act, threshold, out):
+    """out = act(g) * u (u of size 0: act(g) alone); act SILU | RELU | FATRELU; threshold float32 (FATReLU)."""
+    gated = u.shape[0] > 0
+    for i in range(g.shape[0]):
+        x = g[i]
+        if act == SILU:
+            a = x / (np.float32(1.0) + np.exp(-x))
+        elif act == FATRELU:
+            a = x if x >= threshold else np.float32(0.0)
+        else:
+            a = max(x, np.float32(0.0))
+        out[i] = a * u[i] if gated else a
+
+
+@kernel()
+def teal_mask(x, threshold, out):
+    """out = x where |x| >= threshold, else 0 (TEAL: inputs under the threshold skip their weight column)."""
+    for i in range(x.shape[0]):
+        out[i] = x[i] if abs(x[i]) >= threshold else np.float32(0.0)

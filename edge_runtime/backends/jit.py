@@ -1,0 +1,130 @@
+"""numba plumbing for the cpu backend's compiled kernels: the one decorator they use, thread count, and
+the scalar helpers numba lacks (fp16 widening, popcount, count-trailing-zeros).
+
+Kernels compile lazily on first call and are cached on disk. numba caches next to the source when the
+package directory is writable, else in the user's cache directory (or NUMBA_CACHE_DIR); when neither is
+writable (a read-only install with a read-only home) numba refuses `cache=True` at decoration time, and we
+compile without a disk cache instead: slower first call, same code.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+# Reassociation (vectorised reductions) and FMA contraction; no finite-math or flush-to-zero assumptions.
+FASTMATH = frozenset({"reassoc", "contract", "nsz", "arcp"})
+
+
+def kernel(parallel: bool = False):
+    """@njit(parallel, fastmath=FASTMATH, cache=True), or without the disk cache where none is writable."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(parallel=parallel, fastmath=set(FASTMATH), cache=True)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available": nowhere writable
+            return numba.njit(parallel=parallel, fastmath=set(FASTMATH), cache=False)(fn)
+
+    return wrap
+
+
+def default_threads() -> int:
+    """The cores numpy's BLAS would use: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS if set, else the CPUs this
+    process may run on."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        v = os.environ.get(var, "").strip()
+        if v.isdigit() and int(v) > 0:
+            return min(int(v), numba.config.NUMBA_NUM_THREADS)
+    return min(len(os.sched_getaffinity(0)), numba.config.NUMBA_NUM_THREADS)
+
+
+# Work smaller than this (bytes read) runs on one thread: a parallel region's fork/join costs more, and on a
+# loaded machine a region waits for its slowest thread to be scheduled.
+PARALLEL_MIN_BYTES = 256 << 10
+
+
+def use_threads(n: int) -> None:
+    """Threads for the compiled kernels called from this thread (numba's setting is per calling thread)."""
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+
+
+def threads_for(nbytes: int, threads: int) -> int:
+    """Threads worth using for a kernel reading nbytes."""
+    return threads if nbytes >= PARALLEL_MIN_BYTES else 1
+
+
+def _low32(builder, value):
+    """An LLVM integer truncated (or zero-extended) to i32: numba widens uint32 arithmetic to 64 bits."""
+    width = value.type.width
+    i32 = ir.IntType(32)
+    return value if width == 32 else builder.trunc(value, i32) if width > 32 else builder.zext(value, i32)
+
+
+@intrinsic
+def popcount32(typingctx, v):
+    """Low 32 bits of an integer -> number of set bits (llvm.ctpop)."""
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.ctpop(_low32(builder, args[0]))
+
+    return types.uint32(v), codegen
+
+
+@intrinsic
+def ctz32(typingctx, v):
+    """Low 32 bits of an integer (non-zero) -> index of the lowest set bit (llvm.cttz)."""
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.cttz(_low32(builder, args[0]), ir.Constant(ir.IntType(1), 0))
+
+    return types.uint32(v), codegen
+
+
+@intrinsic
+def _bits_as_f32(typingctx, v):
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(_low32(builder, args[0]), ir.FloatType())
+
+    return types.float32(v), codegen
+
+
+def widen(v):
+    """One stored weight element as float32: float32 itself, int8 as its value, uint16 as fp16 bits."""
+    raise NotImplementedError("only callable from compiled kernels")
+
+
+@overload(widen, inline="always")
+def _widen(v):
+    if v == types.float32:
+        return lambda v: v
+    if v == types.int8:
+        return lambda v: np.float32(v)
+    if v == types.uint16:
+        # fp16 bits -> fp32: sign to bit 31, exponent+mantissa shifted into place, then rebias the
+        # exponent (15 -> 127) by multiplying with 2^112; exact for normals, subnormals and zeros
+        # (inf/nan are not weights and come out finite).
+        def f16(v):
+            h = np.uint32(v)
+            return _bits_as_f32(((h & np.uint32(0x8000)) << np.uint32(16))
+                                | ((h & np.uint32(0x7FFF)) << np.uint32(13))) * np.float32(5.192296858534828e33)
+        return f16
+    return None
+
+
+def f16_bits(a: np.ndarray) -> np.ndarray:
+    """A float16 array viewed as uint16 (no copy): what the kernels read (numba has no CPU float16)."""
+    return a.view(np.uint16) if a.dtype == np.float16 else a

@@ -1,0 +1,126 @@
+"""Every compiled cpu kernel against its numpy reference (PackedTensor.dequantize / matvec /
+rows_weighted_sum, sparsity/predictor.py) on fresh seeded random non-zero data, every encoding, with no,
+some and all rows active; outputs poisoned (NaN) before each run. Small shapes: compile time stays low."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edge_runtime.backends.cpu_predict as cpu_predict
+from edge_runtime.backends.cpu_dispatch import MatrixKernels
+from edge_runtime.pack.quant import PackedTensor, quantize
+from edge_runtime.pack.signbits import pack_signs
+from edge_runtime.pack.sparse_weights import compress, prune_mask
+from edge_runtime.sparsity.predictor import predict_active, projection_scores
+
+N, K = 40, 100  # K not a multiple of the int4 group (32 here) nor of 8 (bitmap bytes)
+ENCODINGS = ("fp32", "fp16", "int8", "int4", "sparse-fp16", "sparse-int8")
+TOL = {"fp32": 1e-5, "fp16": 2e-5, "int8": 2e-5, "int4": 2e-5, "sparse-fp16": 2e-5, "sparse-int8": 2e-5}
+
+
+def packed(enc: str, rng) -> PackedTensor:
+    w = rng.standard_normal((N, K)).astype(np.float32) + 0.1
+    if enc.startswith("sparse-"):
+        arrays = compress(w, prune_mask(w, 0.6), enc)
+        return PackedTensor(enc, (N, K), arrays)
+    return quantize(w, enc, group_size=32)
+
+
+def rel(a, b) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_gemv_and_axpy_match_the_dequantised_reference(enc, threads):
+    rng = np.random.default_rng(hash(enc) % 1000 + threads)
+    t = packed(enc, rng)
+    k = MatrixKernels(t, threads)
+    ref = t.dequantize()  # (N, K) float32
+    x = rng.standard_normal(K).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    for rows in (np.arange(N), np.sort(rng.choice(N, 13, replace=False)), np.arange(0)):
+        idx = np.zeros(N, np.int32)
+        idx[:len(rows)] = rows
+        out = np.full(N, np.nan, np.float32)
+        k.gemv(x, out, idx, len(rows), bias=bias)
+        assert np.isnan(out[len(rows):]).all()  # nothing past n written
+        if len(rows):
+            assert rel(out[:len(rows)], ref[rows] @ x + bias[rows]) < TOL[enc]
+            assert rel(out[:len(rows)], t.matvec(x, rows) + bias[rows]) < TOL[enc]
+        h = rng.standard_normal(N).astype(np.float32)
+        y = np.full(K, np.nan, np.float32)
+        k.axpy(h, y, idx, len(rows))
+        expect = h[:len(rows)] @ ref[rows]
+        if len(rows):
+            assert rel(y, expect) < TOL[enc]
+            assert rel(y, t.rows_weighted_sum(h[:len(rows)], rows)) < TOL[enc]
+        else:
+            assert (y == 0).all()
+    out = np.full(N, np.nan, np.float32)
+    k.gemv(x, out)  # every row, no bias
+    assert rel(out, ref @ x) < TOL[enc]
+
+
+@pytest.mark.parametrize("enc", ENCODINGS)
+def test_rows_and_blocked_matmul_match_the_reference(enc):
+    rng = np.random.default_rng(7)
+    t = packed(enc, rng)
+    k = MatrixKernels(t, 2)
+    ids = np.array([3, 0, 39, 3], np.int32)
+    out = np.full((4, K), np.nan, np.float32)
+    k.rows(ids, out)
+    assert np.array_equal(out, t.dequantize(ids))
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    assert rel(k.matmul(x), x @ t.dequantize().T) < 1e-5
+    h = rng.standard_normal((5, N)).astype(np.float32)
+    assert rel(k.matmul_t(h), h @ t.dequantize()) < 1e-5
+
+
+@pytest.mark.parametrize("d", [64, 100])
+def test_sparseinfer_predictor_matches_the_reference(d):
+    rng = np.random.default_rng(d)
+    n = 300
+    signs = pack_signs(rng.standard_normal((n, d)))
+    x = rng.standard_normal(d).astype(np.float32)
+    x[::7] = 0.0  # zeros count as positive
+    w = signs.shape[1]
+    for alpha in (0.0, 0.8, 1.0, 1.2, 100.0):  # 0 and 100: (almost) no rows and all rows
+        idx, mask = np.full(n, -1, np.int32), np.zeros(n, np.uint8)
+        count = cpu_predict.sparseinfer(x, signs, alpha, np.zeros(w, np.uint32), mask, idx)
+        expect = np.flatnonzero(predict_active(x, signs, alpha))
+        assert count == len(expect) and np.array_equal(idx[:count], expect)
+    assert count == n
+
+
+@pytest.mark.parametrize("d", [64, 100])
+def test_projection_predictor_matches_the_reference(d):
+    rng = np.random.default_rng(d + 1)
+    n = 300
+    signs = pack_signs(rng.standard_normal((n, d)))
+    x = rng.standard_normal(d).astype(np.float32)
+    w = signs.shape[1]
+    ref = projection_scores(x, signs)
+    z = np.full(n, np.nan, np.float32)
+    table = np.zeros((4 * w, 256), np.float32)
+    cpu_predict.projection_z(x, signs.view(np.uint8), table, z)
+    assert np.abs(z - ref).max() < 1e-5 * np.abs(x).sum()
+    for theta in (ref - 0.5, ref + 0.5, np.full(n, np.inf, np.float32), rng.standard_normal(n) * 3):
+        theta = theta.astype(np.float32)
+        idx, mask = np.full(n, -1, np.int32), np.zeros(n, np.uint8)
+        count = cpu_predict.projection(x, signs.view(np.uint8), theta, table, z, mask, idx)
+        clear = np.abs(ref - theta) > 1e-4  # decisions away from the threshold's rounding
+        got = np.zeros(n, bool)
+        got[idx[:count]] = True
+        assert np.array_equal(got[clear], (ref >= theta)[clear])
+
+
+def test_keep_after_gate_compacts_the_survivors():
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal(50).astype(np.float32)
+    rows = np.sort(rng.choice(200, 50, replace=False)).astype(np.int32)
+    kept, h = np.full(50, -1, np.int32), np.full(50, np.nan, np.float32)
+    m = cpu_predict.keep_after_gate(g, rows, 50, np.float32(0.3), kept, h)
+    sel = (g > 0) & (g >= np.float32(0.3))
+    assert m == sel.sum() and np.array_equal(kept[:m], rows[sel]) and np.array_equal(h[:m], g[sel])
