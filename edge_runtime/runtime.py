@@ -325,7 +325,8 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
 
     profile: "auto" detects the device, a name or YAML path picks one, None uses no profile. With a
     profile and a calibrated ReLU-family model, sparse decode starts with per-layer alphas chosen for
-    the power mode (detected, or `power_mode`) and the objective (default: +1 % perplexity), with the
+    the power mode (detected, or `power_mode`) and the objective (default: the profile's decode_target,
+    e.g. hold the top mode's projected speed within +1 % held-out perplexity; sparsity/policy.py), with the
     predictor asked for ("auto": whichever calibrated one reads fewer bytes within the quality cap,
     chosen once). watch_power polls the board's nvpmodel state every second on a Jetson and re-selects
     on a change.

@@ -4,6 +4,7 @@ every power mode (issue 15 bars), the predictor is chosen once per model, and th
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -178,6 +179,7 @@ def test_live_switch_top_to_lowest_changes_next_token_knobs(tmp_path):
         assert time.time() < deadline, "the watcher did not re-select"
         time.sleep(0.01)
     after = rt.health_info()
+    assert json.loads(json.dumps(after)) == after  # /health serves it as JSON
     assert after["power_mode"] == "7W" and after["selection"]["power_mode"] == "7W"
     assert after["knobs"] == after["selection"]["knobs"] != before["knobs"]
     assert after["selection"]["ffn_bytes_fraction"] < before["selection"]["ffn_bytes_fraction"]

@@ -112,9 +112,10 @@ def plan_load(cfg: ModelConfig, encoding: str, weights_bytes: int, profile: Devi
     if free_now_gb is not None:
         free_gb = free_now_gb - (profile.memory.runtime_overhead_gb if profile.memory.shared_with_cpu else 0.0)
     budget = profile_gb if free_gb is None else min(profile_gb, free_gb)
+    kept = "workspace" if profile.kind == "cpu" else "CUDA context and workspace"
     limit = (f"{profile.name} leaves {profile_gb:.2f} GB" if budget == profile_gb else
-             f"{free_now_gb:.2f} GB is free now" + (f", {profile.memory.runtime_overhead_gb:g} GB of it for the CUDA "
-                                                    f"context and workspace" if profile.memory.shared_with_cpu else ""))
+             f"{free_now_gb:.2f} GB is free now" + (f", {profile.memory.runtime_overhead_gb:g} GB of it for the {kept}"
+                                                    if profile.memory.shared_with_cpu else ""))
 
     def need(c: int) -> float:
         return (weights_bytes + kv_cache_bytes(cfg, c, kv_dtype_bytes)) * WORKSPACE / GB
