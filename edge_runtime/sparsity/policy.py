@@ -135,7 +135,7 @@ def speed_target(path: list[dict], cfg: ModelConfig, encoding: str, profile: Dev
                  kv_tokens: int) -> tuple[float, str]:
     """(ms per token to meet, where it comes from): the user's target, else the profile's."""
     if objective.latency_ms is not None:
-        return objective.latency_ms, f"{objective.latency_ms:g} ms/token asked"
+        return objective.latency_ms, "asked"
     target = profile.decode_target
     if target.tokens_per_s is not None:
         return 1e3 / target.tokens_per_s, f"the profile's floor of {target.tokens_per_s:g} tokens/s"
