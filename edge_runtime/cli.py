@@ -43,9 +43,11 @@ def _add_sparsity_args(p: argparse.ArgumentParser, default: str) -> None:
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="auto", help="device profile: auto (detect), a name, or a YAML path")
     p.add_argument("--power-mode", default=None, help="power mode to plan for (default: detected or the profile's)")
-    p.add_argument("--latency-ms", type=float, default=None, help="per-token latency target for the alpha policy")
+    p.add_argument("--latency-ms", type=float, default=None,
+                   help="per-token latency target for the policy (default: the profile's decode_target)")
+    p.add_argument("--tokens-per-s", type=float, default=None, help="the same target as decode tokens/s")
     p.add_argument("--quality-budget", type=float, default=None,
-                   help="allowed perplexity increase in percent for the alpha policy (default 1)")
+                   help="perplexity increase in percent the policy may not exceed (default: the profile's cap, 1)")
     p.add_argument("--predictor", default="auto", choices=("auto", "sparseinfer", "projection"),
                    help="which calibrated predictor the policy uses (auto: the one reading fewer bytes)")
 
@@ -63,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="pack a Hugging Face checkpoint directory")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
-    p.add_argument("--dtype", default="int8", choices=("fp32", "fp16", "int8", "int4"))
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "int8", "int4"), help="default int8")
+    p.add_argument("--for-device", default=None, metavar="NAME|auto",
+                   help="pack with the encoding the memory planner picks for this profile (auto: this device)")
+    p.add_argument("--context", type=int, default=2048, help="KV cache length --for-device plans for")
     p.add_argument("--group-size", type=int, default=64, help="int4 group along K")
     p.add_argument("--default-alpha", type=float, default=None,
                    help="the alpha this model decodes with unless told otherwise (stored in the manifest)")
@@ -183,14 +188,28 @@ def _read_text(path: str | Path) -> str:
 
 def _load(args, watch_power: bool = False):
     """The runtime for a command; long-running ones (serve, chat) follow the board's power mode."""
+    import warnings
+
+    from edge_runtime.devices.planner import KVBudgetWarning
     from edge_runtime.runtime import load
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", KVBudgetWarning)
+        rt = load(args.model, profile=getattr(args, "profile", "auto"), backend=args.backend,
+                  max_context=args.max_context, verify=not args.no_verify,
+                  power_mode=getattr(args, "power_mode", None), objective=_objective(args),
+                  predictor=getattr(args, "predictor", "auto"), watch_power=watch_power and args.power_mode is None,
+                  prefill=args.prefill, threads=args.threads)
+    for w in caught:  # the shortened KV budget, one line each
+        print(f"edge-runtime: warning: {w.message}", file=sys.stderr)
+    return rt
+
+
+def _objective(args):
     from edge_runtime.sparsity.policy import Objective
 
-    return load(args.model, profile=getattr(args, "profile", "auto"), backend=args.backend,
-                max_context=args.max_context, verify=not args.no_verify, power_mode=getattr(args, "power_mode", None),
-                objective=Objective(getattr(args, "latency_ms", None), getattr(args, "quality_budget", None)),
-                predictor=getattr(args, "predictor", "auto"), watch_power=watch_power and args.power_mode is None,
-                prefill=args.prefill, threads=args.threads)
+    return Objective.from_flags(getattr(args, "latency_ms", None), getattr(args, "tokens_per_s", None),
+                                getattr(args, "quality_budget", None))
 
 
 def _sparse_setting(args, rt) -> list | float | None:
@@ -220,19 +239,43 @@ def _apply_sparsity(args, rt, measure_recall: bool = False) -> None:
 def cmd_convert(args) -> int:
     from edge_runtime.pack.convert import check_options, convert
 
+    dtype, sparsity = args.dtype or "int8", args.weight_sparsity
+    if args.for_device:
+        if args.dtype is not None or args.weight_sparsity:
+            raise EdgeRuntimeError("--for-device picks the encoding; leave out --dtype and --weight-sparsity")
+        dtype, sparsity = _encoding_for_device(Path(args.hf_dir), args.for_device, args.context)
     norms = None
-    if args.weight_sparsity and args.prune == "wanda" and args.calib_text:
+    if sparsity and args.prune == "wanda" and args.calib_text:
         from edge_runtime.sparsity.wanda import input_norms
 
-        check_options(args.dtype, args.weight_sparsity, args.prune)
+        check_options(dtype, sparsity, args.prune)
         norms = input_norms(Path(args.hf_dir), _read_text(args.calib_text))
-    m = convert(Path(args.hf_dir), Path(args.out_dir), args.dtype, args.group_size, args.overwrite,
+    m = convert(Path(args.hf_dir), Path(args.out_dir), dtype, args.group_size, args.overwrite,
                 progress=sys.stderr.isatty(), default_alpha=args.default_alpha,
-                weight_sparsity=args.weight_sparsity, prune=args.prune, input_norms=norms)
+                weight_sparsity=sparsity, prune=args.prune, input_norms=norms)
     size = sum(f["bytes"] for f in m["files"].values())
-    print(f"packed {m['model']['arch']} ({m['model']['n_layers']} layers, {args.dtype}) into {args.out_dir}: "
+    ws = f", weight sparsity {sparsity:g}" if sparsity else ""
+    print(f"packed {m['model']['arch']} ({m['model']['n_layers']} layers, {dtype}{ws}) into {args.out_dir}: "
           f"{size / 1e6:.2f} MB")
     return 0
+
+
+def _encoding_for_device(hf_dir: Path, name: str, context: int) -> tuple[str, float]:
+    """(dtype, weight sparsity) the memory planner picks for the checkpoint on that profile."""
+    from edge_runtime.devices.planner import plan_memory, split_encoding
+    from edge_runtime.devices.profile import load_profile
+    from edge_runtime.pack.hf_config import model_config_from_hf, read_hf_config
+
+    if name == "auto":
+        from edge_runtime.devices.detect import detect
+
+        name = detect().profile
+    profile = load_profile(name)
+    cfg = model_config_from_hf(read_hf_config(hf_dir))
+    plan = plan_memory(cfg, profile, min(context, cfg.max_positions))
+    print(f"planned for {profile.name}: {plan.encoding} ({plan.needed_gb[plan.encoding]:.2f} GB with a "
+          f"{plan.context}-token KV cache of {plan.budget_gb:.2f} GB usable)", file=sys.stderr)
+    return split_encoding(plan.encoding)
 
 
 def _print_generation(rt, res, as_json: bool, label: str = "") -> None:
@@ -445,7 +488,7 @@ def _profile_select(args) -> int:
     from edge_runtime.pack.loader import load_packed
     from edge_runtime.paths import resolve_model
     from edge_runtime.sparsity.calibrate import read_calibration
-    from edge_runtime.sparsity.policy import Objective, select
+    from edge_runtime.sparsity.policy import select
 
     model_dir = resolve_model(args.model)
     model = load_packed(model_dir, verify=False)
@@ -458,8 +501,8 @@ def _profile_select(args) -> int:
         found = detect()
         name, mode = found.profile, mode or found.power_mode
     profile = load_profile(name)
-    sel = select(calibrated[0], model.config, model.manifest["encoding"], profile, mode,
-                 Objective(args.latency_ms, args.quality_budget), args.predictor)
+    sel = select(calibrated[0], model.config, model.manifest["encoding"], profile, mode, _objective(args),
+                 args.predictor)
     plan = plan_memory(model.config, profile, min(args.context, model.config.max_positions))
     out = {**sel.to_dict(), "memory_plan": {"encoding": plan.encoding, "needed_gb": plan.needed_gb,
                                             "budget_gb": plan.budget_gb}}
@@ -467,6 +510,8 @@ def _profile_select(args) -> int:
         print(json.dumps(out))
         return 0
     print(f"{profile.name}, power mode {sel.power_mode}: {sel.note}")
+    print(f"speed target {'met' if sel.met else 'NOT met'}; quality cap +{sel.quality_cap_pct:g} % held-out "
+          f"perplexity" + (", reached" if sel.at_cap else ""))
     knob = calibrated[0]["predictors"][sel.predictor]["knob"]
     print(f"predictor {sel.predictor}, per-layer {knob}: " + " ".join(f"{a:g}" for a in sel.knobs))
     print(f"FFN bytes {sel.ffn_bytes_fraction:.3f} of dense; {sel.bytes_per_token / 1e6:.3f} MB read per token")

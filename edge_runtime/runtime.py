@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.backends import create_backend
+from edge_runtime.devices.planner import LoadPlan
 from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS
 from edge_runtime.errors import EdgeRuntimeError
@@ -28,7 +29,7 @@ from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
 from edge_runtime.pack.loader import PackedModel, load_packed
 from edge_runtime.paths import resolve_model
 from edge_runtime.sparsity.calibrate import read_calibration, rules_for
-from edge_runtime.sparsity.policy import Objective, Selection, select
+from edge_runtime.sparsity.policy import Objective, Selection, choose_predictor, quality_cap, select
 
 DEFAULT_CONTEXT = 2048
 FALLBACK_ALPHA = 1.0  # SparseInfer's majority vote, for models converted without a default alpha
@@ -57,6 +58,8 @@ class Runtime:
         calibrated = read_calibration(model.path)
         self.calibration, self.thresholds = calibrated if calibrated else (None, {})
         self.predictor = "auto"  # which calibrated predictor the policy may pick: auto | sparseinfer | projection
+        self.predictor_in_use: str | None = None  # "auto" resolved once per model and objective, not per mode
+        self.memory_plan: LoadPlan | None = None  # set by load() when a profile is in use
         self.profile: DeviceProfile | None = None
         self.power_mode: str | None = None
         self.objective = Objective()
@@ -126,8 +129,18 @@ class Runtime:
             self.objective = objective
         if predictor is not None:
             self.predictor = predictor
+        self.predictor_in_use = self._resolve_predictor()
         self._policy_drives_sparsity = True
         return self.set_power_mode(profile.mode(power_mode).name)
+
+    def _resolve_predictor(self) -> str | None:
+        """The predictor for every power mode from now on: the one asked for, or for "auto" the one the
+        calibration says reads the fewest bytes within the quality cap (policy.choose_predictor)."""
+        if self.profile is None or self.calibration is None or not self.calibration["predictors"]:
+            return None
+        if self.predictor != "auto":
+            return self.predictor
+        return choose_predictor(self.calibration, quality_cap(self.profile, self.objective))
 
     def set_power_mode(self, mode: str) -> Selection | None:
         """The application (or the watcher) reports a new power mode: new alphas from the next token on,
@@ -140,7 +153,9 @@ class Runtime:
         return self.selection
 
     def reselect(self) -> Selection | None:
-        """Select again for the current mode (after a change of objective)."""
+        """Select again for the current mode (after a change of objective or predictor: the predictor is
+        resolved again here, never on a power-mode change)."""
+        self.predictor_in_use = self._resolve_predictor()
         return self._select(self.power_mode)
 
     def _select(self, mode: str | None) -> Selection | None:
@@ -148,11 +163,30 @@ class Runtime:
                 or not self.calibration["predictors"]):
             return None
         selection = select(self.calibration, self.config, self.model.manifest["encoding"], self.profile, mode,
-                           self.objective, self.predictor, kv_tokens=min(DEFAULT_KV_TOKENS, self.decoder.max_context))
+                           self.objective, self.predictor_in_use or self.predictor,
+                           kv_tokens=min(DEFAULT_KV_TOKENS, self.decoder.max_context))
         self.selection = selection
         if self._policy_drives_sparsity:
             self.decoder.set_sparsity(self.rules_for(selection), self.decoder.measure_recall)
         return selection
+
+    def health_info(self) -> dict:
+        """What the daemon's /health reports about the device policy: profile and power mode, the
+        predictor and the per-layer knobs the next token decodes with, the selection (target, cap, met,
+        note; speeds are projections from the profile's bandwidth), the memory plan and the KV budget."""
+        sel = self.selection
+        decoder = self.decoder
+        return {
+            "profile": self.profile.name if self.profile else None,
+            "power_mode": self.power_mode,
+            "predictor": {"asked": self.predictor, "in_use": self.predictor_in_use},
+            "decode": decoder.mode if decoder else None,  # dense | sparse | teal
+            "knobs": decoder.alphas if decoder else None,  # per layer, in force for the next token
+            "policy_drives_sparsity": self._policy_drives_sparsity,
+            "selection": sel.to_dict() if sel else None,
+            "memory": self.memory_plan.to_dict() if self.memory_plan else None,
+            "kv_budget_tokens": decoder.max_context if decoder else None,
+        }
 
     def rules_for(self, selection: Selection) -> list:
         """The per-layer predictor rules a selection stands for (thresholds looked up for q)."""
@@ -308,13 +342,19 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
 
     profile: "auto" detects the device, a name or YAML path picks one, None uses no profile. With a
     profile and a calibrated ReLU-family model, sparse decode starts with per-layer alphas chosen for
-    the power mode (detected, or `power_mode`) and the objective (default: +1 % perplexity), with the
-    predictor asked for ("auto": whichever calibrated one reads fewer bytes). watch_power polls the
-    board's nvpmodel state every second on a Jetson and re-selects on a change. prefill "onnx" runs
-    prompts through the ONNX export of the dense model in ONNX Runtime; decode stays on the backend. threads:
-    the cpu backend's compute threads (None: the cores numpy's BLAS would use)."""
-    rt = Runtime(load_packed(resolve_model(path), verify=verify), backend=backend, max_context=max_context,
-                 prefill=prefill, threads=threads)
+    the power mode (detected, or `power_mode`) and the objective (default: the profile's decode_target,
+    e.g. hold the top mode's projected speed within +1 % held-out perplexity; sparsity/policy.py), with the
+    predictor asked for ("auto": whichever calibrated one reads fewer bytes within the quality cap,
+    chosen once). watch_power polls the board's nvpmodel state every second on a Jetson and re-selects
+    on a change.
+
+    With a profile, memory is planned before any weight is read (devices/planner.plan_load): the packed
+    files plus the KV cache for max_context must fit the profile's usable memory and the memory free
+    now; otherwise the KV cache is shortened with a KVBudgetWarning, or load refuses naming what fits.
+    prefill "onnx" runs prompts through the ONNX export of the dense model in ONNX Runtime; decode stays on
+    the backend. threads: the cpu backend's compute threads (None: the cores numpy's BLAS would use)."""
+    model_dir = resolve_model(path)
+    prof = None
     if profile is not None:
         from edge_runtime.devices.detect import detect
         from edge_runtime.devices.profile import load_profile
@@ -323,9 +363,35 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
             found = detect()
             profile, power_mode = found.profile, power_mode or found.power_mode
         prof = load_profile(profile)
+    plan = None if prof is None else _plan_memory(model_dir, prof, max_context, backend)
+    rt = Runtime(load_packed(model_dir, verify=verify), backend=backend,
+                 max_context=plan.context if plan else max_context, prefill=prefill, threads=threads)
+    rt.memory_plan = plan
+    if prof is not None:
         rt.use_profile(prof, power_mode, objective, predictor)
         if watch_power and prof.kind == "jetson":
             from edge_runtime.devices.detect import mode_reader
 
             rt.watch_power_mode(mode_reader(prof))
     return rt
+
+
+def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | None, backend: str) -> LoadPlan:
+    """The load plan from the manifest alone (nothing mapped yet): stored file bytes, the KV cache in the
+    backend's dtype (the numpy backend keeps it in float32, the CUDA one in fp16)."""
+    from edge_runtime.backends import cuda_available
+    from edge_runtime.devices.planner import available_memory_gb, plan_load
+    from edge_runtime.errors import ModelFormatError
+    from edge_runtime.model.config import ModelConfig
+    from edge_runtime.pack.format import read_manifest
+
+    manifest = read_manifest(model_dir)
+    try:
+        cfg = ModelConfig.from_dict(manifest["model"])
+    except TypeError as e:
+        raise ModelFormatError(f"{model_dir}/manifest.yaml: bad model config: {e}") from None
+    weights = sum(int(f.get("bytes", 0)) for f in manifest["files"].values())
+    context = min(max_context or DEFAULT_CONTEXT, cfg.max_positions)
+    on_cpu = backend == "cpu" or (backend == "auto" and not cuda_available())
+    return plan_load(cfg, manifest["encoding"], weights, profile, context, available_memory_gb(),
+                     kv_dtype_bytes=4 if on_cpu else 2)

@@ -1,5 +1,5 @@
 """Both sign-plane predictors on held-out text: perplexity change and FFN bytes per token for every
-uniform knob and for the policy's per-layer selection at several quality budgets; then, for each
+uniform knob and for the policy's per-layer point at the cap, for several quality caps; then, for each
 projection setting, the FFN bytes SparseInfer needs for the same perplexity (interpolated on its
 uniform sweep) and the ratio.
 
@@ -18,10 +18,9 @@ import json
 import numpy as np
 
 import edge_runtime
-from edge_runtime.devices.profile import load_profile
 from edge_runtime.scoring import nll, windowed
 from edge_runtime.sparsity.calibrate import GRIDS, ffn_bytes, rules_for
-from edge_runtime.sparsity.policy import Objective, select
+from edge_runtime.sparsity.policy import within_cap
 
 
 def measure(rt, wins, rules) -> tuple[float, float]:
@@ -78,10 +77,11 @@ def main() -> None:
             rows.append({"knob": val, "ppl_increase_pct": 100 * (ppl / dense - 1), "ffn_bytes_fraction": frac})
         out["uniform"][pred] = rows
         for budget in (0.25, 0.5, 1.0):
-            sel = select(rt.calibration, rt.config, "int8", load_profile("cpu-generic"), None,
-                         Objective(quality_budget_pct=budget), pred)
-            ppl, frac = measure(rt, wins, rt.rules_for(sel))
-            out["policy"].setdefault(pred, []).append({"budget_pct": budget, "knobs": sel.knobs,
+            # the furthest path point within the cap: where the policy runs when speed cannot be held
+            path = rt.calibration["predictors"][pred]["path"]
+            knobs = path[(within_cap(path, budget) or [0])[-1]]["knobs"]
+            ppl, frac = measure(rt, wins, rules_for(pred, grid, rt.thresholds, [grid.index(k) for k in knobs]))
+            out["policy"].setdefault(pred, []).append({"budget_pct": budget, "knobs": knobs,
                                                        "ppl_increase_pct": 100 * (ppl / dense - 1),
                                                        "ffn_bytes_fraction": frac})
     # SparseInfer's bytes at the projection points' perplexity, on SparseInfer's uniform curve

@@ -1,10 +1,13 @@
-"""The memory planner: which weight encoding fits this device with the KV cache for the context asked.
-On an 8 GB Orin the OOM killer takes the whole desktop, so the plan never gambles: it refuses with a
-message that says what would fit."""
+"""The memory planner: which weight encoding fits this device with the KV cache for the context asked
+(plan_memory, for convert --for-device and profile select), and whether a packed model can be loaded
+now (plan_load: the profile's usable memory and the memory free at this moment). On an 8 GB Orin the
+OOM killer takes the whole desktop, so the plan never gambles: it shortens the KV cache with a
+warning, or refuses with a message that says what would fit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 
 from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.devices.sizes import kv_cache_bytes, model_bytes
@@ -17,9 +20,16 @@ from edge_runtime.model.config import ModelConfig
 # not fit.
 PREFERENCE = ("fp16", "int8", "int4", "int8+ws0.7", "int8+ws0.8")
 GB = 1e9
+WORKSPACE = 1.05  # activations, logits and backend workspace on top of weights + KV cache
+MIN_CONTEXT = 256  # a KV budget below this is no use for chat: refuse instead
+CONTEXT_STEP = 256  # a shortened KV budget is rounded down to a multiple of this
 
 
-def _split(encoding: str) -> tuple[str, float]:
+class KVBudgetWarning(UserWarning):
+    """The full context did not fit; the KV cache was shortened (the message is one line)."""
+
+
+def split_encoding(encoding: str) -> tuple[str, float]:
     """"int8+ws0.6" -> ("int8", 0.6); "int4" -> ("int4", 0.0)."""
     if "+ws" in encoding:
         base, s = encoding.split("+ws")
@@ -36,9 +46,9 @@ class MemoryPlan:
 
 
 def needed_gb(cfg: ModelConfig, encoding: str, context: int) -> float:
-    base, sparsity = _split(encoding)
+    base, sparsity = split_encoding(encoding)
     weights = model_bytes(cfg, base, weight_sparsity=sparsity)["total"]
-    return (weights + kv_cache_bytes(cfg, context)) * 1.05 / GB
+    return (weights + kv_cache_bytes(cfg, context)) * WORKSPACE / GB
 
 
 def plan_memory(cfg: ModelConfig, profile: DeviceProfile, context: int = 2048, encoding: str | None = None
@@ -63,3 +73,71 @@ def plan_memory(cfg: ModelConfig, profile: DeviceProfile, context: int = 2048, e
         raise EdgeRuntimeError(f"this model does not fit: {where}; needs with a {context}-token KV cache: {detail}; "
                                f"use a shorter context or a smaller model")
     return MemoryPlan(fits[0], needs, budget, context)
+
+
+@dataclass
+class LoadPlan:
+    """What load() decided for one packed model on one device, for /health and profile select."""
+
+    encoding: str
+    weights_gb: float  # the packed files as stored
+    asked_context: int
+    context: int  # KV positions granted: asked_context, or fewer when memory is short
+    needed_gb: float  # (weights + KV cache for `context`) x WORKSPACE
+    budget_gb: float  # min(profile_gb, free_gb)
+    profile_gb: float  # the profile's usable memory (total - reserve - runtime overhead)
+    free_gb: float | None  # memory available now (psutil) less the CUDA context on unified boards
+    note: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def available_memory_gb() -> float:
+    """Memory the OS could hand out now (psutil's `available`: free plus reclaimable page cache)."""
+    import psutil
+
+    return psutil.virtual_memory().available / GB
+
+
+def plan_load(cfg: ModelConfig, encoding: str, weights_bytes: int, profile: DeviceProfile, context: int,
+              free_now_gb: float | None, kv_dtype_bytes: int = 2) -> LoadPlan:
+    """Check a packed model plus its KV cache for `context` positions against the profile's usable memory
+    and the memory free now. Returns the plan (context shortened, with a KVBudgetWarning, when only a
+    shorter KV cache fits) or raises naming what fits. On a unified-memory board (shared_with_cpu) the
+    CUDA context and workspace (runtime_overhead_gb) come out of the same free memory, so they are
+    subtracted from it; the profile's usable memory already leaves them out."""
+    profile_gb = profile.usable_memory_gb()
+    free_gb = None
+    if free_now_gb is not None:
+        free_gb = free_now_gb - (profile.memory.runtime_overhead_gb if profile.memory.shared_with_cpu else 0.0)
+    budget = profile_gb if free_gb is None else min(profile_gb, free_gb)
+    kept = "workspace" if profile.kind == "cpu" else "CUDA context and workspace"
+    limit = (f"{profile.name} leaves {profile_gb:.2f} GB" if budget == profile_gb else
+             f"{free_now_gb:.2f} GB is free now" + (f", {profile.memory.runtime_overhead_gb:g} GB of it for the {kept}"
+                                                    if profile.memory.shared_with_cpu else ""))
+
+    def need(c: int) -> float:
+        return (weights_bytes + kv_cache_bytes(cfg, c, kv_dtype_bytes)) * WORKSPACE / GB
+
+    per_token = kv_cache_bytes(cfg, 1, kv_dtype_bytes)
+    room = int((budget * GB / WORKSPACE - weights_bytes) // per_token)
+    shortened = min(context, room // CONTEXT_STEP * CONTEXT_STEP)
+    plan = LoadPlan(encoding, weights_bytes / GB, context, context, need(context), budget, profile_gb, free_gb, "")
+    if need(context) <= budget:
+        plan.note = f"{encoding} weights + a {context}-token KV cache need {need(context):.2f} GB; {limit}"
+        return plan
+    if shortened >= min(MIN_CONTEXT, context):
+        plan.context, plan.needed_gb = shortened, need(shortened)
+        plan.note = (f"KV cache shortened from {context} to {shortened} tokens: {encoding} weights + the full "
+                     f"context need {need(context):.2f} GB but {limit}")
+        warnings.warn(plan.note, KVBudgetWarning, stacklevel=3)
+        return plan
+    alt = "nothing fits; use a smaller model"
+    for c in dict.fromkeys((context, min(MIN_CONTEXT, context))):  # the full context first, then the shortest
+        fits = [e for e in PREFERENCE if needed_gb(cfg, e, c) <= budget]
+        if fits:
+            alt = f"{fits[0]} fits with a {c}-token context (convert --for-device {profile.name})"
+            break
+    raise EdgeRuntimeError(f"{encoding} weights need {need(min(MIN_CONTEXT, context)):.2f} GB even with a "
+                           f"{min(MIN_CONTEXT, context)}-token KV cache but {limit}; {alt}")

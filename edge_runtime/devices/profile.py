@@ -55,6 +55,20 @@ class MemoryPolicy:
 
 
 @dataclass(frozen=True)
+class DecodeTarget:
+    """What the policy aims for when the user names no objective (see sparsity/policy.py).
+
+    Speed: hold_top_mode (the projected time per token of the most conservative calibrated setting in
+    the profile's fastest mode, so every slower mode spends quality to keep that speed) or a floor of
+    tokens_per_s. Quality: quality_cap_pct, the held-out perplexity increase never exceeded unless the
+    user passes a budget of their own."""
+
+    hold_top_mode: bool = True
+    tokens_per_s: float | None = None  # a floor for interactive use; replaces hold_top_mode when set
+    quality_cap_pct: float = 1.0
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     name: str
     description: str
@@ -67,6 +81,7 @@ class DeviceProfile:
     performance: Performance
     memory: MemoryPolicy
     gpu_names: tuple[str, ...] = field(default_factory=tuple)  # NVML names matched (desktop GPUs)
+    decode_target: DecodeTarget = field(default_factory=DecodeTarget)
 
     def mode(self, name: str | None = None) -> PowerMode:
         """The mode of that name (case-insensitive), or the default mode."""
@@ -84,6 +99,10 @@ class DeviceProfile:
         perf = self.performance
         clock = min(1.0, m.gpu_max_mhz / perf.saturating_gpu_mhz) if perf.saturating_gpu_mhz > 0 else 1.0
         return m.memory_bandwidth_gbs * 1e9 * perf.bandwidth_efficiency * clock
+
+    def top_mode(self) -> PowerMode:
+        """The mode with the highest effective bandwidth (the first listed among equals)."""
+        return max(self.power_modes, key=lambda m: self.effective_bandwidth(m.name))
 
     def usable_memory_gb(self) -> float:
         return self.memory_total_gb - self.memory.reserve_gb - self.memory.runtime_overhead_gb
@@ -157,15 +176,29 @@ def parse_profile(data: Any, source: str) -> DeviceProfile:
     mwhere = f"{w}: memory"
     mem = MemoryPolicy(_get(mem_raw, "reserve_gb", float, mwhere), _get(mem_raw, "runtime_overhead_gb", float, mwhere),
                        _get(mem_raw, "shared_with_cpu", bool, mwhere, optional=True, default=True))
+    target = _decode_target(_get(data, "decode_target", dict, w, optional=True, default={}), f"{w}: decode_target")
     profile = DeviceProfile(
         name=_get(data, "name", str, w), description=_get(data, "description", str, w, optional=True, default=""),
         kind=kind, memory_total_gb=_positive(_get(data, "memory_total_gb", float, w), w, "memory_total_gb"),
         compute_capability=_get(data, "compute_capability", float, w, optional=True),
         module_skus=tuple(_get(data, "module_skus", list, w, optional=True, default=[])),
         power_modes=tuple(modes), default_power_mode=_get(data, "default_power_mode", str, w),
-        performance=perf, memory=mem, gpu_names=tuple(_get(data, "gpu_names", list, w, optional=True, default=[])))
+        performance=perf, memory=mem, gpu_names=tuple(_get(data, "gpu_names", list, w, optional=True, default=[])),
+        decode_target=target)
     profile.mode(profile.default_power_mode)  # the default must name a mode
     return profile
+
+
+def _decode_target(raw: dict, where: str) -> DecodeTarget:
+    """Optional in the YAML (profiles written before it hold the top mode's speed within +1 %)."""
+    tps = _get(raw, "tokens_per_s", float, where, optional=True)
+    hold = _get(raw, "hold_top_mode", bool, where, optional=True, default=tps is None)
+    if hold == (tps is not None):
+        raise ProfileError(f"{where}: give either 'hold_top_mode: true' or 'tokens_per_s', not both or neither")
+    cap = _get(raw, "quality_cap_pct", float, where, optional=True, default=1.0)
+    if cap < 0:
+        raise ProfileError(f"{where}: field 'quality_cap_pct' must be >= 0, got {cap}")
+    return DecodeTarget(hold, None if tps is None else _positive(tps, where, "tokens_per_s"), cap)
 
 
 def profile_dirs() -> list[Path]:
