@@ -378,7 +378,7 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
 
 def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | None, backend: str) -> LoadPlan:
     """The load plan from the manifest alone (nothing mapped yet): stored file bytes, the KV cache in the
-    backend's dtype (the numpy backend keeps it in float32, the CUDA one in fp16)."""
+    backend's dtype (the numpy backend keeps it in float32, the CUDA one in fp16 unless the weights are fp32)."""
     from edge_runtime.backends import cuda_available
     from edge_runtime.devices.planner import available_memory_gb, plan_load
     from edge_runtime.errors import ModelFormatError
@@ -394,4 +394,4 @@ def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | Non
     context = min(max_context or DEFAULT_CONTEXT, cfg.max_positions)
     on_cpu = backend == "cpu" or (backend == "auto" and not cuda_available())
     return plan_load(cfg, manifest["encoding"], weights, profile, context, available_memory_gb(),
-                     kv_dtype_bytes=4 if on_cpu else 2)
+                     kv_dtype_bytes=4 if on_cpu or manifest["encoding"] == "fp32" else 2)

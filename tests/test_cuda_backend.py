@@ -64,8 +64,10 @@ def test_dense_decode_equals_cpu(models, name):
     ids_c, lg_c = _run(cpu)
     ids_g, lg_g = _run(gpu)
     assert ids_g == ids_c
-    assert _rel(lg_g, lg_c) < 1e-4
-    assert _rel(gpu.decoder.prefill(PROMPT), cpu.decoder.prefill(PROMPT)) < 1e-4  # cuBLAS prefill, continued
+    # fp32 models keep an fp32 KV cache on the device; the others an fp16 one (half the memory on a Jetson)
+    tol = 1e-4 if name.endswith("fp32") else 2e-3
+    assert _rel(lg_g, lg_c) < tol
+    assert _rel(gpu.decoder.prefill(PROMPT), cpu.decoder.prefill(PROMPT)) < tol  # cuBLAS prefill, continued
 
 
 @pytest.mark.parametrize("predictor", ["sparseinfer", "projection"])
@@ -81,7 +83,7 @@ def test_sparse_decode_equals_cpu_and_counts_the_same(models, predictor):
     ids_c, lg_c = _run(cpu, rules)
     ids_g, lg_g = _run(gpu, rules)
     assert ids_g == ids_c
-    assert _rel(lg_g, lg_c) < 1e-3
+    assert _rel(lg_g, lg_c) < 2e-3  # fp16 KV cache on the device
     sc, sg = cpu.decoder.stats, gpu.decoder.stats
     assert (sg.steps == sc.steps).all() and sc.steps[0] == len(ids_c) - 1
     assert (sg.predicted == sc.predicted).all() and (sg.kept == sc.kept).all()
@@ -97,9 +99,9 @@ def test_teal_decode_equals_cpu(models):
     ids_c, lg_c = _run(cpu, teal=teal)
     ids_g, lg_g = _run(gpu, teal=teal)
     _, dense = _run(cpu)
-    assert _rel(lg_c, dense) > 1e-3  # the thresholds really skip channels
+    assert _rel(lg_c, dense) > 1e-2  # the thresholds really skip channels
     assert ids_g == ids_c
-    assert _rel(lg_g, lg_c) < 1e-3
+    assert _rel(lg_g, lg_c) < 2e-3  # fp16 KV cache on the device
 
 
 def test_graph_replay_equals_eager_and_knobs_need_no_recapture(models):

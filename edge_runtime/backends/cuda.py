@@ -41,7 +41,7 @@ KIND_NAME = {1: "sparseinfer", 2: "projection"}
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, model: PackedModel, max_context: int, kv_dtype: str = "fp32", use_graphs: bool = True):
+    def __init__(self, model: PackedModel, max_context: int, kv_dtype: str = "auto", use_graphs: bool = True):
         cp = self.cp = cupy()
         cfg = self.config = model.config
         self.max_context = max_context
@@ -55,6 +55,8 @@ class CudaBackend:
                                  attn=DecodeAttention(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, max_context))
         cos, sin = rope_tables(cfg, max_context)  # (ctx, head_dim/2) float32
         self.cos, self.sin = cp.asarray(cos), cp.asarray(sin)
+        if kv_dtype == "auto":  # fp16 halves the cache on a Jetson; fp32 models are exact references
+            kv_dtype = "fp32" if model.manifest.get("encoding") == "fp32" else "fp16"
         kv = cp.float32 if kv_dtype == "fp32" else cp.float16
         shape = (cfg.n_layers, cfg.n_kv_heads, max_context, cfg.head_dim)  # (layer, kv_head, position, head_dim)
         self.k_cache, self.v_cache = cp.zeros(shape, dtype=kv), cp.zeros(shape, dtype=kv)
