@@ -2,7 +2,9 @@
 
 Requests are Jobs; a single worker thread runs them in arrival order and hands each event (text
 piece, then the result) to the job's asyncio queue on the server's event loop. A job whose client has
-gone is cancelled between two tokens.
+gone is cancelled between two tokens. Any exception a job raises ends that job alone: it is handed to
+the job's queue (EdgeRuntimeError: the request's fault; anything else: the server's) and the worker
+goes on with the next job, so no request can stop the worker.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ class Job:
     result: GenerationResult | None = None
 
     def _emit(self, item: Piece | GenerationResult | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is waiting for this job any more
+            self.cancel.set()
 
 
 class Engine:
@@ -49,6 +54,7 @@ class Engine:
         self._stopping = False
         self.completed = 0
         self.cancelled = 0
+        self.failed = 0  # jobs that ended in an exception other than EdgeRuntimeError
         self.tokens_generated = 0
         self.last_tokens_per_s = 0.0
         self._worker = threading.Thread(target=self._run, name="edge-runtime-engine", daemon=True)
@@ -57,6 +63,10 @@ class Engine:
     @property
     def busy(self) -> bool:
         return self._running is not None
+
+    @property
+    def worker_alive(self) -> bool:
+        return self._worker.is_alive()
 
     @property
     def queued(self) -> int:
@@ -90,14 +100,19 @@ class Engine:
                     job._emit(EdgeRuntimeError("request cancelled before it started"))
                     continue
                 self._execute(job)
+            except Exception as e:  # the job failed, not the worker: hand the error over, run the next job
+                if not isinstance(e, EdgeRuntimeError):
+                    self.failed += 1
+                job._emit(e)
             finally:
                 self._running = None
 
     def _execute(self, job: Job) -> None:
         t0 = time.perf_counter()
+        events = self.runtime.stream_events(
+            job.prompt_ids, should_stop=lambda: "cancelled" if job.cancel.is_set() else None, **job.params)
         try:
-            for item in self.runtime.stream_events(
-                    job.prompt_ids, should_stop=lambda: "cancelled" if job.cancel.is_set() else None, **job.params):
+            for item in events:
                 if isinstance(item, GenerationResult):
                     job.result = item
                     self.tokens_generated += len(item.token_ids)
@@ -111,8 +126,8 @@ class Engine:
                 elif not job.stream:
                     continue
                 job._emit(item)
-        except EdgeRuntimeError as e:
-            job._emit(e)
+        finally:
+            events.close()  # releases the runtime's lock now, even when this loop ended in an exception
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new jobs, cancel queued ones, let the running one finish, stop the worker."""
