@@ -26,6 +26,7 @@ def create_app(runtime: Runtime, api_key: str | None = None, max_queue: int = 8,
 
     @asynccontextmanager
     async def lifespan(_app):
+        await asyncio.to_thread(engine.start)  # again, when a test client ran an earlier lifespan
         if state.prompts.renderer is not None:
             await asyncio.to_thread(state.prompts.renderer.start)
         yield

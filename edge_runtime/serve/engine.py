@@ -27,6 +27,10 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class Stopping(Exception):
+    """The engine is shutting down (or has shut down) and takes no new jobs."""
+
+
 @dataclass
 class Job:
     prompt_ids: list[int]
@@ -57,6 +61,17 @@ class Engine:
         self.failed = 0  # jobs that ended in an exception other than EdgeRuntimeError
         self.tokens_generated = 0
         self.last_tokens_per_s = 0.0
+        self._worker: threading.Thread | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the worker, or start it again after shutdown() (an ASGI app may see several lifespans)."""
+        with self._cv:
+            if self._worker is not None and self._worker.is_alive() and not self._stopping:
+                return
+        if self._worker is not None:
+            self._worker.join()
+        self._stopping = False
         self._worker = threading.Thread(target=self._run, name="edge-runtime-engine", daemon=True)
         self._worker.start()
 
@@ -66,7 +81,7 @@ class Engine:
 
     @property
     def worker_alive(self) -> bool:
-        return self._worker.is_alive()
+        return self._worker is not None and self._worker.is_alive()
 
     @property
     def queued(self) -> int:
@@ -75,7 +90,7 @@ class Engine:
     def submit(self, job: Job) -> Job:
         with self._cv:
             if self._stopping:
-                raise QueueFull(5)
+                raise Stopping("the server is shutting down")
             if len(self._jobs) >= self.max_queue:
                 # a rough wait: everything ahead of the caller at the last measured rate
                 rate = self.last_tokens_per_s or 50.0

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edge_runtime.runtime import Runtime
-from edge_runtime.serve.engine import Engine, Job, QueueFull
+from edge_runtime.serve.engine import Engine, Job, QueueFull, Stopping
 from edge_runtime.serve.handlers import ServeError
 from edge_runtime.serve.metrics import Metrics
 from edge_runtime.serve.prompts import PromptPreparer
@@ -48,6 +48,8 @@ class ServeState:
                   "max_new_tokens": min(params["max_new_tokens"], ctx - len(ids))}
         try:
             return self.engine.submit(Job(ids, params, asyncio.get_running_loop(), stream))
+        except Stopping as e:
+            raise ServeError(503, str(e), "shutting_down", {"Retry-After": "5"}) from None
         except QueueFull as e:
             raise ServeError(429, "the server is busy: queue full", "queue_full",
                              {"Retry-After": str(e.retry_after_s)}) from None
