@@ -219,7 +219,8 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     except OSError as e:  # a parent is a file, read-only, ...
-        raise ModelFormatError(f"cannot create {out_dir}: {e.strerror or e}") from None
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(out_dir) else ""
+        raise ModelFormatError(f"cannot create {out_dir}: {e.strerror or e}{where}") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is meant to be shared read-only
     try:
         yield tmp

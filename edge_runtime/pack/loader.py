@@ -48,15 +48,19 @@ class PackedModel:
         return self.matrices[f"layers.{i}.{name}"]
 
 
+def model_config(path: Path, manifest: dict[str, Any]) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(manifest["model"])
+    except (TypeError, ModelFormatError) as e:
+        raise ModelFormatError(f"{path}/manifest.yaml: bad model config: {e}") from None
+
+
 def load_packed(path: str | Path, verify: bool = True) -> PackedModel:
     path = Path(path)
     manifest, digest = load_manifest(path)
     resolved = verify_files(path, manifest) if verify else check_files(path, manifest)
     check_calibration_files(path, manifest, verify)
-    try:
-        config = ModelConfig.from_dict(manifest["model"])
-    except (TypeError, ModelFormatError) as e:
-        raise ModelFormatError(f"{path}/manifest.yaml: bad model config: {e}") from None
+    config = model_config(path, manifest)
     files = {name: SafetensorsFile(str(resolved[name]))
              for name in sorted({t["file"] for t in manifest["tensors"].values()})}
     check_tensors(path, config, manifest["tensors"], files)
