@@ -46,6 +46,8 @@ LAYOUTS = ("row", "transposed", "vector")
 CALIBRATION_FILES = ("calibration.yaml", "predictor_thresholds.safetensors")  # sparsity/calibrate.py writes them
 MAX_MANIFEST_BYTES = 64 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# libyaml's safe loader when PyYAML has it (as safe, ~10x faster on a 7B model's manifest)
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -69,7 +71,7 @@ def load_manifest(model_dir: Path) -> tuple[dict[str, Any], str]:
         raise ModelFormatError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
     data = path.read_bytes()
     try:
-        manifest = yaml.safe_load(data.decode("utf-8"))
+        manifest = yaml.load(data.decode("utf-8"), Loader=SAFE_LOADER)
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ModelFormatError(f"{path} is not valid YAML: {(str(e).splitlines() or ['?'])[0]}") from None
     check_manifest(model_dir / MANIFEST, manifest)

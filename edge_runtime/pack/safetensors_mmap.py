@@ -34,7 +34,7 @@ def check_entry(path: str, name: str, e, data_size: int) -> None:
     end - begin == prod(shape) * itemsize, computed in Python ints (no overflow). Raises naming it."""
     if not isinstance(e, dict):
         raise ModelFormatError(f"{path}: header entry {name!r} is not a mapping")
-    if e.get("dtype") not in _DTYPES:
+    if not isinstance(e.get("dtype"), str) or e["dtype"] not in _DTYPES:
         raise ModelFormatError(f"{path}: tensor {name} has unsupported dtype {e.get('dtype')!r}")
     shape, offsets = e.get("shape"), e.get("data_offsets")
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
