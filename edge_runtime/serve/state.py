@@ -30,7 +30,7 @@ class ServeState:
 
     def params(self, req: _Sampling, max_tokens: int | None) -> dict:
         """Keyword arguments of Runtime.stream_events (the sampling values are validated by the schema)."""
-        n = max_tokens or self.default_max_tokens
+        n = max_tokens or min(self.default_max_tokens, self.max_tokens_limit)  # no max_tokens: never refused
         if n > self.max_tokens_limit:
             raise ServeError(400, f"max_tokens {n} is over this server's limit of {self.max_tokens_limit}",
                              "max_tokens_too_large")
