@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from edge_runtime import cli_args as argtypes
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.version import __version__
 
@@ -20,13 +21,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", default="native", choices=("native", "onnx"),
                    help="prompt prefill: the backend's own batched pass, or the dense model exported to ONNX and run "
                         "by ONNX Runtime (TensorRT, CUDA or CPU provider, whichever is installed)")
-    p.add_argument("--max-context", type=int, default=None, help="KV cache positions (default 2048)")
+    p.add_argument("--max-context", type=argtypes.count, default=None, help="KV cache positions (default 2048)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the weights at load")
+    p.add_argument("--manifest-sha256", default=None, metavar="DIGEST",
+                   help="refuse the model unless its manifest.yaml has this sha256 (as 'info' prints)")
     _add_threads_arg(p)
 
 
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=argtypes.int_range(1, 1024), default=None,
                    help="cpu backend compute threads (default: the cores numpy's BLAS would use)")
 
 
@@ -34,8 +37,8 @@ def _add_sparsity_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--sparsity", choices=("off", "on", "teal"), default=default,
                    help="on: sign-plane predicted FFN sparsity (ReLU-family models); teal: magnitude "
                         "activation sparsity on every projection (any model, needs a TEAL calibration)")
-    p.add_argument("--teal-target", type=float, default=0.4, help="TEAL sparsity target (a calibrated one)")
-    p.add_argument("--alpha", type=float, default=None,
+    p.add_argument("--teal-target", type=argtypes.fraction, default=0.4, help="TEAL sparsity target (a calibrated one)")
+    p.add_argument("--alpha", type=argtypes.alpha, default=None,
                    help="one alpha for every layer, overriding the profile's per-layer selection")
     _add_policy_args(p)
 
@@ -43,10 +46,11 @@ def _add_sparsity_args(p: argparse.ArgumentParser, default: str) -> None:
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default="auto", help="device profile: auto (detect), a name, or a YAML path")
     p.add_argument("--power-mode", default=None, help="power mode to plan for (default: detected or the profile's)")
-    p.add_argument("--latency-ms", type=float, default=None,
+    p.add_argument("--latency-ms", type=argtypes.float_range(0.0, 1e6, low_open=True), default=None,
                    help="per-token latency target for the policy (default: the profile's decode_target)")
-    p.add_argument("--tokens-per-s", type=float, default=None, help="the same target as decode tokens/s")
-    p.add_argument("--quality-budget", type=float, default=None,
+    p.add_argument("--tokens-per-s", type=argtypes.float_range(0.0, 1e9, low_open=True), default=None,
+                   help="the same target as decode tokens/s")
+    p.add_argument("--quality-budget", type=argtypes.float_range(0.0, 1000.0), default=None,
                    help="perplexity increase in percent the policy may not exceed (default: the profile's cap, 1)")
     p.add_argument("--predictor", default="auto", choices=("auto", "sparseinfer", "projection"),
                    help="which calibrated predictor the policy uses (auto: the one reading fewer bytes)")
@@ -68,12 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "int8", "int4"), help="default int8")
     p.add_argument("--for-device", default=None, metavar="NAME|auto",
                    help="pack with the encoding the memory planner picks for this profile (auto: this device)")
-    p.add_argument("--context", type=int, default=2048, help="KV cache length --for-device plans for")
-    p.add_argument("--group-size", type=int, default=64, help="int4 group along K")
-    p.add_argument("--default-alpha", type=float, default=None,
+    p.add_argument("--context", type=argtypes.count, default=2048, help="KV cache length --for-device plans for")
+    p.add_argument("--group-size", type=argtypes.int_range(2, 1 << 16, even=True), default=64,
+                   help="int4 group along K")
+    p.add_argument("--default-alpha", type=argtypes.alpha, default=None,
                    help="the alpha this model decodes with unless told otherwise (stored in the manifest)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--weight-sparsity", type=float, default=0.0,
+    p.add_argument("--weight-sparsity", type=argtypes.float_range(0.0, 1.0, high_open=True), default=0.0,
                    help="prune this fraction of every attention and FFN row; stored compressed (fp16/int8)")
     p.add_argument("--prune", default="magnitude", choices=("magnitude", "wanda"))
     p.add_argument("--calib-text", default=None, help="UTF-8 text for Wanda's activation norms")
@@ -81,12 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from a prompt")
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=argtypes.count, default=128)
+    p.add_argument("--temperature", type=argtypes.temperature, default=0.0)
+    p.add_argument("--top-k", type=argtypes.int_range(0, argtypes.MAX_COUNT), default=0)
+    p.add_argument("--top-p", type=argtypes.probability, default=1.0)
+    p.add_argument("--repetition-penalty", type=argtypes.penalty, default=1.0)
+    p.add_argument("--seed", type=argtypes.seed, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--recall", action="store_true", help="also measure predictor recall (runs the dense gate)")
     _add_sparsity_args(p, "off")
@@ -95,33 +100,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity dense vs sparse and FFN sparsity on a text file")
     _add_model_args(p)
     p.add_argument("--text", required=True, help="UTF-8 text file")
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--max-tokens", type=argtypes.count, default=4096)
+    p.add_argument("--window", type=argtypes.count, default=256)
     _add_sparsity_args(p, "on")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP daemon (needs edge-runtime[serve])")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=argtypes.port, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond the running one")
-    p.add_argument("--max-tokens-limit", type=int, default=512)
+    p.add_argument("--max-queue", type=argtypes.int_range(0, 4096), default=8,
+                   help="requests waiting beyond the running one")
+    p.add_argument("--max-tokens-limit", type=argtypes.count, default=512)
     _add_sparsity_args(p, "on")
 
     p = sub.add_parser("chat", help="interactive chat in the terminal, streamed")
     _add_model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=argtypes.count, default=128)
+    p.add_argument("--temperature", type=argtypes.temperature, default=0.7)
+    p.add_argument("--top-p", type=argtypes.probability, default=0.9)
     p.add_argument("--system", default=None, help="system message")
     _add_sparsity_args(p, "on")
 
     p = sub.add_parser("calibrate", help="calibrate the predictor on text; writes calibration.yaml into the model")
     p.add_argument("--model", help="packed model directory (default: the embedded default model)")
     p.add_argument("--text", required=True, help="UTF-8 calibration text (not the evaluation text)")
-    p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--max-tokens", type=argtypes.count, default=2048)
+    p.add_argument("--window", type=argtypes.count, default=256)
     p.add_argument("--teal-targets", default="auto",
                    help="comma-separated TEAL sparsity targets; auto: 0.25,0.4,0.5 for non-ReLU models, none for ReLU")
     p.add_argument("--json", action="store_true")
@@ -138,14 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     q = psub.add_parser("select", help="per-layer alphas for a profile, power mode and objective")
     q.add_argument("--model", help="calibrated packed model (default: the embedded default model)")
     _add_policy_args(q)
-    q.add_argument("--context", type=int, default=2048, help="KV cache length for the memory plan")
+    q.add_argument("--context", type=argtypes.count, default=2048, help="KV cache length for the memory plan")
     q.add_argument("--json", action="store_true")
 
     p = sub.add_parser("monitor", help="power, clocks, memory and tokens/s, live; optionally around a command")
-    p.add_argument("--interval", type=float, default=100.0, help="sampling interval in ms")
+    p.add_argument("--interval", type=argtypes.float_range(0.0, 3.6e6, low_open=True), default=100.0,
+                   help="sampling interval in ms")
     p.add_argument("--jsonl", default=None, help="append samples and token events to this JSONL file")
-    p.add_argument("--prometheus", type=int, default=None, metavar="PORT", help="serve /metrics on 127.0.0.1:PORT")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--prometheus", type=argtypes.port, default=None, metavar="PORT",
+                   help="serve /metrics on 127.0.0.1:PORT")
+    p.add_argument("--duration", type=argtypes.float_range(0.0, 1e7, low_open=True), default=None,
+                   help="stop after this many seconds")
     p.add_argument("wrapped", nargs=argparse.REMAINDER, help="-- COMMAND ...: monitor while it runs")
 
     p = sub.add_parser("report", help="summary and PNG plots from a monitor JSONL file or a tegrastats log")
@@ -157,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="decode tokens/s, dense and sparse, measured in one run")
     _add_model_args(p)
     p.add_argument("--prompt", default=DEMO_PROMPT)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokens", type=argtypes.count, default=128)
+    p.add_argument("--repeats", type=argtypes.int_range(1, 1000), default=3)
     _add_sparsity_args(p, "on")
     p.add_argument("--json", action="store_true")
 
@@ -171,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT.onnx")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "packed"),
                    help="packed: int8/int4 weights stay quantised as DequantizeLinear initialisers (opset 21)")
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--max-context", type=argtypes.count, default=None,
                    help="RoPE table rows: the positions the graph accepts (default: the model's)")
     p.add_argument("--logits", default="all", choices=("all", "last"), help="logits of every position or the last")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the weights")
@@ -202,6 +211,11 @@ def _load(args, watch_power: bool = False):
                   prefill=args.prefill, threads=args.threads)
     for w in caught:  # the shortened KV budget, one line each
         print(f"edge-runtime: warning: {w.message}", file=sys.stderr)
+    pinned = args.manifest_sha256
+    if pinned and rt.model.manifest_sha256 != pinned.strip().lower():  # the digest of the bytes that were parsed
+        rt.close()
+        raise EdgeRuntimeError(f"{rt.model.path}/manifest.yaml has sha256 {rt.model.manifest_sha256}, not the "
+                               f"pinned {pinned}: the model was changed")
     return rt
 
 
@@ -374,13 +388,33 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise EdgeRuntimeError(f"serve needs the serve extra: pip install 'edge-runtime[serve]' ({e.name} "
                                f"is missing)") from None
+    sock = _listen(args.host, args.port)  # before the model loads: a taken port fails fast, with one line
     rt = _load(args, watch_power=True)
     _apply_sparsity(args, rt)
     app = create_app(rt, api_key=args.api_key, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=30))
     print(f"edge-runtime: serving {rt.name} on http://{args.host}:{args.port} ({rt.backend.name} backend)",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise EdgeRuntimeError("the server did not start (see the log line above)")
     return 0
+
+
+def _listen(host: str, port: int):
+    """A bound socket for uvicorn, as uvicorn would make it; an address in use is a user error."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        raise EdgeRuntimeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def cmd_chat(args) -> int:
@@ -568,9 +602,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from edge_runtime.pack.format import read_manifest
+    from edge_runtime.pack.format import load_manifest
+    from edge_runtime.pack.loader import model_config
 
-    m = read_manifest(Path(args.model_dir))
+    m, digest = load_manifest(Path(args.model_dir))
+    model_config(Path(args.model_dir), m)  # a bad config is one line here too
     files = {k: v["bytes"] for k, v in m["files"].items()}
     encodings: dict[str, int] = {}
     for t in m["tensors"].values():
@@ -578,7 +614,7 @@ def cmd_info(args) -> int:
     info = {"path": args.model_dir, "format": f"{m['format']} v{m['format_version']}", "encoding": m["encoding"],
             "model": m["model"], "tensor_encodings": encodings, "files": files, "total_bytes": sum(files.values()),
             "tokenizer": m["tokenizer"], "chat_template": bool(m.get("chat_template")),
-            "sparsity": m.get("sparsity", {})}
+            "sparsity": m.get("sparsity", {}), "manifest_sha256": digest}
     if args.json:
         print(json.dumps(info))
         return 0
@@ -589,6 +625,7 @@ def cmd_info(args) -> int:
           + ", ".join(f"{k} {v}" for k, v in sorted(encodings.items())))
     print(f"files: {len(files)}, {info['total_bytes'] / 1e6:.2f} MB; tokenizer: {m['tokenizer']}; "
           f"chat template: {'yes' if info['chat_template'] else 'no'}")
+    print(f"manifest sha256: {digest} (pin it: --manifest-sha256 {digest})")
     return 0
 
 
@@ -624,6 +661,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except EdgeRuntimeError as e:
         print(f"edge-runtime: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as e:  # the machine's limits (disk, permissions, memory): still one line
+        what = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"edge-runtime: error: {what}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edge-runtime: interrupted", file=sys.stderr)

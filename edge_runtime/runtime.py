@@ -186,6 +186,7 @@ class Runtime:
             "selection": sel.to_dict() if sel else None,
             "memory": self.memory_plan.to_dict() if self.memory_plan else None,
             "kv_budget_tokens": decoder.max_context if decoder else None,
+            "prefill": self.prefill.describe() if self.prefill else {"prefill": "native"},
         }
 
     def rules_for(self, selection: Selection) -> list:
@@ -363,7 +364,10 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
             found = detect()
             profile, power_mode = found.profile, power_mode or found.power_mode
         prof = load_profile(profile)
-    plan = None if prof is None else _plan_memory(model_dir, prof, max_context, backend)
+    try:
+        plan = None if prof is None else _plan_memory(model_dir, prof, max_context, backend)
+    except EdgeRuntimeError as e:  # a refusal names the model it refused
+        raise type(e)(f"{e} ({model_dir})") from None
     rt = Runtime(load_packed(model_dir, verify=verify), backend=backend,
                  max_context=plan.context if plan else max_context, prefill=prefill, threads=threads)
     rt.memory_plan = plan
@@ -376,21 +380,26 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
     return rt
 
 
+def _size_on_disk(path: Path, default: int) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return default
+
+
 def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | None, backend: str) -> LoadPlan:
     """The load plan from the manifest alone (nothing mapped yet): stored file bytes, the KV cache in the
     backend's dtype (the numpy backend keeps it in float32, the CUDA one in fp16 unless the weights are fp32)."""
     from edge_runtime.backends import cuda_available
     from edge_runtime.devices.planner import available_memory_gb, plan_load
-    from edge_runtime.errors import ModelFormatError
-    from edge_runtime.model.config import ModelConfig
-    from edge_runtime.pack.format import read_manifest
+    from edge_runtime.pack.format import load_manifest
+    from edge_runtime.pack.loader import model_config
 
-    manifest = read_manifest(model_dir)
-    try:
-        cfg = ModelConfig.from_dict(manifest["model"])
-    except TypeError as e:
-        raise ModelFormatError(f"{model_dir}/manifest.yaml: bad model config: {e}") from None
-    weights = sum(int(f.get("bytes", 0)) for f in manifest["files"].values())
+    manifest, _ = load_manifest(model_dir)  # validated: structure, types, paths inside the directory
+    cfg = model_config(model_dir, manifest)
+    # what will be mapped: the files on disk (the loader refuses any whose size differs from the manifest's)
+    weights = sum(min(int(f["bytes"]), _size_on_disk(model_dir / name, int(f["bytes"])))
+                  for name, f in manifest["files"].items())
     context = min(max_context or DEFAULT_CONTEXT, cfg.max_positions)
     on_cpu = backend == "cpu" or (backend == "auto" and not cuda_available())
     return plan_load(cfg, manifest["encoding"], weights, profile, context, available_memory_gb(),

@@ -46,7 +46,8 @@ def fake_7b_fp16_pack(root):
     """A manifest of a 7B-shaped fp16 pack with no weights behind it: load must refuse from the manifest
     alone, before it maps (or checksums) anything."""
     manifest = read_manifest(DEFAULT_MODEL_DIR)
-    manifest.update(model=CFG_7B.to_dict(), encoding="fp16", tensors={},
+    tensors = {name: {**t, "file": "weights.safetensors"} for name, t in manifest["tensors"].items()}
+    manifest.update(model=CFG_7B.to_dict(), encoding="fp16", tensors=tensors, tokenizer=None,
                     files={"weights.safetensors": {"sha256": "0" * 64, "bytes": model_bytes(CFG_7B, "fp16")["total"]}})
     root.mkdir()
     (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))

@@ -1,12 +1,11 @@
 """The daemon, driven over real HTTP on 127.0.0.1: the official openai client, errors, queueing,
-disconnects, metrics, SIGTERM."""
+disconnects, faults, metrics, SIGTERM."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,38 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 import edge_runtime  # noqa: E402
 from edge_runtime.serve.app import create_app  # noqa: E402
 from tests.helpers import packed_llama  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """uvicorn in a thread of this process, so that tests can look at the engine."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(20)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+from tests.serve_support import FAULT_SEED, HOLD_SEED, SLOW_SEEDS, ScriptedRuntime, Server, free_port, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -129,20 +97,21 @@ def test_metrics_parse(server):
     assert any(s.labels.get("endpoint") == "/health" for s in families["edge_runtime_requests"].samples)
 
 
-def test_concurrent_clients_complete_or_429(server, model_dir):
-    """8 clients x 5 requests, queue of 3: each request completes with exactly its own tokens, or is
-    refused with 429 and Retry-After; none is lost."""
-    rt = edge_runtime.load(model_dir, backend="cpu", max_context=1024)
-    rt.set_sparsity(1.0)
+def test_concurrent_clients_complete_or_429(model_dir):
+    """8 clients x 5 requests, queue of 3, while a held job occupies the engine until the first 429:
+    each request completes with exactly its own tokens, or is refused with 429 and Retry-After; none
+    is lost, and at least one of each happens."""
+    rt = ScriptedRuntime(model_dir, max_context=1024)
+    reference = edge_runtime.load(model_dir, backend="cpu", max_context=1024)
     outcomes: list[tuple] = []
     lock = threading.Lock()
 
-    def one(i: int, j: int) -> None:
+    def one(url: str, i: int, j: int) -> None:
         seed = 100 * i + j
         body = {"prompt": "the door", "max_tokens": 40, "temperature": 1.0, "seed": seed, "stream": j % 2 == 0}
         with httpx.Client(timeout=60) as h:
             if body["stream"]:
-                with h.stream("POST", server.url + "/v1/completions", json=body) as r:
+                with h.stream("POST", url + "/v1/completions", json=body) as r:
                     if r.status_code != 200:
                         r.read()
                         rec = (seed, r.status_code, r.headers.get("retry-after"), None)
@@ -151,24 +120,33 @@ def test_concurrent_clients_complete_or_429(server, model_dir):
                                        if line.startswith("data: {"))
                         rec = (seed, 200, None, text)
             else:
-                r = h.post(server.url + "/v1/completions", json=body)
+                r = h.post(url + "/v1/completions", json=body)
                 rec = (seed, r.status_code, r.headers.get("retry-after"),
                        r.json()["choices"][0]["text"] if r.status_code == 200 else None)
         with lock:
             outcomes.append(rec)
+            if rec[1] == 429:
+                rt.release.set()  # the queue has overflowed: let the held job finish, the rest run
 
-    threads = [threading.Thread(target=lambda i=i: [one(i, j) for j in range(5)]) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    with Server(create_app(rt, max_queue=3, max_tokens_limit=1000)) as s:
+        held = threading.Thread(target=httpx.post, args=(s.url + "/v1/completions",),
+                                kwargs={"json": {"prompt": "the", "max_tokens": 2, "seed": HOLD_SEED},
+                                        "timeout": 60})
+        held.start()
+        wait_until(lambda: s.engine.busy, 10, "the held job starting")
+        threads = [threading.Thread(target=lambda i=i: [one(s.url, i, j) for j in range(5)]) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        rt.release.set()
+        held.join(30)
     assert len(outcomes) == 40
-    assert {o[1] for o in outcomes} <= {200, 429}
+    assert {o[1] for o in outcomes} == {200, 429}
     assert all(o[2] and int(o[2]) >= 1 for o in outcomes if o[1] == 429)
-    done = [o for o in outcomes if o[1] == 200]
-    assert done
-    for seed, _, _, text in done:
-        assert text == rt.generate("the door", max_new_tokens=40, temperature=1.0, seed=seed).text
+    for seed, status, _, text in outcomes:
+        if status == 200:
+            assert text == reference.generate("the door", max_new_tokens=40, temperature=1.0, seed=seed).text
 
 
 def test_disconnect_cancels(server):
@@ -185,6 +163,140 @@ def test_disconnect_cancels(server):
         assert time.time() < deadline, "the engine did not go idle after the client left"
         time.sleep(0.01)
     assert engine.cancelled == before + 1
+
+
+@pytest.fixture(scope="module")
+def scripted(model_dir):
+    with Server(create_app(ScriptedRuntime(model_dir, max_context=1024), max_queue=3, max_tokens_limit=1000)) as s:
+        yield s
+
+
+def test_abandoned_non_streamed_request_is_cancelled(scripted):
+    """A client that gives up on a non-streamed request after 0.3 s: its job stops within 1 s."""
+    engine = scripted.engine
+    before, tokens_before = engine.cancelled, engine.tokens_generated
+    body = {"prompt": "the door", "max_tokens": 1000, "temperature": 1.0, "seed": SLOW_SEEDS[0]}  # >= 5 s
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(scripted.url + "/v1/completions", json=body, timeout=0.3)  # closes the connection
+    idle_after = wait_until(lambda: not engine.busy, 1.0, "the engine going idle after the client left")
+    assert engine.cancelled == before + 1
+    assert engine.tokens_generated - tokens_before < 1000
+    print(f"abandoned non-streamed request: engine idle {idle_after:.3f} s after the client left")
+
+
+def test_abandoned_queued_requests_never_run(scripted):
+    """Requests queued behind a held job whose clients leave are skipped, not generated."""
+    engine, rt = scripted.engine, scripted.app.state.serve.runtime
+    before, done_before = engine.cancelled, engine.completed
+    rt.release.clear()
+    held = threading.Thread(target=httpx.post, args=(scripted.url + "/v1/completions",),
+                            kwargs={"json": {"prompt": "the", "max_tokens": 2, "seed": HOLD_SEED}, "timeout": 60})
+    held.start()
+    wait_until(lambda: engine.busy, 10, "the held job starting")
+    body = {"prompt": "the door", "max_tokens": 1000, "temperature": 1.0, "seed": 2}
+    leavers = [threading.Thread(target=lambda: pytest.raises(httpx.ReadTimeout, httpx.post, scripted.url
+                                                             + "/v1/completions", json=body, timeout=0.3))
+               for _ in range(3)]
+    for t in leavers:
+        t.start()
+    for t in leavers:
+        t.join(10)
+    time.sleep(0.3)  # each job's wait polls its client every 0.1 s
+    rt.release.set()
+    held.join(30)
+    wait_until(lambda: not engine.busy and engine.queued == 0, 2.0, "the queue draining")
+    assert engine.cancelled == before + 3 and engine.completed == done_before + 1
+
+
+def test_injected_fault_fails_only_its_request(scripted):
+    url = scripted.url + "/v1/completions"
+    bad = httpx.post(url, json={"prompt": "the", "max_tokens": 4, "seed": FAULT_SEED}, timeout=10)
+    assert bad.status_code == 500
+    err = bad.json()["error"]
+    assert err["type"] == "server_error" and "RuntimeError: injected fault" in err["message"]
+    with httpx.stream("POST", url, json={"prompt": "the", "max_tokens": 4, "seed": FAULT_SEED, "stream": True},
+                      timeout=10) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert "injected fault" in json.loads(lines[0][6:])["error"]["message"] and lines[-1] == "data: [DONE]"
+    ok = httpx.post(url, json={"prompt": "the", "max_tokens": 4, "seed": 1}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    assert scripted.engine.worker_alive and scripted.engine.failed >= 2
+
+
+@pytest.mark.parametrize("sampling", [
+    {"temperature": 1e-308}, {"temperature": 5e-324}, {"temperature": 1e-300, "top_p": 1e-300},
+    {"temperature": 2.0, "top_p": 5e-324}, {"temperature": 0.0}])
+def test_extreme_but_valid_sampling_values(server, sampling):
+    """Denormal and tiny temperatures are greedy in effect; they used to raise inside the sampler."""
+    body = {"prompt": "the quick brown", "max_tokens": 3, "seed": 3, **sampling}
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    greedy = httpx.post(server.url + "/v1/completions", json={**body, "temperature": 0.0}, timeout=30)
+    if sampling.get("temperature", 1.0) < 1e-30:
+        assert r.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("raw", [b'"temperature": NaN', b'"temperature": Infinity', b'"temperature": 1e999',
+                                 b'"top_p": -0.0', b'"temperature": -5e-324'])
+def test_non_finite_or_negative_sampling_values_are_422(server, raw):
+    body = b'{"prompt": "the", "max_tokens": 2, ' + raw + b"}"
+    r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"] in ("temperature", "top_p")
+
+
+@pytest.mark.parametrize("where", ["prompt", "content", "stop"])
+def test_lone_surrogate_is_422(server, where):
+    text = "a\ud800b"
+    if where == "content":
+        url, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}
+    else:
+        url, body = "/v1/completions", {"prompt": text if where == "prompt" else "the", "max_tokens": 2}
+        if where == "stop":
+            body["stop"] = [text]
+    r = httpx.post(server.url + url, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["param"].startswith(where if where != "content" else "messages")
+
+
+def test_metric_labels_are_bounded(server):
+    """Random paths are all counted as "other": the exposition does not grow with them."""
+    with httpx.Client() as h:
+        for i in range(50):
+            h.get(server.url + f"/no/such/{i}")
+        size = len(h.get(server.url + "/metrics").text)
+        for i in range(50, 250):
+            h.get(server.url + f"/no/such/{i}?x={i}")
+        text = h.get(server.url + "/metrics").text
+    assert len(text) <= size + 32  # the counters' digits only
+    assert "/no/such" not in text and 'endpoint="other",status="404"' in text
+
+
+def test_pathological_chat_template_does_not_freeze(model_dir, tmp_path):
+    """Nested range(100000) loops: the render is killed at its deadline; meanwhile /health answers."""
+    import shutil
+
+    import yaml
+
+    m = shutil.copytree(model_dir, tmp_path / "m")
+    manifest = yaml.safe_load((m / "manifest.yaml").read_text())
+    manifest["chat_template"] = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                                 "{{ messages[0].content }}")
+    (m / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    rt = edge_runtime.load(m, backend="cpu", max_context=128, profile=None)
+    with Server(create_app(rt)) as s:
+        result: dict = {}
+        chat = threading.Thread(target=lambda: result.update(r=httpx.post(
+            s.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=30)))
+        t0 = time.monotonic()
+        chat.start()
+        time.sleep(0.3)
+        health = httpx.get(s.url + "/health", timeout=1)
+        assert health.status_code == 200 and health.json()["busy"] is False
+        chat.join(30)
+        took = time.monotonic() - t0
+        assert result["r"].status_code == 400 and "longer than" in result["r"].json()["error"]["message"]
+        assert took < 5
+        again = httpx.post(s.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2}, timeout=10)
+        assert again.status_code == 200
 
 
 def test_api_key(model_dir):
@@ -228,3 +340,18 @@ def test_sigterm_finishes_stream_and_exits(model_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_health_shows_the_live_selection(tmp_path):
+    """The default model on a fake Jetson profile: /health reports the policy's selection, and after a power-mode
+    switch (nothing reloaded) the new mode and knobs."""
+    rt = edge_runtime.load(profile="jetson-orin-nano-8gb", power_mode="15W", backend="cpu", max_context=256)
+    with Server(create_app(rt, max_queue=2, max_tokens_limit=64)) as s:
+        before = httpx.get(s.url + "/health").json()["runtime"]
+        assert before["profile"] == "jetson-orin-nano-8gb" and before["power_mode"] == "15W"
+        assert before["knobs"] == rt.decoder.alphas and before["selection"]["power_mode"] == "15W"
+        rt.set_power_mode("7W")
+        after = httpx.get(s.url + "/health").json()["runtime"]
+        assert after["power_mode"] == "7W" and after["knobs"] == rt.decoder.alphas
+        assert after["knobs"] != before["knobs"]  # the slower mode reads fewer bytes (issue 15's policy)
+        assert after["selection"]["ffn_bytes_fraction"] < before["selection"]["ffn_bytes_fraction"]

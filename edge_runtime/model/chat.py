@@ -7,6 +7,11 @@ The default, for models trained without a template (such as the embedded one):
     ...
     Assistant:
 Generation should then stop at "\nUser:" so that the model does not write the next user turn.
+
+A model's template runs in Jinja's immutable sandbox, and its output is capped at MAX_RENDER_CHARS.
+The sandbox cannot bound time (two nested loops over range(100000) run for hours): the daemon renders
+in a child process with a deadline (edge_runtime.serve.templates); in-process callers (the CLI's chat,
+the library) trust the model they load.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.model import chat_sandbox
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_STOP = ("\nUser:",)
+MAX_RENDER_CHARS = 1 << 22  # 4 Mi characters: four times the daemon's default largest request body
 
 
-def _check(messages: Sequence[Any]) -> list[dict[str, str]]:
+def check_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
     if not messages:
         raise EdgeRuntimeError("messages is empty")
     out = []
@@ -43,18 +50,23 @@ def default_template(messages: Sequence[dict[str, str]]) -> str:
     return "\n".join(parts) + "\nAssistant:"
 
 
-def render_chat(messages: Sequence[Any], template: str | None, special: dict[str, str] | None = None) -> str:
-    """Render with the model's template (needs jinja2, part of the `serve` extra) or the default."""
-    msgs = _check(messages)
-    if not template:
-        return default_template(msgs)
+def render_template(template: str, messages: list[dict[str, str]], special: dict[str, str] | None = None,
+                    max_chars: int = MAX_RENDER_CHARS) -> str:
+    """The model's template in the immutable sandbox, in this process (jinja2: the `serve` extra)."""
     try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        import jinja2  # noqa: F401 (only to say what is missing)
     except ImportError:
         raise EdgeRuntimeError("this model has a chat template; rendering it needs jinja2 "
                                "(pip install 'edge-runtime[serve]')") from None
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     try:
-        return env.from_string(template).render(messages=msgs, add_generation_prompt=True, **(special or {}))
-    except Exception as e:  # a template error names the template's problem; it is the model's, not ours
-        raise EdgeRuntimeError(f"the model's chat template failed: {e}") from None
+        return chat_sandbox.render(chat_sandbox.compile_template(template), messages, special or {}, max_chars)
+    except chat_sandbox.TemplateError as e:
+        raise EdgeRuntimeError(str(e)) from None
+
+
+def render_chat(messages: Sequence[Any], template: str | None, special: dict[str, str] | None = None) -> str:
+    """Render with the model's template or the default."""
+    msgs = check_messages(messages)
+    if not template:
+        return default_template(msgs)
+    return render_template(template, msgs, special)

@@ -1,13 +1,31 @@
-"""Next-token choice from host logits: greedy, temperature, top-k, top-p, repetition penalty, seed."""
+"""Next-token choice from host logits: greedy, temperature, top-k, top-p, repetition penalty, seed.
+
+Numerically safe for every valid parameter: logits are shifted so that their maximum is 0 before the
+division by the temperature, so a denormal temperature sends the others to -inf (exp 0) instead of
+computing inf - inf; NaN logits count as -inf and +inf logits share the mass between them.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
+
+MAX_SEED = 2**63 - 1
+
+
+def _finite(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise EdgeRuntimeError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -19,14 +37,27 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if _finite("temperature", self.temperature) < 0:
             raise EdgeRuntimeError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not 0 < _finite("top_p", self.top_p) <= 1:
             raise EdgeRuntimeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise EdgeRuntimeError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise EdgeRuntimeError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if _finite("repetition_penalty", self.repetition_penalty) <= 0:
             raise EdgeRuntimeError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise EdgeRuntimeError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+
+
+def _shifted(logits: np.ndarray) -> np.ndarray:
+    """logits (vocab,) float64 -> the same minus their maximum: values in [-inf, 0], at least one 0."""
+    logits = np.where(np.isnan(logits), -np.inf, logits)
+    top = logits.max()
+    if top == np.inf:  # only the +inf tokens can win
+        return np.where(logits == np.inf, 0.0, -np.inf)
+    if top == -np.inf:  # nothing finite at all: every token equally likely
+        return np.zeros_like(logits)
+    return logits - top
 
 
 class Sampler:
@@ -38,24 +69,26 @@ class Sampler:
         """logits (vocab,) float32; history: prompt and generated ids (for the repetition penalty)."""
         p = self.p
         logits = np.asarray(logits, dtype=np.float64)
-        if p.repetition_penalty != 1.0 and len(history):
-            seen = np.unique(np.asarray(history))
-            vals = logits[seen]
-            logits = logits.copy()
-            logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if p.temperature == 0:
-            return int(np.argmax(logits))
-        logits = logits / p.temperature
-        if 0 < p.top_k < logits.size:
-            kth = np.partition(logits, -p.top_k)[-p.top_k]
-            logits = np.where(logits < kth, -np.inf, logits)
-        probs = np.exp(logits - logits.max())
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            if p.repetition_penalty != 1.0 and len(history):
+                seen = np.unique(np.asarray(history))
+                vals = logits[seen]
+                logits = logits.copy()
+                logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            z = _shifted(logits)  # (vocab,) in [-inf, 0]
+            if p.temperature == 0:
+                return int(np.argmax(z))
+            z = z / p.temperature  # 0 stays 0, negatives grow towards -inf: never NaN
+        if 0 < p.top_k < z.size:
+            kth = np.partition(z, -p.top_k)[-p.top_k]
+            z = np.where(z < kth, -np.inf, z)
+        probs = np.exp(z)  # the maximum is exp(0) = 1, so the sum is >= 1
         probs /= probs.sum()
         if p.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
             cum = np.cumsum(probs[order])
             # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            cut = int(np.searchsorted(cum, p.top_p)) + 1
+            cut = min(int(np.searchsorted(cum, p.top_p)) + 1, probs.size)
             mask = np.zeros_like(probs)
             mask[order[:cut]] = 1.0
             probs = probs * mask

@@ -8,14 +8,22 @@ manifest.yaml:
   chat_template: Jinja text carried over from tokenizer_config.json, or null
   tensors:    logical name -> {file, encoding, shape, layout, group_size, keys: {part: safetensors key}}
               encoding "signbits" for sign planes; layout "row" (N, K) or "transposed" (down_proj^T)
-  files:      file name -> {sha256, bytes} for every data file
+  files:      file name -> {sha256, bytes} for every data file, the calibration files included
+              (calibration.yaml, predictor_thresholds.safetensors: `calibrate` records them)
+  sparsity:   optional {default_alpha}
+
+manifest.yaml itself is covered by nothing inside the directory: its digest (sha256 of its bytes, which
+`edge-runtime info` prints) is what a deployment pins, and that digest covers every file's checksum.
+read_manifest checks the manifest's structure and types, so that later code can index it freely.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,12 +33,21 @@ from typing import Any
 import yaml
 
 from edge_runtime.errors import ModelFormatError
+from edge_runtime.pack.quant import STORED_ENCODINGS
+from edge_runtime.paths import model_file
 
 FORMAT_NAME = "edge-runtime-packed"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.yaml"
 REQUIRED_KEYS = ("format", "format_version", "model", "encoding", "tokenizer", "tensors", "files")
 TENSOR_KEYS = ("file", "encoding", "shape", "keys")
+TENSOR_ENCODINGS = STORED_ENCODINGS + ("signbits",)
+LAYOUTS = ("row", "transposed", "vector")
+CALIBRATION_FILES = ("calibration.yaml", "predictor_thresholds.safetensors")  # sparsity/calibrate.py writes them
+MAX_MANIFEST_BYTES = 64 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# libyaml's safe loader when PyYAML has it (as safe, ~10x faster on a 7B model's manifest)
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -41,48 +58,131 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / MANIFEST
+def load_manifest(model_dir: Path) -> tuple[dict[str, Any], str]:
+    """(manifest, sha256 of the manifest's bytes): the digest of exactly the bytes that were parsed."""
+    model_dir = Path(model_dir)
     if not model_dir.exists():
         raise ModelFormatError(f"model directory {model_dir} does not exist")
-    if not path.is_file():
+    if not (model_dir / MANIFEST).is_file():
         raise ModelFormatError(f"{model_dir} is not a packed model (no {MANIFEST}); convert it with "
                                f"'edge-runtime convert'")
+    path = model_file(model_dir, MANIFEST, "manifest")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ModelFormatError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
+    data = path.read_bytes()
     try:
-        manifest = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        manifest = yaml.load(data.decode("utf-8"), Loader=SAFE_LOADER)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelFormatError(f"{path} is not valid YAML: {(str(e).splitlines() or ['?'])[0]}") from None
+    check_manifest(model_dir / MANIFEST, manifest)
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    return load_manifest(model_dir)[0]
+
+
+def _fail(path: Path, msg: str) -> ModelFormatError:
+    return ModelFormatError(f"{path}: {msg}")
+
+
+def _check_tensor(path: Path, name: str, t: Any, files: dict) -> None:
+    if not isinstance(t, dict):
+        raise _fail(path, f"tensor {name} is not a mapping")
+    absent = [k for k in TENSOR_KEYS if k not in t]
+    if absent:
+        raise _fail(path, f"tensor {name} is missing {', '.join(absent)}")
+    if t["encoding"] not in TENSOR_ENCODINGS:
+        raise _fail(path, f"tensor {name} has unknown encoding {t['encoding']!r}")
+    if t.get("layout", "row") not in LAYOUTS:
+        raise _fail(path, f"tensor {name} has unknown layout {t.get('layout')!r}")
+    shape = t["shape"]
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise _fail(path, f"tensor {name} has shape {shape!r}; expected 1 or 2 positive integers")
+    keys = t["keys"]
+    if not isinstance(keys, dict) or not keys or not all(isinstance(k, str) and isinstance(v, str)
+                                                         for k, v in keys.items()):
+        raise _fail(path, f"tensor {name} has malformed keys {keys!r}")
+    group = t.get("group_size", 0)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0 or group % 2:
+        raise _fail(path, f"tensor {name} has group_size {group!r}; expected a non-negative even integer")
+    if not isinstance(t["file"], str) or t["file"] not in files:
+        raise _fail(path, f"tensor {name} lives in {t['file']!r}, which has no checksum entry")
+
+
+def check_manifest(path: Path, manifest: Any) -> None:
+    """Structure and types of every field the runtime reads (the model config is ModelConfig's)."""
     if not isinstance(manifest, dict):
-        raise ModelFormatError(f"{path} is not a mapping")
+        raise _fail(path, "not a mapping")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
-        raise ModelFormatError(f"{path} is missing key(s): {', '.join(missing)}")
+        raise _fail(path, f"missing key(s): {', '.join(missing)}")
     if manifest["format"] != FORMAT_NAME:
-        raise ModelFormatError(f"{path}: format is {manifest['format']!r}, expected {FORMAT_NAME!r}")
+        raise _fail(path, f"format is {manifest['format']!r}, expected {FORMAT_NAME!r}")
     if manifest["format_version"] != FORMAT_VERSION:
-        raise ModelFormatError(f"{path}: format_version {manifest['format_version']} is not supported "
-                               f"(this runtime reads version {FORMAT_VERSION})")
-    for name, t in manifest["tensors"].items():
-        absent = [k for k in TENSOR_KEYS if k not in t]
-        if absent:
-            raise ModelFormatError(f"{path}: tensor {name} is missing {', '.join(absent)}")
-        if t["file"] not in manifest["files"]:
-            raise ModelFormatError(f"{path}: tensor {name} lives in {t['file']}, which has no checksum entry")
-    return manifest
-
-
-def verify_files(model_dir: Path, manifest: dict[str, Any]) -> None:
-    """Size then sha256 of every data file; the first mismatch raises naming the file."""
+        raise _fail(path, f"format_version {manifest['format_version']!r} is not supported "
+                          f"(this runtime reads version {FORMAT_VERSION})")
+    if manifest["encoding"] not in STORED_ENCODINGS[:4]:
+        raise _fail(path, f"encoding {manifest['encoding']!r} is not one of {', '.join(STORED_ENCODINGS[:4])}")
+    for key in ("model", "tensors", "files"):
+        if not isinstance(manifest[key], dict) or not manifest[key]:
+            raise _fail(path, f"{key} must be a non-empty mapping, got {type(manifest[key]).__name__}")
     for name, entry in manifest["files"].items():
-        path = model_dir / name
-        if not path.is_file():
-            raise ModelFormatError(f"{path} is missing from the packed model")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) \
+                or not _SHA256.fullmatch(entry["sha256"]):
+            raise _fail(path, f"file {name!r} has no valid sha256 (64 lowercase hex digits)")
+        size = entry.get("bytes")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise _fail(path, f"file {name!r} has bytes {size!r}; expected a non-negative integer")
+    tokenizer = manifest["tokenizer"]
+    if tokenizer is not None and (not isinstance(tokenizer, str) or tokenizer not in manifest["files"]):
+        raise _fail(path, f"tokenizer {tokenizer!r} has no checksum entry in files")
+    if not isinstance(manifest.get("chat_template"), (str, type(None))):
+        raise _fail(path, "chat_template must be text or null")
+    sparsity = manifest.get("sparsity")
+    if sparsity is not None:
+        alpha = sparsity.get("default_alpha", 1.0) if isinstance(sparsity, dict) else None
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+            raise _fail(path, f"sparsity must be a mapping with a finite default_alpha > 0, got {sparsity!r}")
+    for name, t in manifest["tensors"].items():
+        _check_tensor(path, name, t, manifest["files"])
+
+
+def check_files(model_dir: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+    """Every file the manifest lists, resolved inside the directory, a regular file of the recorded
+    size (no hashing: cheap, done even with --no-verify). Returns name -> resolved path."""
+    out = {}
+    for name, entry in manifest["files"].items():
+        path = model_file(model_dir, name)
         size = path.stat().st_size
-        if "bytes" in entry and size != entry["bytes"]:
-            raise ModelFormatError(f"{path} has {size} bytes, the manifest says {entry['bytes']}: "
+        if size != entry["bytes"]:
+            raise ModelFormatError(f"{model_dir / name} has {size} bytes, the manifest says {entry['bytes']}: "
                                    f"truncated or replaced; convert the model again")
-        if sha256_file(path) != entry["sha256"]:
-            raise ModelFormatError(f"{path} fails its sha256 checksum: the file is corrupt or was modified")
+        out[name] = path
+    return out
+
+
+def verify_files(model_dir: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+    """Size then sha256 of every file the manifest lists; the first mismatch raises naming the file."""
+    paths = check_files(model_dir, manifest)
+    for name, path in paths.items():
+        if sha256_file(path) != manifest["files"][name]["sha256"]:
+            raise ModelFormatError(f"{model_dir / name} fails its sha256 checksum: the file is corrupt or was "
+                                   f"modified")
+    return paths
+
+
+def check_calibration_files(model_dir: Path, manifest: dict[str, Any], verify: bool) -> None:
+    """The calibration files change decoding: when present they must be inside the directory (as every
+    file) and, when verifying, covered by the manifest's checksums."""
+    for name in CALIBRATION_FILES:
+        if not os.path.lexists(Path(model_dir) / name):
+            continue
+        model_file(model_dir, name, "calibration file")
+        if verify and name not in manifest["files"]:
+            raise ModelFormatError(f"{Path(model_dir) / name} is not covered by the manifest's checksums; run "
+                                   f"'edge-runtime calibrate' again (it records them) or load with --no-verify")
 
 
 def file_entry(path: Path) -> dict[str, Any]:
@@ -90,8 +190,25 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 
 def write_manifest(model_dir: Path, manifest: dict[str, Any]) -> None:
-    with open(model_dir / MANIFEST, "w") as f:
-        yaml.safe_dump(manifest, f, sort_keys=False, width=110)
+    """Atomically: a temporary file in the directory, then os.replace (readers see old or new, whole)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=model_dir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(manifest, f, sort_keys=False, width=110)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model directory is meant to be shared read-only
+        os.replace(tmp, Path(model_dir) / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def record_files(model_dir: Path, names: list[str]) -> str:
+    """Add (or refresh) the checksum entries of `names` in the manifest; returns the new manifest digest."""
+    manifest = read_manifest(model_dir)
+    for name in names:
+        manifest["files"][name] = file_entry(model_file(model_dir, name))
+    write_manifest(model_dir, manifest)
+    return load_manifest(model_dir)[1]
 
 
 @contextlib.contextmanager
@@ -100,8 +217,12 @@ def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ModelFormatError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:  # a parent is a file, read-only, ...
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(out_dir) else ""
+        raise ModelFormatError(f"cannot create {out_dir}: {e.strerror or e}{where}") from None
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is meant to be shared read-only
     try:
         yield tmp

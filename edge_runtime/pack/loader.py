@@ -1,4 +1,9 @@
-"""Open a packed model directory: validate the manifest, verify checksums, map the weights."""
+"""Open a packed model directory: validate the manifest, verify checksums, map the weights.
+
+Order matters: the manifest's structure, every path it names (resolved, inside the directory, regular
+files of the recorded sizes), the config, then every safetensors header and every tensor against the
+config (pack/validate.py); only then are views made and handed to a backend that allocates from the
+config. Nothing outside the directory is opened and nothing is sized by an unchecked number."""
 
 from __future__ import annotations
 
@@ -10,9 +15,11 @@ import numpy as np
 
 from edge_runtime.errors import ModelFormatError
 from edge_runtime.model.config import ModelConfig
-from edge_runtime.pack.format import read_manifest, verify_files
-from edge_runtime.pack.quant import STORED_ENCODINGS, PackedTensor
+from edge_runtime.pack.format import check_calibration_files, check_files, load_manifest, verify_files
+from edge_runtime.pack.quant import PackedTensor
 from edge_runtime.pack.safetensors_mmap import SafetensorsFile
+from edge_runtime.pack.validate import check_tensors
+from edge_runtime.paths import model_file
 
 
 @dataclass
@@ -25,11 +32,12 @@ class PackedModel:
     matrices: dict[str, PackedTensor]  # 2-D weights, embeddings included
     vectors: dict[str, np.ndarray]  # norms and biases, fp16 or fp32
     sign_planes: dict[str, np.ndarray]  # "layers.{i}.ffn.gate_signs" -> (N, ceil(K/32)) uint32
+    manifest_sha256: str = ""  # sha256 of the manifest.yaml bytes this model was read from
 
     @property
     def tokenizer_path(self) -> Path | None:
         name = self.manifest.get("tokenizer")
-        return self.path / name if name else None
+        return model_file(self.path, name, "tokenizer") if name else None
 
     @property
     def weight_bytes(self) -> int:
@@ -40,51 +48,34 @@ class PackedModel:
         return self.matrices[f"layers.{i}.{name}"]
 
 
+def model_config(path: Path, manifest: dict[str, Any]) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(manifest["model"])
+    except (TypeError, ModelFormatError) as e:
+        raise ModelFormatError(f"{path}/manifest.yaml: bad model config: {e}") from None
+
+
 def load_packed(path: str | Path, verify: bool = True) -> PackedModel:
     path = Path(path)
-    manifest = read_manifest(path)
-    if verify:
-        verify_files(path, manifest)
-    try:
-        config = ModelConfig.from_dict(manifest["model"])
-    except TypeError as e:
-        raise ModelFormatError(f"{path}/manifest.yaml: bad model config: {e}") from None
-    files: dict[str, SafetensorsFile] = {}
+    manifest, digest = load_manifest(path)
+    resolved = verify_files(path, manifest) if verify else check_files(path, manifest)
+    check_calibration_files(path, manifest, verify)
+    config = model_config(path, manifest)
+    files = {name: SafetensorsFile(str(resolved[name]))
+             for name in sorted({t["file"] for t in manifest["tensors"].values()})}
+    check_tensors(path, config, manifest["tensors"], files)
     matrices: dict[str, PackedTensor] = {}
     vectors: dict[str, np.ndarray] = {}
     planes: dict[str, np.ndarray] = {}
     for name, entry in manifest["tensors"].items():
-        fname = entry["file"]
-        if fname not in files:
-            files[fname] = SafetensorsFile(str(path / fname))
-        arrays = {part: files[fname].tensor(key) for part, key in entry["keys"].items()}
-        enc = entry["encoding"]
-        if enc == "signbits":
+        f = files[entry["file"]]
+        arrays = {part: f.tensor(key) for part, key in entry["keys"].items()}
+        if entry["encoding"] == "signbits":
             planes[name] = arrays["bits"]
         elif entry.get("layout") == "vector":
             vectors[name] = arrays["w"]
-        elif enc in STORED_ENCODINGS:
-            shape = tuple(entry["shape"])
-            if len(shape) != 2:
-                raise ModelFormatError(f"{path}/manifest.yaml: tensor {name} has shape {shape}, expected 2-D")
-            matrices[name] = PackedTensor(enc, shape, arrays, group_size=int(entry.get("group_size", 0)),
-                                          meta={"layout": entry.get("layout", "row")})
         else:
-            raise ModelFormatError(f"{path}/manifest.yaml: tensor {name} has unknown encoding {enc!r}")
-    _check_complete(path, config, matrices, planes)
-    return PackedModel(path, config, manifest, matrices, vectors, planes)
-
-
-def _check_complete(path: Path, cfg: ModelConfig, matrices: dict, planes: dict) -> None:
-    need = ["embed"] + [f"layers.{i}.{t}" for i in range(cfg.n_layers)
-                        for t in ("attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.down_t")]
-    if cfg.gated:
-        need += [f"layers.{i}.ffn.up" for i in range(cfg.n_layers)]
-    if not cfg.tie_embeddings:
-        need.append("lm_head")
-    absent = [n for n in need if n not in matrices]
-    if absent:
-        raise ModelFormatError(f"{path} lacks tensor(s) {', '.join(absent[:3])}: the model is incomplete")
-    for i in range(cfg.n_layers):
-        if f"layers.{i}.ffn.gate_signs" not in planes:
-            raise ModelFormatError(f"{path} lacks the sign plane of layer {i}'s gate")
+            matrices[name] = PackedTensor(entry["encoding"], tuple(entry["shape"]), arrays,
+                                          group_size=int(entry.get("group_size", 0)),
+                                          meta={"layout": entry.get("layout", "row")})
+    return PackedModel(path, config, manifest, matrices, vectors, planes, digest)

@@ -8,6 +8,7 @@ safetensors package. Layout: 8-byte little-endian header length, JSON header, th
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -24,8 +25,37 @@ _DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_entry(path: str, name: str, e, data_size: int) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, 0 <= begin <= end <= data_size and
+    end - begin == prod(shape) * itemsize, computed in Python ints (no overflow). Raises naming it."""
+    if not isinstance(e, dict):
+        raise ModelFormatError(f"{path}: header entry {name!r} is not a mapping")
+    if not isinstance(e.get("dtype"), str) or e["dtype"] not in _DTYPES:
+        raise ModelFormatError(f"{path}: tensor {name} has unsupported dtype {e.get('dtype')!r}")
+    shape, offsets = e.get("shape"), e.get("data_offsets")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
+        raise ModelFormatError(f"{path}: tensor {name} has a malformed shape {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise ModelFormatError(f"{path}: tensor {name} has malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise ModelFormatError(f"{path}: tensor {name} has data_offsets {offsets} outside its data section")
+    if end > data_size:
+        raise ModelFormatError(f"{path} is truncated: tensor {name} ends past the end of the file")
+    expected = math.prod(shape) * np.dtype(_DTYPES[e["dtype"]]).itemsize
+    if end - begin != expected:
+        raise ModelFormatError(f"{path}: tensor {name} has {end - begin} bytes, shape needs {expected}")
+
+
 class SafetensorsFile:
-    """Open one file; `tensor(name)` returns a read-only view, `dtype_of(name)` the stored dtype tag."""
+    """Open one file; `tensor(name)` returns a read-only view, `dtype_of(name)` the stored dtype tag.
+
+    The whole header is checked when the file is opened, before any view exists: every tensor lies in
+    the data section (after the header, inside the file) and has exactly the bytes its shape needs."""
 
     def __init__(self, path: str):
         self.path = path
@@ -33,8 +63,8 @@ class SafetensorsFile:
             size = os.path.getsize(path)
             with open(path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-        except OSError as e:
-            raise ModelFormatError(f"cannot read {path}: {e.strerror}") from None
+        except (OSError, ValueError) as e:  # ValueError: mmap of a special file
+            raise ModelFormatError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
         if size < 8 or self._map is None:
             raise ModelFormatError(f"{path} is not a safetensors file (only {size} bytes)")
         (header_len,) = struct.unpack("<Q", self._map[:8])
@@ -42,26 +72,28 @@ class SafetensorsFile:
             raise ModelFormatError(f"{path} is truncated or not a safetensors file (header length {header_len})")
         try:
             header = json.loads(bytes(self._map[8:8 + header_len]))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise ModelFormatError(f"{path} has a corrupt safetensors header") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            raise ModelFormatError(f"{path} has a corrupt safetensors header (not a mapping)")
+        metadata = header.pop("__metadata__", None) or {}
+        self.metadata = metadata if isinstance(metadata, dict) else {}
         self._entries = header
         self._base = 8 + header_len
         for name, e in header.items():
-            begin, end = e["data_offsets"]
-            if e.get("dtype") not in _DTYPES:
-                raise ModelFormatError(f"{path}: tensor {name} has unsupported dtype {e.get('dtype')}")
-            if self._base + end > size:
-                raise ModelFormatError(f"{path} is truncated: tensor {name} ends past the end of the file")
-            expected = int(np.prod(e["shape"], dtype=np.int64)) * np.dtype(_DTYPES[e["dtype"]]).itemsize
-            if end - begin != expected:
-                raise ModelFormatError(f"{path}: tensor {name} has {end - begin} bytes, shape needs {expected}")
+            check_entry(path, name, e, size - self._base)
 
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
     def dtype_of(self, name: str) -> str:
         return self._entries[name]["dtype"]
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
 
     def tensor(self, name: str) -> np.ndarray:
         if name not in self._entries:

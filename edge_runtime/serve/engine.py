@@ -2,7 +2,9 @@
 
 Requests are Jobs; a single worker thread runs them in arrival order and hands each event (text
 piece, then the result) to the job's asyncio queue on the server's event loop. A job whose client has
-gone is cancelled between two tokens.
+gone is cancelled between two tokens. Any exception a job raises ends that job alone: it is handed to
+the job's queue (EdgeRuntimeError: the request's fault; anything else: the server's) and the worker
+goes on with the next job, so no request can stop the worker.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class Stopping(Exception):
+    """The engine is shutting down (or has shut down) and takes no new jobs."""
+
+
 @dataclass
 class Job:
     prompt_ids: list[int]
@@ -36,7 +42,10 @@ class Job:
     result: GenerationResult | None = None
 
     def _emit(self, item: Piece | GenerationResult | Exception) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is waiting for this job any more
+            self.cancel.set()
 
 
 class Engine:
@@ -49,8 +58,20 @@ class Engine:
         self._stopping = False
         self.completed = 0
         self.cancelled = 0
+        self.failed = 0  # jobs that ended in an exception other than EdgeRuntimeError
         self.tokens_generated = 0
         self.last_tokens_per_s = 0.0
+        self._worker: threading.Thread | None = None
+        self.start()
+
+    def start(self) -> None:
+        """Start the worker, or start it again after shutdown() (an ASGI app may see several lifespans)."""
+        with self._cv:
+            if self._worker is not None and self._worker.is_alive() and not self._stopping:
+                return
+        if self._worker is not None:
+            self._worker.join()
+        self._stopping = False
         self._worker = threading.Thread(target=self._run, name="edge-runtime-engine", daemon=True)
         self._worker.start()
 
@@ -59,13 +80,17 @@ class Engine:
         return self._running is not None
 
     @property
+    def worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    @property
     def queued(self) -> int:
         return len(self._jobs)
 
     def submit(self, job: Job) -> Job:
         with self._cv:
             if self._stopping:
-                raise QueueFull(5)
+                raise Stopping("the server is shutting down")
             if len(self._jobs) >= self.max_queue:
                 # a rough wait: everything ahead of the caller at the last measured rate
                 rate = self.last_tokens_per_s or 50.0
@@ -90,14 +115,19 @@ class Engine:
                     job._emit(EdgeRuntimeError("request cancelled before it started"))
                     continue
                 self._execute(job)
+            except Exception as e:  # the job failed, not the worker: hand the error over, run the next job
+                if not isinstance(e, EdgeRuntimeError):
+                    self.failed += 1
+                job._emit(e)
             finally:
                 self._running = None
 
     def _execute(self, job: Job) -> None:
         t0 = time.perf_counter()
+        events = self.runtime.stream_events(
+            job.prompt_ids, should_stop=lambda: "cancelled" if job.cancel.is_set() else None, **job.params)
         try:
-            for item in self.runtime.stream_events(
-                    job.prompt_ids, should_stop=lambda: "cancelled" if job.cancel.is_set() else None, **job.params):
+            for item in events:
                 if isinstance(item, GenerationResult):
                     job.result = item
                     self.tokens_generated += len(item.token_ids)
@@ -111,8 +141,8 @@ class Engine:
                 elif not job.stream:
                     continue
                 job._emit(item)
-        except EdgeRuntimeError as e:
-            job._emit(e)
+        finally:
+            events.close()  # releases the runtime's lock now, even when this loop ended in an exception
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new jobs, cancel queued ones, let the running one finish, stop the worker."""

@@ -1,20 +1,35 @@
-"""Request bodies of the OpenAI-compatible endpoints, and the OpenAI error body."""
+"""Request bodies of the OpenAI-compatible endpoints, and the OpenAI error body.
+
+Validation happens here, at the edge: floats must be finite (JSON's NaN/Infinity and overflowing
+literals such as 1e999 are refused), every string must be encodable as UTF-8 (a lone surrogate such
+as "\\ud800" is refused with 422 instead of failing inside the tokenizer).
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-StopStr = Annotated[str, Field(min_length=1, max_length=64)]
+
+def _utf8(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text (a lone surrogate at position {e.start})") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+StopStr = Annotated[Text, Field(min_length=1, max_length=64)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class _Sampling(BaseModel):
     # Unknown OpenAI fields (presence_penalty, user, ...) are accepted and ignored, as clients send them.
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -33,7 +48,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(_Sampling):
@@ -42,7 +57,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str = Field(min_length=1)
+    prompt: Text = Field(min_length=1)
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,

@@ -264,8 +264,11 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
-    """Thresholds first, then the YAML that refers to them; each file replaced atomically."""
+    """Thresholds first, then the YAML that refers to them, then their checksums into the manifest;
+    each file replaced atomically."""
     from safetensors.numpy import save_file
+
+    from edge_runtime.pack.format import record_files
 
     model_dir = Path(model_dir)
     if thresholds:
@@ -276,6 +279,7 @@ def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
             yaml.safe_dump(calib, f, sort_keys=False, width=110)
 
     _atomic_write(model_dir / CALIBRATION_FILE, dump)
+    record_files(model_dir, [n for n in (THRESHOLDS_FILE, CALIBRATION_FILE) if (model_dir / n).is_file()])
     return model_dir / CALIBRATION_FILE
 
 
