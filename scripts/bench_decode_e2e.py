@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.backends.cuda import CudaBackend
+from edge_runtime.config import ModelConfig
 from edge_runtime.devices.shapes import SHAPES
-from edge_runtime.model.config import ModelConfig
 from edge_runtime.model.decoder import Decoder
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.pack.loader import PackedModel

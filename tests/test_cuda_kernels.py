@@ -21,7 +21,7 @@ import pytest
 from edge_runtime.backends import cuda_available
 from edge_runtime.backends.cpu import CpuBackend
 from edge_runtime.backends.weights import Layer, Linear, Norm
-from edge_runtime.model.config import ModelConfig
+from edge_runtime.config import ModelConfig
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
@@ -314,7 +314,7 @@ def _step(cp, token: int = 0, pos: int = 0, rng_counter: int = 0):
 
 
 def _config(n_heads: int, n_kv: int, hd: int, scaling: str | None):
-    from edge_runtime.model.config import ModelConfig
+    from edge_runtime.config import ModelConfig
 
     rope_scaling = {None: None, "linear": {"rope_type": "linear", "factor": 4.0},
                     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -11,12 +11,12 @@ import yaml
 
 import edge_runtime
 from edge_runtime import cli
+from edge_runtime.config import ModelConfig
 from edge_runtime.devices.planner import KVBudgetWarning, plan_load, plan_memory, split_encoding
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.devices.sizes import kv_cache_bytes, model_bytes
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.model.config import ModelConfig
 from edge_runtime.pack.format import read_manifest
 from edge_runtime.pack.hf_config import model_config_from_hf, read_hf_config
 from edge_runtime.paths import DEFAULT_MODEL_DIR

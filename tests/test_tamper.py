@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from edge_runtime.cli import main
-from edge_runtime.model.config import ModelConfig
+from edge_runtime.config import ModelConfig
 
 MIB = 1 << 20
 HUGE = 2**40

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_runtime.backends.weights import PROJECTIONS, Layer, Linear, Norm, Weights
-from edge_runtime.model.config import ModelConfig
+from edge_runtime.config import ModelConfig
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.sparsity.predictor import Rule
 from edge_runtime.sparsity.stats import FIELDS, FFNStats

@@ -9,10 +9,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass
 
+from edge_runtime.config import ModelConfig
 from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.devices.sizes import kv_cache_bytes, model_bytes
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.model.config import ModelConfig
 
 # Best quality first. After int4 come int8 values with unstructured weight pruning of the projections
 # (convert --dtype int8 --weight-sparsity S): smaller than int4 only from about 60 % sparsity on (bitmap

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_runtime.model.config import ModelConfig
+from edge_runtime.config import ModelConfig
 
 SHAPES = {
     # ProSparse-Llama-2-7B / Llama-2-7B: 32 layers, d 4096, FFN 11008, 32 heads, vocab 32000

@@ -4,7 +4,7 @@ per gate, norms and biases fp16; the KV cache in fp16 on the device."""
 
 from __future__ import annotations
 
-from edge_runtime.model.config import ModelConfig
+from edge_runtime.config import ModelConfig
 from edge_runtime.pack.quant import DEFAULT_INT4_GROUP
 
 # KV-cache length the planner and the policy assume when no context is given: a typical chat turn.

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from edge_runtime.model.config import ModelConfig
+from edge_runtime.config import ModelConfig
 
 
 def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 manifest.yaml:
   format: edge-runtime-packed      format_version: 1
-  model:      ModelConfig fields (edge_runtime.model.config)
+  model:      ModelConfig fields (edge_runtime.config)
   encoding:   the encoding asked for at conversion (fp32 | fp16 | int8 | int4)
   tokenizer:  file name of the HF tokenizer.json inside the directory
   chat_template: Jinja text carried over from tokenizer_config.json, or null

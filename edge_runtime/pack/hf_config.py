@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ModelFormatError, UnsupportedModelError
-from edge_runtime.model.config import ModelConfig
 
 SUPPORTED = "llama (hidden_act silu, relu or fatrelu) and opt (relu)"
 _ROPE_TYPES = ("default", "linear", "llama3")

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ModelFormatError
-from edge_runtime.model.config import ModelConfig
 from edge_runtime.pack.format import check_calibration_files, check_files, load_manifest, verify_files
 from edge_runtime.pack.quant import PackedTensor
 from edge_runtime.pack.safetensors_mmap import SafetensorsFile

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ModelFormatError
-from edge_runtime.model.config import ModelConfig
 from edge_runtime.pack.hf_config import tensor_plan
 from edge_runtime.pack.safetensors_mmap import SafetensorsFile
 

@@ -31,10 +31,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from edge_runtime.config import ModelConfig
 from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS, decode_bytes_per_token
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.model.config import ModelConfig
 
 # Perplexity increases are measured on the calibration text; text met in use differs. The policy spends
 # only this fraction of a quality budget on calibration-text losses. On the default model the setting

@@ -1,4 +1,5 @@
-"""The model configuration every other module reads: what the network computes, not where it lives."""
+"""The model configuration every other module reads (a leaf: pack/ and model/ both import it): what the network
+computes, not where it lives."""
 
 from __future__ import annotations
 
