@@ -48,6 +48,7 @@ class CudaBackend:
         self.use_graphs = use_graphs  # False: every step eager (debugging, and the graph-equivalence test)
         self.weights = weights_of(model)
         self.dev = DeviceWeights(self.weights)
+        self._index = {id(layer): i for i, layer in enumerate(self.weights.layers)}  # host Layer -> device twin
         self.stream = cp.cuda.Stream(non_blocking=True)
         self.k = SimpleNamespace(gemv=Gemv(), ffn=SparseFFNKernels(), norm=NormKernel(), rope=RopeKernel(),
                                  kv=KVAppendKernel(), embed=EmbedKernel(), ew=Elementwise(), sample=SampleKernel(),
@@ -117,7 +118,7 @@ class CudaBackend:
 
     def linear(self, x, lin: Linear, out=None, teal: tuple[int, str] | None = None, add_to=None):
         dl = self.dev.of(lin)
-        if out is None and add_to is None or x.shape[0] > 1:
+        if (out is None and add_to is None) or x.shape[0] > 1:  # a batch: eager CuPy, cuBLAS
             if teal is not None:
                 t = self._teal_threshold(teal)
                 x = self.cp.where(self.cp.abs(x) >= t, x, np.float32(0.0))
@@ -175,15 +176,9 @@ class CudaBackend:
         return act, hidden
 
     def ffn_down(self, hidden, layer: Layer, bias: bool = True):
-        dl = self.dev.layers[self._layer_index(layer)]
+        dl = self.dev.layers[self._index[id(layer)]]
         y = self.cp.matmul(hidden, eager.dense_f32(dl.down_t, dl.down_host))
         return y + dl.down_b if (bias and dl.down_b is not None) else y
-
-    def _layer_index(self, layer: Layer) -> int:
-        for i, candidate in enumerate(self.weights.layers):
-            if candidate is layer:
-                return i
-        raise KeyError("layer not of this model")
 
     def ffn_masked(self, i: int, x, layer: Layer):
         """Evaluation path: the predicted masks are computed by the numpy predictor on the host (one copy of
