@@ -27,7 +27,7 @@
 // The int32 step buffer: what changes every token, read by pointer so that one captured graph serves every step.
 // Slots (edge_runtime/backends/cuda_ops/common.py STEP_* must agree):
 #define STEP_TOKEN 0  // the token this step decodes; the sampler writes the next one here
-#define STEP_POS 1    // its position: the KV append writes there, attention covers [0, pos]; the sampler advances it
+#define STEP_POS 1    // its position: the KV append writes there, attention covers [0, pos]; advance_pos moves it
 #define STEP_RNG 2    // sampling counter (uint32), advanced by the sampler
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -2,11 +2,16 @@
 //   add_f32:  x (n,) += y (n,)                                             grid (ceil(n / blockDim.x),)
 //   act_mul:  h (n,) = act(g) * u, u (n,) | NULL (no up projection); act by kind: 0 SiLU g / (1 + e^-g),
 //             1 ReLU max(g, 0), 2 FATReLU g if g >= threshold else 0. h may alias g or u.
+//   advance_pos: step[STEP_POS] += 1, the last op of a decode step                 grid (1,), block (1,)
 #include "common.cuh"
 
 #define ACT_SILU 0
 #define ACT_RELU 1
 #define ACT_FATRELU 2
+
+extern "C" __global__ void advance_pos(int* step) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) step[STEP_POS] += 1;
+}
 
 extern "C" __global__ void add_f32(float* x, const float* y, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -1,5 +1,5 @@
-// Next-token sampling on the device, and the step's advance: one block, so that a captured decode graph ends with
-// the next token id and position already in the step buffer. Semantics of edge_runtime/model/sampling.py Sampler:
+// Next-token sampling on the device: one block, so that a captured decode graph ends with the next token id in the
+// step buffer (the position is the step's to advance: elementwise.cu advance_pos). Semantics of edge_runtime/model/sampling.py Sampler:
 //   1. repetition penalty (HF): for tokens in the history, positive logits divided by it, others multiplied
 //   2. temperature 0 (or any value that is not > 0): greedy, argmax with ties to the lowest index (numpy)
 //   3. top-k (0 = off): logits below the k-th largest are dropped (ties with it kept)
@@ -15,7 +15,8 @@
 //   settings are written between replays without recapture;
 //   seen (V,) uint8: 1 for history tokens (the host marks the prompt; the kernel marks every sampled token);
 //   uniform (1,) fp32 | NULL: a given draw instead of the RNG (tests); work (V,) fp32 scratch;
-//   step (STEP_SIZE,) int32: writes STEP_TOKEN = id, STEP_POS += 1, STEP_RNG += 1; ids (max_ctx,) int32: ids[pos + 1] = id.
+//   step (STEP_SIZE,) int32: writes STEP_TOKEN = id, STEP_RNG += 1; ids (max_ctx,) int32: ids[n] = id, n the draw's
+//   counter (step[STEP_RNG] before the draw): the request's sampled ids in order.
 // One block of blockDim.x threads (a multiple of 32, at most 1024).
 #include "common.cuh"
 
@@ -241,13 +242,12 @@ extern "C" __global__ void sample(const float* __restrict__ logits, int V, const
             for (int w = 1; w < nw; ++w) id = max(id, redi[w]);
         }
     }
-    // 7. the step advances itself
+    // 7. the sampled id and the draw counter
     if (tid == 0) {
-        const int pos = step[STEP_POS];
+        const uint32_t n = (uint32_t)step[STEP_RNG];
         step[STEP_TOKEN] = id;
-        if (pos + 1 >= 0 && pos + 1 < max_ctx) ids[pos + 1] = id;
-        step[STEP_POS] = pos + 1;
-        step[STEP_RNG] = (int)((uint32_t)step[STEP_RNG] + 1u);
+        if (n < (uint32_t)max_ctx) ids[n] = id;
+        step[STEP_RNG] = (int)(n + 1u);
         if (id >= 0 && id < V) seen[id] = 1;
     }
 }

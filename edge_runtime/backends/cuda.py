@@ -84,10 +84,9 @@ class CudaBackend:
         self.dense_counts = cp.zeros((cfg.n_layers, 2), dtype=cp.uint64)  # the same from dense steps: not reported
         self.ffn_steps = np.zeros((cfg.n_layers, 3), dtype=np.int64)  # host: sparse steps per kind (dense, si, proj)
         self.sampling = SimpleNamespace(params=cp.zeros(4, f32), iparams=cp.zeros(4, cp.int32),
-                                        work=cp.zeros(v, f32), ids=cp.zeros(max_context + 1, cp.int32))
+                                        work=cp.zeros(v, f32), ids=cp.zeros(max_context, cp.int32))
         self._graphs: dict[tuple, object] = {}
         self._in_step = False
-        self._pos = 0  # host mirror of step[POS] between steps
         self.stats_reads = 0
 
     # ---- ops: a decode step (out given, kernels) or a batch (out None, eager CuPy) ------------------------
@@ -232,15 +231,11 @@ class CudaBackend:
         self.k.teal(dl.down_t, f.h, thr, y, bias=dl.down_b, accumulate=True)  # rows of W_down^T: one per neuron
 
     def sample(self, logits) -> None:
-        """The sampling kernel also advances step[POS] (it closes a step); outside a step (the first token,
-        after prefill) the position is put back."""
         s = self.sampling
         self.k.sample(logits.reshape(-1), s.params, s.iparams, self.state.seen, s.work, self.step, s.ids)
-        if not self._in_step:
-            self.set_position(self._pos)
 
     def advance(self) -> None:
-        """Nothing: the sampling kernel advanced the position inside the step."""
+        self.k.ew.advance(self.step)
 
     def run_step(self, body: Callable[[], None], mode: str) -> None:
         kinds = tuple(int(k) for k in self.state.predictor) if mode == "sparse" else ()
@@ -255,7 +250,6 @@ class CudaBackend:
                 if graph is None:
                     graph = self._graphs[key] = self._capture(body)
                 graph.launch(self.stream)
-        self._pos += 1
 
     def _issue(self, body: Callable[[], None]) -> None:
         self._in_step = True
@@ -292,7 +286,6 @@ class CudaBackend:
         self.set_position(0)
 
     def set_position(self, pos: int) -> None:
-        self._pos = int(pos)
         self.step[STEP_POS:STEP_POS + 1] = self.cp.asarray(np.array([pos], np.int32))
 
     def set_token(self, token: int) -> None:

@@ -1,11 +1,11 @@
-"""Launcher for kernels/elementwise.cu: residual add, activation times up. Numpy twins: the decoder's residual
-adds, CpuBackend._activate."""
+"""Launcher for kernels/elementwise.cu: residual add, activation times up, the step's position advance. Numpy
+twins: the decoder's residual adds, CpuBackend._activate, CpuBackend.advance."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime.backends.cuda_ops.common import Module, check, check_opt, f32, i32
+from edge_runtime.backends.cuda_ops.common import STEP_SIZE, Module, check, check_opt, f32, i32
 from edge_runtime.errors import EdgeRuntimeError
 
 ACTIVATIONS = {"silu": 0, "relu": 1, "fatrelu": 2}
@@ -21,6 +21,11 @@ class Elementwise:
         check(x, np.float32, (n,), "x")
         check(y, np.float32, (n,), "y")
         self.m.launch("add_f32", (-(-n // threads),), (threads,), (x, y, i32(n)))
+
+    def advance(self, step) -> None:
+        """step[STEP_POS] += 1 (step (STEP_SIZE,) int32, device)."""
+        check(step, np.int32, (STEP_SIZE,), "step")
+        self.m.launch("advance_pos", (1,), (1,), (step,))
 
     def act_mul(self, g, u, h, activation: str, threshold: float = 0.0, threads: int = 256) -> None:
         """h (n,) = act(g) * u (u None: act(g)); activation silu | relu | fatrelu (threshold)."""

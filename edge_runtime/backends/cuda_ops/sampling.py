@@ -1,5 +1,5 @@
-"""Launcher for kernels/sampling.cu: next-token choice on the device and the step's advance (token id, position,
-RNG counter written into the step buffer). Semantics: edge_runtime/model/sampling.py Sampler, with a
+"""Launcher for kernels/sampling.cu: next-token choice on the device (the token id and the RNG counter written
+into the step buffer). Semantics: edge_runtime/model/sampling.py Sampler, with a
 counter-based RNG (device_uniform is its numpy twin) instead of numpy's generator."""
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class SampleKernel:
     def __call__(self, logits, params, iparams, seen, work, step, ids, uniform=None, threads: int = 1024) -> None:
         """logits (V,) fp32; params (4,) fp32 and iparams (4,) int32 (param_arrays); seen (V,) uint8 history mask
         (the sampled id is marked); work (V,) fp32 scratch; step (STEP_SIZE,) int32 (token, pos, rng advanced);
-        ids (max_ctx,) int32 (ids[pos + 1] = the sampled id); uniform (1,) fp32 or None (the RNG)."""
+        ids (n,) int32 (ids[draw counter] = the sampled id, the request's ids in order); uniform (1,) fp32 or None
+        (the RNG). The position is not moved: Elementwise.advance is the step's last op."""
         v = logits.shape[0] if logits is not None else -1
         check(logits, np.float32, (v,), "logits")
         check(params, np.float32, (4,), "params")
