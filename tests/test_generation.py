@@ -96,3 +96,21 @@ def test_info_json(capsys, rt):
     info = json.loads(capsys.readouterr().out)
     assert info["model"]["arch"] == "llama" and info["encoding"] == "fp16"
     assert info["tensor_encodings"]["signbits"] == 2
+
+
+def test_repetition_penalty_sees_prompt_and_generated_ids(rt):
+    """Generation with a penalty equals a host loop that keeps the history as a list (the backend derives it
+    from the decode state's `seen` set), and the penalty changes the output."""
+    prompt, n, params = [1, 17, 42, 99, 17], 16, SamplingParams(repetition_penalty=3.0)
+    got = rt.generate(prompt, max_new_tokens=n, repetition_penalty=3.0, stop=()).token_ids
+    dec, sampler, history = rt.decoder, Sampler(params), list(prompt)
+    dec.reset()
+    logits = dec.prefill(prompt, last_only=True)[-1]
+    expected = []
+    for _ in range(len(got)):
+        tok = sampler(logits, history)
+        expected.append(tok)
+        history.append(tok)
+        logits = dec.forward([tok])[-1]
+    assert got == expected
+    assert got != rt.generate(prompt, max_new_tokens=n, stop=()).token_ids[:len(got)]

@@ -86,7 +86,6 @@ class CpuBackend:
         self.act_threshold = np.float32(cfg.act_threshold)
         self.attn_scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
         self._sampler = Sampler(SamplingParams())
-        self._history: list[int] = []
         self.stats_reads = 0  # how often the counters were copied out (tests: never per token)
 
     # ---- ops shared by prefill and the decode step ----------------------------------------------------
@@ -317,10 +316,10 @@ class CpuBackend:
     def sample(self, logits: np.ndarray) -> None:
         p = self._sampler.p
         greedy = p.temperature == 0 and p.repetition_penalty == 1.0  # the sampler's argmax, without its copy
-        tok = int(np.argmax(logits[0])) if greedy else self._sampler(logits[0], self._history)
+        # the history the repetition penalty needs is the state's `seen` set (prompt and sampled ids)
+        tok = int(np.argmax(logits[0])) if greedy else self._sampler(logits[0], np.flatnonzero(self.state.seen))
         self.state.token[0] = tok
         self.state.seen[tok] = 1
-        self._history.append(tok)
 
     def advance(self) -> None:
         self.state.pos[0] += 1
@@ -341,7 +340,6 @@ class CpuBackend:
         self.state.seen[:] = 0
         self.state.seen[np.asarray(prompt_ids, dtype=np.int64)] = 1
         self._sampler = Sampler(sampling)
-        self._history = list(prompt_ids)
 
     def set_position(self, pos: int) -> None:
         self.state.pos[0] = pos
