@@ -78,9 +78,7 @@ class CpuBackend:
             pos_ids=np.zeros(1, np.int32))  # learned-position row of the token (OPT)
         self.sign_bytes = [np.ascontiguousarray(lay.gate_signs).view(np.uint8) for lay in self.weights.layers]
         # per layer, the bytes a sparse step reads: sign plane, one gate row, one up + down row; and dense
-        self.ffn_bytes = [(lay.gate_signs.nbytes, lay.gate.w.row_bytes(),
-                           (lay.up.w.row_bytes() if lay.up else 0) + lay.down_t.row_bytes(), lay.ffn_dense_bytes())
-                          for lay in self.weights.layers]
+        self.ffn_bytes = [(*lay.ffn_row_bytes(), lay.ffn_dense_bytes()) for lay in self.weights.layers]
         self.predictor_threads = threads_for(8 * self.weights.layers[0].gate_signs.nbytes, self.threads)
         self.act = cpu_step_ops.ACTIVATION_CODE.get(cfg.activation, cpu_step_ops.RELU)
         self.act_threshold = np.float32(cfg.act_threshold)

@@ -323,11 +323,8 @@ class CudaBackend:
         s = FFNStats(cfg.n_layers, cfg.ffn_dim)
         for i, layer in enumerate(self.weights.layers):
             steps = int(self.ffn_steps[i, 1:].sum())
-            up_row = layer.up.w.row_bytes() if layer.up else 0.0
             s.steps[i], s.predicted[i], s.kept[i] = steps, dev[i, 0], dev[i, 1]
-            s.bytes_read[i] = int(steps * layer.gate_signs.nbytes + self.ffn_steps[i, PROJECTION] * 4 * cfg.ffn_dim
-                                  + dev[i, 0] * layer.gate.w.row_bytes()
-                                  + dev[i, 1] * (up_row + layer.down_t.row_bytes()))
+            s.bytes_read[i] = int(layer.ffn_read_bytes(steps, dev[i, 0], dev[i, 1], self.ffn_steps[i, PROJECTION]))
             s.bytes_dense[i] = steps * layer.ffn_dense_bytes()
         self.state.counters[...] = s.counts
         return s

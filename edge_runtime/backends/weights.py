@@ -47,6 +47,18 @@ class Layer:
         n = self.gate.w.nbytes + self.down_t.nbytes
         return n + (self.up.w.nbytes if self.up else 0)
 
+    def ffn_row_bytes(self) -> tuple[float, float, float]:
+        """(sign plane, one gate row, one up row + one down row) in bytes: what a sparse step's reads are made of."""
+        up = self.up.w.row_bytes() if self.up else 0.0
+        return float(self.gate_signs.nbytes), self.gate.w.row_bytes(), up + self.down_t.row_bytes()
+
+    def ffn_read_bytes(self, steps: float, predicted: float, kept: float, projection_steps: float = 0) -> float:
+        """FFN weight bytes of `steps` sparse steps that computed `predicted` gate rows and kept `kept` rows
+        for up and down in all; the projection predictor's steps also read one fp32 threshold per neuron."""
+        signs, gate_row, up_down_row = self.ffn_row_bytes()
+        return (steps * signs + projection_steps * 4 * self.gate.w.shape[0] + predicted * gate_row
+                + kept * up_down_row)
+
     def projection(self, name: str) -> PackedTensor | None:
         """The weight a TEAL projection name refers to (down: the transposed matrix)."""
         if name == "down":

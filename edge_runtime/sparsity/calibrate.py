@@ -90,10 +90,8 @@ def projection_thresholds(z: np.ndarray, truth: np.ndarray, q: float) -> np.ndar
 
 def ffn_bytes(layer, row: dict, predictor: str, n: int) -> float:
     """FFN weight bytes per token: sign plane (+ thresholds) + predicted gate rows + kept up/down rows."""
-    up = layer.up.w.row_bytes() if layer.up is not None else 0.0
-    extra = 4 * n if predictor == "projection" else 0
-    return (layer.gate_signs.nbytes + extra + row["predicted_density"] * n * layer.gate.w.row_bytes()
-            + row["kept_density"] * n * (up + layer.down_t.row_bytes()))
+    return layer.ffn_read_bytes(1, row["predicted_density"] * n, row["kept_density"] * n,
+                                int(predictor == "projection"))
 
 
 def greedy_path(tables: list[dict], bytes_of: Callable[[int, dict], float]) -> list[list[int]]:
