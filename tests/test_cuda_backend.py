@@ -89,6 +89,12 @@ def test_sparse_decode_equals_cpu_and_counts_the_same(models, predictor):
     assert (sg.predicted == sc.predicted).all() and (sg.kept == sc.kept).all()
     assert 0 < sc.kept.sum() < sc.predicted.sum() < sc.steps.sum() * cpu.config.ffn_dim  # a real subset
     assert (sg.bytes_read == sc.bytes_read).all()
+    for rt in (cpu, gpu):  # the evaluation path: every token's predicted mask in one batched pass
+        rt.decoder.reset()
+    masked = [rt.decoder.prefill(PROMPT, masked=True) for rt in (cpu, gpu)]
+    assert _rel(masked[1], masked[0]) < 2e-3
+    cpu.decoder.reset()
+    assert _rel(masked[0], cpu.decoder.prefill(PROMPT)) > 1e-4  # the masks really dropped rows
 
 
 def test_teal_decode_equals_cpu(models):

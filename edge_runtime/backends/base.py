@@ -71,6 +71,15 @@ def knob_arrays(rules: Sequence[Rule] | None, n_layers: int, ffn_dim: int
     return kind, alpha, theta
 
 
+def layer_rule(kind: int, alpha: float, theta: np.ndarray) -> Rule | None:
+    """The Rule a layer's knobs in a DecodeState stand for (host values); None for a dense layer."""
+    if kind == SPARSEINFER:
+        return Rule("sparseinfer", alpha=float(alpha))
+    if kind == PROJECTION:
+        return Rule("projection", theta=theta)
+    return None
+
+
 def teal_array(thresholds: Sequence[dict[str, float]] | None, n_layers: int) -> np.ndarray:
     """(L, 7) float32 from per-layer {projection: threshold}; missing projections are 0 (off)."""
     out = np.zeros((n_layers, len(PROJECTIONS)), dtype=np.float32)

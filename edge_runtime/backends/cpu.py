@@ -19,7 +19,7 @@ import numpy as np
 
 import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
-from edge_runtime.backends.base import PROJECTION, SPARSEINFER, DecodeState, knob_arrays, teal_array
+from edge_runtime.backends.base import PROJECTION, SPARSEINFER, DecodeState, knob_arrays, layer_rule, teal_array
 from edge_runtime.backends.cpu_dispatch import MatrixKernels
 from edge_runtime.backends.jit import default_threads, threads_for, use_threads
 from edge_runtime.backends.weights import PROJECTIONS, Layer, Linear, Norm, weights_of
@@ -228,20 +228,13 @@ class CpuBackend:
         _, hidden = self.ffn_parts(x, layer, teal_layer=i)
         return self.ffn_down(self._teal_mask(hidden, (i, "down")), layer)
 
-    def _rule(self, i: int) -> Rule | None:
-        kind = int(self.state.predictor[i])
-        if kind == SPARSEINFER:
-            return Rule("sparseinfer", alpha=float(self.state.alpha[i]))
-        if kind == PROJECTION:
-            return Rule("projection", theta=self.state.theta[i])
-        return None
-
     def ffn_masked(self, i: int, x: np.ndarray, layer: Layer) -> np.ndarray:
         """(T, d) -> (T, d): every token's FFN with its own predicted mask (and TEAL thresholds), dense
         arithmetic masked. Same function as ffn_step token by token; for evaluation, not a fast path."""
         if self.state.teal[i].any():
             return self._ffn_teal(i, x, layer)
-        rule = self._rule(i)
+        st = self.state
+        rule = layer_rule(int(st.predictor[i]), st.alpha[i], st.theta[i])
         if rule is None:
             return self.ffn_down(self.ffn_parts(x, layer)[1], layer)
         active = rule.active(x, layer.gate_signs)  # (T, N) bool

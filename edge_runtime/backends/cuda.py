@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 
 import edge_runtime.backends.cuda_batched as eager
-from edge_runtime.backends.base import DENSE, PROJECTION, DecodeState, knob_arrays, teal_array
+from edge_runtime.backends.base import DENSE, PROJECTION, DecodeState, knob_arrays, layer_rule, teal_array
 from edge_runtime.backends.cuda_ops.attention import DecodeAttention
 from edge_runtime.backends.cuda_ops.common import STEP_POS, STEP_RNG, STEP_SIZE, STEP_TOKEN, cupy
 from edge_runtime.backends.cuda_ops.elementwise import Elementwise
@@ -187,11 +187,10 @@ class CudaBackend:
             _, hidden = self.ffn_parts(x, layer, teal_layer=i)
             t = self._teal_threshold((i, "down"))
             return self.ffn_down(cp.where(cp.abs(hidden) >= t, hidden, np.float32(0.0)), layer)
-        kind = int(self.state.predictor[i])
-        if kind == DENSE:
+        st = self.state
+        rule = layer_rule(int(st.predictor[i]), cp.asnumpy(st.alpha[i]), cp.asnumpy(st.theta[i]))
+        if rule is None:
             return self.ffn_down(self.ffn_parts(x, layer)[1], layer)
-        rule = Rule(KIND_NAME[kind], alpha=float(self.cp.asnumpy(self.state.alpha[i])),
-                    theta=cp.asnumpy(self.state.theta[i]) if kind == PROJECTION else None)
         active = cp.asarray(rule.active(cp.asnumpy(x), layer.gate_signs))
         g = self.linear(x, layer.gate)
         h = cp.where(active & keep_after_gate(g, self.config.act_threshold), g, np.float32(0.0))
