@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from edge_runtime.backends.jit import kernel, widen
+from edge_runtime.backends.jit import kernel, sum_parts, widen
 
 
 @kernel(parallel=True)
@@ -52,11 +52,7 @@ def axpy_rows(w, scale, h, idx, n, part, out):
             cj = h[j] * widen(scale[r]) if scaled else h[j]
             for c in range(k):
                 acc[c] += cj * widen(w[r, c])
-    for c in range(k):
-        s = np.float32(0.0)
-        for t in range(nt):
-            s += part[t, c]
-        out[c] = s
+    sum_parts(part, out)
 
 
 @kernel()

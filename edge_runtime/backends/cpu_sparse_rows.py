@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from edge_runtime.backends.jit import ctz32, kernel, widen
+from edge_runtime.backends.jit import ctz32, kernel, sum_parts, widen
 
 
 @kernel(parallel=True)
@@ -41,7 +41,6 @@ def sparse_gemv_rows(bitmap, values, offsets, scale, bias, x, idx, n, out):
 @kernel(parallel=True)
 def sparse_axpy_rows(bitmap, values, offsets, scale, h, idx, n, part, out):
     """out = sum_{j < n} h[j] * compressed row idx[j]; rows split over threads, partial sums reduced."""
-    k = out.shape[0]
     nt = part.shape[0]
     scaled = scale.shape[0] > 0
     for t in prange(nt):
@@ -58,8 +57,4 @@ def sparse_axpy_rows(bitmap, values, offsets, scale, h, idx, n, part, out):
                     acc[8 * c + ctz32(b)] += cj * widen(values[o])
                     o += 1
                     b &= b - np.uint32(1)
-    for c in range(k):
-        s = np.float32(0.0)
-        for t in range(nt):
-            s += part[t, c]
-        out[c] = s
+    sum_parts(part, out)

@@ -33,6 +33,16 @@ def kernel(parallel: bool = False):
     return wrap
 
 
+@kernel()
+def sum_parts(part, out):
+    """out (K,) = the sum over threads of part (threads, K): the reduction after a row-split accumulation."""
+    for c in range(out.shape[0]):
+        s = np.float32(0.0)
+        for t in range(part.shape[0]):
+            s += part[t, c]
+        out[c] = s
+
+
 def default_threads() -> int:
     """The cores numpy's BLAS would use: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS if set, else the CPUs this
     process may run on."""
