@@ -184,3 +184,15 @@ def test_teal_at_25_percent_end_to_end(packed, family, tmp_path, capsys):
                  "--max-tokens", "128", "--window", "64", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert np.isfinite(res["ppl_teal"]) and np.isfinite(res["ppl_dense"])
+
+
+def test_onnx_export_refuses_what_it_does_not_build_by_name(packed, tmp_path):
+    pytest.importorskip("onnx")
+    from edge_runtime.errors import EdgeRuntimeError
+    from edge_runtime.export.onnx_export import export_onnx
+    from edge_runtime.export.onnx_graph import ExportOptions
+
+    model = edge_runtime.load(packed["gemma2"][0], profile=None, backend="cpu").model
+    with pytest.raises(EdgeRuntimeError, match="embed_scale, post_norms, .*attn_softcap, logit_softcap, sliding"):
+        export_onnx(model, tmp_path / "m.onnx", ExportOptions())
+    assert not (tmp_path / "m.onnx").exists()
