@@ -12,15 +12,15 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import edge_runtime  # noqa: E402
-from edge_runtime.cli import main  # noqa: E402
-from edge_runtime.errors import UnsupportedModelError  # noqa: E402
-from edge_runtime.model.sampling import SamplingParams  # noqa: E402
-from edge_runtime.pack.convert import convert  # noqa: E402
-from edge_runtime.pack.hf_config import model_config_from_hf  # noqa: E402
-from edge_runtime.sparsity.predictor import Rule  # noqa: E402
-from tests.families import CHAT_TEMPLATE, FAMILIES, TEAL_FAMILIES, WINDOW, make_family  # noqa: E402
-from tests.helpers import CORPUS, hf_logits, rel_err  # noqa: E402
+import edge_runtime
+from edge_runtime.cli import main
+from edge_runtime.errors import UnsupportedModelError
+from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.pack.convert import convert
+from edge_runtime.pack.hf_config import model_config_from_hf
+from edge_runtime.sparsity.predictor import Rule
+from tests.families import CHAT_TEMPLATE, FAMILIES, TEAL_FAMILIES, WINDOW, make_family
+from tests.helpers import CORPUS, hf_logits, rel_err
 
 PROMPT, DECODED, GREEDY = 32, 16, 32
 
@@ -163,7 +163,7 @@ def test_drelu_sparse_decode_counts_and_reads_only_survivors(packed):
         want = layer.ffn_read_bytes(s.steps[i], s.predicted[i], s.kept[i], 0, s.up_dropped[i])
         assert abs(int(s.bytes_read[i]) - want) <= s.steps[i]  # per-step rounding to whole bytes
     summary = s.summary()
-    assert 0 < summary["up_dropped_density"] and summary["ffn_bytes_fraction"] < 1
+    assert summary["up_dropped_density"] > 0 and summary["ffn_bytes_fraction"] < 1
     rt.decoder.reset()
     batched = rt.decoder.forward(ids, batched_sparse=True)  # evaluation's masked pass: the same function
     assert rel_err(batched, steps) <= 1e-4
