@@ -11,9 +11,11 @@ from typing import Any
 from edge_runtime.errors import ModelFormatError
 
 ARCHITECTURES = ("llama", "opt")
-ACTIVATIONS = ("silu", "relu", "fatrelu")
+# silu: silu(g) * u; relu, fatrelu: relu(g) * u (FATReLU: g below act_threshold is 0); gelu_tanh: HF
+# gelu_pytorch_tanh(g) * u (GeGLU, Gemma); drelu: relu(g) * relu(u) (dReLU, TurboSparse).
+ACTIVATIONS = ("silu", "relu", "fatrelu", "gelu_tanh", "drelu")
 # Activations whose zeros the sign-bit predictor can predict (gate <= threshold gives an exact zero).
-RELU_FAMILY = ("relu", "fatrelu")
+RELU_FAMILY = ("relu", "fatrelu", "drelu")
 # Every size must be a positive integer below this: products of two stay exact in int64, and the
 # loader then checks each against the tensors that hold it (so against the files' sizes).
 MAX_SIZE = 2**31 - 1
@@ -73,6 +75,14 @@ class ModelConfig:
     pos_offset: int = 0  # OPT's learned positions start at index 2
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    qkv_bias: bool = False  # q, k, v carry a bias and o does not (Qwen2); attn_bias covers all four
+    embed_scale: float = 1.0  # the token embedding is multiplied by this (Gemma: sqrt(dim) in the model dtype)
+    post_norms: bool = False  # RMSNorm of the attention and FFN outputs before each residual add (Gemma-2)
+    query_pre_attn_scalar: float | None = None  # attention scores scaled by this ** -0.5, not head_dim ** -0.5
+    attn_softcap: float = 0.0  # scores -> c * tanh(scores / c) before the softmax (Gemma-2); 0 = off
+    logit_softcap: float = 0.0  # final logits -> c * tanh(logits / c) (Gemma-2); 0 = off
+    sliding_window: int = 0  # a sliding layer's query at p sees keys p - sliding_window < t <= p; 0 = none
+    sliding_layers: tuple[int, ...] = field(default_factory=tuple)  # the layers that use sliding_window
 
     def __post_init__(self) -> None:
         """Types and ranges only; the loader checks the sizes against the stored tensors."""
@@ -91,7 +101,20 @@ class ModelConfig:
         _num("act_threshold", self.act_threshold)
         _num("rope_theta", self.rope_theta, positive=True)
         _check_rope_scaling(self.rope_scaling)
-        for name in ("tie_embeddings", "attn_bias", "mlp_bias"):
+        _num("embed_scale", self.embed_scale, positive=True)
+        if self.query_pre_attn_scalar is not None:
+            _num("query_pre_attn_scalar", self.query_pre_attn_scalar, positive=True)
+        _num("attn_softcap", self.attn_softcap, low=0.0)
+        _num("logit_softcap", self.logit_softcap, low=0.0)
+        _int("sliding_window", self.sliding_window, 0)
+        for i in self.sliding_layers:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_layers:
+                raise _bad(f"sliding_layers must hold layer indices below {self.n_layers}, got {i!r}")
+        if self.sliding_layers and not self.sliding_window:
+            raise _bad("sliding_layers given without a sliding_window")
+        if self.arch == "opt" and self.activation != "relu":
+            raise _bad(f"opt has a plain relu FFN, not {self.activation}")
+        for name in ("tie_embeddings", "attn_bias", "mlp_bias", "qkv_bias", "post_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bos_token_id is not None:
@@ -108,9 +131,33 @@ class ModelConfig:
     def relu_family(self) -> bool:
         return self.activation in RELU_FAMILY
 
+    @property
+    def up_relu(self) -> bool:
+        """dReLU: the up projection goes through a ReLU too, so a row with up <= 0 is an exact zero."""
+        return self.activation == "drelu"
+
+    @property
+    def attn_scale(self) -> float:
+        """What q k^T is multiplied by before the softmax."""
+        return float((self.query_pre_attn_scalar or self.head_dim) ** -0.5)
+
+    def window(self, layer: int) -> int:
+        """Layer's sliding window (its query at p attends to keys t with p - window < t <= p); 0 = full."""
+        return self.sliding_window if layer in self.sliding_layers else 0
+
+    def extra_features(self) -> list[str]:
+        """Names of what this config uses beyond a plain Llama/OPT forward (for paths that refuse them)."""
+        return [name for name, on in (
+            (f"activation {self.activation}", self.activation in ("gelu_tanh", "drelu")),
+            ("embed_scale", self.embed_scale != 1.0), ("post_norms", self.post_norms),
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar is not None),
+            ("attn_softcap", self.attn_softcap > 0), ("logit_softcap", self.logit_softcap > 0),
+            ("sliding_window", bool(self.sliding_layers))) if on]
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["sliding_layers"] = list(self.sliding_layers)
         return d
 
     @classmethod
@@ -131,4 +178,8 @@ class ModelConfig:
         if not isinstance(eos, (list, tuple)):
             raise _bad(f"eos_token_ids must be a list of token ids, got {eos!r}")
         d["eos_token_ids"] = tuple(eos)
+        layers = d.get("sliding_layers") or ()
+        if not isinstance(layers, (list, tuple)):
+            raise _bad(f"sliding_layers must be a list of layer indices, got {layers!r}")
+        d["sliding_layers"] = tuple(layers)
         return cls(**d)

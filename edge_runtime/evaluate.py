@@ -61,8 +61,11 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
                              if "recall" in s else None),
             "predicted_density": s["predicted_density"], "recall": s.get("recall"),
             "top1_agreement": agree / n, "ffn_bytes_fraction": s["ffn_bytes_fraction"],
+            # rows down read (gate and, for dReLU, up survived); rows dropped by up alone (dReLU)
+            "actual_density": s["actual_density"], "up_dropped_density": s["up_dropped_density"],
             "per_layer": [{"layer": r["layer"], "ffn_sparsity": 1.0 - r["true_density"] if "recall" in r else None,
                            "predicted_density": r["predicted_density"], "actual_density": r["actual_density"],
+                           "up_dropped_density": r["up_dropped_density"],
                            "recall": r.get("recall"), "ffn_bytes_fraction": r["ffn_bytes_fraction"]}
                           for r in s["per_layer"]],
         })

@@ -1,11 +1,13 @@
 // Decode attention over the KV cache, split over the KV length (flash-decoding), GQA.
-// Numpy twin: CpuBackend.attention for one token (T = 1): softmax(q k^T / sqrt(hd)) v over positions [0, pos].
+// Numpy twin: CpuBackend.attention for one token (T = 1): softmax(cap(scale q k^T)) v over positions [lo, pos],
+// cap(s) = softcap * tanh(s / softcap) (softcap 0: none), lo = max(0, pos + 1 - window) (window 0: lo = 0).
 //   attn_partial_<f32|f16>: grid (n_kv, n_chunks), block (threads, a multiple of 32). Block (g, c) covers positions
-//     [c * chunk, min((c + 1) * chunk, L)), L = min(step[STEP_POS] + 1, max_ctx), for the group = n_heads / n_kv
+//     [max(c * chunk, lo), min((c + 1) * chunk, L)), L = min(step[STEP_POS] + 1, max_ctx), for the group = n_heads / n_kv
 //     query heads g * group .. (g + 1) * group - 1 that share kv head g (K and V read once for the group).
 //     q (n_heads, hd) fp32 (rotated); k_cache, v_cache (n_kv, max_ctx, hd) fp32 | fp16.
 //     Out, per query head h and chunk c: part_m (n_heads, n_chunks) the chunk's max score, part_l the sum of
-//     exp(score - m), part_acc (n_heads, n_chunks, hd) sum of exp(score - m) v. Chunks at or past L write nothing.
+//     exp(score - m), part_acc (n_heads, n_chunks, hd) sum of exp(score - m) v. Chunks at or past L write nothing;
+//     chunks wholly before lo (sliding window) write m = -inf, l = 0, acc = 0.
 //     Dynamic shared memory: 4 * group * (hd + chunk) bytes.
 //   attn_combine: grid (n_heads,), block >= 32. out (n_heads, hd) fp32 = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M)
 //     over the chunks below L.
@@ -17,19 +19,31 @@ __device__ __forceinline__ float load_f(const __half* p) { return __half2float(*
 template <typename T>
 __device__ void attn_partial(const float* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                              const int* __restrict__ step, int n_heads, int n_kv, int max_ctx, int hd, int chunk,
-                             float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) {
+                             float scale, float softcap, int window, float* __restrict__ part_m,
+                             float* __restrict__ part_l, float* __restrict__ part_acc) {
     extern __shared__ float sm[];
     const int g = blockIdx.x, c = blockIdx.y, n_chunks = gridDim.y;
     const int L = min(step[STEP_POS] + 1, max_ctx);
-    const int t0 = c * chunk;
-    if (t0 >= L) return;  // past the context: the combine does not read this chunk
-    const int nt = min(chunk, L - t0), group = n_heads / n_kv;
+    if (c * chunk >= L) return;  // past the context: the combine does not read this chunk
+    const int lo = window > 0 ? max(0, L - window) : 0;
+    const int t0 = max(c * chunk, lo);
+    const int nt = min((c + 1) * chunk, L) - t0, group = n_heads / n_kv;
+    if (nt <= 0) {  // wholly before the sliding window: an empty chunk for the combine
+        for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+            const int h = g * group + i / hd;
+            part_acc[((size_t)h * n_chunks + c) * hd + i % hd] = 0.f;
+            if (i % hd == 0) {
+                part_m[h * n_chunks + c] = -INFINITY;
+                part_l[h * n_chunks + c] = 0.f;
+            }
+        }
+        return;
+    }
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
     float* qs = sm;                 // (group, hd)
     float* s = sm + group * hd;     // (group, chunk) scores, then exp(score - m)
     for (int i = threadIdx.x; i < group * hd; i += blockDim.x) qs[i] = q[(size_t)g * group * hd + i];
     __syncthreads();
-    const float scale = 1.f / sqrtf((float)hd);
     const T* kbase = k_cache + ((size_t)g * max_ctx + t0) * hd;
     const T* vbase = v_cache + ((size_t)g * max_ctx + t0) * hd;
     for (int t = warp; t < nt; t += nw) {  // one warp per position, all heads of the group
@@ -37,8 +51,9 @@ __device__ void attn_partial(const float* __restrict__ q, const T* __restrict__ 
         for (int j = 0; j < group; ++j) {
             float a = 0.f;
             for (int d = lane; d < hd; d += WARP) a += qs[j * hd + d] * load_f(kt + d);
-            a = warp_sum(a);
-            if (lane == 0) s[j * chunk + t] = a * scale;
+            a = warp_sum(a) * scale;
+            if (softcap > 0.f) a = softcap * tanhf(a / softcap);
+            if (lane == 0) s[j * chunk + t] = a;
         }
     }
     __syncthreads();
@@ -69,15 +84,18 @@ __device__ void attn_partial(const float* __restrict__ q, const T* __restrict__ 
 }
 
 extern "C" __global__ void attn_partial_f32(const float* q, const float* k_cache, const float* v_cache, const int* step,
-                                            int n_heads, int n_kv, int max_ctx, int hd, int chunk, float* part_m,
-                                            float* part_l, float* part_acc) {
-    attn_partial<float>(q, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, part_m, part_l, part_acc);
+                                            int n_heads, int n_kv, int max_ctx, int hd, int chunk, float scale,
+                                            float softcap, int window, float* part_m, float* part_l, float* part_acc) {
+    attn_partial<float>(q, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, scale, softcap, window, part_m,
+                        part_l, part_acc);
 }
 
 extern "C" __global__ void attn_partial_f16(const float* q, const __half* k_cache, const __half* v_cache,
                                             const int* step, int n_heads, int n_kv, int max_ctx, int hd, int chunk,
-                                            float* part_m, float* part_l, float* part_acc) {
-    attn_partial<__half>(q, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, part_m, part_l, part_acc);
+                                            float scale, float softcap, int window, float* part_m, float* part_l,
+                                            float* part_acc) {
+    attn_partial<__half>(q, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, scale, softcap, window, part_m,
+                         part_l, part_acc);
 }
 
 extern "C" __global__ void attn_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,

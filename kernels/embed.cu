@@ -2,7 +2,7 @@
 // Numpy twin: CpuBackend.embed_tokens (PackedTensor.dequantize of one row).
 //   w (N, K) in ENC (fp16 | int8 + scale | int4 + group scales, rows of Kp); step (STEP_SIZE,) int32: the row is
 //   step[slot] + offset (slot STEP_TOKEN for tokens; STEP_POS with offset pos_offset for OPT's positions);
-//   accumulate: 0 -> out = row, 1 -> out += row. out (K,) fp32 (a row outside [0, N) writes NaN: visible, no stray
+//   accumulate: 0 -> out = scale * row, 1 -> out += scale * row (scale: Gemma's embedding scale, else 1). out (K,) fp32 (a row outside [0, N) writes NaN: visible, no stray
 //   read). Grid (ceil(K / blockDim.x),).
 #include "common.cuh"
 
@@ -19,18 +19,20 @@ __device__ __forceinline__ float dequant(const void* __restrict__ w, const __hal
 
 template <int ENC>
 __device__ void embed(const void* __restrict__ w, const __half* __restrict__ scale, int group, int N, int K, int Kp,
-                      const int* __restrict__ step, int slot, int offset, int accumulate, float* __restrict__ out) {
+                      const int* __restrict__ step, int slot, int offset, int accumulate, float out_scale,
+                      float* __restrict__ out) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= K) return;
     const int row = step[slot] + offset;
-    const float v = (row >= 0 && row < N) ? dequant<ENC>(w, scale, group, Kp, row, i) : nanf("");
+    const float v = (row >= 0 && row < N) ? dequant<ENC>(w, scale, group, Kp, row, i) * out_scale : nanf("");
     out[i] = accumulate ? out[i] + v : v;
 }
 
 #define INSTANTIATE(SUFFIX, ENC)                                                                                    \
     extern "C" __global__ void embed_##SUFFIX(const void* w, const __half* scale, int group, int N, int K, int Kp,   \
-                                              const int* step, int slot, int offset, int accumulate, float* out) {  \
-        embed<ENC>(w, scale, group, N, K, Kp, step, slot, offset, accumulate, out);                                 \
+                                              const int* step, int slot, int offset, int accumulate,               \
+                                              float out_scale, float* out) {                                       \
+        embed<ENC>(w, scale, group, N, K, Kp, step, slot, offset, accumulate, out_scale, out);                      \
     }
 
 INSTANTIATE(fp32, ENC_FP32)

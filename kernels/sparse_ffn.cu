@@ -4,7 +4,8 @@
 //   ffn_gate_<P>_<E>  predictor + gate GEMV + (gated models) up GEMV, fused: a predicted row's gate is computed,
 //                     dropped when it does not survive the activation (g > 0 and g >= FATReLU threshold), else
 //                     h = g * (up . x + up bias) (or h = g without an up projection, OPT) and (row, h) appended to
-//                     the active list; P = sparseinfer | projection, E = fp16 | int8 | int4 | csr_fp16 | csr_int8
+//                     the active list (dReLU, up_relu: only when up . x + up bias > 0, the others counted as
+//                     up-dropped); P = sparseinfer | projection, E = fp16 | int8 | int4 | csr_fp16 | csr_int8
 //   ffn_down_<E>      y += sum over the active list of h * W_down^T[row] (dense encodings; compressed rows:
 //                     kernels/sparse_weights.cu csr_down_*), and the step's counts added into per-layer statistics
 // Numpy twin: edge_runtime/backends/cpu.py CpuBackend.ffn_sparse (semantics of the predictors:
@@ -53,9 +54,10 @@ extern "C" __global__ void ffn_prepare(const float* x, const float* norm_w, cons
 //   gate_b, up_b (N,) fp32 | NULL; xn (K,) fp32; x_signs (ceil(K/32),) uint32; x_sum (1,) fp32;
 //   gate_signs (N, ceil(K/32)) uint32; knob: SparseInfer alpha (1,) fp32 (row predicted zero when
 //   n_neg > alpha * (K - n_neg)) | projection theta (N,) fp32 (row predicted active when z >= theta[row]), read from
-//   device memory every launch; threshold: FATReLU threshold (0 = ReLU), a model constant.
+//   device memory every launch; threshold: FATReLU threshold (0 = ReLU), a model constant; up_relu: 1 for dReLU
+//   (relu on up too), else 0; up_dropped (1,) uint64 | NULL: this layer's count of rows dropped for up <= 0.
 // Out: idx (N,) int32 and h (N,) fp32, the first counters[0] entries (in arbitrary order); counters (2,) int32
-//   {kept, predicted}, zeroed by ffn_prepare.
+//   {kept, predicted}, zeroed by ffn_prepare; up_dropped += this step's up-dropped rows.
 template <int ENC, int PRED>
 __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restrict__ gate_scale,
                          const float* __restrict__ gate_b, const uint8_t* __restrict__ gate_bitmap,
@@ -64,7 +66,8 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
                          const uint8_t* __restrict__ up_bitmap, const long long* __restrict__ up_offsets, int group,
                          int N, int K, int Kp, const float* __restrict__ xn, const uint32_t* __restrict__ x_signs,
                          const float* __restrict__ x_sum, const uint32_t* __restrict__ gate_signs,
-                         const float* __restrict__ knob, float threshold, int* __restrict__ idx, float* __restrict__ h,
+                         const float* __restrict__ knob, float threshold, int up_relu,
+                         unsigned long long* __restrict__ up_dropped, int* __restrict__ idx, float* __restrict__ h,
                          int* __restrict__ counters) {
     extern __shared__ float xs[];
     load_x<ENC>(xn, nullptr, nullptr, 0.f, K, Kp, xs);
@@ -72,7 +75,7 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
     const int W = (K + WARP - 1) / WARP;
     const float alpha = PRED == PRED_SPARSEINFER ? *knob : 0.f;
     const float sum = PRED == PRED_PROJECTION ? *x_sum : 0.f;
-    int n_pred = 0;
+    int n_pred = 0, n_up_dropped = 0;
     for (int row = blockIdx.x * wpb + threadIdx.x / WARP; row < N; row += gridDim.x * wpb) {
         const uint32_t* srow = gate_signs + (size_t)row * W;
         bool active;
@@ -101,6 +104,10 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
         if (up_w) {
             float u = row_dot<ENC>(up_w, up_scale, group, up_bitmap, up_offsets, row, Kp, xs, lane);
             if (up_b) u += up_b[row];
+            if (up_relu && !(u > 0.f)) {  // dReLU: relu(u) = 0, an exact zero; down never reads the row
+                ++n_up_dropped;
+                continue;
+            }
             hv = g * u;
         }
         if (lane == 0) {
@@ -110,6 +117,7 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
         }
     }
     if (lane == 0 && n_pred) atomicAdd(counters + 1, n_pred);
+    if (lane == 0 && n_up_dropped && up_dropped) atomicAdd(up_dropped, (unsigned long long)n_up_dropped);
 }
 
 // y (D,) += sum_{pos < counters[0]} h[pos] * Wt[idx[pos], :], Wt (N, D) = W_down^T packed in ENC (int4: rows of Dp).
@@ -141,10 +149,10 @@ __device__ void ffn_down(const void* __restrict__ wt, const __half* __restrict__
         const long long *gate_offsets, const void *up_w, const __half *up_scale, const float *up_b,                   \
         const uint8_t *up_bitmap, const long long *up_offsets, int group, int N, int K, int Kp, const float *xn,       \
         const uint32_t *x_signs, const float *x_sum, const uint32_t *gate_signs, const float *knob, float threshold,  \
-        int *idx, float *h, int *counters
+        int up_relu, unsigned long long *up_dropped, int *idx, float *h, int *counters
 #define GATE_CALL                                                                                                     \
     gate_w, gate_scale, gate_b, gate_bitmap, gate_offsets, up_w, up_scale, up_b, up_bitmap, up_offsets, group, N, K, \
-        Kp, xn, x_signs, x_sum, gate_signs, knob, threshold, idx, h, counters
+        Kp, xn, x_signs, x_sum, gate_signs, knob, threshold, up_relu, up_dropped, idx, h, counters
 
 #define INSTANTIATE_GATE(SUFFIX, ENC)                                                                                  \
     extern "C" __global__ void ffn_gate_sparseinfer_##SUFFIX(GATE_ARGS) {                                              \

@@ -6,6 +6,9 @@ linearly from 0 over the first half of training (ProSparse-style ramp). `--l1 0`
 Exports a Hugging Face directory (config.json, model.safetensors, tokenizer.json) that
 `edge-runtime convert` packs; nothing in the runtime knows about this model.
 
+`--drelu` trains a dReLU model instead (TurboSparse: h = relu(W_gate x) * relu(W_up x)), exported with
+config.json "hidden_act": "drelu", the marker `convert` reads.
+
 Example (the shipped model):
   python scripts/train_default_model.py --corpus ../shared/corpora/gutenberg --holdout carroll-alice.txt \
       --out runs/l1 --l1 3e-3 --steps 1200 --seed 0
@@ -46,6 +49,18 @@ def encode_corpus(tok: Tokenizer, texts: list[str]) -> np.ndarray:
         for enc in tok.encode_batch(chunks(text)):
             ids.extend(enc.ids)  # the post-processor adds <s> ... </s>
     return np.asarray(ids, dtype=np.uint16)
+
+
+class DReLUMLP(torch.nn.Module):
+    """A Llama MLP's own projections computing down(relu(gate x) * relu(up x)); act_fn kept for the hooks."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = (inner.gate_proj, inner.up_proj,
+                                                                      inner.down_proj, inner.act_fn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * torch.relu(self.up_proj(x)))
 
 
 def relu_hooks(model: LlamaForCausalLM, store: list[torch.Tensor]) -> None:
@@ -100,6 +115,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--drelu", action="store_true", help="dReLU FFN: relu on up as well (TurboSparse)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -124,6 +140,9 @@ def main() -> None:
         max_position_embeddings=512, hidden_act="relu", tie_word_embeddings=True, rms_norm_eps=1e-5,
         bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
     model = LlamaForCausalLM(config)
+    if args.drelu:
+        for layer in model.model.layers:
+            layer.mlp = DReLUMLP(layer.mlp)
     acts: list[torch.Tensor] = []
     relu_hooks(model, acts)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -161,6 +180,10 @@ def main() -> None:
     ppl, sp = evaluate(model, held, args.seq, max_windows=256)
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
+    if args.drelu:
+        conf = json.loads((args.out / "config.json").read_text())
+        conf["hidden_act"] = "drelu"
+        (args.out / "config.json").write_text(json.dumps(conf, indent=2))
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(args.out / "tokenizer.json"))
     summary = {"heldout_ppl": ppl, "heldout_sparsity": sp, "train_tokens": int(len(train)),

@@ -150,3 +150,45 @@ def test_default_model_sparse_greedy_equals_cpu(predictor):
         assert rt.selection is not None and rt.selection.predictor == predictor
         ids[b] = rt.generate("The old man looked at the sea", max_new_tokens=8).token_ids
     assert ids["cuda"] == ids["cpu"]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """Every convertible family (tests/families.py), fp32: windows of 8 positions, soft-capping, post norms."""
+    pytest.importorskip("transformers")
+    from tests.families import FAMILIES, make_family
+
+    root = tmp_path_factory.mktemp("cudafam")
+    for fam in FAMILIES:
+        make_family(root / fam / "hf", fam, seed=41)
+        convert(root / fam / "hf", root / fam / "p", "fp32", progress=False)
+    return {fam: root / fam / "p" for fam in FAMILIES}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "phi3", "gemma", "gemma2", "drelu"])
+def test_every_family_decodes_as_on_cpu(families, family):
+    cpu, gpu = _pair(families[family])
+    ids_c, lg_c = _run(cpu, n=14)  # 7 + 14 positions: past the 8-position windows
+    ids_g, lg_g = _run(gpu, n=14)
+    assert ids_g == ids_c
+    assert _rel(lg_g, lg_c) < 1e-4
+    long = PROMPT * 3
+    assert _rel(gpu.decoder.prefill(long), cpu.decoder.prefill(long)) < 1e-4  # eager prefill, windowed
+
+
+def test_drelu_sparse_decode_equals_cpu_with_both_drops_counted(families):
+    cpu, gpu = _pair(families["drelu"])
+    every = [Rule("sparseinfer", alpha=1e9)] * cpu.config.n_layers
+    _, dense = _run(gpu)
+    _, all_rows = _run(gpu, every)
+    assert np.array_equal(all_rows, dense)  # every row predicted: the dense step's own kernels and rows
+    rules = [Rule("sparseinfer", alpha=1.0)] * cpu.config.n_layers
+    ids_c, lg_c = _run(cpu, rules)
+    sc = cpu.decoder.stats
+    cpu.backend.reset_stats()
+    ids_g, lg_g = _run(gpu, rules)
+    sg = gpu.decoder.stats
+    assert ids_g == ids_c and _rel(lg_g, lg_c) < 1e-4
+    assert (sg.predicted == sc.predicted).all() and (sg.kept == sc.kept).all()
+    assert (sg.up_dropped == sc.up_dropped).all() and sc.up_dropped.sum() > 0
+    assert (sg.bytes_read == sc.bytes_read).all()

@@ -396,6 +396,34 @@ def test_rope_kv_append_attention(cp, n_heads, n_kv, hd, pos, cache, scaling):
     attn.free()
 
 
+@pytest.mark.parametrize("window,softcap,pos", [(5, 0.0, 100), (40, 1.2, 100), (0, 0.8, 70), (33, 0.0, 20)])
+def test_attention_sliding_window_softcap_and_query_scale(cp, window, softcap, pos):
+    """Gemma-2 / Mistral attention: keys p - window < t <= p only, scores softcap * tanh(s / softcap), scale
+    query_pre_attn_scalar ** -0.5; against CpuBackend.attention on the same cache. Chunks wholly before the
+    window (chunk 32) must hand the combine empty partials, never NaN."""
+    import dataclasses
+
+    from edge_runtime.backends.cuda_ops.attention import DecodeAttention
+
+    n_heads, n_kv, hd, max_ctx = 4, 2, 32, 128
+    cfg = dataclasses.replace(_config(n_heads, n_kv, hd, None), sliding_window=window or 0,
+                              sliding_layers=(0,) if window else (), attn_softcap=softcap, query_pre_attn_scalar=24.0)
+    rng = np.random.default_rng(window * 1000 + pos)
+    kc = rng.standard_normal((n_kv, max_ctx, hd)).astype(np.float32)
+    vc = rng.standard_normal((n_kv, max_ctx, hd)).astype(np.float32)
+    q = rng.standard_normal(n_heads * hd).astype(np.float32)
+    twin = _twin(cfg, max_context=max_ctx)
+    twin.k_cache[...], twin.v_cache[...] = kc[None], vc[None]
+    out_ref = twin.attention(0, q[None], kc[:, pos].reshape(1, -1), vc[:, pos].reshape(1, -1), np.array([pos]))[0]
+    attn = DecodeAttention(n_heads, n_kv, hd, max_ctx, chunk=32, scale=cfg.attn_scale, softcap=softcap)
+    for buf in (attn.part_m, attn.part_l, attn.part_acc):
+        buf.fill(np.nan)
+    out = _nan(cp, n_heads * hd)
+    attn(cp.asarray(q), cp.asarray(kc), cp.asarray(vc), _step(cp, pos=pos), out, window=cfg.window(0))
+    assert _rel(out.get(), out_ref) < F32
+    attn.free()
+
+
 def test_kv_append_without_rope_and_out_of_range_position(cp):
     from edge_runtime.backends.cuda_ops.rope import KVAppendKernel
 
@@ -428,7 +456,8 @@ def test_embed_token_and_learned_positions(cp, enc, k, group):
     assert _rel(out.get(), twin.embed_tokens(np.array([31]), np.array([7]))[0]) < F32
 
 
-@pytest.mark.parametrize("activation,with_up", [("silu", True), ("relu", True), ("fatrelu", False)])
+@pytest.mark.parametrize("activation,with_up", [("silu", True), ("relu", True), ("fatrelu", False),
+                                                 ("gelu_tanh", True), ("drelu", True)])
 def test_elementwise(cp, activation, with_up):
     from edge_runtime.backends.cuda_ops.elementwise import Elementwise
 
@@ -436,7 +465,8 @@ def test_elementwise(cp, activation, with_up):
     n = 300
     g, u, r = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
     twin = _twin(activation=activation, act_threshold=0.4 if activation == "fatrelu" else 0.0)
-    expected = twin._activate(g) * (u if with_up else 1.0)
+    up = np.maximum(u, 0) if activation == "drelu" else u  # dReLU: relu on up too
+    expected = twin._activate(g) * (up if with_up else 1.0)
     h = _nan(cp, n)
     ew = Elementwise()
     ew.act_mul(cp.asarray(g), cp.asarray(u) if with_up else None, h, activation, threshold=0.4)
@@ -444,6 +474,25 @@ def test_elementwise(cp, activation, with_up):
     x = cp.asarray(r)
     ew.add(x, h)
     assert _rel(x.get(), r + expected) < F32
+
+
+def test_logit_softcap_and_embedding_scale(cp):
+    """Gemma-2's final-logit soft-capping and Gemma's embedding scale against the cpu backend's."""
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+    from edge_runtime.backends.cuda_ops.elementwise import Elementwise
+    from edge_runtime.backends.cuda_ops.embed import EmbedKernel
+
+    rng = np.random.default_rng(11)
+    twin = _twin(logit_softcap=2.5, embed_scale=5.5, vocab_size=300)
+    h = (3 * rng.standard_normal((1, 32))).astype(np.float32)
+    raw = h @ twin.weights.lm_head.dequantize().T
+    ref = twin.logits(h)
+    y = cp.asarray(raw)
+    Elementwise().softcap(y.reshape(-1), 2.5)
+    assert _rel(y.get(), ref) < F32 and np.abs(ref).max() < 2.5 < np.abs(raw).max()  # the cap bent them
+    out = _nan(cp, 32)
+    EmbedKernel()(DeviceMatrix(twin.weights.embed), _step(cp, token=7), out, scale=5.5)
+    assert _rel(out.get(), twin.embed_tokens(np.array([7]), np.array([0]))[0]) < F32
 
 
 # ------------------------------------------------------------------------------------------- sampling

@@ -281,6 +281,13 @@ ACCEPTED = {
     # a Llama's max_positions sizes nothing: the context is min(--max-context or 2048, max_positions)
     ("int8", "max_positions 2**31-1", ""),
     ("int8", ("tensors", Q, "layout"), "drop"),  # "row" is the default layout
+    # the family fields: dropped they take their defaults, which this model stores; zero caps and windows are "off"
+    # as stored; a huge soft-cap is no cap, a huge embedding scale or query scalar a valid (odd) model
+    *((("int8", ("model", f), "drop")) for f in ("qkv_bias", "embed_scale", "post_norms", "query_pre_attn_scalar",
+                                                 "attn_softcap", "logit_softcap", "sliding_window", "sliding_layers")),
+    *((("int8", ("model", f), "zero")) for f in ("attn_softcap", "logit_softcap", "sliding_window", "sliding_layers")),
+    *((("int8", ("model", f), "huge")) for f in ("embed_scale", "query_pre_attn_scalar", "attn_softcap",
+                                                 "logit_softcap")),
     ("int8", ("__metadata__",), "drop"), ("int8", ("__metadata__",), "wrong_type"),  # metadata is not read
     ("int8", ("__metadata__",), "zero"), ("int8", ("__metadata__",), "negative"), ("int8", ("__metadata__",), "huge"),
 }

@@ -101,7 +101,8 @@ class Backend(Protocol):
 
     # ---- ops shared by prefill and the decode step --------------------------------------------------
     def embed_tokens(self, ids, positions, out=None):
-        """ids (T,) int32, positions (T,) int32 -> (T, d): token embedding (+ learned position, OPT)."""
+        """ids (T,) int32, positions (T,) int32 -> (T, d): token embedding times config.embed_scale
+        (+ learned position, OPT)."""
 
     def norm(self, x, n: Norm, out=None):
         """(T, d) -> (T, d): RMSNorm (n.b is None) or LayerNorm, eps n.eps, in float32."""
@@ -115,10 +116,14 @@ class Backend(Protocol):
 
     def attention(self, layer: int, q, k, v, positions, out=None):
         """Write k, v (T, KV*hd) into the cache at `positions`, attend causally (GQA) up to each
-        position; q (T, H*hd) -> (T, H*hd)."""
+        position; q (T, H*hd) -> (T, H*hd). The config's attn_scale, attn_softcap and the layer's sliding
+        window (config.window(layer)) apply."""
+
+    def add(self, x, y) -> None:
+        """x (T, d) += y (a residual add the decoder makes itself: Gemma-2's normed block outputs)."""
 
     def logits(self, x, out=None):
-        """(T, d) final hidden, already normed -> (T, vocab) float32."""
+        """(T, d) final hidden, already normed -> (T, vocab) float32, soft-capped when the config says."""
 
     # ---- prefill and evaluation only (T tokens, dense arithmetic) -----------------------------------
     def ffn_parts(self, x, layer: Layer) -> tuple:
@@ -137,10 +142,11 @@ class Backend(Protocol):
         """Place k, v (KV, T, hd) float32 computed elsewhere (ONNX prefill) into the cache at pos0."""
 
     # ---- decode step (one token, `buffers` and `state` only) ----------------------------------------
-    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str) -> None:
-        """x (1, d) -> add_to (1, d) += FFN(x). mode "dense", "sparse" (predict from the sign plane with
-        layer i's knobs, gate over predicted rows, up/down over the survivors, counters advanced) or
-        "teal" (dense FFN with layer i's TEAL input thresholds)."""
+    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str, accumulate: bool = True) -> None:
+        """x (1, d) -> add_to (1, d) += FFN(x) (accumulate=False: add_to = FFN(x); add_to may be x then).
+        mode "dense", "sparse" (predict from the sign plane with layer i's knobs, gate over predicted rows,
+        up/down over the survivors, dReLU also dropping rows whose up is not positive before down, counters
+        advanced) or "teal" (dense FFN with layer i's TEAL input thresholds)."""
 
     def sample(self, logits) -> None:
         """logits (1, vocab) -> state.token (sampled with the parameters given to begin), state.seen marked."""

@@ -34,7 +34,8 @@ from edge_runtime.sparsity.stats import FIELDS, FFNStats
 KEEP_F32_BYTES = 64 << 20
 C = {name: j for j, name in enumerate(FIELDS)}  # counter rows
 TEAL_SLOT = {p: j for j, p in enumerate(PROJECTIONS)}
-STEP_COUNTERS = np.array([C[f] for f in ("steps", "predicted", "kept", "bytes_read", "bytes_dense")], np.int64)
+STEP_COUNTERS = np.array([C[f] for f in ("steps", "predicted", "kept", "bytes_read", "bytes_dense", "up_dropped")],
+                         np.int64)
 
 
 class CpuBackend:
@@ -77,12 +78,13 @@ class CpuBackend:
             scores=np.zeros((cfg.n_heads, max_context), f32),  # (H, ctx) attention weights
             pos_ids=np.zeros(1, np.int32))  # learned-position row of the token (OPT)
         self.sign_bytes = [np.ascontiguousarray(lay.gate_signs).view(np.uint8) for lay in self.weights.layers]
-        # per layer, the bytes a sparse step reads: sign plane, one gate row, one up + down row; and dense
+        # per layer, the bytes a sparse step reads: sign plane, one gate row, one up row, one down row; and dense
         self.ffn_bytes = [(*lay.ffn_row_bytes(), lay.ffn_dense_bytes()) for lay in self.weights.layers]
         self.predictor_threads = threads_for(8 * self.weights.layers[0].gate_signs.nbytes, self.threads)
         self.act = cpu_step_ops.ACTIVATION_CODE.get(cfg.activation, cpu_step_ops.RELU)
         self.act_threshold = np.float32(cfg.act_threshold)
-        self.attn_scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
+        self.attn_scale = np.float32(cfg.attn_scale)
+        self.attn_softcap = np.float32(cfg.attn_softcap)
         self._sampler = Sampler(SamplingParams())
         self.stats_reads = 0  # how often the counters were copied out (tests: never per token)
 
@@ -90,6 +92,8 @@ class CpuBackend:
     def embed_tokens(self, ids: np.ndarray, positions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty((len(ids), self.config.dim), np.float32) if out is None else out
         self.kernels[id(self.weights.embed)].rows(ids, out)
+        if self.config.embed_scale != 1.0:
+            out *= np.float32(self.config.embed_scale)
         if self.weights.pos_embed is not None:
             if len(ids) == 1:
                 pos = np.add(positions, self.config.pos_offset, out=self.scratch.pos_ids)
@@ -164,9 +168,11 @@ class CpuBackend:
         t, hd, nkv = q.shape[0], cfg.head_dim, cfg.n_kv_heads
         pos0 = int(positions[0])
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # (n_kv, ctx, hd)
+        window = cfg.window(layer)
         if t == 1:
             out = np.empty_like(q) if out is None else out
-            cpu_step_ops.attention_step(q, k, v, kc, vc, pos0, self.attn_scale, self.scratch.scores, out)
+            cpu_step_ops.attention_step(q, k, v, kc, vc, pos0, self.attn_scale, self.attn_softcap, window,
+                                        self.scratch.scores, out)
             return out
         end = pos0 + t
         kc[:, pos0:end] = k.reshape(t, nkv, hd).transpose(1, 0, 2)
@@ -175,8 +181,13 @@ class CpuBackend:
         qh = q.reshape(t, nkv, group, hd).transpose(1, 2, 0, 3).reshape(nkv, group * t, hd)
         scores = qh @ kc[:, :end].transpose(0, 2, 1)  # (n_kv, group*T, end)
         scores *= self.attn_scale
+        if self.attn_softcap > 0:
+            scores = self.attn_softcap * np.tanh(scores / self.attn_softcap)
         qpos = np.tile(np.arange(pos0, end), group)
-        scores = np.where(np.arange(end)[None, :] > qpos[:, None], -np.inf, scores).astype(np.float32)
+        hidden = np.arange(end)[None, :] > qpos[:, None]  # the future
+        if window:  # and keys at or before p - window
+            hidden |= np.arange(end)[None, :] <= qpos[:, None] - window
+        scores = np.where(hidden, -np.inf, scores).astype(np.float32)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
         a = (scores @ vc[:, :end]).reshape(nkv, group, t, hd).transpose(2, 0, 1, 3).reshape(t, cfg.n_heads * hd)
@@ -185,16 +196,22 @@ class CpuBackend:
         out[...] = a
         return out
 
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        x += y
+
     def logits(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        k = self.kernels[id(self.weights.lm_head)]
+        k, cap = self.kernels[id(self.weights.lm_head)], np.float32(self.config.logit_softcap)
         if x.shape[0] == 1:
             out = np.empty((1, self.config.vocab_size), np.float32) if out is None else out
             k.gemv(x[0], out[0])
-            return out
-        y = k.matmul(x)
-        if out is None:
-            return y
-        out[...] = y
+        else:
+            y = k.matmul(x)
+            if out is None:
+                out = y
+            else:
+                out[...] = y
+        if cap > 0:  # c * tanh(logits / c), in place
+            np.multiply(np.tanh(np.divide(out, cap, out=out), out=out), cap, out=out)
         return out
 
     # ---- prefill and evaluation ---------------------------------------------------------------------
@@ -202,16 +219,23 @@ class CpuBackend:
         act = self.config.activation
         if act == "silu":
             return g / (1.0 + np.exp(-g))
+        if act == "gelu_tanh":
+            return cpu_step_ops.gelu_tanh(g)
         if act == "fatrelu":
             return np.where(g >= self.config.act_threshold, g, np.float32(0.0))
         return np.maximum(g, np.float32(0.0))
+
+    def _up(self, x: np.ndarray, layer: Layer, teal: tuple[int, str] | None = None) -> np.ndarray:
+        """(T, d) -> (T, N): the up projection, through a ReLU for dReLU."""
+        u = self.linear(x, layer.up, teal=teal)
+        return np.maximum(u, np.float32(0.0)) if self.config.up_relu else u
 
     def ffn_parts(self, x: np.ndarray, layer: Layer, teal_layer: int | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
         """(T, d) -> (act, hidden) (T, N); with teal_layer, that layer's TEAL thresholds mask the inputs."""
         slot = (lambda p: None) if teal_layer is None else (lambda p: (teal_layer, p))
         act = self._activate(self.linear(x, layer.gate, teal=slot("gate")))
-        hidden = act * self.linear(x, layer.up, teal=slot("up")) if layer.up is not None else act
+        hidden = act * self._up(x, layer, slot("up")) if layer.up is not None else act
         return act, hidden
 
     def ffn_down(self, hidden: np.ndarray, layer: Layer, bias: bool = True) -> np.ndarray:
@@ -241,7 +265,7 @@ class CpuBackend:
         g = self.linear(x, layer.gate)
         h = np.where(active & keep_after_gate(g, self.config.act_threshold), g, np.float32(0.0))
         if layer.up is not None:
-            h = h * self.linear(x, layer.up)
+            h = h * self._up(x, layer)
         return self.ffn_down(h, layer)
 
     def write_kv(self, layer: int, k: np.ndarray, v: np.ndarray, pos0: int) -> None:
@@ -250,13 +274,17 @@ class CpuBackend:
         self.v_cache[layer][:, pos0:pos0 + t] = v
 
     # ---- decode step ---------------------------------------------------------------------------------
-    def ffn_step(self, i: int, x: np.ndarray, layer: Layer, add_to: np.ndarray, mode: str) -> None:
+    def ffn_step(self, i: int, x: np.ndarray, layer: Layer, add_to: np.ndarray, mode: str,
+                 accumulate: bool = True) -> None:
         kind = int(self.state.predictor[i]) if mode == "sparse" else 0
         if kind in (SPARSEINFER, PROJECTION):
             self._ffn_sparse(i, x[0], layer, kind)
         else:
             self._ffn_dense(i, x[0], layer, teal=mode == "teal")
-        add_to[0] += self.scratch.y[:self.config.dim]
+        if accumulate:
+            add_to[0] += self.scratch.y[:self.config.dim]
+        else:
+            add_to[0] = self.scratch.y[:self.config.dim]
 
     def _ffn_dense(self, i: int, xv: np.ndarray, layer: Layer, teal: bool) -> None:
         """x (d,) -> scratch.y[:d]: every row of gate, up and W_down^T (TEAL-masked inputs when teal)."""
@@ -280,7 +308,8 @@ class CpuBackend:
 
     def _ffn_sparse(self, i: int, xv: np.ndarray, layer: Layer, kind: int) -> None:
         """x (d,) -> scratch.y[:d]. Predict from the sign plane, gate over predicted rows, drop rows whose
-        gate does not survive the activation, then up and down over the survivors only; counters advanced."""
+        gate does not survive the activation, then up over the survivors (dReLU: dropping those whose up is not
+        positive) and down over what is left; counters advanced."""
         s, st = self.scratch, self.state
         use_threads(self.predictor_threads)
         if kind == SPARSEINFER:
@@ -289,13 +318,18 @@ class CpuBackend:
             n = cpu_predict.projection(xv, self.sign_bytes[i], st.theta[i], s.table, s.z, s.mask, s.idx)
         self.kernels[id(layer.gate.w)].gemv(xv, s.g, s.idx, n, bias=layer.gate.b)
         m = cpu_predict.keep_after_gate(s.g, s.idx, n, self.act_threshold, s.rows, s.h)
+        m_up = m  # rows whose up row is read
         if layer.up is not None:
             self.kernels[id(layer.up.w)].gemv(xv, s.u, s.rows, m, bias=layer.up.b)
-            np.multiply(s.h[:m], s.u[:m], out=s.h[:m])
+            if self.config.up_relu:
+                m = cpu_predict.keep_positive_up(s.u, s.rows, m, s.h)
+            else:
+                np.multiply(s.h[:m], s.u[:m], out=s.h[:m])
         self._down(layer, s.h, s.rows, m)
-        signs, gate_row, up_down_row, dense_bytes = self.ffn_bytes[i]
-        read = signs + (st.theta[i].nbytes if kind == PROJECTION else 0) + gate_row * n + up_down_row * m
-        cpu_predict.count_step(st.counters, STEP_COUNTERS, i, n, m, int(read), dense_bytes)
+        signs, gate_row, up_row, down_row, dense_bytes = self.ffn_bytes[i]
+        read = (signs + (st.theta[i].nbytes if kind == PROJECTION else 0) + gate_row * n + up_row * m_up
+                + down_row * m)
+        cpu_predict.count_step(st.counters, STEP_COUNTERS, i, n, m, int(read), dense_bytes, m_up - m)
         c = st.counters
         if st.measure_recall:  # evaluation only: the dense gate, on the host
             self.kernels[id(layer.gate.w)].gemv(xv, s.g_all, bias=layer.gate.b)

@@ -107,11 +107,26 @@ def keep_after_gate(g, rows, n, threshold, kept_rows, h):
 
 
 @kernel()
-def count_step(counters, rows, layer, predicted, kept, bytes_read, bytes_dense):
-    """Advance layer's FFN statistics by one sparse step in one call; counters (fields, L) int64, rows (5,)
-    int64: the counter rows of steps, predicted, kept, bytes_read, bytes_dense (sparsity/stats.py FIELDS)."""
+def keep_positive_up(u, rows, m, h):
+    """dReLU: of m kept rows with up values u[:m], those with u > 0 stay (compacted in place in rows / h,
+    h[j] *= u[j]); returns their count. The rest are exact zeros of relu(g) * relu(u)."""
+    k = 0
+    for j in range(m):
+        if u[j] > 0:
+            rows[k] = rows[j]
+            h[k] = h[j] * u[j]
+            k += 1
+    return k
+
+
+@kernel()
+def count_step(counters, rows, layer, predicted, kept, bytes_read, bytes_dense, up_dropped):
+    """Advance layer's FFN statistics by one sparse step in one call; counters (fields, L) int64, rows (6,)
+    int64: the counter rows of steps, predicted, kept, bytes_read, bytes_dense, up_dropped
+    (sparsity/stats.py FIELDS)."""
     counters[rows[0], layer] += 1
     counters[rows[1], layer] += predicted
     counters[rows[2], layer] += kept
     counters[rows[3], layer] += bytes_read
     counters[rows[4], layer] += bytes_dense
+    counters[rows[5], layer] += up_dropped

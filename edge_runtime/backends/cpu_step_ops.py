@@ -10,8 +10,9 @@ from numba import prange
 
 from edge_runtime.backends.jit import kernel
 
-SILU, RELU, FATRELU = 0, 1, 2
-ACTIVATION_CODE = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU}
+SILU, RELU, FATRELU, GELU_TANH, DRELU = 0, 1, 2, 3, 4
+ACTIVATION_CODE = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU, "gelu_tanh": GELU_TANH, "drelu": DRELU}
+GELU_C = np.float32(np.sqrt(2.0 / np.pi))  # gelu_tanh(x) = x/2 (1 + tanh(GELU_C (x + 0.044715 x^3)))
 
 
 @kernel()
@@ -59,14 +60,16 @@ def rope(x, positions, cos, sin, n_heads):
 
 
 @kernel(parallel=True)
-def attention_step(q, k, v, kc, vc, pos, scale, scores, out):
+def attention_step(q, k, v, kc, vc, pos, scale, softcap, window, scores, out):
     """One token at position pos: k, v (1, KV*hd) written into kc, vc (KV, ctx, hd) at pos, then each of
-    the H query heads in q (1, H*hd) attends over positions 0..pos of its KV head (GQA) -> out (1, H*hd).
-    scores (H, ctx) float32 scratch; scale float32 = 1/sqrt(hd)."""
+    the H query heads in q (1, H*hd) attends over positions lo..pos of its KV head (GQA) -> out (1, H*hd),
+    lo = max(0, pos - window + 1) for a sliding window (window 0: lo = 0). scores (H, ctx) float32 scratch;
+    scale float32 (config.attn_scale); softcap float32: scores -> softcap * tanh(scores / softcap), 0 = off."""
     nkv, _, hd = kc.shape
     nh = q.shape[1] // hd
     group = nh // nkv
     end = pos + 1
+    lo = max(0, end - window) if window > 0 else 0
     for g in range(nkv):
         for i in range(hd):
             kc[g, pos, i] = k[0, g * hd + i]
@@ -76,22 +79,24 @@ def attention_step(q, k, v, kc, vc, pos, scale, scores, out):
         qh = q[0, h * hd:(h + 1) * hd]
         s = scores[h]
         top = -np.inf
-        for t in range(end):
+        for t in range(lo, end):
             kt = kc[g, t]
             acc = np.float32(0.0)
             for i in range(hd):
                 acc += qh[i] * kt[i]
             acc *= scale
+            if softcap > 0:
+                acc = softcap * np.tanh(acc / softcap)
             s[t] = acc
             top = max(top, acc)
         total = np.float32(0.0)
-        for t in range(end):
+        for t in range(lo, end):
             e = np.exp(s[t] - top)
             s[t] = e
             total += e
         o = out[0, h * hd:(h + 1) * hd]
         o[:] = 0.0
-        for t in range(end):
+        for t in range(lo, end):
             p = s[t] / total
             vt = vc[g, t]
             for i in range(hd):
@@ -100,7 +105,8 @@ def attention_step(q, k, v, kc, vc, pos, scale, scores, out):
 
 @kernel()
 def activate_mul(g, u, act, threshold, out):
-    """out = act(g) * u (u of size 0: act(g) alone); act SILU | RELU | FATRELU; threshold float32 (FATReLU)."""
+    """out = act(g) * u (u of size 0: act(g) alone); act SILU | RELU | FATRELU | GELU_TANH | DRELU (relu(g) *
+    relu(u)); threshold float32 (FATReLU)."""
     gated = u.shape[0] > 0
     for i in range(g.shape[0]):
         x = g[i]
@@ -108,9 +114,19 @@ def activate_mul(g, u, act, threshold, out):
             a = x / (np.float32(1.0) + np.exp(-x))
         elif act == FATRELU:
             a = x if x >= threshold else np.float32(0.0)
+        elif act == GELU_TANH:
+            a = np.float32(0.5) * x * (np.float32(1.0) + np.tanh(GELU_C * (x + np.float32(0.044715) * x * x * x)))
         else:
             a = max(x, np.float32(0.0))
-        out[i] = a * u[i] if gated else a
+        if gated:
+            out[i] = a * (max(u[i], np.float32(0.0)) if act == DRELU else u[i])
+        else:
+            out[i] = a
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """HF gelu_pytorch_tanh in float32 (batched twin of activate_mul's GELU_TANH)."""
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(GELU_C * (x + np.float32(0.044715) * x * x * x)))
 
 
 @kernel()

@@ -53,7 +53,8 @@ class CudaBackend:
         self.k = SimpleNamespace(gemv=Gemv(), ffn=SparseFFNKernels(), norm=NormKernel(), rope=RopeKernel(),
                                  kv=KVAppendKernel(), embed=EmbedKernel(), ew=Elementwise(), sample=SampleKernel(),
                                  teal=TealGemv(),
-                                 attn=DecodeAttention(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, max_context))
+                                 attn=DecodeAttention(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, max_context,
+                                                      scale=cfg.attn_scale, softcap=cfg.attn_softcap))
         cos, sin = rope_tables(cfg, max_context)  # (ctx, head_dim/2) float32
         self.cos, self.sin = cp.asarray(cos), cp.asarray(sin)
         if kv_dtype == "auto":  # fp16 halves the cache on a Jetson; fp32 models are exact references
@@ -82,6 +83,7 @@ class CudaBackend:
                                  zero=cp.zeros(1, f32), every_row=cp.full(1, np.inf, f32))
         self.ffn_stats = cp.zeros((cfg.n_layers, 2), dtype=cp.uint64)  # {predicted, kept} per layer, sparse steps
         self.dense_counts = cp.zeros((cfg.n_layers, 2), dtype=cp.uint64)  # the same from dense steps: not reported
+        self.up_dropped = cp.zeros((2, cfg.n_layers), dtype=cp.uint64)  # dReLU rows dropped for up <= 0: sparse, dense
         self.ffn_steps = np.zeros((cfg.n_layers, 3), dtype=np.int64)  # host: sparse steps per kind (dense, si, proj)
         self.sampling = SimpleNamespace(params=cp.zeros(4, f32), iparams=cp.zeros(4, cp.int32),
                                         work=cp.zeros(v, f32), ids=cp.zeros(max_context, cp.int32))
@@ -94,11 +96,13 @@ class CudaBackend:
         if out is None:
             dw = self.dev
             x = eager.dense_f32(dw.embed, dw.embed_host, ids)
+            if self.config.embed_scale != 1.0:
+                x *= np.float32(self.config.embed_scale)
             if dw.pos_embed is not None:
                 x += eager.dense_f32(dw.pos_embed, dw.pos_embed_host, positions + self.config.pos_offset)
             return x
         y = out.reshape(-1)
-        self.k.embed(self.dev.embed, self.step, y, slot=STEP_TOKEN)
+        self.k.embed(self.dev.embed, self.step, y, slot=STEP_TOKEN, scale=self.config.embed_scale)
         if self.dev.pos_embed is not None:  # OPT: learned positions, read at step[POS] + offset
             self.k.embed(self.dev.pos_embed, self.step, y, slot=STEP_POS, offset=self.config.pos_offset,
                          accumulate=True)
@@ -151,17 +155,27 @@ class CudaBackend:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         if out is None:
             pos0 = int(self.cp.asnumpy(positions[:1])[0])
-            return eager.causal_attention(q, k, v, kc, vc, pos0, cfg.n_heads, cfg.head_dim)
+            return eager.causal_attention(q, k, v, kc, vc, pos0, cfg.n_heads, cfg.head_dim, cfg.attn_scale,
+                                          cfg.attn_softcap, cfg.window(layer))
         # k is already rotated by the decoder: append without rotation, then split-K attention over [0, pos]
         self.k.kv(k.reshape(-1), v.reshape(-1), None, None, self.step, kc, vc)
-        self.k.attn(q.reshape(-1), kc, vc, self.step, out.reshape(-1))
+        self.k.attn(q.reshape(-1), kc, vc, self.step, out.reshape(-1), window=cfg.window(layer))
         return out
 
+    def add(self, x, y) -> None:
+        if x.shape[0] > 1 or not self._in_step:
+            x += y
+            return
+        self.k.ew.add(x.reshape(-1), y.reshape(-1))
+
     def logits(self, x, out=None):
-        dw = self.dev
+        dw, cap = self.dev, self.config.logit_softcap
         if out is None:
-            return self.cp.matmul(x, eager.dense_f32(dw.lm_head, dw.lm_head_host).T)
+            y = self.cp.matmul(x, eager.dense_f32(dw.lm_head, dw.lm_head_host).T)
+            return np.float32(cap) * self.cp.tanh(y / np.float32(cap)) if cap > 0 else y
         self.k.gemv(dw.lm_head, x.reshape(-1), out.reshape(-1))
+        if cap > 0:
+            self.k.ew.softcap(out.reshape(-1), cap)
         return out
 
     # ---- prefill and evaluation (eager) ----------------------------------------------------------------
@@ -171,8 +185,13 @@ class CudaBackend:
     def ffn_parts(self, x, layer: Layer, teal_layer: int | None = None):
         slot = (lambda p: None) if teal_layer is None else (lambda p: (teal_layer, p))
         act = self._activate(self.linear(x, layer.gate, teal=slot("gate")))
-        hidden = act * self.linear(x, layer.up, teal=slot("up")) if layer.up is not None else act
+        hidden = act * self._up(x, layer, slot("up")) if layer.up is not None else act
         return act, hidden
+
+    def _up(self, x, layer: Layer, teal: tuple[int, str] | None = None):
+        """(T, d) -> (T, N): the up projection, through a ReLU for dReLU."""
+        u = self.linear(x, layer.up, teal=teal)
+        return self.cp.maximum(u, np.float32(0.0)) if self.config.up_relu else u
 
     def ffn_down(self, hidden, layer: Layer, bias: bool = True):
         dl = self.dev.layers[self._index[id(layer)]]
@@ -195,7 +214,7 @@ class CudaBackend:
         g = self.linear(x, layer.gate)
         h = cp.where(active & keep_after_gate(g, self.config.act_threshold), g, np.float32(0.0))
         if layer.up is not None:
-            h = h * self.linear(x, layer.up)
+            h = h * self._up(x, layer)
         return self.ffn_down(h, layer)
 
     def write_kv(self, layer: int, k, v, pos0: int) -> None:
@@ -204,9 +223,10 @@ class CudaBackend:
         self.v_cache[layer][:, pos0:pos0 + t] = v.astype(self.v_cache.dtype)
 
     # ---- decode step -------------------------------------------------------------------------------------
-    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str) -> None:
+    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str, accumulate: bool = True) -> None:
         dl, f, cfg = self.dev.layers[i], self.f, self.config
         xv, y = x.reshape(-1), add_to.reshape(-1)
+        residual = y if accumulate else None
         kind = int(self.state.predictor[i]) if mode == "sparse" else DENSE
         if kind != DENSE or (mode == "dense" and cfg.relu_family):
             # A dense ReLU-family FFN is the sparse one with every row predicted: rows whose gate does not
@@ -214,9 +234,10 @@ class CudaBackend:
             gate_b, up_b = dl.gate.b, (dl.up.b if dl.up else None)
             knob = (f.every_row if kind == DENSE else self.state.alpha[i:i + 1] if kind != PROJECTION
                     else self.state.theta[i])
-            self.k.ffn.prepare(xv, None, None, 0.0, y, dl.down_b, f.xn, f.x_signs, f.x_sum, f.counters, y)
+            self.k.ffn.prepare(xv, None, None, 0.0, residual, dl.down_b, f.xn, f.x_signs, f.x_sum, f.counters, y)
             self.k.ffn.gate(KIND_NAME.get(kind, "sparseinfer"), dl.gate.m, dl.up.m if dl.up else None, gate_b, up_b,
-                            f.xn, f.x_signs, f.x_sum, dl.gate_signs, knob, cfg.act_threshold, f.idx, f.h, f.counters)
+                            f.xn, f.x_signs, f.x_sum, dl.gate_signs, knob, cfg.act_threshold, f.idx, f.h, f.counters,
+                            up_relu=cfg.up_relu, up_dropped=self.up_dropped[int(kind == DENSE), i:i + 1])
             self.k.ffn.down(dl.down_t, f.idx, f.h, f.counters, self.ffn_stats if kind != DENSE else self.dense_counts,
                             i, y)
             return
@@ -227,7 +248,7 @@ class CudaBackend:
             self.linear(x, layer.up, out=u[None], teal=(i, "up") if teal else None)
         self.k.ew.act_mul(g, u if layer.up is not None else None, f.h, cfg.activation, cfg.act_threshold)
         thr = self._teal_threshold((i, "down")) if teal else f.zero
-        self.k.teal(dl.down_t, f.h, thr, y, bias=dl.down_b, accumulate=True)  # rows of W_down^T: one per neuron
+        self.k.teal(dl.down_t, f.h, thr, y, bias=dl.down_b, accumulate=accumulate)  # rows of W_down^T: one per neuron
 
     def sample(self, logits) -> None:
         s = self.sampling
@@ -319,17 +340,20 @@ class CudaBackend:
         self.stats_reads += 1
         cfg = self.config
         dev = self.cp.asnumpy(self.ffn_stats).astype(np.int64)  # (L, 2)
+        up_dropped = self.cp.asnumpy(self.up_dropped[0]).astype(np.int64)  # (L,) sparse steps only
         s = FFNStats(cfg.n_layers, cfg.ffn_dim)
         for i, layer in enumerate(self.weights.layers):
             steps = int(self.ffn_steps[i, 1:].sum())
-            s.steps[i], s.predicted[i], s.kept[i] = steps, dev[i, 0], dev[i, 1]
-            s.bytes_read[i] = int(layer.ffn_read_bytes(steps, dev[i, 0], dev[i, 1], self.ffn_steps[i, PROJECTION]))
+            s.steps[i], s.predicted[i], s.kept[i], s.up_dropped[i] = steps, dev[i, 0], dev[i, 1], up_dropped[i]
+            s.bytes_read[i] = int(layer.ffn_read_bytes(steps, dev[i, 0], dev[i, 1], self.ffn_steps[i, PROJECTION],
+                                                       up_dropped[i]))
             s.bytes_dense[i] = steps * layer.ffn_dense_bytes()
         self.state.counters[...] = s.counts
         return s
 
     def reset_stats(self) -> None:
         self.ffn_stats.fill(0)
+        self.up_dropped.fill(0)
         self.ffn_steps[...] = 0
 
     def free(self) -> None:

@@ -52,9 +52,11 @@ def rope(x, cos, sin, positions, n_heads: int, head_dim: int):
     return x
 
 
-def causal_attention(q, k, v, k_cache, v_cache, pos0: int, n_heads: int, head_dim: int):
-    """Write k, v (T, KV*hd) into one layer's caches (KV, ctx, hd) at pos0.., attend causally with GQA;
-    q (T, H*hd) -> (T, H*hd) float32."""
+def causal_attention(q, k, v, k_cache, v_cache, pos0: int, n_heads: int, head_dim: int, scale: float,
+                     softcap: float = 0.0, window: int = 0):
+    """Write k, v (T, KV*hd) into one layer's caches (KV, ctx, hd) at pos0.., attend causally with GQA (query at p
+    sees keys p - window < t <= p; window 0: all t <= p), scores scale q k^T bent to softcap * tanh(s / softcap)
+    when softcap > 0; q (T, H*hd) -> (T, H*hd) float32."""
     cp = cupy()
     t, nkv = q.shape[0], k_cache.shape[0]
     end = pos0 + t
@@ -63,10 +65,15 @@ def causal_attention(q, k, v, k_cache, v_cache, pos0: int, n_heads: int, head_di
     group = n_heads // nkv
     qh = q.reshape(t, nkv, group, head_dim).transpose(1, 2, 0, 3).reshape(nkv, group * t, head_dim)
     kc = k_cache[:, :end].astype(cp.float32)
-    scores = cp.matmul(qh, kc.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(head_dim))  # (KV, group*T, end)
-    if t > 1:
-        qpos = cp.tile(cp.arange(pos0, end), group)
-        scores = cp.where(cp.arange(end)[None, :] > qpos[:, None], np.float32(-np.inf), scores)
+    scores = cp.matmul(qh, kc.transpose(0, 2, 1)) * np.float32(scale)  # (KV, group*T, end)
+    if softcap > 0:
+        scores = np.float32(softcap) * cp.tanh(scores / np.float32(softcap))
+    qpos = cp.tile(cp.arange(pos0, end), group)
+    keys = cp.arange(end)[None, :]
+    hidden = keys > qpos[:, None]
+    if window:
+        hidden = hidden | (keys <= qpos[:, None] - window)
+    scores = cp.where(hidden, np.float32(-np.inf), scores)
     scores = cp.exp(scores - scores.max(axis=-1, keepdims=True))
     scores = scores / scores.sum(axis=-1, keepdims=True)
     a = cp.matmul(scores.astype(cp.float32), v_cache[:, :end].astype(cp.float32))
@@ -77,6 +84,9 @@ def activate(g, activation: str, threshold: float):
     cp = cupy()
     if activation == "silu":
         return g / (1.0 + cp.exp(-g))
+    if activation == "gelu_tanh":
+        c = np.float32(np.sqrt(2.0 / np.pi))
+        return np.float32(0.5) * g * (1.0 + cp.tanh(c * (g + np.float32(0.044715) * g * g * g)))
     if activation == "fatrelu":
         return cp.where(g >= np.float32(threshold), g, np.float32(0.0))
     return cp.maximum(g, np.float32(0.0))

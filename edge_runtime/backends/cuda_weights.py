@@ -63,8 +63,9 @@ class DeviceWeights:
         for layer in w.layers:
             dl = DeviceLayer(layer)
             self.layers.append(dl)
-            for host in (layer.attn_norm, layer.ffn_norm):
-                self._twins[id(host)] = DeviceNorm(host)
+            for host in (layer.attn_norm, layer.ffn_norm, layer.attn_post_norm, layer.ffn_post_norm):
+                if host is not None:
+                    self._twins[id(host)] = DeviceNorm(host)
             for host in (layer.q, layer.k, layer.v, layer.o):
                 self._twins[id(host)] = DeviceLinear(host)
             self._twins[id(layer.gate)] = dl.gate

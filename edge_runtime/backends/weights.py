@@ -42,22 +42,27 @@ class Layer:
     down_t: PackedTensor  # (ffn_dim, d): down_proj transposed, one row per FFN neuron
     down_b: np.ndarray | None  # (d,)
     gate_signs: np.ndarray  # (ffn_dim, ceil(d/32)) uint32, bit set = weight negative
+    attn_post_norm: Norm | None = None  # of the attention output before its residual add (config post_norms)
+    ffn_post_norm: Norm | None = None  # of the FFN output before its residual add
 
     def ffn_dense_bytes(self) -> int:
         n = self.gate.w.nbytes + self.down_t.nbytes
         return n + (self.up.w.nbytes if self.up else 0)
 
-    def ffn_row_bytes(self) -> tuple[float, float, float]:
-        """(sign plane, one gate row, one up row + one down row) in bytes: what a sparse step's reads are made of."""
+    def ffn_row_bytes(self) -> tuple[float, float, float, float]:
+        """(sign plane, one gate row, one up row, one down row) in bytes: what a sparse step's reads are made of."""
         up = self.up.w.row_bytes() if self.up else 0.0
-        return float(self.gate_signs.nbytes), self.gate.w.row_bytes(), up + self.down_t.row_bytes()
+        return float(self.gate_signs.nbytes), self.gate.w.row_bytes(), up, self.down_t.row_bytes()
 
-    def ffn_read_bytes(self, steps: float, predicted: float, kept: float, projection_steps: float = 0) -> float:
+    def ffn_read_bytes(self, steps: float, predicted: float, kept: float, projection_steps: float = 0,
+                       up_dropped: float = 0) -> float:
         """FFN weight bytes of `steps` sparse steps that computed `predicted` gate rows and kept `kept` rows
-        for up and down in all; the projection predictor's steps also read one fp32 threshold per neuron."""
-        signs, gate_row, up_down_row = self.ffn_row_bytes()
+        for down in all; up was read for the kept rows and for `up_dropped` more (dReLU: rows whose up value
+        was not positive, dropped before down). The projection predictor's steps also read one fp32 threshold
+        per neuron."""
+        signs, gate_row, up_row, down_row = self.ffn_row_bytes()
         return (steps * signs + projection_steps * 4 * self.gate.w.shape[0] + predicted * gate_row
-                + kept * up_down_row)
+                + (kept + up_dropped) * up_row + kept * down_row)
 
     def projection(self, name: str) -> PackedTensor | None:
         """The weight a TEAL projection name refers to (down: the transposed matrix)."""
@@ -100,6 +105,8 @@ def _layer(model: PackedModel, i: int) -> Layer:
         up=_linear(model, p + "ffn.up") if model.config.gated else None,
         down_t=model.matrices[p + "ffn.down_t"], down_b=_vec(model, p + "ffn.down_bias"),
         gate_signs=np.asarray(model.sign_planes[p + "ffn.gate_signs"]),
+        attn_post_norm=_norm(model, p + "attn_post_norm") if model.config.post_norms else None,
+        ffn_post_norm=_norm(model, p + "ffn_post_norm") if model.config.post_norms else None,
     )
 
 

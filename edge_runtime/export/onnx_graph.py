@@ -183,6 +183,9 @@ def head(n: _Net, x: str) -> str:
 def build(g: GraphBuilder, model: PackedModel, opts: ExportOptions) -> None:
     """Every node, initialiser, input and output of the graph into g."""
     cfg = model.config
+    if cfg.extra_features():
+        raise EdgeRuntimeError(f"ONNX export does not build {', '.join(cfg.extra_features())} yet; decode this model "
+                               f"with the cpu or cuda backend")
     context = opts.max_context or cfg.max_positions
     if context > cfg.max_positions:
         raise EdgeRuntimeError(f"--max-context {context} exceeds the model's {cfg.max_positions} positions")

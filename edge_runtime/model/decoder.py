@@ -169,7 +169,10 @@ class Decoder:
                 ops.rope(k, positions, cfg.n_kv_heads)
             a = ops.attention(i, q, k, v, positions)
             obs(i, "attn_out", a)
-            ops.linear(a, layer.o, teal=(i, "o") if teal else None, add_to=x)
+            if layer.attn_post_norm is None:
+                ops.linear(a, layer.o, teal=(i, "o") if teal else None, add_to=x)
+            else:
+                x += ops.norm(ops.linear(a, layer.o, teal=(i, "o") if teal else None), layer.attn_post_norm)
             h = ops.norm(x, layer.ffn_norm)
             obs(i, "ffn_in", h)
             sparse = masked and (self.rules is not None or teal)
@@ -177,7 +180,8 @@ class Decoder:
                 act, hidden = ops.ffn_parts(h, layer)  # the dense FFN's activations (observed)
                 obs(i, "ffn_act", act)
                 obs(i, "ffn_hidden", hidden)
-            x += ops.ffn_masked(i, h, layer) if sparse else ops.ffn_down(hidden, layer)
+            f = ops.ffn_masked(i, h, layer) if sparse else ops.ffn_down(hidden, layer)
+            x += f if layer.ffn_post_norm is None else ops.norm(f, layer.ffn_post_norm)
         return x
 
     def _step(self) -> None:
@@ -195,9 +199,17 @@ class Decoder:
                 ops.rope(q, st.pos, cfg.n_heads)
                 ops.rope(k, st.pos, cfg.n_kv_heads)
             a = ops.attention(i, q, k, v, st.pos, out=b.a)
-            ops.linear(a, layer.o, teal=(i, "o") if teal else None, add_to=x)
+            if layer.attn_post_norm is None:
+                ops.linear(a, layer.o, teal=(i, "o") if teal else None, add_to=x)
+            else:  # the attention output normed, then added (b.h is free once q, k, v are made)
+                o = ops.linear(a, layer.o, out=b.h, teal=(i, "o") if teal else None)
+                ops.add(x, ops.norm(o, layer.attn_post_norm, out=b.h))
             h = ops.norm(x, layer.ffn_norm, out=b.h)
-            ops.ffn_step(i, h, layer, x, mode)
+            if layer.ffn_post_norm is None:
+                ops.ffn_step(i, h, layer, x, mode)
+            else:  # the FFN output over its own input, normed, then added
+                ops.ffn_step(i, h, layer, h, mode, accumulate=False)
+                ops.add(x, ops.norm(h, layer.ffn_post_norm, out=h))
         ops.logits(ops.norm(x, ops.weights.final_norm, out=b.h), out=b.logits)
         ops.sample(b.logits)
         ops.advance()

@@ -20,7 +20,7 @@ from edge_runtime.pack.format import (
     file_entry,
     write_manifest,
 )
-from edge_runtime.pack.hf_config import TensorSource, model_config_from_hf, read_hf_config, tensor_plan
+from edge_runtime.pack.hf_config import TensorSource, hf_layout, model_config_from_hf, read_hf_config, tensor_plan
 from edge_runtime.pack.hf_reader import CheckpointReader
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import DEFAULT_INT4_GROUP, ENCODINGS, PackedTensor, quantize
@@ -101,11 +101,12 @@ def checkpoint_model(hf_dir: Path, encoding: str = "fp16") -> PackedModel:
     """A checkpoint as an in-memory packed model (nothing written), one tensor at a time through the same
     encoding as convert: for passes over the unconverted model such as Wanda's activation norms."""
     hf_dir = Path(hf_dir)
-    cfg = model_config_from_hf(read_hf_config(hf_dir))
+    hf_cfg = read_hf_config(hf_dir)
+    cfg = model_config_from_hf(hf_cfg)
     reader = CheckpointReader(hf_dir)
     matrices, vectors, planes = {}, {}, {}
-    for src in tensor_plan(cfg):
-        w = reader.get(src.hf_name)
+    for src in tensor_plan(cfg, hf_layout(hf_cfg)):
+        w = src.read(reader)
         arrays, entry = _encode(src, w, encoding, DEFAULT_INT4_GROUP)
         if entry["layout"] == "vector":
             vectors[src.name] = arrays["w"]
@@ -131,9 +132,10 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
     check_options(encoding, weight_sparsity, prune)
     if weight_sparsity and prune == "wanda" and input_norms is None:
         raise ModelFormatError("--prune wanda needs --calib-text FILE (activation norms come from it)")
-    cfg = model_config_from_hf(read_hf_config(hf_dir))
+    hf_cfg = read_hf_config(hf_dir)
+    cfg = model_config_from_hf(hf_cfg)
     reader = CheckpointReader(hf_dir)
-    plan = tensor_plan(cfg)
+    plan = tensor_plan(cfg, hf_layout(hf_cfg))
     missing = [s.hf_name for s in plan if not reader.has(s.hf_name)]
     if missing:
         raise ModelFormatError(f"checkpoint in {hf_dir} lacks {len(missing)} tensor(s) the {cfg.arch} "
@@ -144,7 +146,7 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
         files: dict[str, dict] = {}
         by_file: dict[str, dict[str, np.ndarray]] = {}
         for src in tqdm(plan, desc="convert", unit="tensor", disable=not progress, leave=False):
-            w = reader.get(src.hf_name)
+            w = src.read(reader)
             mask = None
             if weight_sparsity and src.name.split(".", 2)[-1] in PRUNABLE:
                 # kept-weight mask in the HF orientation: per output row, as magnitude and Wanda define

@@ -7,15 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_runtime.config import ModelConfig
-from edge_runtime.errors import ModelFormatError, UnsupportedModelError
+from edge_runtime.errors import ModelFormatError
+from edge_runtime.pack.hf_families import FAMILIES, LLAMA, SUPPORTED, HFLayout, eos_ids, need, unsupported
 
-SUPPORTED = "llama (hidden_act silu, relu or fatrelu) and opt (relu)"
-_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def _unsupported(what: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"unsupported model: {what}; supported architectures are {SUPPORTED}")
+__all__ = ["SUPPORTED", "HFLayout", "TensorSource", "hf_layout", "model_config_from_hf", "read_hf_config",
+           "tensor_plan"]
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
@@ -33,82 +32,40 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
-    eos = cfg.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
-
-
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """transformers >= 5 writes rope_parameters (theta inside); 4.x writes rope_theta and rope_scaling."""
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in _ROPE_TYPES:
-        raise _unsupported(f"rope scaling {rope_type!r} (supported: {', '.join(_ROPE_TYPES)})")
-    if rope_type == "default":
-        return theta, None
-    params["rope_type"] = rope_type
-    params.pop("type", None)
-    return theta, params
-
-
-def _need(cfg: dict[str, Any], *keys: str) -> list[Any]:
-    missing = [k for k in keys if k not in cfg]
-    if missing:
-        raise ModelFormatError(f"config.json is missing {', '.join(missing)}")
-    return [cfg[k] for k in keys]
-
-
-def _llama(cfg: dict[str, Any]) -> ModelConfig:
-    dim, n_layers, n_heads, ffn, vocab = _need(
-        cfg, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "relu", "fatrelu"):
-        raise _unsupported(f"llama with hidden_act {act!r}")
-    threshold = float(cfg.get("hidden_act_param", cfg.get("fatrelu_threshold", 0.0))) if act == "fatrelu" else 0.0
-    theta, scaling = _rope(cfg)
-    return ModelConfig(
-        arch="llama", vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=cfg.get("head_dim") or dim // n_heads, ffn_dim=ffn, activation=act,
-        act_threshold=threshold, max_positions=cfg.get("max_position_embeddings", 2048),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        rope_theta=theta, rope_scaling=scaling, attn_bias=bool(cfg.get("attention_bias", False)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)), bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_ids(cfg))
-
-
 def _opt(cfg: dict[str, Any]) -> ModelConfig:
-    dim, n_layers, n_heads, ffn, vocab = _need(
+    dim, n_layers, n_heads, ffn, vocab = need(
         cfg, "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "vocab_size")
     if cfg.get("activation_function", "relu") != "relu":
-        raise _unsupported(f"opt with activation_function {cfg.get('activation_function')!r}")
+        raise unsupported(f"opt with activation_function {cfg.get('activation_function')!r}")
     if not cfg.get("do_layer_norm_before", True):
-        raise _unsupported("opt with do_layer_norm_before=false (OPT-350m's post-norm layout)")
+        raise unsupported("opt with do_layer_norm_before=false (OPT-350m's post-norm layout)")
     if cfg.get("word_embed_proj_dim", dim) != dim:
-        raise _unsupported("opt with word_embed_proj_dim != hidden_size (project_in/out layers)")
+        raise unsupported("opt with word_embed_proj_dim != hidden_size (project_in/out layers)")
     if not cfg.get("enable_bias", True) or not cfg.get("layer_norm_elementwise_affine", True):
-        raise _unsupported("opt without biases or without affine layer norms")
+        raise unsupported("opt without biases or without affine layer norms")
     return ModelConfig(
         arch="opt", vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
         head_dim=dim // n_heads, ffn_dim=ffn, activation="relu",
         max_positions=cfg.get("max_position_embeddings", 2048), norm_eps=1e-5, tie_embeddings=True,
         attn_bias=True, mlp_bias=True, pos_offset=2, bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_ids(cfg))
+        eos_token_ids=eos_ids(cfg))
 
 
 def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     model_type = cfg.get("model_type")
     try:
-        if model_type == "llama":
-            return _llama(cfg)
+        if model_type in FAMILIES:
+            return FAMILIES[model_type][0](cfg)
         if model_type == "opt":
             return _opt(cfg)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError) as e:
         raise ModelFormatError(f"config.json has a malformed value: {e}") from None
-    raise _unsupported(f"model_type {model_type!r}")
+    raise unsupported(f"model_type {model_type!r}")
+
+
+def hf_layout(cfg: dict[str, Any]) -> HFLayout:
+    """Where the checkpoint of this config.json keeps a layer's tensors (OPT: unused)."""
+    return FAMILIES.get(cfg.get("model_type"), (None, LLAMA))[1]
 
 
 @dataclass(frozen=True)
@@ -118,30 +75,60 @@ class TensorSource:
     name: str  # packed logical name
     hf_name: str
     kind: str  # "matrix" (quantised, (N, K)), "matrix_t" (stored transposed), "vector", "embedding"
+    rows: tuple[int, int] | None = None  # rows [a, b) of the HF tensor (a fused projection's part); None = all
+    offset: float = 0.0  # added to the HF values (Gemma's norms compute (1 + w) x)
+
+    def read(self, reader) -> np.ndarray:
+        """This tensor's values as float32 from a CheckpointReader."""
+        w = reader.get(self.hf_name)
+        if self.rows is not None:
+            w = np.ascontiguousarray(w[self.rows[0]:self.rows[1]])
+        return w + np.float32(self.offset) if self.offset else w
 
 
-def tensor_plan(cfg: ModelConfig) -> list[TensorSource]:
-    """Every tensor the packed model holds, in file order. OPT's fc1 is called the gate: it is the
-    projection whose ReLU decides which FFN neurons are active."""
+def _llama_layer(cfg: ModelConfig, lay: HFLayout, i: int) -> list[TensorSource]:
+    lp, q = f"model.layers.{i}.", f"layers.{i}."
+    out = [TensorSource(q + "attn_norm.weight", lp + lay.attn_norm + ".weight", "vector", offset=lay.norm_offset)]
+    hq, hkv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    qkv_rows = {"q": (0, hq), "k": (hq, hq + hkv), "v": (hq + hkv, hq + 2 * hkv)}
+    for s in "qkvo":
+        if lay.fused_qkv and s != "o":
+            out.append(TensorSource(f"{q}attn.{s}", f"{lp}{lay.fused_qkv}.weight", "matrix", rows=qkv_rows[s]))
+        else:
+            out.append(TensorSource(f"{q}attn.{s}", f"{lp}self_attn.{s}_proj.weight", "matrix"))
+        if cfg.attn_bias or (cfg.qkv_bias and s != "o"):
+            out.append(TensorSource(f"{q}attn.{s}_bias", f"{lp}self_attn.{s}_proj.bias", "vector"))
+    if cfg.post_norms:
+        out.append(TensorSource(q + "attn_post_norm.weight", lp + lay.attn_post_norm + ".weight", "vector",
+                                offset=lay.norm_offset))
+    out.append(TensorSource(q + "ffn_norm.weight", lp + lay.ffn_norm + ".weight", "vector", offset=lay.norm_offset))
+    n = cfg.ffn_dim
+    if lay.fused_gate_up:
+        out.append(TensorSource(q + "ffn.gate", f"{lp}{lay.fused_gate_up}.weight", "matrix", rows=(0, n)))
+        out.append(TensorSource(q + "ffn.up", f"{lp}{lay.fused_gate_up}.weight", "matrix", rows=(n, 2 * n)))
+    else:
+        out.append(TensorSource(q + "ffn.gate", lp + "mlp.gate_proj.weight", "matrix"))
+        out.append(TensorSource(q + "ffn.up", lp + "mlp.up_proj.weight", "matrix"))
+    out.append(TensorSource(q + "ffn.down_t", lp + "mlp.down_proj.weight", "matrix_t"))
+    if cfg.mlp_bias:
+        for s in ("gate", "up", "down"):
+            out.append(TensorSource(f"{q}ffn.{s}_bias", f"{lp}mlp.{s}_proj.bias", "vector"))
+    if cfg.post_norms:
+        out.append(TensorSource(q + "ffn_post_norm.weight", lp + lay.ffn_post_norm + ".weight", "vector",
+                                offset=lay.norm_offset))
+    return out
+
+
+def tensor_plan(cfg: ModelConfig, layout: HFLayout = LLAMA) -> list[TensorSource]:
+    """Every tensor the packed model holds, in file order. The packed names depend on cfg alone; layout says
+    where a Llama-shaped family keeps them. OPT's fc1 is called the gate: it is the projection whose ReLU
+    decides which FFN neurons are active."""
     plan: list[TensorSource] = []
     if cfg.arch == "llama":
-        p = "model."
-        plan.append(TensorSource("embed", p + "embed_tokens.weight", "embedding"))
+        plan.append(TensorSource("embed", "model.embed_tokens.weight", "embedding"))
         for i in range(cfg.n_layers):
-            lp, q = f"{p}layers.{i}.", f"layers.{i}."
-            plan.append(TensorSource(q + "attn_norm.weight", lp + "input_layernorm.weight", "vector"))
-            for s in "qkvo":
-                plan.append(TensorSource(f"{q}attn.{s}", f"{lp}self_attn.{s}_proj.weight", "matrix"))
-                if cfg.attn_bias:
-                    plan.append(TensorSource(f"{q}attn.{s}_bias", f"{lp}self_attn.{s}_proj.bias", "vector"))
-            plan.append(TensorSource(q + "ffn_norm.weight", lp + "post_attention_layernorm.weight", "vector"))
-            plan.append(TensorSource(q + "ffn.gate", lp + "mlp.gate_proj.weight", "matrix"))
-            plan.append(TensorSource(q + "ffn.up", lp + "mlp.up_proj.weight", "matrix"))
-            plan.append(TensorSource(q + "ffn.down_t", lp + "mlp.down_proj.weight", "matrix_t"))
-            if cfg.mlp_bias:
-                for s in ("gate", "up", "down"):
-                    plan.append(TensorSource(f"{q}ffn.{s}_bias", f"{lp}mlp.{s}_proj.bias", "vector"))
-        plan.append(TensorSource("final_norm.weight", p + "norm.weight", "vector"))
+            plan += _llama_layer(cfg, layout, i)
+        plan.append(TensorSource("final_norm.weight", "model.norm.weight", "vector", offset=layout.norm_offset))
         if not cfg.tie_embeddings:
             plan.append(TensorSource("lm_head", "lm_head.weight", "matrix"))
         return plan

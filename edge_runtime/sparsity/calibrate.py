@@ -64,6 +64,8 @@ class LayerData:
         self.x = x
         self.truth = act > 0  # the activation let the neuron through: g > 0 and, for FATReLU, g >= threshold
         self.h = h
+        # dReLU: of those, the rows whose relu(up) is 0 are dropped before down (up read, down not)
+        self.up_zero = (h == 0) & self.truth if rt.config.up_relu else np.zeros_like(self.truth)
         self.y_norm = float(np.linalg.norm(self.down(h))) or 1.0
 
     def down(self, h: np.ndarray) -> np.ndarray:
@@ -73,6 +75,7 @@ class LayerData:
         truth = self.truth
         return {"knob": float(knob), "recall": float((pred & truth).sum() / max(int(truth.sum()), 1)),
                 "predicted_density": float(pred.mean()), "kept_density": float((pred & truth).mean()),
+                "up_dropped_density": float((pred & self.up_zero).mean()),
                 "error": float(np.linalg.norm(self.down(np.where(pred, np.float32(0.0), self.h))) / self.y_norm)}
 
 
@@ -89,9 +92,11 @@ def projection_thresholds(z: np.ndarray, truth: np.ndarray, q: float) -> np.ndar
 
 
 def ffn_bytes(layer, row: dict, predictor: str, n: int) -> float:
-    """FFN weight bytes per token: sign plane (+ thresholds) + predicted gate rows + kept up/down rows."""
-    return layer.ffn_read_bytes(1, row["predicted_density"] * n, row["kept_density"] * n,
-                                int(predictor == "projection"))
+    """FFN weight bytes per token: sign plane (+ thresholds) + predicted gate rows + kept up rows + the down rows
+    of those whose up survives too (all of them but dReLU's up-dropped)."""
+    dropped = row.get("up_dropped_density", 0.0)
+    return layer.ffn_read_bytes(1, row["predicted_density"] * n, (row["kept_density"] - dropped) * n,
+                                int(predictor == "projection"), dropped * n)
 
 
 def greedy_path(tables: list[dict], bytes_of: Callable[[int, dict], float]) -> list[list[int]]:

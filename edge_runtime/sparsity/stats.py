@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FIELDS = ("steps", "predicted", "kept", "true_active", "hits", "recall_steps", "bytes_read", "bytes_dense")
+FIELDS = ("steps", "predicted", "kept", "true_active", "hits", "recall_steps", "bytes_read", "bytes_dense",
+          "up_dropped")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class FFNStats:
     recall_steps: np.ndarray = field(init=False)
     bytes_read: np.ndarray = field(init=False)  # FFN weight bytes read, sign planes included
     bytes_dense: np.ndarray = field(init=False)  # what the dense FFN would have read
+    up_dropped: np.ndarray = field(init=False)  # dReLU: rows whose gate survived but whose up was not positive
 
     def __post_init__(self) -> None:
         if self.counts is None:
@@ -43,6 +45,7 @@ class FFNStats:
                 "predicted_density": float(self.predicted[i]) / (steps * self.ffn_dim),
                 "actual_density": float(self.kept[i]) / (steps * self.ffn_dim),
                 "ffn_bytes_fraction": float(self.bytes_read[i]) / max(int(self.bytes_dense[i]), 1),
+                "up_dropped_density": float(self.up_dropped[i]) / (steps * self.ffn_dim),
             }
             if self.recall_steps[i]:
                 row["recall"] = float(self.hits[i]) / max(int(self.true_active[i]), 1)
@@ -60,6 +63,7 @@ class FFNStats:
             "actual_density": float(np.mean([r["actual_density"] for r in rows])),
             "ffn_bytes_fraction": float(self.bytes_read.sum()) / max(int(self.bytes_dense.sum()), 1),
             "ffn_bytes_per_token": float(self.bytes_read.sum()) / max(int(self.steps[0]), 1),
+            "up_dropped_density": float(np.mean([r["up_dropped_density"] for r in rows])),
         }
         if self.recall_steps.any():
             out["recall"] = float(self.hits.sum()) / max(int(self.true_active.sum()), 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime.backends.cuda_ops.common import STEP_SIZE, Module, check, cupy, i32
+from edge_runtime.backends.cuda_ops.common import STEP_SIZE, Module, check, cupy, f32, i32
 from edge_runtime.backends.cuda_ops.rope import CACHE_DTYPES
 from edge_runtime.errors import EdgeRuntimeError
 
@@ -13,10 +13,11 @@ from edge_runtime.errors import EdgeRuntimeError
 class DecodeAttention:
     """Shapes fixed at construction, workspace allocated once (paired with free()); every layer may share it.
     chunk: positions per block; the KV length is split into ceil(max_ctx / chunk) blocks per kv head, of which
-    only those below the current length (read from the step buffer) do work."""
+    only those below the current length (read from the step buffer) do work. scale multiplies q k^T (default
+    head_dim ** -0.5); softcap > 0 bends the scores to softcap * tanh(s / softcap)."""
 
     def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, max_ctx: int, chunk: int = 128,
-                 threads: int = 128):
+                 threads: int = 128, scale: float | None = None, softcap: float = 0.0):
         if n_heads % n_kv_heads:
             raise EdgeRuntimeError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
         if threads % 32 or chunk <= 0:
@@ -25,15 +26,17 @@ class DecodeAttention:
         self.m = Module("attention.cu")
         self.n_heads, self.n_kv, self.hd, self.max_ctx, self.chunk = n_heads, n_kv_heads, head_dim, max_ctx, chunk
         self.threads = threads
+        self.scale = float(head_dim ** -0.5 if scale is None else scale)
+        self.softcap = float(softcap)
         self.n_chunks = -(-max_ctx // chunk)
         self.part_m = cp.zeros((n_heads, self.n_chunks), dtype=cp.float32)  # (n_heads, n_chunks) chunk max
         self.part_l = cp.zeros((n_heads, self.n_chunks), dtype=cp.float32)  # (n_heads, n_chunks) sum of exp
         self.part_acc = cp.zeros((n_heads, self.n_chunks, head_dim), dtype=cp.float32)  # unnormalised outputs
         self.smem = 4 * (n_heads // n_kv_heads) * (head_dim + chunk)
 
-    def __call__(self, q, k_cache, v_cache, step, out) -> None:
+    def __call__(self, q, k_cache, v_cache, step, out, window: int = 0) -> None:
         """q (n_heads * hd,) fp32; caches (n_kv, max_ctx, hd) fp32 | fp16 of one layer; attends to positions
-        [0, step[STEP_POS]]; out (n_heads * hd,) fp32."""
+        [lo, step[STEP_POS]], lo = max(0, pos + 1 - window) (window 0: 0); out (n_heads * hd,) fp32."""
         if self.part_m is None:
             raise EdgeRuntimeError("DecodeAttention used after free()")
         shape = (self.n_kv, self.max_ctx, self.hd)
@@ -47,7 +50,8 @@ class DecodeAttention:
         check(step, np.int32, (STEP_SIZE,), "step")
         self.m.launch(f"attn_partial_{dt}", (self.n_kv, self.n_chunks), (self.threads,),
                       (q, k_cache, v_cache, step, i32(self.n_heads), i32(self.n_kv), i32(self.max_ctx), i32(self.hd),
-                       i32(self.chunk), self.part_m, self.part_l, self.part_acc), shared_mem=self.smem)
+                       i32(self.chunk), f32(self.scale), f32(self.softcap), i32(window), self.part_m, self.part_l,
+                       self.part_acc), shared_mem=self.smem)
         self.m.launch("attn_combine", (self.n_heads,), (max(32, min(256, -(-self.hd // 32) * 32)),),
                       (self.part_m, self.part_l, self.part_acc, step, i32(self.max_ctx), i32(self.chunk),
                        i32(self.n_chunks), i32(self.hd), out))

@@ -54,10 +54,12 @@ class SparseFFNKernels:
                                                         x_signs, x_sum, counters, y))
 
     def gate(self, predictor: str, gate: DeviceMatrix, up: DeviceMatrix | None, gate_b, up_b, xn, x_signs, x_sum,
-             gate_signs, knob, threshold: float, idx, h, counters, max_blocks: int | None = None) -> None:
+             gate_signs, knob, threshold: float, idx, h, counters, max_blocks: int | None = None,
+             up_relu: bool = False, up_dropped=None) -> None:
         """Predictor + gate (+ up): appends (row, h) for every row predicted active whose gate survives
         (g > 0 and g >= threshold); h = g * (up.x + up_b), or g without up. knob: alpha (1,) fp32 for
-        sparseinfer, theta (N,) fp32 for projection, both device memory."""
+        sparseinfer, theta (N,) fp32 for projection, both device memory. up_relu (dReLU): rows whose
+        up.x + up_b is not positive are dropped too, counted into up_dropped (1,) uint64 (device) when given."""
         if predictor not in PREDICTORS:
             raise EdgeRuntimeError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
         gate = as_matrix(gate)
@@ -80,13 +82,18 @@ class SparseFFNKernels:
         check(idx, np.int32, (n,), "idx")
         check(h, np.float32, (n,), "h")
         check(counters, np.int32, (2,), "counters")
+        if up_relu and up is None:
+            raise EdgeRuntimeError("up_relu without an up matrix")
+        if up_dropped is not None:
+            check(up_dropped, np.uint64, (1,), "up_dropped")
         u_w = u_s = u_bm = u_off = None
         if up is not None:
             u_w, u_s, _, u_bm, u_off = up.row_args()
         g_w, g_s, group, g_bm, g_off = gate.row_args()
         self.m.launch(f"ffn_gate_{predictor}_{gate.kenc}", row_grid(n, max_blocks=max_blocks), (256,),
                       (g_w, g_s, gate_b, g_bm, g_off, u_w, u_s, up_b, u_bm, u_off, group, i32(n), i32(k),
-                       i32(gate.kp), xn, x_signs, x_sum, gate_signs, knob, f32(threshold), idx, h, counters),
+                       i32(gate.kp), xn, x_signs, x_sum, gate_signs, knob, f32(threshold), i32(int(up_relu)),
+                       up_dropped, idx, h, counters),
                       shared_mem=4 * gate.kp)
 
     def down(self, down_t: DeviceMatrix, idx, h, counters, stats, layer: int, y, row_splits: int = 64) -> None:
