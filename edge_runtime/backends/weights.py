@@ -5,12 +5,13 @@ Backends import these and upload what they need; the decoder walks `layers` with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import PackedTensor
+from edge_runtime.sparsity.wina import COLNORM_NAME, packed_column_norms
 
 # TEAL thresholds are kept per layer in this order (one float per projection input); 0 = off.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -42,6 +43,8 @@ class Layer:
     down_t: PackedTensor  # (ffn_dim, d): down_proj transposed, one row per FFN neuron
     down_b: np.ndarray | None  # (d,)
     gate_signs: np.ndarray  # (ffn_dim, ceil(d/32)) uint32, bit set = weight negative
+    # projection -> (K,) float32 L2 norms of its weight columns (WINA), from the pack or computed when first asked
+    colnorms: dict[str, np.ndarray] = field(default_factory=dict)
 
     def ffn_dense_bytes(self) -> int:
         n = self.gate.w.nbytes + self.down_t.nbytes
@@ -65,6 +68,15 @@ class Layer:
             return self.down_t
         lin = getattr(self, name)
         return None if lin is None else lin.w
+
+    def column_norm(self, name: str) -> np.ndarray | None:
+        """(K,) float32 norms of the input columns of a TEAL projection's weight (None: no such projection)."""
+        if name not in self.colnorms:
+            t = self.projection(name)
+            if t is None:
+                return None
+            self.colnorms[name] = packed_column_norms(t, transposed=name == "down")
+        return self.colnorms[name]
 
 
 @dataclass
@@ -100,6 +112,7 @@ def _layer(model: PackedModel, i: int) -> Layer:
         up=_linear(model, p + "ffn.up") if model.config.gated else None,
         down_t=model.matrices[p + "ffn.down_t"], down_b=_vec(model, p + "ffn.down_bias"),
         gate_signs=np.asarray(model.sign_planes[p + "ffn.gate_signs"]),
+        colnorms={proj: _vec(model, p + name) for proj, name in COLNORM_NAME.items() if p + name in model.vectors},
     )
 
 
