@@ -110,12 +110,13 @@ class Runtime:
         if target is None:
             self.decoder.teal = None
             return
-        from edge_runtime.sparsity.teal import thresholds_for
+        from edge_runtime.sparsity.teal import criterion_of, thresholds_for
 
         if self.calibration is None or "teal" not in self.calibration:
             raise EdgeRuntimeError(f"{self.model.path} has no TEAL calibration; run 'edge-runtime calibrate' first")
         self.decoder.set_sparsity(None)
-        self.decoder.teal = thresholds_for(self.calibration["teal"], target)
+        teal = self.calibration["teal"]
+        self.decoder.set_teal(thresholds_for(teal, target), criterion_of(teal))
 
     def ffn_stats(self) -> dict:
         return self.decoder.stats.summary()

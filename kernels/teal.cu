@@ -1,8 +1,10 @@
-// TEAL column skipping for dense (e.g. SiLU) models: y += W mask(x) + bias, mask(x)_k = x_k if |x_k| >= t else 0,
-// t = thr[0] read from device memory (per projection, per layer; changing it needs no recapture).
+// TEAL column skipping for dense (e.g. SiLU) models: y += W mask(x) + bias, mask(x)_k = x_k if |x_k| * s_k >= t
+// else 0, t = thr[0] and s read from device memory (per projection, per layer; changing them needs no recapture):
+// s = 1 is TEAL, s = the weight column norms ||W[:, k]|| is WINA.
 // W is stored transposed (Wt (K, N): one row per input channel), so a skipped channel is a skipped row of Wt.
 // Numpy twin: CpuBackend.linear(x, lin, teal=t) (teal_mask then the product).
-//   wt (K, N) in ENC fp16 | int8 | int4 (rows of Np, N rounded up to the group); x (K,) fp32; thr (1,) fp32;
+//   wt (K, N) in ENC fp16 | int8 | int4 (rows of Np, N rounded up to the group); x (K,) fp32; xs (K,) fp32;
+//   thr (1,) fp32;
 //   bias (N,) fp32 | NULL; y (N,) fp32, accumulated into (the launcher zeroes it unless it holds the residual).
 // Grid (column tiles of 8 * blockDim.x, channel splits): each thread owns 8 columns and walks its split of the K
 // channels, skipping those under the threshold; one atomicAdd per column per thread. N % 8 == 0.
@@ -10,7 +12,8 @@
 
 template <int ENC>
 __device__ void teal_gemv(const void* __restrict__ wt, const __half* __restrict__ scale, int group, int K, int N,
-                          int Np, const float* __restrict__ x, const float* __restrict__ thr,
+                          int Np, const float* __restrict__ x, const float* __restrict__ xs,
+                          const float* __restrict__ thr,
                           const float* __restrict__ bias, float* __restrict__ y) {
     const int col0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
     if (col0 >= N) return;
@@ -21,7 +24,7 @@ __device__ void teal_gemv(const void* __restrict__ wt, const __half* __restrict_
     bool any = false;
     for (int k = begin; k < end; ++k) {
         const float xv = x[k];
-        if (!(fabsf(xv) >= t)) continue;  // the channel's weight row is never read
+        if (!(fabsf(xv) * xs[k] >= t)) continue;  // the channel's weight row is never read
         axpy8<ENC>(wt, scale, group, Np, k, col0, xv, acc);
         any = true;
     }
@@ -37,9 +40,9 @@ __device__ void teal_gemv(const void* __restrict__ wt, const __half* __restrict_
 
 #define INSTANTIATE(SUFFIX, ENC)                                                                                    \
     extern "C" __global__ void teal_gemv_##SUFFIX(const void* wt, const __half* scale, int group, int K, int N,     \
-                                                  int Np, const float* x, const float* thr, const float* bias,      \
-                                                  float* y) {                                                       \
-        teal_gemv<ENC>(wt, scale, group, K, N, Np, x, thr, bias, y);                                                \
+                                                  int Np, const float* x, const float* xs, const float* thr,        \
+                                                  const float* bias, float* y) {                                    \
+        teal_gemv<ENC>(wt, scale, group, K, N, Np, x, xs, thr, bias, y);                                            \
     }
 
 INSTANTIATE(fp32, ENC_FP32)

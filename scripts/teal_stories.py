@@ -1,8 +1,9 @@
-"""TEAL on stories260K (a SiLU model): held-out perplexity at 25 / 40 / 50 % activation sparsity.
+"""TEAL and WINA on stories260K (a SiLU model): held-out perplexity at 25 / 40 / 50 % activation sparsity.
 
 In-domain text is sampled from the model itself (temperature 1, seeds 0..N-1); the first half of the
-samples calibrates the TEAL thresholds, the second half is evaluated. Perplexity with TEAL is computed
-with the per-token masks in one batched pass (equal to token-by-token decode, see tests).
+samples calibrates the thresholds of both criteria (TEAL's |x|, WINA's |x| * weight column norm; the
+calibration keeps one), the second half is evaluated. Perplexity is computed with the per-token masks in
+one batched pass (equal to token-by-token decode, see tests).
 
   python scripts/teal_stories.py [--hf ../shared/models/stories260K-hf] [--samples 40] [--json]
 """
@@ -19,7 +20,8 @@ import numpy as np
 from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
 from edge_runtime.sparsity.calibrate import perplexity
-from edge_runtime.sparsity.teal import calibrate_teal, thresholds_for
+from edge_runtime.sparsity.teal import better_criterion, calibrate_teal, thresholds_for
+from edge_runtime.sparsity.wina import CRITERIA
 
 
 def main() -> None:
@@ -37,21 +39,28 @@ def main() -> None:
         half = args.samples // 2
         calib_wins = [np.asarray(s, dtype=np.int64) for s in samples[:half]]
         eval_wins = [np.asarray(s, dtype=np.int64) for s in samples[half:]]
-        teal = calibrate_teal(rt, calib_wins)
         dense = perplexity(rt, eval_wins, None)
-        rows = []
-        for target in (0.25, 0.4, 0.5):
-            rt.decoder.teal = thresholds_for(teal, target)
-            p = perplexity(rt, eval_wins, None)
-            rt.decoder.teal = None
-            rows.append({"teal_target": target, "ppl": p, "ppl_increase_pct": 100 * (p / dense - 1)})
-    out = {"ppl_dense": dense, "eval_tokens": int(sum(len(w) - 1 for w in eval_wins)), "teal": rows}
+        rows, compared = [], {}
+        for criterion in CRITERIA:  # each calibrated alone, so both are evaluated on the held-out half
+            teal = calibrate_teal(rt, calib_wins, criteria=(criterion,))
+            compared.update(teal["compared"])  # its perplexities on the calibration text
+            for target in (0.25, 0.4, 0.5):
+                rt.decoder.set_teal(thresholds_for(teal, target), criterion)
+                p = perplexity(rt, eval_wins, None)
+                rt.decoder.set_teal(None)
+                rows.append({"criterion": criterion, "teal_target": target, "ppl": p,
+                             "ppl_increase_pct": 100 * (p / dense - 1)})
+        chosen = better_criterion(compared)  # what `calibrate` keeps: judged on the calibration text
+    out = {"ppl_dense": dense, "eval_tokens": int(sum(len(w) - 1 for w in eval_wins)), "chosen": chosen,
+           "teal": rows}
     if args.json:
         print(json.dumps(out))
         return
     print(f"stories260K, {out['eval_tokens']} held-out self-sampled tokens: dense perplexity {dense:.3f}")
     for r in rows:
-        print(f"  TEAL {r['teal_target']:.0%}: perplexity {r['ppl']:.3f} ({r['ppl_increase_pct']:+.2f} %)")
+        print(f"  {r['criterion'].upper():4s} {r['teal_target']:.0%}: perplexity {r['ppl']:.3f} "
+              f"({r['ppl_increase_pct']:+.2f} %)")
+    print(f"  criterion calibration keeps: {chosen}")
 
 
 if __name__ == "__main__":

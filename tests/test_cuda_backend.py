@@ -42,10 +42,10 @@ def _pair(path, **kw):
             edge_runtime.load(path, profile=None, backend="cuda", max_context=64, **kw))
 
 
-def _run(rt, setting=None, n=10, teal=None):
+def _run(rt, setting=None, n=10, teal=None, criterion="teal"):
     """Greedy ids (past EOS) and every step's logits."""
     rt.decoder.set_sparsity(setting)
-    rt.decoder.teal = teal
+    rt.decoder.set_teal(teal, criterion)
     ids = [rt.decoder.start(PROMPT, SamplingParams())]
     logits = []
     for _ in range(n - 1):
@@ -97,17 +97,21 @@ def test_sparse_decode_equals_cpu_and_counts_the_same(models, predictor):
     assert _rel(masked[0], cpu.decoder.prefill(PROMPT)) > 1e-4  # the masks really dropped rows
 
 
-def test_teal_decode_equals_cpu(models):
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_teal_decode_equals_cpu(models, criterion):
     cpu, gpu = _pair(models["silu-fp16"])
     rng = np.random.default_rng(4)
-    teal = [{p: float(rng.uniform(0.05, 0.3)) for p in ("q", "k", "v", "o", "gate", "up", "down")}
+    scale = 1.0 if criterion == "teal" else float(np.median(cpu.backend.weights.layers[0].column_norm("q")))
+    teal = [{p: scale * float(rng.uniform(0.05, 0.3)) for p in ("q", "k", "v", "o", "gate", "up", "down")}
             for _ in range(cpu.config.n_layers)]
-    ids_c, lg_c = _run(cpu, teal=teal)
-    ids_g, lg_g = _run(gpu, teal=teal)
+    ids_c, lg_c = _run(cpu, teal=teal, criterion=criterion)
+    ids_g, lg_g = _run(gpu, teal=teal, criterion=criterion)
     _, dense = _run(cpu)
     assert _rel(lg_c, dense) > 1e-2  # the thresholds really skip channels
     assert ids_g == ids_c
-    assert _rel(lg_g, lg_c) < 2e-3  # fp16 KV cache on the device
+    assert np.array_equal(gpu.backend.state.teal_scale.get(), cpu.backend.state.teal_scale)
+    # fp16 KV cache on the device: a channel within rounding of its threshold may flip in one step
+    assert np.median([_rel(g, c) for g, c in zip(lg_g, lg_c, strict=True)]) < 2e-3
 
 
 def test_graph_replay_equals_eager_and_knobs_need_no_recapture(models):

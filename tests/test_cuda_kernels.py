@@ -623,8 +623,8 @@ def test_sampling_counter_rng(cp):
                                             ("fp16", 256, 300, "bias"), ("int8", 200, 256, "residual"),
                                              ("int4", 200, 300, "bias residual"), ("int4", 136, 64, "dense")])
 def test_teal_gemv(cp, enc, n, k, extras):
-    """W stored transposed; channels with |x| < t skipped; t midway between two |x| values, in device memory
-    (a second threshold written there changes the next launch)."""
+    """W stored transposed; channels with |x| * s < t skipped (s: WINA-like positive channel factors); t midway
+    between two |x| * s values, in device memory (a second threshold written there changes the next launch)."""
     from edge_runtime.backends.cuda_ops.common import DeviceMatrix
     from edge_runtime.backends.cuda_ops.teal import TealGemv
 
@@ -637,9 +637,11 @@ def test_teal_gemv(cp, enc, n, k, extras):
     lin = twin.weights.layers[0].q
     x = rng.standard_normal(k).astype(np.float32)
     r = rng.standard_normal(n).astype(np.float32)
+    xs = rng.uniform(0.2, 3.0, k).astype(np.float32)
+    twin.state.teal_scale[0, 0, :k] = xs
     dev, kern, thr = DeviceMatrix(wt), TealGemv(), cp.zeros(1, cp.float32)
     for q in (0.0,) if "dense" in extras else (0.4, 0.7):
-        t = np.float32(0.0) if q == 0 else _midway(np.abs(x), q, 1.0)
+        t = np.float32(0.0) if q == 0 else _midway(np.abs(x) * xs, q, 1.0)
         thr[...] = t
         twin.state.teal[0, 0] = t  # projection "q" of layer 0
         expected = twin.linear(x[None], lin, teal=(0, "q"))[0]
@@ -647,7 +649,7 @@ def test_teal_gemv(cp, enc, n, k, extras):
         if "residual" in extras:
             y[...] = cp.asarray(r)
             expected = expected + r
-        kern(dev, cp.asarray(x), thr, y, bias=None if bias is None else cp.asarray(bias),
+        kern(dev, cp.asarray(x), cp.asarray(xs), thr, y, bias=None if bias is None else cp.asarray(bias),
              accumulate="residual" in extras, splits=7)
         assert _rel(y.get(), expected) < F32
 

@@ -97,7 +97,7 @@ def test_teal_on_silu_model(models, tmp_path):
     convert(models / "silu", tmp_path / "p", "fp32", progress=False)
     rt = edge_runtime.load(tmp_path / "p", profile=None, backend="cpu")
     ids = np.asarray(rt.encode(CORPUS)[:200])
-    teal = calibrate_teal(rt, [ids[:100], ids[100:]], targets=(0.25, 0.5), search_tokens=100)
+    teal = calibrate_teal(rt, [ids[:100], ids[100:]], targets=(0.25, 0.5), search_tokens=100, criteria=("teal",))
     lo, hi = thresholds_for(teal, 0.25), thresholds_for(teal, 0.5)
     assert len(lo) == rt.config.n_layers and set(lo[0]) == {"q", "k", "v", "o", "gate", "up", "down"}
     assert all(hi[i][p] >= lo[i][p] for i in range(len(lo)) for p in lo[i])  # one greedy walk: monotone

@@ -27,6 +27,7 @@ from edge_runtime.config import ModelConfig
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.sparsity.predictor import Rule
 from edge_runtime.sparsity.stats import FIELDS, FFNStats
+from edge_runtime.sparsity.wina import check_criterion
 
 # Per-layer FFN predictor kinds, as stored in DecodeState.predictor.
 DENSE, SPARSEINFER, PROJECTION = 0, 1, 2
@@ -43,6 +44,9 @@ class DecodeState:
     alpha: Any  # (L,) float32: SparseInfer alpha per layer
     theta: Any  # (L, ffn_dim) float32: projection-predictor thresholds per neuron
     teal: Any  # (L, 7) float32: TEAL thresholds per projection input (PROJECTIONS order), 0 = off
+    # (L, 7, K_max) float32: per input channel factor s of the criterion |x| * s >= threshold, the first K of
+    # each row used (K = the projection's input width): ones for TEAL, the weight column norms for WINA
+    teal_scale: Any
     counters: Any  # (len(FIELDS), L) int64: FFN statistic accumulators, read only when asked
     seen: Any  # (vocab,) uint8: 1 for ids in the prompt or generated so far (repetition penalty)
     measure_recall: bool = False  # also run the dense gate to count recall (evaluation only)
@@ -54,6 +58,7 @@ class DecodeState:
                    predictor=xp.zeros(n, dtype=xp.int32), alpha=xp.ones(n, dtype=xp.float32),
                    theta=xp.zeros((n, cfg.ffn_dim), dtype=xp.float32),
                    teal=xp.zeros((n, len(PROJECTIONS)), dtype=xp.float32),
+                   teal_scale=xp.ones((n, len(PROJECTIONS), input_width_max(cfg)), dtype=xp.float32),
                    counters=xp.zeros((len(FIELDS), n), dtype=xp.int64), seen=xp.zeros(cfg.vocab_size, dtype=xp.uint8))
 
 
@@ -78,6 +83,23 @@ def layer_rule(kind: int, alpha: float, theta: np.ndarray) -> Rule | None:
     if kind == PROJECTION:
         return Rule("projection", theta=theta)
     return None
+
+
+def input_width_max(cfg: ModelConfig) -> int:
+    """The widest projection input: d (q, k, v, gate, up), n_heads * head_dim (o) or ffn_dim (down)."""
+    return max(cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim)
+
+
+def teal_scale_array(weights: Weights, criterion: str, cfg: ModelConfig) -> np.ndarray:
+    """(L, 7, K_max) float32 for DecodeState.teal_scale: ones (TEAL) or each projection's column norms (WINA)."""
+    out = np.ones((cfg.n_layers, len(PROJECTIONS), input_width_max(cfg)), dtype=np.float32)
+    if check_criterion(criterion) == "wina":
+        for i, layer in enumerate(weights.layers):
+            for j, p in enumerate(PROJECTIONS):
+                norms = layer.column_norm(p)
+                if norms is not None:
+                    out[i, j, :len(norms)] = norms
+    return out
 
 
 def teal_array(thresholds: Sequence[dict[str, float]] | None, n_layers: int) -> np.ndarray:
@@ -108,8 +130,9 @@ class Backend(Protocol):
         """(T, d) -> (T, d): RMSNorm (n.b is None) or LayerNorm, eps n.eps, in float32."""
 
     def linear(self, x, lin: Linear, out=None, teal: tuple[int, str] | None = None, add_to=None):
-        """(T, K) -> (T, N) = x W^T + b. teal=(layer, projection): input channels with |x| under that
-        threshold in `state.teal` are skipped. add_to: accumulate into it (residual) instead of out."""
+        """(T, K) -> (T, N) = x W^T + b. teal=(layer, projection): input channels whose |x| * s (s from
+        `state.teal_scale`) is under that projection's threshold in `state.teal` are skipped. add_to:
+        accumulate into it (residual) instead of out."""
 
     def rope(self, x, positions, n_heads: int):
         """(T, n_heads * head_dim), rotated in place per head at `positions` (HF rotate_half)."""
@@ -181,8 +204,9 @@ class Backend(Protocol):
         """buffers.logits (1, vocab) to the host as float32 numpy."""
 
     def set_knobs(self, rules: Sequence[Rule] | None, teal: Sequence[dict[str, float]] | None,
-                  measure_recall: bool = False) -> None:
-        """Write per-layer predictor rules and TEAL thresholds into `state` (no recapture)."""
+                  measure_recall: bool = False, teal_criterion: str = "teal") -> None:
+        """Write per-layer predictor rules, TEAL thresholds and the TEAL criterion's channel factors
+        ("teal": |x| >= t, "wina": |x| * column norm >= t; sparsity/wina.py) into `state` (no recapture)."""
 
     def read_stats(self) -> FFNStats:
         """The counters so far, copied to the host (counted in `stats_reads`)."""

@@ -19,7 +19,15 @@ import numpy as np
 
 import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
-from edge_runtime.backends.base import PROJECTION, SPARSEINFER, DecodeState, knob_arrays, layer_rule, teal_array
+from edge_runtime.backends.base import (
+    PROJECTION,
+    SPARSEINFER,
+    DecodeState,
+    knob_arrays,
+    layer_rule,
+    teal_array,
+    teal_scale_array,
+)
 from edge_runtime.backends.cpu_dispatch import MatrixKernels
 from edge_runtime.backends.jit import default_threads, threads_for, use_threads
 from edge_runtime.backends.weights import PROJECTIONS, Layer, Linear, Norm, weights_of
@@ -86,6 +94,7 @@ class CpuBackend:
         self.attn_scale = np.float32(cfg.attn_scale)
         self.attn_softcap = np.float32(cfg.attn_softcap)
         self._sampler = Sampler(SamplingParams())
+        self._teal_criterion = "teal"  # what state.teal_scale holds (allocated as ones)
         self.stats_reads = 0  # how often the counters were copied out (tests: never per token)
 
     # ---- ops shared by prefill and the decode step ----------------------------------------------------
@@ -115,10 +124,16 @@ class CpuBackend:
     def _teal_threshold(self, teal: tuple[int, str] | None) -> np.float32:
         return np.float32(0.0) if teal is None else self.state.teal[teal[0], TEAL_SLOT[teal[1]]]
 
+    def _teal_scale(self, teal: tuple[int, str], k: int) -> np.ndarray:
+        """(k,) float32 channel factors of the TEAL criterion (ones, or WINA's column norms)."""
+        return self.state.teal_scale[teal[0], TEAL_SLOT[teal[1]], :k]
+
     def _teal_mask(self, x: np.ndarray, teal: tuple[int, str] | None) -> np.ndarray:
-        """TEAL: input channels with |x| under the layer's threshold are zero, i.e. skipped weight columns."""
+        """TEAL: input channels with |x| * s under the layer's threshold are zero, i.e. skipped weight columns."""
         t = self._teal_threshold(teal)
-        return x if t <= 0 else np.where(np.abs(x) >= t, x, np.float32(0.0))
+        if t <= 0:
+            return x
+        return np.where(np.abs(x) * self._teal_scale(teal, x.shape[-1]) >= t, x, np.float32(0.0))
 
     def _gemv_input(self, xv: np.ndarray, teal: tuple[int, str] | None) -> np.ndarray:
         """One token's input (K,), TEAL-masked into scratch when a threshold is set."""
@@ -126,7 +141,7 @@ class CpuBackend:
         if t <= 0:
             return xv
         xin = self.scratch.xin[:xv.shape[0]]
-        cpu_step_ops.teal_mask(xv, t, xin)
+        cpu_step_ops.teal_mask(xv, self._teal_scale(teal, xv.shape[0]), t, xin)
         return xin
 
     def linear(self, x: np.ndarray, lin: Linear, out: np.ndarray | None = None, teal: tuple[int, str] | None = None,
@@ -379,11 +394,14 @@ class CpuBackend:
         return self.buffers.logits.copy()
 
     def set_knobs(self, rules: Sequence[Rule] | None, teal: Sequence[dict[str, float]] | None,
-                  measure_recall: bool = False) -> None:
+                  measure_recall: bool = False, teal_criterion: str = "teal") -> None:
         cfg = self.config
         self.state.predictor[:], self.state.alpha[:], self.state.theta[:] = knob_arrays(rules, cfg.n_layers,
                                                                                         cfg.ffn_dim)
         self.state.teal[:] = teal_array(teal, cfg.n_layers)
+        if teal is not None and teal_criterion != self._teal_criterion:
+            self.state.teal_scale[:] = teal_scale_array(self.weights, teal_criterion, cfg)
+            self._teal_criterion = teal_criterion
         self.state.measure_recall = measure_recall
 
     def read_stats(self) -> FFNStats:

@@ -130,7 +130,8 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
 
 
 @kernel()
-def teal_mask(x, threshold, out):
-    """out = x where |x| >= threshold, else 0 (TEAL: inputs under the threshold skip their weight column)."""
+def teal_mask(x, scale, threshold, out):
+    """out = x where |x| * scale >= threshold, else 0 (TEAL with scale 1, WINA with the weight column norms:
+    inputs under the threshold skip their weight column). x, scale, out (K,) float32."""
     for i in range(x.shape[0]):
-        out[i] = x[i] if abs(x[i]) >= threshold else np.float32(0.0)
+        out[i] = x[i] if abs(x[i]) * scale[i] >= threshold else np.float32(0.0)

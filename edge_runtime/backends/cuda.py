@@ -15,7 +15,16 @@ from types import SimpleNamespace
 import numpy as np
 
 import edge_runtime.backends.cuda_batched as eager
-from edge_runtime.backends.base import DENSE, PROJECTION, DecodeState, knob_arrays, layer_rule, teal_array
+from edge_runtime.backends.base import (
+    DENSE,
+    PROJECTION,
+    DecodeState,
+    input_width_max,
+    knob_arrays,
+    layer_rule,
+    teal_array,
+    teal_scale_array,
+)
 from edge_runtime.backends.cuda_ops.attention import DecodeAttention
 from edge_runtime.backends.cuda_ops.common import STEP_POS, STEP_RNG, STEP_SIZE, STEP_TOKEN, cupy
 from edge_runtime.backends.cuda_ops.elementwise import Elementwise
@@ -69,6 +78,7 @@ class CudaBackend:
             predictor=np.zeros(cfg.n_layers, dtype=np.int32),  # host: the kernels a graph holds depend on it
             alpha=cp.ones(cfg.n_layers, dtype=cp.float32), theta=cp.zeros((cfg.n_layers, n), dtype=cp.float32),
             teal=cp.zeros((cfg.n_layers, len(PROJECTIONS)), dtype=cp.float32),
+            teal_scale=cp.ones((cfg.n_layers, len(PROJECTIONS), input_width_max(cfg)), dtype=cp.float32),
             counters=np.zeros((len(FIELDS), cfg.n_layers), dtype=np.int64),  # host, filled by read_stats
             seen=cp.zeros(v, dtype=cp.uint8))
         f32 = cp.float32
@@ -90,6 +100,7 @@ class CudaBackend:
         self._graphs: dict[tuple, object] = {}
         self._in_step = False
         self.stats_reads = 0
+        self._teal_criterion = "teal"  # what state.teal_scale holds (allocated as ones)
 
     # ---- ops: a decode step (out given, kernels) or a batch (out None, eager CuPy) ------------------------
     def embed_tokens(self, ids, positions, out=None):
@@ -119,12 +130,16 @@ class CudaBackend:
         i, p = teal
         return self.state.teal[i, TEAL_SLOT[p]:TEAL_SLOT[p] + 1]  # (1,) device view
 
+    def _teal_scale(self, teal: tuple[int, str], k: int):
+        """(k,) device view: the criterion's channel factors (ones: TEAL, column norms: WINA)."""
+        return self.state.teal_scale[teal[0], TEAL_SLOT[teal[1]], :k]
+
     def linear(self, x, lin: Linear, out=None, teal: tuple[int, str] | None = None, add_to=None):
         dl = self.dev.of(lin)
         if (out is None and add_to is None) or x.shape[0] > 1:  # a batch: eager CuPy, cuBLAS
             if teal is not None:
                 t = self._teal_threshold(teal)
-                x = self.cp.where(self.cp.abs(x) >= t, x, np.float32(0.0))
+                x = self.cp.where(self.cp.abs(x) * self._teal_scale(teal, x.shape[1]) >= t, x, np.float32(0.0))
             y = self.cp.matmul(x, eager.dense_f32(dl.m, dl.host).T)
             if dl.b is not None:
                 y += dl.b
@@ -135,7 +150,8 @@ class CudaBackend:
         xv = x.reshape(-1)
         if teal is not None:  # skipped input channels are skipped rows of W^T
             y = add_to if add_to is not None else out
-            self.k.teal(dl.transposed(), xv, self._teal_threshold(teal), y.reshape(-1), bias=dl.b,
+            self.k.teal(dl.transposed(), xv, self._teal_scale(teal, xv.shape[0]), self._teal_threshold(teal),
+                        y.reshape(-1), bias=dl.b,
                         accumulate=add_to is not None)
             return y
         if add_to is not None:
@@ -204,8 +220,8 @@ class CudaBackend:
         cp = self.cp
         if self.cp.asnumpy(self.state.teal[i]).any():
             _, hidden = self.ffn_parts(x, layer, teal_layer=i)
-            t = self._teal_threshold((i, "down"))
-            return self.ffn_down(cp.where(cp.abs(hidden) >= t, hidden, np.float32(0.0)), layer)
+            t, s = self._teal_threshold((i, "down")), self._teal_scale((i, "down"), hidden.shape[1])
+            return self.ffn_down(cp.where(cp.abs(hidden) * s >= t, hidden, np.float32(0.0)), layer)
         st = self.state
         rule = layer_rule(int(st.predictor[i]), cp.asnumpy(st.alpha[i]), cp.asnumpy(st.theta[i]))
         if rule is None:
@@ -248,7 +264,8 @@ class CudaBackend:
             self.linear(x, layer.up, out=u[None], teal=(i, "up") if teal else None)
         self.k.ew.act_mul(g, u if layer.up is not None else None, f.h, cfg.activation, cfg.act_threshold)
         thr = self._teal_threshold((i, "down")) if teal else f.zero
-        self.k.teal(dl.down_t, f.h, thr, y, bias=dl.down_b, accumulate=accumulate)  # rows of W_down^T: one per neuron
+        xs = self._teal_scale((i, "down"), cfg.ffn_dim)
+        self.k.teal(dl.down_t, f.h, xs, thr, y, bias=dl.down_b, accumulate=accumulate)  # W_down^T: a row per neuron
 
     def sample(self, logits) -> None:
         s = self.sampling
@@ -318,7 +335,7 @@ class CudaBackend:
         return self.cp.asnumpy(self.buffers.logits)
 
     def set_knobs(self, rules: Sequence[Rule] | None, teal: Sequence[dict[str, float]] | None,
-                  measure_recall: bool = False) -> None:
+                  measure_recall: bool = False, teal_criterion: str = "teal") -> None:
         """Device knobs written in place (a captured graph reads them at its next replay). Recall needs the dense
         gate and is counted by the cpu backend only."""
         cfg, cp = self.config, self.cp
@@ -327,6 +344,9 @@ class CudaBackend:
         self.state.alpha[...] = cp.asarray(alpha)
         self.state.theta[...] = cp.asarray(theta)
         self.state.teal[...] = cp.asarray(teal_array(teal, cfg.n_layers))
+        if teal is not None and teal_criterion != self._teal_criterion:
+            self.state.teal_scale[...] = cp.asarray(teal_scale_array(self.weights, teal_criterion, cfg))
+            self._teal_criterion = teal_criterion
         self.state.measure_recall = measure_recall
         if teal is not None:  # TEAL reads W^T: made now, never inside a captured step (no allocation there)
             for layer in self.weights.layers:

@@ -5,12 +5,13 @@ Backends import these and upload what they need; the decoder walks `layers` with
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import PackedTensor
+from edge_runtime.sparsity.wina import COLNORM_NAME, packed_column_norms
 
 # TEAL thresholds are kept per layer in this order (one float per projection input); 0 = off.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -44,6 +45,8 @@ class Layer:
     gate_signs: np.ndarray  # (ffn_dim, ceil(d/32)) uint32, bit set = weight negative
     attn_post_norm: Norm | None = None  # of the attention output before its residual add (config post_norms)
     ffn_post_norm: Norm | None = None  # of the FFN output before its residual add
+    # projection -> (K,) float32 L2 norms of its weight columns (WINA), from the pack or computed when first asked
+    colnorms: dict[str, np.ndarray] = field(default_factory=dict)
 
     def ffn_dense_bytes(self) -> int:
         n = self.gate.w.nbytes + self.down_t.nbytes
@@ -70,6 +73,15 @@ class Layer:
             return self.down_t
         lin = getattr(self, name)
         return None if lin is None else lin.w
+
+    def column_norm(self, name: str) -> np.ndarray | None:
+        """(K,) float32 norms of the input columns of a TEAL projection's weight (None: no such projection)."""
+        if name not in self.colnorms:
+            t = self.projection(name)
+            if t is None:
+                return None
+            self.colnorms[name] = packed_column_norms(t, transposed=name == "down")
+        return self.colnorms[name]
 
 
 @dataclass
@@ -107,6 +119,7 @@ def _layer(model: PackedModel, i: int) -> Layer:
         gate_signs=np.asarray(model.sign_planes[p + "ffn.gate_signs"]),
         attn_post_norm=_norm(model, p + "attn_post_norm") if model.config.post_norms else None,
         ffn_post_norm=_norm(model, p + "ffn_post_norm") if model.config.post_norms else None,
+        colnorms={proj: _vec(model, p + name) for proj, name in COLNORM_NAME.items() if p + name in model.vectors},
     )
 
 

@@ -17,6 +17,7 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.sparsity.predictor import Rule
 from edge_runtime.sparsity.stats import FFNStats
+from edge_runtime.sparsity.wina import check_criterion
 
 # Observation points, called as observer(layer, point, activations (T, features)) during batched passes:
 # "attn_in" (input of q, k, v), "attn_out" (input of o), "ffn_in" (input of gate, up),
@@ -32,6 +33,7 @@ class Decoder:
         self.pos = 0  # host mirror of state.pos: the host knows how many tokens it has run
         self.rules: list[Rule] | None = None  # per-layer predictor settings; None = dense decode
         self._teal: list[dict[str, float]] | None = None  # per-layer {projection: threshold}; None = off
+        self._teal_criterion = "teal"  # "teal" (|x| >= t) or "wina" (|x| * weight column norm >= t)
         self.measure_recall = False
         self.observer: Callable[[int, str, np.ndarray], None] | None = None
         # A prompt engine outside the backend (export.onnx_prefill.OnnxPrefill): run(ids) -> (last logits
@@ -66,8 +68,23 @@ class Decoder:
         self._teal = thresholds
         self._push_knobs()
 
+    @property
+    def teal_criterion(self) -> str:
+        return self._teal_criterion
+
+    @teal_criterion.setter
+    def teal_criterion(self, criterion: str) -> None:
+        """Which channels the TEAL thresholds keep: "teal" |x| >= t, or "wina" |x| * ||W[:, i]|| >= t."""
+        self._teal_criterion = check_criterion(criterion)
+        self._push_knobs()
+
+    def set_teal(self, thresholds: list[dict[str, float]] | None, criterion: str = "teal") -> None:
+        """Thresholds and the criterion they were calibrated for, in one knob write."""
+        self._teal_criterion = check_criterion(criterion)
+        self.teal = thresholds
+
     def _push_knobs(self) -> None:
-        self.ops.set_knobs(self.rules, self._teal, self.measure_recall)
+        self.ops.set_knobs(self.rules, self._teal, self.measure_recall, teal_criterion=self._teal_criterion)
 
     @property
     def mode(self) -> str:

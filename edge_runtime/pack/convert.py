@@ -26,6 +26,7 @@ from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import DEFAULT_INT4_GROUP, ENCODINGS, PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.pack.sparse_weights import compress, prune_mask
+from edge_runtime.sparsity.wina import COLNORM_OF, column_norms
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -159,6 +160,12 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
             tensors[src.name] = entry
             store = by_file.setdefault(fname, {})
             store.update({f"{src.name}.{part}": a for part, a in arrays.items()})
+            leaf = src.name.split(".", 2)[-1]
+            if src.name.startswith("layers.") and leaf in COLNORM_OF:  # WINA's column norms, from fp32 weights
+                norms = src.name[:-len(leaf)] + COLNORM_OF[leaf]
+                store[f"{norms}.w"] = column_norms(w)
+                tensors[norms] = {"encoding": "fp32", "shape": list(store[f"{norms}.w"].shape), "layout": "vector",
+                                  "file": fname, "keys": {"w": f"{norms}.w"}}
             if src.name.endswith("ffn.gate"):
                 signs = src.name + "_signs"
                 store[f"{signs}.bits"] = pack_signs(w)  # (N, ceil(K/32)) uint32 from fp32 weights

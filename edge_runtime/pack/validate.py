@@ -24,12 +24,14 @@ from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ModelFormatError
 from edge_runtime.pack.hf_config import tensor_plan
 from edge_runtime.pack.safetensors_mmap import SafetensorsFile
+from edge_runtime.sparsity.wina import COLNORM_OF
 
 ENCODINGS_BY_KIND = {"vector": ("fp16", "fp32"), "embedding": ("fp16", "fp32"),
                      "matrix": ("fp32", "fp16", "int8", "int4", "sparse-fp16", "sparse-int8"),
                      "matrix_t": ("fp32", "fp16", "int8", "int4", "sparse-fp16", "sparse-int8"),
-                     "signs": ("signbits",)}
-LAYOUT_BY_KIND = {"vector": "vector", "embedding": "row", "matrix": "row", "matrix_t": "transposed", "signs": "row"}
+                     "signs": ("signbits",), "colnorm": ("fp32",)}
+LAYOUT_BY_KIND = {"vector": "vector", "embedding": "row", "matrix": "row", "matrix_t": "transposed", "signs": "row",
+                  "colnorm": "vector"}
 
 
 def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
@@ -44,15 +46,24 @@ def logical_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
         "ffn.gate": (cfg.ffn_dim, d), "ffn.up": (cfg.ffn_dim, d), "ffn.down_t": (cfg.ffn_dim, d),
         "ffn.gate_signs": (cfg.ffn_dim, d),
         "ffn.gate_bias": (cfg.ffn_dim,), "ffn.up_bias": (cfg.ffn_dim,), "ffn.down_bias": (d,),
+        "attn.o_colnorm": (q_rows,), "ffn.down_colnorm": (cfg.ffn_dim,),  # WINA: one norm per input channel
     }
     return shapes.get(leaf, (d,))  # the rest are norms' weights and biases
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, str]:
-    """Logical name -> kind, for every tensor the model must have and may have."""
+    """Logical name -> kind, for every tensor the model must have."""
     out = {s.name: s.kind for s in tensor_plan(cfg)}
     out.update({f"layers.{i}.ffn.gate_signs": "signs" for i in range(cfg.n_layers)})
     return out
+
+
+def optional_tensors(cfg: ModelConfig) -> dict[str, str]:
+    """Logical name -> kind, for the tensors a model may have: WINA's column norms of each layer matrix
+    (packs converted before them compute the norms when WINA is first used)."""
+    matrices = [s.name for s in tensor_plan(cfg) if s.name.startswith("layers.")]
+    return {m[:-len(leaf)] + COLNORM_OF[leaf]: "colnorm" for m in matrices
+            if (leaf := m.split(".", 2)[-1]) in COLNORM_OF}
 
 
 def stored_arrays(encoding: str, shape: tuple[int, ...], group: int, nnz: int | None) -> dict[str, tuple]:
@@ -82,6 +93,7 @@ def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, Any], files: 
     absent = [n for n in expected if n not in tensors]
     if absent:
         raise ModelFormatError(f"{path} lacks tensor(s) {', '.join(absent[:3])}: the model is incomplete")
+    expected.update({n: kind for n, kind in optional_tensors(cfg).items() if n in tensors})
     extra = [n for n in tensors if n not in expected]
     if extra:
         raise ModelFormatError(f"{where}: unexpected tensor(s) {', '.join(extra[:3])} for this config")

@@ -242,7 +242,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
         thresholds.update(th)
     if teal_targets:
         rt.decoder.set_sparsity(None)
-        teal = calibrate_teal(rt, wins, tuple(teal_targets))
+        teal = calibrate_teal(rt, fit, tuple(teal_targets), judge=judge)
     calib = {
         "calibration_version": CALIBRATION_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

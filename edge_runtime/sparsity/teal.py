@@ -6,6 +6,10 @@ the p-quantile of |x| (TEAL's t = icdf(0.5 + p/2) for a symmetric distribution).
 allocated across a block's 7 projections greedily, as TEAL does: starting from 0, raise by one step
 the projection whose step adds the least block-output error per weight byte saved, until the block's
 byte-weighted average sparsity reaches the target.
+
+The criterion is TEAL's |x| or WINA's |x| * ||W[:, i]|| (sparsity/wina.py): both are calibrated the same
+way (quantiles of the criterion's score, the same greedy allocation) and the one with the lower
+perplexity on held-out windows is kept for the model.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.sparsity.wina import CRITERIA, check_criterion
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 INPUT_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "gate": "ffn_in", "up": "ffn_in",
@@ -42,8 +47,21 @@ def _weights(rt, i: int) -> dict:
     return {p: layer.projection(p) for p in PROJECTIONS}
 
 
-def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], targets: tuple[float, ...]
-             ) -> dict[float, list[dict[str, float]]]:
+def scores(rt, i: int, acts: dict[str, np.ndarray], criterion: str) -> dict[str, np.ndarray]:
+    """Per projection of layer i, the criterion's score of each input (T, K): |x| (TEAL) or |x| * the
+    projection's weight column norms (WINA); a threshold is a quantile of it."""
+    layer = rt.backend.weights.layers[i]
+    out = {}
+    for p, m in _weights(rt, i).items():
+        if m is None:
+            continue
+        a = np.abs(acts[INPUT_OF[p]])
+        out[p] = a * layer.column_norm(p) if criterion == "wina" else a
+    return out
+
+
+def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], targets: tuple[float, ...],
+             criterion: str = "teal") -> dict[float, list[dict[str, float]]]:
     """Per target, per-layer thresholds {projection: t} reaching that byte-weighted sparsity per block.
 
     Block by block (the other blocks dense), each step raises by STEP the sparsity of the projection
@@ -54,11 +72,21 @@ def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], ta
         if not 0 < target < 1:
             raise EdgeRuntimeError(f"TEAL target must be in (0, 1), got {target}")
     n = rt.config.n_layers
-    dense_out = [_block_outputs(rt, wins, None, i) for i in range(n)]
+    dec = rt.decoder
+    saved = dec.teal_criterion
+    dec.teal_criterion = check_criterion(criterion)
+    try:
+        dense_out = [_block_outputs(rt, wins, None, i) for i in range(n)]
+        return _allocate(rt, inputs, wins, targets, criterion, dense_out)
+    finally:
+        dec.teal_criterion = saved
+
+
+def _allocate(rt, inputs, wins, targets, criterion, dense_out) -> dict[float, list[dict[str, float]]]:
     out: dict[float, list[dict[str, float]]] = {t: [] for t in targets}
     for i, acts in enumerate(inputs):
         mats = {p: m for p, m in _weights(rt, i).items() if m is not None}
-        absx = {p: np.abs(acts[INPUT_OF[p]]) for p in mats}
+        absx = scores(rt, i, acts, criterion)
         nbytes = {p: float(mats[p].nbytes) for p in mats}
         total = sum(nbytes.values())
         level = dict.fromkeys(mats, 0.0)
@@ -116,10 +144,15 @@ def _relative_error(y: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(y - ref) / (np.linalg.norm(ref) or 1.0))
 
 
-def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARGETS, search_tokens: int = 512
-                   ) -> dict:
-    """{"targets": {"0.25": [per-layer {projection: t}], ...}} for calibration.yaml. Thresholds are
-    quantiles over all windows; the greedy search runs its trial forwards on the first search_tokens."""
+def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARGETS, search_tokens: int = 512,
+                   judge: list[np.ndarray] | None = None, criteria: tuple[str, ...] = CRITERIA) -> dict:
+    """{"criterion", "targets": {"0.25": [per-layer {projection: t}], ...}, "compared"} for calibration.yaml.
+    For each criterion, thresholds are quantiles over all of `wins` and the greedy search runs its trial
+    forwards on their first search_tokens; the criterion kept is the one whose settings have the lower mean
+    log perplexity over the targets on `judge` (default: wins), and "compared" records every perplexity."""
+    from edge_runtime.sparsity.calibrate import perplexity
+
+    judge = wins if judge is None else judge
     inputs = collect_inputs(rt, wins)
     search, n = [], 0
     for w in wins:
@@ -127,8 +160,32 @@ def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARG
             break
         search.append(w)
         n += len(w) - 1
-    alloc = allocate(rt, inputs, search, tuple(targets))
-    return {"step": STEP, "targets": {f"{t:g}": alloc[t] for t in targets}}
+    dec = rt.decoder
+    ppl_dense = perplexity(rt, judge, None)
+    found: dict[str, dict] = {}
+    for criterion in criteria:
+        alloc = allocate(rt, inputs, search, tuple(targets), check_criterion(criterion))
+        ppl = {}
+        try:
+            for t in targets:
+                dec.set_teal(alloc[t], criterion)
+                ppl[f"{t:g}"] = perplexity(rt, judge, None)
+        finally:
+            dec.set_teal(None)
+        found[criterion] = {"targets": {f"{t:g}": alloc[t] for t in targets}, "ppl": ppl}
+    best = better_criterion({c: f["ppl"] for c, f in found.items()})
+    return {"step": STEP, "criterion": best, "targets": found[best]["targets"], "ppl_dense": ppl_dense,
+            "compared": {c: f["ppl"] for c, f in found.items()}}
+
+
+def better_criterion(compared: dict[str, dict[str, float]]) -> str:
+    """The criterion whose settings have the lowest mean log perplexity over the targets."""
+    return min(compared, key=lambda c: float(np.mean(np.log(list(compared[c].values())))))
+
+
+def criterion_of(teal: dict) -> str:
+    """The criterion a calibration's thresholds are for (files written before WINA hold TEAL's)."""
+    return check_criterion(teal.get("criterion", "teal"))
 
 
 def thresholds_for(teal: dict, target: float) -> list[dict[str, float]]:
