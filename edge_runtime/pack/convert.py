@@ -162,10 +162,10 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
             store.update({f"{src.name}.{part}": a for part, a in arrays.items()})
             leaf = src.name.split(".", 2)[-1]
             if src.name.startswith("layers.") and leaf in COLNORM_OF:  # WINA's column norms, from fp32 weights
-                norms = src.name[:-len(leaf)] + COLNORM_OF[leaf]
-                store[f"{norms}.w"] = column_norms(w)
-                tensors[norms] = {"encoding": "fp32", "shape": list(store[f"{norms}.w"].shape), "layout": "vector",
-                                  "file": fname, "keys": {"w": f"{norms}.w"}}
+                cn = src.name[:-len(leaf)] + COLNORM_OF[leaf]
+                store[f"{cn}.w"] = column_norms(w)
+                tensors[cn] = {"encoding": "fp32", "shape": list(store[f"{cn}.w"].shape), "layout": "vector",
+                               "file": fname, "keys": {"w": f"{cn}.w"}}
             if src.name.endswith("ffn.gate"):
                 signs = src.name + "_signs"
                 store[f"{signs}.bits"] = pack_signs(w)  # (N, ceil(K/32)) uint32 from fp32 weights
