@@ -24,74 +24,85 @@ from edge_runtime.backends.jit import kernel, sum_parts, widen
 ROWS = 4  # rows per block: four independent dot products per pass over x keep more loads in flight
 
 
-@kernel()
-def _dot(row, x, k):
-    acc = np.float32(0.0)
-    for c in range(k):
-        acc += widen(row[c]) * x[c]
-    return acc
+@kernel(inline=True)
+def _rows_block(w, scale, bias, x, idx, j, n, out):
+    """out[j:j+ROWS] (fewer at the end, n) = rows idx[j:...] of W . x, scaled and biased. A full block makes
+    one pass over x for four accumulators (a lone row's dot product waits on one stream of loads; four
+    interleaved streams reach about 1.5x the bandwidth from memory)."""
+    k = w.shape[1]
+    scaled = scale.shape[0] > 0
+    biased = bias.shape[0] > 0
+    if j + ROWS <= n:
+        r0, r1, r2, r3 = w[idx[j]], w[idx[j + 1]], w[idx[j + 2]], w[idx[j + 3]]  # 1-D row views vectorise
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for c in range(k):
+            xc = x[c]
+            a0 += widen(r0[c]) * xc
+            a1 += widen(r1[c]) * xc
+            a2 += widen(r2[c]) * xc
+            a3 += widen(r3[c]) * xc
+        if scaled:
+            a0 *= widen(scale[idx[j]])
+            a1 *= widen(scale[idx[j + 1]])
+            a2 *= widen(scale[idx[j + 2]])
+            a3 *= widen(scale[idx[j + 3]])
+        if biased:
+            a0 += bias[idx[j]]
+            a1 += bias[idx[j + 1]]
+            a2 += bias[idx[j + 2]]
+            a3 += bias[idx[j + 3]]
+        out[j], out[j + 1], out[j + 2], out[j + 3] = a0, a1, a2, a3
+        return
+    for jj in range(j, n):
+        r = idx[jj]
+        row = w[r]
+        v = np.float32(0.0)
+        for c in range(k):
+            v += widen(row[c]) * x[c]
+        v = v * widen(scale[r]) if scaled else v
+        out[jj] = v + bias[r] if biased else v
 
 
 @kernel(parallel=True)
 def gemv_rows(w, scale, bias, x, idx, n, out):
-    """out[j] = (W[idx[j]] . x) * scale[idx[j]] + bias[idx[j]] for j < n; fp32 / fp16-bits / int8 rows.
-    Rows go in blocks of ROWS: one pass over x feeds four accumulators (a lone row's dot product waits on
-    one stream of loads; four interleaved streams reach about 1.5x the bandwidth from memory)."""
+    """out[j] = (W[idx[j]] . x) * scale[idx[j]] + bias[idx[j]] for j < n; fp32 / fp16-bits / int8 rows,
+    in blocks of ROWS over the threads."""
+    for b in prange((n + ROWS - 1) // ROWS):
+        _rows_block(w, scale, bias, x, idx, b * ROWS, n, out)
+
+
+@kernel(inline=True)
+def _axpy_range(w, scale, h, idx, lo, hi, acc):
+    """acc (K,) += sum_{lo <= j < hi} h[j] * scale[idx[j]] * W[idx[j]], ROWS rows per load and store of acc."""
     k = w.shape[1]
     scaled = scale.shape[0] > 0
-    biased = bias.shape[0] > 0
-    for b in prange((n + ROWS - 1) // ROWS):
-        j = b * ROWS
-        if j + ROWS <= n:
-            r0, r1, r2, r3 = w[idx[j]], w[idx[j + 1]], w[idx[j + 2]], w[idx[j + 3]]  # 1-D row views vectorise
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for c in range(k):
-                xc = x[c]
-                a0 += widen(r0[c]) * xc
-                a1 += widen(r1[c]) * xc
-                a2 += widen(r2[c]) * xc
-                a3 += widen(r3[c]) * xc
-            acc = (a0, a1, a2, a3)
-            for t in range(ROWS):
-                r = idx[j + t]
-                v = acc[t] * widen(scale[r]) if scaled else acc[t]
-                out[j + t] = v + bias[r] if biased else v
-        else:
-            for jj in range(j, n):
-                r = idx[jj]
-                v = _dot(w[r], x, k)
-                v = v * widen(scale[r]) if scaled else v
-                out[jj] = v + bias[r] if biased else v
+    j = lo
+    while j + ROWS <= hi:
+        r0, r1, r2, r3 = idx[j], idx[j + 1], idx[j + 2], idx[j + 3]
+        c0 = h[j] * widen(scale[r0]) if scaled else h[j]
+        c1 = h[j + 1] * widen(scale[r1]) if scaled else h[j + 1]
+        c2 = h[j + 2] * widen(scale[r2]) if scaled else h[j + 2]
+        c3 = h[j + 3] * widen(scale[r3]) if scaled else h[j + 3]
+        w0, w1, w2, w3 = w[r0], w[r1], w[r2], w[r3]
+        for c in range(k):
+            acc[c] += c0 * widen(w0[c]) + c1 * widen(w1[c]) + c2 * widen(w2[c]) + c3 * widen(w3[c])
+        j += ROWS
+    for jj in range(j, hi):
+        r = idx[jj]
+        cj = h[jj] * widen(scale[r]) if scaled else h[jj]
+        wr = w[r]
+        for c in range(k):
+            acc[c] += cj * widen(wr[c])
 
 
 @kernel(parallel=True)
 def axpy_rows(w, scale, h, idx, n, part, out):
-    """out = sum_{j < n} h[j] * scale[idx[j]] * W[idx[j]]: rows split over threads, partial sums reduced.
-    Rows are added ROWS at a time, so the partial sum is loaded and stored once per block."""
-    k = w.shape[1]
+    """out = sum_{j < n} h[j] * scale[idx[j]] * W[idx[j]]: rows split over threads, partial sums reduced."""
     nt = part.shape[0]
-    scaled = scale.shape[0] > 0
     for t in prange(nt):
         acc = part[t]
         acc[:] = 0.0
-        lo, hi = t * n // nt, (t + 1) * n // nt
-        j = lo
-        while j + ROWS <= hi:
-            r0, r1, r2, r3 = idx[j], idx[j + 1], idx[j + 2], idx[j + 3]
-            c0 = h[j] * widen(scale[r0]) if scaled else h[j]
-            c1 = h[j + 1] * widen(scale[r1]) if scaled else h[j + 1]
-            c2 = h[j + 2] * widen(scale[r2]) if scaled else h[j + 2]
-            c3 = h[j + 3] * widen(scale[r3]) if scaled else h[j + 3]
-            w0, w1, w2, w3 = w[r0], w[r1], w[r2], w[r3]
-            for c in range(k):
-                acc[c] += c0 * widen(w0[c]) + c1 * widen(w1[c]) + c2 * widen(w2[c]) + c3 * widen(w3[c])
-            j += ROWS
-        for jj in range(j, hi):
-            r = idx[jj]
-            cj = h[jj] * widen(scale[r]) if scaled else h[jj]
-            wr = w[r]
-            for c in range(k):
-                acc[c] += cj * widen(wr[c])
+        _axpy_range(w, scale, h, idx, t * n // nt, (t + 1) * n // nt, acc)
     sum_parts(part, out)
 
 

@@ -21,14 +21,16 @@ from numba.extending import intrinsic, overload
 FASTMATH = frozenset({"reassoc", "contract", "nsz", "arcp"})
 
 
-def kernel(parallel: bool = False):
-    """@njit(parallel, fastmath=FASTMATH, cache=True), or without the disk cache where none is writable."""
+def kernel(parallel: bool = False, inline: bool = False):
+    """@njit(parallel, fastmath=FASTMATH, cache=True), or without the disk cache where none is writable.
+    inline: numba inlines the function into its callers' IR (a block helper shared by several kernels)."""
+    opts = {"parallel": parallel, "fastmath": set(FASTMATH), "inline": "always" if inline else "never"}
 
     def wrap(fn):
         try:
-            return numba.njit(parallel=parallel, fastmath=set(FASTMATH), cache=True)(fn)
+            return numba.njit(cache=True, **opts)(fn)
         except RuntimeError:  # "cannot cache function ...: no locator available": nowhere writable
-            return numba.njit(parallel=parallel, fastmath=set(FASTMATH), cache=False)(fn)
+            return numba.njit(cache=False, **opts)(fn)
 
     return wrap
 
