@@ -11,7 +11,7 @@ from edge_runtime.pack.convert import convert
 from edge_runtime.pack.quant import quantize
 from edge_runtime.pack.sparse_weights import compress, prune_mask
 from edge_runtime.sparsity.predictor import Rule
-from edge_runtime.sparsity.teal import INPUT_OF, STEP, calibrate_teal, collect_inputs, thresholds_for
+from edge_runtime.sparsity.teal import INPUT_OF, calibrate_teal, collect_inputs, thresholds_for
 from edge_runtime.sparsity.wanda import input_norms
 from tests.helpers import CORPUS, make_llama
 
@@ -108,7 +108,7 @@ def test_teal_on_silu_model(models, tmp_path):
             mats = {p: layer.projection(p) for p in setting[i]}
             skipped = {p: float((np.abs(inputs[i][INPUT_OF[p]]) < setting[i][p]).mean()) for p in mats}
             achieved = sum(skipped[p] * mats[p].nbytes for p in mats) / sum(m.nbytes for m in mats.values())
-            assert target - 0.02 <= achieved <= target + STEP + 0.02, (target, i, achieved)
+            assert target - 0.02 <= achieved <= target + 0.02, (target, i, achieved)  # the walk stops on the target
     rt.decoder.teal = hi
     rt.decoder.reset()
     batched = rt.decoder.forward(ids[:30], batched_sparse=True)

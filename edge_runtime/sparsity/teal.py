@@ -67,7 +67,8 @@ def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], ta
     Block by block (the other blocks dense), each step raises by STEP the sparsity of the projection
     whose step least increases the error of the block's output (the next block's normalised input, or
     the logits after the last block) per weight byte it saves, measured by running the model on the
-    windows. One greedy walk serves every target: a target's setting is where the walk first reaches it."""
+    windows. One greedy walk serves every target: a target's setting is the point of the walk where the
+    block's byte-weighted sparsity equals it (the step that crosses it taken in part)."""
     for target in targets:
         if not 0 < target < 1:
             raise EdgeRuntimeError(f"TEAL target must be in (0, 1), got {target}")
@@ -94,12 +95,21 @@ def _allocate(rt, inputs, wins, targets, criterion, dense_out) -> dict[float, li
         def thresholds(lv: dict[str, float], ax=absx) -> dict[str, float]:
             return {p: float(np.quantile(ax[p], s)) if s > 0 else 0.0 for p, s in lv.items()}
 
+        def reached(lv: dict[str, float], nb=nbytes, tot=total) -> float:
+            return sum(v * nb[p] for p, v in lv.items()) / tot
+
         current = 0.0
         pending = sorted(targets)
+        moved: str | None = None  # the projection the last step raised
 
         while pending:
-            while pending and sum(level[p] * nbytes[p] for p in mats) / total >= pending[0] - 1e-9:
-                out[pending.pop(0)].append(thresholds(level))
+            while pending and reached(level) >= pending[0] - 1e-9:
+                # the target is crossed inside the last step: its projection stops where the block's
+                # byte-weighted sparsity equals the target exactly (no overshoot of up to one step)
+                exact = dict(level)
+                if moved is not None:
+                    exact[moved] = max(0.0, level[moved] - (reached(level) - pending[0]) * total / nbytes[moved])
+                out[pending.pop(0)].append(thresholds(exact))
             if not pending:
                 break
             best, best_cost, best_err = None, np.inf, 0.0
@@ -116,6 +126,7 @@ def _allocate(rt, inputs, wins, targets, criterion, dense_out) -> dict[float, li
                     out[t].append(thresholds(level))
                 break
             level[best] += STEP
+            moved = best
             current = best_err
     return out
 
