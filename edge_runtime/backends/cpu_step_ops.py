@@ -118,3 +118,16 @@ def teal_mask(x, threshold, out):
     """out = x where |x| >= threshold, else 0 (TEAL: inputs under the threshold skip their weight column)."""
     for i in range(x.shape[0]):
         out[i] = x[i] if abs(x[i]) >= threshold else np.float32(0.0)
+
+
+@kernel()
+def teal_select(x, threshold, idx, h):
+    """The input channels TEAL keeps: idx[:n] their indices (int32), h[:n] their values; returns n.
+    x (K,) float32; idx, h (>= K,)."""
+    n = 0
+    for i in range(x.shape[0]):
+        if abs(x[i]) >= threshold:
+            idx[n] = i
+            h[n] = x[i]
+            n += 1
+    return n
