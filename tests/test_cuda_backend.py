@@ -129,6 +129,13 @@ def test_sparse_with_attention_teal_equals_cpu(models):
     graphs = len(gpu.backend._graphs)
     _run(gpu, rules, teal=[{p: t * 1.5 for p, t in layer.items()} for layer in teal])
     assert len(gpu.backend._graphs) == graphs  # new values, same TEAL products: no recapture
+    masked = []
+    for rt in (cpu, gpu):  # the evaluation pass (masked prefill) applies both too
+        rt.decoder.set_sparsity(rules)
+        rt.decoder.teal = teal
+        rt.decoder.reset()
+        masked.append(rt.decoder.prefill(PROMPT, masked=True))
+    assert _rel(masked[1], masked[0]) < 2e-3
 
 
 def test_graph_replay_equals_eager_and_knobs_need_no_recapture(models):

@@ -190,12 +190,12 @@ class CudaBackend:
         """Evaluation path: the predicted masks are computed by the numpy predictor on the host (one copy of
         x per layer), the FFN on the device."""
         cp = self.cp
-        if self.cp.asnumpy(self.state.teal[i]).any():
+        st = self.state
+        rule = layer_rule(int(st.predictor[i]), cp.asnumpy(st.alpha[i]), cp.asnumpy(st.theta[i]))
+        if rule is None and self.teal_on[i, TEAL_SLOT["gate"]:].any():  # TEAL mode (a predictor takes precedence)
             _, hidden = self.ffn_parts(x, layer, teal_layer=i)
             t = self._teal_threshold((i, "down"))
             return self.ffn_down(cp.where(cp.abs(hidden) >= t, hidden, np.float32(0.0)), layer)
-        st = self.state
-        rule = layer_rule(int(st.predictor[i]), cp.asnumpy(st.alpha[i]), cp.asnumpy(st.theta[i]))
         if rule is None:
             return self.ffn_down(self.ffn_parts(x, layer)[1], layer)
         active = cp.asarray(rule.active(cp.asnumpy(x), layer.gate_signs))

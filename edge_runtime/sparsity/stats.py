@@ -68,8 +68,9 @@ class FFNStats:
             out["attn_bytes_fraction"] = float(self.attn_bytes_read.sum()) / int(self.attn_bytes_dense.sum())
             out["layer_bytes_fraction"] = (float(self.bytes_read.sum() + self.attn_bytes_read.sum())
                                            / int(self.bytes_dense.sum() + self.attn_bytes_dense.sum()))
-            out["layer_bytes_per_token"] = (float(self.bytes_read.sum() + self.attn_bytes_read.sum())
-                                            / max(int(self.steps[0]), 1))
+            steps = max(int(self.steps[0]), 1)
+            out["layer_bytes_per_token"] = float(self.bytes_read.sum() + self.attn_bytes_read.sum()) / steps
+            out["layer_dense_bytes_per_token"] = float(self.bytes_dense.sum() + self.attn_bytes_dense.sum()) / steps
         if self.recall_steps.any():
             out["recall"] = float(self.hits.sum()) / max(int(self.true_active.sum()), 1)
         out["per_layer"] = rows
