@@ -42,7 +42,8 @@ class DecodeState:
     predictor: Any  # (L,) int32: DENSE | SPARSEINFER | PROJECTION per layer
     alpha: Any  # (L,) float32: SparseInfer alpha per layer
     theta: Any  # (L, ffn_dim) float32: projection-predictor thresholds per neuron
-    teal: Any  # (L, 7) float32: TEAL thresholds per projection input (PROJECTIONS order), 0 = off
+    teal: Any  # (L, 7) float32: TEAL thresholds per projection input (PROJECTIONS order), 0 = off; a sparse
+    #            step reads the q, k, v, o ones (column skipping beside the FFN predictor), a TEAL step all seven
     counters: Any  # (len(FIELDS), L) int64: FFN statistic accumulators, read only when asked
     seen: Any  # (vocab,) uint8: 1 for ids in the prompt or generated so far (repetition penalty)
     measure_recall: bool = False  # also run the dense gate to count recall (evaluation only)
@@ -108,7 +109,9 @@ class Backend(Protocol):
 
     def linear(self, x, lin: Linear, out=None, teal: tuple[int, str] | None = None, add_to=None):
         """(T, K) -> (T, N) = x W^T + b. teal=(layer, projection): input channels with |x| under that
-        threshold in `state.teal` are skipped. add_to: accumulate into it (residual) instead of out."""
+        threshold in `state.teal` are skipped (one token: their weight columns are not read, from a W^T made
+        by set_knobs; the bytes of q, k, v, o products are counted in `state.counters`). add_to: accumulate
+        into it (residual) instead of out."""
 
     def rope(self, x, positions, n_heads: int):
         """(T, n_heads * head_dim), rotated in place per head at `positions` (HF rotate_half)."""
