@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=argtypes.count, default=256)
     p.add_argument("--teal-targets", default="auto",
                    help="comma-separated TEAL sparsity targets; auto: 0.25,0.4,0.5 for non-ReLU models, none for ReLU")
+    p.add_argument("--attention-levels", default="auto",
+                   help="ReLU models: comma-separated TEAL sparsity levels of the attention inputs the selection path "
+                        "may move through (from 0); auto: 0,0.1,...,0.7; none: FFN-only paths")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("profile", help="device profiles: list, show, detect, select")
@@ -233,9 +236,13 @@ def _sparse_setting(args, rt) -> list | float | None:
     if args.sparsity in ("off", "teal"):
         rt.set_teal(args.teal_target if args.sparsity == "teal" else None)
         return None
+    rt.set_teal(None)
     if args.alpha is not None:
         return args.alpha
-    return rt.rules_for(rt.selection) if rt.selection is not None else rt.default_alpha
+    if rt.selection is None:
+        return rt.default_alpha
+    rt.decoder.teal = rt.teal_for(rt.selection)  # the selection's attention thresholds (None: dense attention)
+    return rt.rules_for(rt.selection)
 
 
 def _apply_sparsity(args, rt, measure_recall: bool = False) -> None:
@@ -328,7 +335,8 @@ def cmd_demo(args) -> int:
 
     rt = load(None, backend="auto", threads=args.threads)
     sel = rt.selection
-    rt.set_sparsity(rt.rules_for(sel) if sel is not None else rt.default_alpha, measure_recall=True)
+    if not rt.follow_policy(measure_recall=True):  # the policy's rules and attention thresholds, else the default
+        rt.set_sparsity(rt.default_alpha, measure_recall=True)
     res = rt.generate(DEMO_PROMPT, max_new_tokens=48, repetition_penalty=1.2)
     if not args.json:
         how = (f"profile {rt.profile.name}, mode {rt.power_mode}, {sel.predictor} predictor, per-layer "
@@ -352,11 +360,14 @@ def cmd_eval(args) -> int:
         res["knobs"] = rt.selection.knobs
         # every calibrated predictor at its own policy selection, on the same text
         res["predictors"] = {}
+        teal = rt.decoder.teal
         for name in rt.calibration["predictors"]:
             sel = select(rt.calibration, rt.config, rt.model.manifest["encoding"], rt.profile, rt.power_mode,
                          rt.objective, name, kv_tokens=min(DEFAULT_KV_TOKENS, rt.decoder.max_context))
+            rt.decoder.teal = rt.teal_for(sel)
             one = res if name == rt.selection.predictor else evaluate_text(
                 rt, text, rt.rules_for(sel), window=args.window, max_tokens=args.max_tokens)
+            rt.decoder.teal = teal
             res["predictors"][name] = {"knobs": sel.knobs, **{k: one[k] for k in (
                 "ppl_sparse", "predicted_density", "recall", "top1_agreement", "ffn_bytes_fraction")}}
     if args.json:
@@ -371,6 +382,11 @@ def cmd_eval(args) -> int:
               f"FFN sparsity {res['ffn_sparsity']:.4f}  predicted density {res['predicted_density']:.3f}  "
               f"recall {res['recall']:.4f}  top-1 agreement {res['top1_agreement']:.4f}  "
               f"FFN bytes {res['ffn_bytes_fraction']:.3f} of dense")
+        if "layer_bytes_fraction" in res:
+            print(f"weight bytes per token: layers {res['layer_bytes_per_token']:.0f} "
+                  f"({res['layer_bytes_fraction']:.3f} of dense; attention {res['attn_bytes_fraction']:.3f}), "
+                  f"LM head {res['lm_head_bytes_per_token']:.0f}, step {res['step_bytes_per_token']:.0f} "
+                  f"({res['step_bytes_fraction']:.3f} of dense)")
         for r in res["per_layer"]:
             print(f"  layer {r['layer']:2d}: sparsity {r['ffn_sparsity']:.4f}  predicted {r['predicted_density']:.3f}"
                   f"  recall {r['recall']:.4f}  bytes {r['ffn_bytes_fraction']:.3f}")
@@ -447,7 +463,7 @@ def cmd_chat(args) -> int:
 def cmd_calibrate(args) -> int:
     from edge_runtime.paths import resolve_model
     from edge_runtime.runtime import load
-    from edge_runtime.sparsity.calibrate import calibrate, write_calibration
+    from edge_runtime.sparsity.calibrate import ATTN_LEVELS, calibrate, write_calibration
 
     path = Path(args.text)
     text = _read_text(path)
@@ -466,8 +482,15 @@ def cmd_calibrate(args) -> int:
                 float(t) for t in args.teal_targets.split(",") if t.strip())
         except ValueError:
             raise EdgeRuntimeError(f"--teal-targets must be numbers like 0.25,0.4, got {args.teal_targets!r}") from None
+        levels = ATTN_LEVELS if args.attention_levels == "auto" else () if args.attention_levels == "none" else None
+        if levels is None:
+            try:
+                levels = tuple(float(v) for v in args.attention_levels.split(",") if v.strip())
+            except ValueError:
+                raise EdgeRuntimeError(f"--attention-levels must be numbers like 0,0.2,0.4 or none, got "
+                                       f"{args.attention_levels!r}") from None
         calib, thresholds = calibrate(rt, text, source=path.name, window=args.window, max_tokens=args.max_tokens,
-                                      teal_targets=targets, progress=progress)
+                                      teal_targets=targets, attention_levels=levels, progress=progress)
     try:
         out = write_calibration(model_dir, calib, thresholds)
     except OSError as e:
@@ -548,7 +571,13 @@ def _profile_select(args) -> int:
           f"perplexity" + (", reached" if sel.at_cap else ""))
     knob = calibrated[0]["predictors"][sel.predictor]["knob"]
     print(f"predictor {sel.predictor}, per-layer {knob}: " + " ".join(f"{a:g}" for a in sel.knobs))
-    print(f"FFN bytes {sel.ffn_bytes_fraction:.3f} of dense; {sel.bytes_per_token / 1e6:.3f} MB read per token")
+    if sel.attention:
+        print("attention TEAL sparsity per layer [q/k/v, o]: "
+              + " ".join(f"[{a:g}, {b:g}]" for a, b in sel.attention))
+    print(f"FFN bytes {sel.ffn_bytes_fraction:.3f} of dense"
+          + (f", attention {sel.attn_bytes_fraction:.3f}, layers {sel.layer_bytes_fraction:.3f}"
+             if sel.layer_bytes_fraction is not None else "")
+          + f"; {sel.bytes_per_token / 1e6:.3f} MB read per token")
     print(f"PROJECTION from the profile's bandwidth (not a measurement): {sel.projected_ms_per_token:.3f} ms/token, "
           f"{sel.projected_tokens_per_s:.0f} tokens/s")
     if sel.expected_ppl_increase_pct is not None:

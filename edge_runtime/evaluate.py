@@ -50,7 +50,7 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
     stats = dec.stats if sparse else None  # read once, after every window
     dec.set_sparsity(saved)
     out = {"tokens": n, "ppl_dense": float(np.exp(nll_dense / n))}
-    if teal is not None:
+    if teal is not None and setting is None:
         out.update({"ppl_teal": float(np.exp(nll_sparse / n)), "top1_agreement": agree / n})
     elif sparse:
         s = stats.summary()
@@ -69,4 +69,17 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
                            "recall": r.get("recall"), "ffn_bytes_fraction": r["ffn_bytes_fraction"]}
                           for r in s["per_layer"]],
         })
+        out.update(step_bytes(s, rt.backend.weights.lm_head.nbytes))
     return out
+
+
+def step_bytes(summary: dict, head_bytes: int) -> dict:
+    """Weight bytes per decode token from FFN statistics: the layers' (attention, FFN with its sign planes
+    and thresholds, TEAL thresholds) and the whole step's (the layers and the LM head, read dense)."""
+    if "layer_bytes_fraction" not in summary:
+        return {}
+    layer, dense = summary["layer_bytes_per_token"], summary["layer_dense_bytes_per_token"]
+    return {"attn_bytes_fraction": summary["attn_bytes_fraction"], "layer_bytes_fraction": layer / dense,
+            "layer_bytes_per_token": layer, "lm_head_bytes_per_token": float(head_bytes),
+            "step_bytes_per_token": layer + head_bytes,
+            "step_bytes_fraction": (layer + head_bytes) / (dense + head_bytes)}

@@ -28,7 +28,7 @@ from edge_runtime.model.tokenizer import Tokenizer
 from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
 from edge_runtime.pack.loader import PackedModel, load_packed
 from edge_runtime.paths import resolve_model
-from edge_runtime.sparsity.calibrate import read_calibration, rules_for
+from edge_runtime.sparsity.calibrate import attention_teal, read_calibration, rules_for
 from edge_runtime.sparsity.policy import Objective, Selection, choose_predictor, quality_cap, select
 
 DEFAULT_CONTEXT = 2048
@@ -102,8 +102,13 @@ class Runtime:
         if self.selection is None:
             return False
         self._policy_drives_sparsity = True
-        self.decoder.set_sparsity(self.rules_for(self.selection), measure_recall)
+        self._apply(self.selection, measure_recall)
         return True
+
+    def _apply(self, selection: Selection, measure_recall: bool) -> None:
+        """A selection's predictor rules and attention TEAL thresholds into the decoder (next token on)."""
+        self.decoder.teal = self.teal_for(selection)
+        self.decoder.set_sparsity(self.rules_for(selection), measure_recall)
 
     def set_teal(self, target: float | None) -> None:
         """TEAL magnitude sparsity at a calibrated target (0.25, 0.4, 0.5 ...); None turns it off."""
@@ -168,7 +173,7 @@ class Runtime:
                            kv_tokens=min(DEFAULT_KV_TOKENS, self.decoder.max_context))
         self.selection = selection
         if self._policy_drives_sparsity:
-            self.decoder.set_sparsity(self.rules_for(selection), self.decoder.measure_recall)
+            self._apply(selection, self.decoder.measure_recall)
         return selection
 
     def health_info(self) -> dict:
@@ -195,6 +200,11 @@ class Runtime:
         section = self.calibration["predictors"][selection.predictor]
         grid = section["grid"]
         return rules_for(selection.predictor, tuple(grid), self.thresholds, [grid.index(k) for k in selection.knobs])
+
+    def teal_for(self, selection: Selection) -> list[dict[str, float]] | None:
+        """The per-layer attention TEAL thresholds a selection stands for; None when it keeps attention dense."""
+        section = self.calibration["predictors"][selection.predictor]
+        return attention_teal(section.get("attention"), selection.attention)
 
     def watch_power_mode(self, read_mode, interval_s: float = 1.0) -> None:
         """Poll `read_mode()` (e.g. the nvpmodel reader) and re-select on every change. Stopped by close()."""

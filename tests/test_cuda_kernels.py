@@ -654,6 +654,34 @@ def test_teal_gemv(cp, enc, n, k, extras):
         assert _rel(y.get(), expected) < F32
 
 
+@pytest.mark.parametrize("n,k", [(64, 96), (200, 256)])
+def test_teal_gemv_int8_columns_counts_kept(cp, n, k):
+    """An int8 weight's columns as stored (per-output-row scales applied after the sum), against the cpu twin's
+    column kernel; the kernel adds the channels it kept to a device counter."""
+    from edge_runtime.backends.cpu_dispatch import ColumnKernels
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+    from edge_runtime.backends.cuda_ops.teal import TealGemv
+
+    rng = np.random.default_rng(zlib.crc32(f"int8c {n} {k}".encode()))
+    w = _pack(rng.standard_normal((n, k)).astype(np.float32), "int8")  # (N, K) as stored
+    bias = rng.standard_normal(n).astype(np.float32)
+    cols, dev, kern = ColumnKernels(w, threads=1), DeviceMatrix.int8_columns(w), TealGemv()
+    thr, kept = cp.zeros(1, cp.float32), cp.zeros(1, cp.uint64)
+    xs = rng.uniform(0.2, 3.0, k).astype(np.float32)  # WINA-like channel factors
+    total = 0
+    for q in (0.0, 0.5, 0.8):
+        x = rng.standard_normal(k).astype(np.float32)
+        t = np.float32(0.0) if q == 0 else _midway(np.abs(x) * xs, q, 1.0)
+        thr[...] = t
+        expected = np.full(n, np.nan, np.float32)
+        total += cols.gemv(x, xs, t, expected, bias=bias)
+        assert _rel(expected, w.dequantize() @ np.where(np.abs(x) * xs >= t, x, 0) + bias) < F32
+        y = _nan(cp, n)
+        kern(dev, cp.asarray(x), cp.asarray(xs), thr, y, bias=cp.asarray(bias), splits=5, kept=kept)
+        assert _rel(y.get(), expected) < F32
+    assert int(kept.get()[0]) == total
+
+
 # ------------------------------------------------------------------------------------------- CUDA graph
 class _TinyDecode:
     """A one-layer decode step from the ops above: embed -> q/k/v (RMSNorm fused) -> RoPE, KV append ->

@@ -43,7 +43,8 @@ class DecodeState:
     predictor: Any  # (L,) int32: DENSE | SPARSEINFER | PROJECTION per layer
     alpha: Any  # (L,) float32: SparseInfer alpha per layer
     theta: Any  # (L, ffn_dim) float32: projection-predictor thresholds per neuron
-    teal: Any  # (L, 7) float32: TEAL thresholds per projection input (PROJECTIONS order), 0 = off
+    teal: Any  # (L, 7) float32: TEAL thresholds per projection input (PROJECTIONS order), 0 = off; a sparse
+    #            step reads the q, k, v, o ones (column skipping beside the FFN predictor), a TEAL step all seven
     # (L, 7, K_max) float32: per input channel factor s of the criterion |x| * s >= threshold, the first K of
     # each row used (K = the projection's input width): ones for TEAL, the weight column norms for WINA
     teal_scale: Any
@@ -131,8 +132,9 @@ class Backend(Protocol):
 
     def linear(self, x, lin: Linear, out=None, teal: tuple[int, str] | None = None, add_to=None):
         """(T, K) -> (T, N) = x W^T + b. teal=(layer, projection): input channels whose |x| * s (s from
-        `state.teal_scale`) is under that projection's threshold in `state.teal` are skipped. add_to:
-        accumulate into it (residual) instead of out."""
+        `state.teal_scale`) is under that projection's threshold in `state.teal` are skipped (one token:
+        their weight columns are not read, from a W^T made by set_knobs; the bytes of q, k, v, o products are
+        counted in `state.counters`). add_to: accumulate into it (residual) instead of out."""
 
     def rope(self, x, positions, n_heads: int):
         """(T, n_heads * head_dim), rotated in place per head at `positions` (HF rotate_half)."""

@@ -28,9 +28,18 @@ from edge_runtime.backends.base import (
     teal_array,
     teal_scale_array,
 )
-from edge_runtime.backends.cpu_dispatch import MatrixKernels
+from edge_runtime.backends.cpu_dispatch import ColumnKernels, MatrixKernels
 from edge_runtime.backends.jit import default_threads, threads_for, use_threads
-from edge_runtime.backends.weights import PROJECTIONS, Layer, Linear, Norm, weights_of
+from edge_runtime.backends.weights import (
+    ATTENTION,
+    PROJECTIONS,
+    Layer,
+    Linear,
+    Norm,
+    column_layout,
+    linear_read_bytes,
+    weights_of,
+)
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import Sampler, SamplingParams
 from edge_runtime.pack.loader import PackedModel
@@ -57,6 +66,7 @@ class CpuBackend:
         self.threads = threads or default_threads()  # compiled kernels' threads (set per decode step)
         use_threads(self.threads)
         self.kernels = {id(m): MatrixKernels(m, self.threads) for m in model.matrices.values()}
+        self.columns: dict[int, ColumnKernels] = {}  # id(W) -> W^T for TEAL column skipping (made by set_knobs)
         self.max_context = max_context
         self.weights = weights_of(model)
         # the weights by name, for tests and tools that compare against other engines
@@ -146,7 +156,8 @@ class CpuBackend:
 
     def linear(self, x: np.ndarray, lin: Linear, out: np.ndarray | None = None, teal: tuple[int, str] | None = None,
                add_to: np.ndarray | None = None) -> np.ndarray:
-        """(T, K) @ W^T (+ b) -> (T, N). One token: the compiled GEMV on the stored encoding."""
+        """(T, K) @ W^T (+ b) -> (T, N). One token: the compiled GEMV on the stored encoding, or with a TEAL
+        threshold set, the column-skipping product over W^T (only kept channels' columns read)."""
         k = self.kernels[id(lin.w)]
         if x.shape[0] == 1:
             n = lin.w.shape[0]
@@ -155,7 +166,17 @@ class CpuBackend:
             else:
                 out = np.empty((1, n), np.float32) if out is None else out
                 y = out[0]
-            k.gemv(self._gemv_input(x[0], teal), y, bias=lin.b)
+            t = self._teal_threshold(teal)
+            cols = self.columns.get(id(lin.w)) if t > 0 else None
+            if cols is not None:
+                kept = cols.gemv(x[0], self._teal_scale(teal, x.shape[1]), t, y, bias=lin.b)
+            else:
+                k.gemv(self._gemv_input(x[0], teal), y, bias=lin.b)
+                kept = None
+            if teal is not None and teal[1] in ATTENTION:  # the step's attention bytes (FFN: ffn_step)
+                c = self.state.counters
+                c[C["attn_bytes_read"], teal[0]] += int(linear_read_bytes(lin.w, kept))
+                c[C["attn_bytes_dense"], teal[0]] += lin.w.nbytes
             if add_to is None:
                 return out
             add_to[0] += y
@@ -270,10 +291,10 @@ class CpuBackend:
     def ffn_masked(self, i: int, x: np.ndarray, layer: Layer) -> np.ndarray:
         """(T, d) -> (T, d): every token's FFN with its own predicted mask (and TEAL thresholds), dense
         arithmetic masked. Same function as ffn_step token by token; for evaluation, not a fast path."""
-        if self.state.teal[i].any():
-            return self._ffn_teal(i, x, layer)
         st = self.state
         rule = layer_rule(int(st.predictor[i]), st.alpha[i], st.theta[i])
+        if rule is None and st.teal[i, TEAL_SLOT["gate"]:].any():  # TEAL mode (a predictor takes precedence)
+            return self._ffn_teal(i, x, layer)
         if rule is None:
             return self.ffn_down(self.ffn_parts(x, layer)[1], layer)
         active = rule.active(x, layer.gate_signs)  # (T, N) bool
@@ -403,6 +424,12 @@ class CpuBackend:
             self.state.teal_scale[:] = teal_scale_array(self.weights, teal_criterion, cfg)
             self._teal_criterion = teal_criterion
         self.state.measure_recall = measure_recall
+        for i, layer in enumerate(self.weights.layers):  # W^T for column skipping: made now, never in a step
+            for p in ATTENTION:
+                lin = getattr(layer, p)
+                if (self.state.teal[i, TEAL_SLOT[p]] > 0 and column_layout(lin.w) is not None
+                        and id(lin.w) not in self.columns):
+                    self.columns[id(lin.w)] = ColumnKernels(lin.w, self.threads)
 
     def read_stats(self) -> FFNStats:
         self.stats_reads += 1

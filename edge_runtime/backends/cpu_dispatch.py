@@ -12,7 +12,9 @@ import numpy as np
 
 import edge_runtime.backends.cpu_gemv as dense
 import edge_runtime.backends.cpu_sparse_rows as sparse
+from edge_runtime.backends.cpu_step_ops import teal_select
 from edge_runtime.backends.jit import f16_bits, threads_for, use_threads
+from edge_runtime.backends.weights import COLUMN_ENCODINGS
 from edge_runtime.pack.quant import PackedTensor
 
 BLOCK_BYTES = 4 << 20  # fp32 rows dequantised at once by the batched path
@@ -99,3 +101,35 @@ class MatrixKernels:
         for r in range(0, n, step):
             out += h[:, r:r + step] @ self.t.dequantize(slice(r, r + step))
         return out
+
+
+class ColumnKernels:
+    """TEAL column skipping over one (N, K) PackedTensor stored column-major (backends/weights.column_layout):
+    only the rows of W^T of the input channels kept are read. Made between tokens, when a threshold is set.
+      wt       (K, N) float32 | uint16 (fp16 bits) | int8: the stored values transposed (int8 without scales)
+      colscale (N,) float32: int8's per-output-row scales, applied after the sum; (0,) otherwise
+      idx, h   (K,) int32 / float32: kept channels and their values; part (threads, N) partial sums."""
+
+    def __init__(self, t: PackedTensor, threads: int):
+        n, k = t.shape
+        if t.encoding not in COLUMN_ENCODINGS:
+            raise ValueError(f"no column layout for {t.encoding} weights")
+        w = t.arrays["q"] if t.encoding == "int8" else t.arrays["w"]
+        self.wt = f16_bits(np.ascontiguousarray(np.asarray(w).T))
+        self.colscale = (np.asarray(t.arrays["scale"], np.float32) if t.encoding == "int8" else NO_F32)
+        self.idx, self.h = np.zeros(k, np.int32), np.zeros(k, np.float32)
+        self.threads = threads_for(self.wt.nbytes, threads)
+        self.part = np.zeros((threads, n), np.float32)
+
+    def gemv(self, x: np.ndarray, scale: np.ndarray, threshold: np.float32, out: np.ndarray,
+             bias: np.ndarray | None = None) -> int:
+        """out (N,) = W mask(x) (+ bias), mask(x) = x where |x| * scale >= threshold (scale (K,): ones for TEAL,
+        column norms for WINA); returns the channels kept."""
+        m = teal_select(x, scale, threshold, self.idx, self.h)
+        use_threads(self.threads)
+        dense.axpy_rows(self.wt, NO_U16, self.h, self.idx, m, self.part, out)
+        if self.colscale.shape[0]:
+            out *= self.colscale
+        if bias is not None:
+            out += bias
+        return m

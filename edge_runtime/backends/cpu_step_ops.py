@@ -135,3 +135,16 @@ def teal_mask(x, scale, threshold, out):
     inputs under the threshold skip their weight column). x, scale, out (K,) float32."""
     for i in range(x.shape[0]):
         out[i] = x[i] if abs(x[i]) * scale[i] >= threshold else np.float32(0.0)
+
+
+@kernel()
+def teal_select(x, scale, threshold, idx, h):
+    """The input channels TEAL keeps (|x| * scale >= threshold): idx[:n] their indices (int32), h[:n] their
+    values; returns n. x, scale (K,) float32; idx, h (>= K,)."""
+    n = 0
+    for i in range(x.shape[0]):
+        if abs(x[i]) * scale[i] >= threshold:
+            idx[n] = i
+            h[n] = x[i]
+            n += 1
+    return n

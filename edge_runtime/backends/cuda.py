@@ -36,7 +36,7 @@ from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFNKernels
 from edge_runtime.backends.cuda_ops.teal import TealGemv
 from edge_runtime.backends.cuda_weights import DeviceWeights
-from edge_runtime.backends.weights import PROJECTIONS, Layer, Linear, Norm, weights_of
+from edge_runtime.backends.weights import ATTENTION, PROJECTIONS, Layer, Linear, Norm, linear_read_bytes, weights_of
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.pack.loader import PackedModel
@@ -95,6 +95,11 @@ class CudaBackend:
         self.dense_counts = cp.zeros((cfg.n_layers, 2), dtype=cp.uint64)  # the same from dense steps: not reported
         self.up_dropped = cp.zeros((2, cfg.n_layers), dtype=cp.uint64)  # dReLU rows dropped for up <= 0: sparse, dense
         self.ffn_steps = np.zeros((cfg.n_layers, 3), dtype=np.int64)  # host: sparse steps per kind (dense, si, proj)
+        # TEAL on q, k, v, o: which thresholds are set (host: the kernels a graph holds depend on it), the input
+        # channels kept (device, counted by the kernel) and the steps run with the threshold set or not (host)
+        self.teal_on = np.zeros((cfg.n_layers, len(PROJECTIONS)), dtype=bool)
+        self.attn_kept = cp.zeros((cfg.n_layers, len(ATTENTION)), dtype=cp.uint64)
+        self.attn_steps = np.zeros((cfg.n_layers, len(ATTENTION), 2), dtype=np.int64)  # [..., 0 dense / 1 TEAL]
         self.sampling = SimpleNamespace(params=cp.zeros(4, f32), iparams=cp.zeros(4, cp.int32),
                                         work=cp.zeros(v, f32), ids=cp.zeros(max_context, cp.int32))
         self._graphs: dict[tuple, object] = {}
@@ -148,11 +153,12 @@ class CudaBackend:
                 return add_to
             return y
         xv = x.reshape(-1)
-        if teal is not None:  # skipped input channels are skipped rows of W^T
+        if teal is not None and self.teal_on[teal[0], TEAL_SLOT[teal[1]]]:  # skipped channels: skipped rows of W^T
             y = add_to if add_to is not None else out
+            i, p = teal
+            kept = self.attn_kept[i, ATTENTION.index(p):ATTENTION.index(p) + 1] if p in ATTENTION else None
             self.k.teal(dl.transposed(), xv, self._teal_scale(teal, xv.shape[0]), self._teal_threshold(teal),
-                        y.reshape(-1), bias=dl.b,
-                        accumulate=add_to is not None)
+                        y.reshape(-1), bias=dl.b, accumulate=add_to is not None, kept=kept)
             return y
         if add_to is not None:
             self.k.gemv(dl.m, xv, add_to.reshape(-1), bias=dl.b, residual=add_to.reshape(-1))
@@ -218,12 +224,12 @@ class CudaBackend:
         """Evaluation path: the predicted masks are computed by the numpy predictor on the host (one copy of
         x per layer), the FFN on the device."""
         cp = self.cp
-        if self.cp.asnumpy(self.state.teal[i]).any():
+        st = self.state
+        rule = layer_rule(int(st.predictor[i]), cp.asnumpy(st.alpha[i]), cp.asnumpy(st.theta[i]))
+        if rule is None and self.teal_on[i, TEAL_SLOT["gate"]:].any():  # TEAL mode (a predictor takes precedence)
             _, hidden = self.ffn_parts(x, layer, teal_layer=i)
             t, s = self._teal_threshold((i, "down")), self._teal_scale((i, "down"), hidden.shape[1])
             return self.ffn_down(cp.where(cp.abs(hidden) * s >= t, hidden, np.float32(0.0)), layer)
-        st = self.state
-        rule = layer_rule(int(st.predictor[i]), cp.asnumpy(st.alpha[i]), cp.asnumpy(st.theta[i]))
         if rule is None:
             return self.ffn_down(self.ffn_parts(x, layer)[1], layer)
         active = cp.asarray(rule.active(cp.asnumpy(x), layer.gate_signs))
@@ -278,11 +284,16 @@ class CudaBackend:
         kinds = tuple(int(k) for k in self.state.predictor) if mode == "sparse" else ()
         for i, kind in enumerate(kinds):
             self.ffn_steps[i, kind] += 1
+        teal_on = self.teal_on if mode != "dense" else np.zeros_like(self.teal_on)
+        if mode != "dense":
+            on = teal_on[:, :len(ATTENTION)].astype(np.int64)
+            self.attn_steps[:, :, 1] += on
+            self.attn_steps[:, :, 0] += 1 - on
         with self.stream:
             if not self.use_graphs:
                 self._issue(body)
             else:
-                key = (mode, kinds)
+                key = (mode, kinds, teal_on.tobytes())  # which TEAL products a step holds; values stay in memory
                 graph = self._graphs.get(key)
                 if graph is None:
                     graph = self._graphs[key] = self._capture(body)
@@ -343,16 +354,18 @@ class CudaBackend:
         self.state.predictor[:] = kind
         self.state.alpha[...] = cp.asarray(alpha)
         self.state.theta[...] = cp.asarray(theta)
-        self.state.teal[...] = cp.asarray(teal_array(teal, cfg.n_layers))
+        thresholds = teal_array(teal, cfg.n_layers)
+        self.state.teal[...] = cp.asarray(thresholds)
+        self.teal_on[...] = thresholds > 0
         if teal is not None and teal_criterion != self._teal_criterion:
             self.state.teal_scale[...] = cp.asarray(teal_scale_array(self.weights, teal_criterion, cfg))
             self._teal_criterion = teal_criterion
         self.state.measure_recall = measure_recall
-        if teal is not None:  # TEAL reads W^T: made now, never inside a captured step (no allocation there)
-            for layer in self.weights.layers:
-                for lin in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up):
-                    if lin is not None:
-                        self.dev.of(lin).transposed()
+        for i, layer in enumerate(self.weights.layers):  # W^T made now, never inside a captured step
+            for p in PROJECTIONS[:6]:
+                lin = getattr(layer, p)
+                if lin is not None and self.teal_on[i, TEAL_SLOT[p]]:
+                    self.dev.of(lin).transposed()
 
     def read_stats(self) -> FFNStats:
         """Counters from the device ({predicted, kept} per layer) and the host's step counts per predictor kind;
@@ -368,6 +381,13 @@ class CudaBackend:
             s.bytes_read[i] = int(layer.ffn_read_bytes(steps, dev[i, 0], dev[i, 1], self.ffn_steps[i, PROJECTION],
                                                        up_dropped[i]))
             s.bytes_dense[i] = steps * layer.ffn_dense_bytes()
+        kept = self.cp.asnumpy(self.attn_kept).astype(np.int64)  # (L, 4)
+        for i, layer in enumerate(self.weights.layers):
+            for j, p in enumerate(ATTENTION):
+                w = getattr(layer, p).w
+                dense, on = self.attn_steps[i, j]
+                s.attn_bytes_read[i] += int(linear_read_bytes(w, None, dense) + linear_read_bytes(w, kept[i, j], on))
+                s.attn_bytes_dense[i] += int((dense + on) * w.nbytes)
         self.state.counters[...] = s.counts
         return s
 
@@ -375,6 +395,8 @@ class CudaBackend:
         self.ffn_stats.fill(0)
         self.up_dropped.fill(0)
         self.ffn_steps[...] = 0
+        self.attn_kept.fill(0)
+        self.attn_steps[...] = 0
 
     def free(self) -> None:
         """Release device memory (weights, cache, graphs)."""

@@ -15,13 +15,19 @@ class DeviceLinear:
         self.host = lin.w
         self.m = DeviceMatrix(lin.w)  # (N, K) as stored
         self.b = _vec(lin.b)  # (N,) fp32 or None
-        self.t: DeviceMatrix | None = None  # (K, N) = W^T as fp16, for TEAL's column skipping (made on demand)
+        self.t: DeviceMatrix | None = None  # (K, N) = W^T for TEAL's column skipping (made on demand)
 
     def transposed(self) -> DeviceMatrix:
-        """W^T (K, N) fp16 for the TEAL kernel: skipped input channels are skipped rows. Widened from the stored
-        encoding and rounded to fp16 once (exact for fp16 models; int8/int4 values keep ~3 significant digits)."""
+        """W^T (K, N) for the TEAL kernel: skipped input channels are skipped rows. fp32, fp16 and int8 as
+        stored (int8 with its per-output-row scales; backends/weights.column_layout, as the cpu backend keeps
+        it); int4 and compressed rows widened and rounded to fp16 once (~3 significant digits)."""
         if self.t is None:
-            self.t = DeviceMatrix(quantize(np.ascontiguousarray(self.host.dequantize().T), "fp16"))
+            h = self.host
+            if h.encoding == "int8":
+                self.t = DeviceMatrix.int8_columns(h)
+            else:
+                enc = h.encoding if h.encoding in ("fp32", "fp16") else "fp16"
+                self.t = DeviceMatrix(quantize(np.ascontiguousarray(h.dequantize().T), enc))
         return self.t
 
     def free(self) -> None:

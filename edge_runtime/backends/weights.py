@@ -15,6 +15,35 @@ from edge_runtime.sparsity.wina import COLNORM_NAME, packed_column_norms
 
 # TEAL thresholds are kept per layer in this order (one float per projection input); 0 = off.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+ATTENTION = ("q", "k", "v", "o")  # the projections a sparse step may TEAL-skip columns of
+TEAL_THRESHOLD_BYTES = 4  # one fp32 threshold read per projection a step skips columns of
+
+
+COLUMN_ENCODINGS = ("fp32", "fp16", "int8")  # kept column-major for TEAL as stored (int4, compressed: read dense)
+
+
+def column_layout(t: PackedTensor) -> tuple[int, int] | None:
+    """(bytes per kept input channel, bytes read whatever is kept) of an (N, K) weight stored column-major
+    (W^T, one row per input channel) for TEAL column skipping: fp32 and fp16 as stored; int8 as stored, its
+    per-output-row fp16 scales applied after the sum (N scales read once). None for int4 and compressed
+    rows, whose TEAL products mask the input and read every byte."""
+    n = t.shape[0]
+    if t.encoding not in COLUMN_ENCODINGS:
+        return None
+    if t.encoding == "int8":
+        return n, 2 * n
+    return (4 if t.encoding == "fp32" else 2) * n, 0
+
+
+def linear_read_bytes(t: PackedTensor, kept: float | None, steps: float = 1) -> float:
+    """Weight bytes of `steps` one-token products with t: every stored byte when kept is None (dense,
+    row-major) or t has no column layout, else `kept` input channels in all (column-major) plus each step's
+    fixed bytes and its threshold."""
+    layout = column_layout(t)
+    if kept is None or layout is None:
+        return steps * t.nbytes
+    per, fixed = layout
+    return kept * per + steps * (fixed + TEAL_THRESHOLD_BYTES)
 
 
 @dataclass
@@ -66,6 +95,13 @@ class Layer:
         signs, gate_row, up_row, down_row = self.ffn_row_bytes()
         return (steps * signs + projection_steps * 4 * self.gate.w.shape[0] + predicted * gate_row
                 + (kept + up_dropped) * up_row + kept * down_row)
+
+    def attn_dense_bytes(self) -> int:
+        return sum(getattr(self, p).w.nbytes for p in ATTENTION)
+
+    def attn_read_bytes(self, kept: dict[str, float | None], steps: float = 1) -> float:
+        """Attention weight bytes of `steps` steps: per projection, input channels kept in all (None = dense)."""
+        return sum(linear_read_bytes(getattr(self, p).w, kept.get(p), steps) for p in ATTENTION)
 
     def projection(self, name: str) -> PackedTensor | None:
         """The weight a TEAL projection name refers to (down: the transposed matrix)."""

@@ -55,10 +55,12 @@ def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
 
 
 def decode_bytes_per_token(cfg: ModelConfig, encoding: str, ffn_fraction: float = 1.0,
-                           kv_tokens: int = DEFAULT_KV_TOKENS) -> float:
-    """Bytes one decode step reads: attention weights, the FFN (times the fraction the predictor leaves,
-    sign planes included in the fraction), the output head, one embedding row and the KV cache so far."""
+                           kv_tokens: int = DEFAULT_KV_TOKENS, attn_fraction: float = 1.0) -> float:
+    """Bytes one decode step reads: attention weights (times the fraction TEAL column skipping leaves), the
+    FFN (times the fraction the predictor leaves, sign planes included in the fraction), the output head,
+    one embedding row and the KV cache so far."""
     b = model_bytes(cfg, encoding)
     head = b["lm_head"] or b["embedding"]
     row = b["embedding"] / cfg.vocab_size
-    return b["attention"] + ffn_fraction * b["ffn"] + head + row + b["norms"] + kv_cache_bytes(cfg, kv_tokens)
+    return (attn_fraction * b["attention"] + ffn_fraction * b["ffn"] + head + row + b["norms"]
+            + kv_cache_bytes(cfg, kv_tokens))

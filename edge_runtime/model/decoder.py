@@ -64,7 +64,8 @@ class Decoder:
     @teal.setter
     def teal(self, thresholds: list[dict[str, float]] | None) -> None:
         """TEAL: per layer, per projection ("q", "k", "v", "o", "gate", "up", "down") magnitude thresholds;
-        inputs with |x| below are zeroed in decode. None = off."""
+        inputs with |x| below are zeroed in decode. None = off. With a predictor set (sparse mode) only the
+        q, k, v, o thresholds apply; the FFN is the predictor's."""
         self._teal = thresholds
         self._push_knobs()
 
@@ -88,8 +89,10 @@ class Decoder:
 
     @property
     def mode(self) -> str:
-        """Which decode step runs: "teal", "sparse" or "dense" (a GPU backend keeps one graph per mode)."""
-        return "teal" if self._teal is not None else "sparse" if self.rules is not None else "dense"
+        """Which decode step runs (a GPU backend keeps one graph per mode): "sparse" (the FFN predictor, and
+        TEAL column skipping on q, k, v and o where a layer's threshold is set), "teal" (TEAL thresholds on
+        every projection, dense FFN) or "dense"."""
+        return "sparse" if self.rules is not None else "teal" if self._teal is not None else "dense"
 
     @property
     def alphas(self) -> list[float] | None:
@@ -205,7 +208,7 @@ class Decoder:
         """The decode step's ops, in one fixed sequence over preallocated buffers (captured on a GPU)."""
         ops, cfg, st, b = self.ops, self.cfg, self.ops.state, self.ops.buffers
         mode = self.mode
-        teal = mode == "teal"
+        teal = mode != "dense"  # q, k, v, o read their TEAL thresholds (0 = dense) in both sparse modes
         x = ops.embed_tokens(st.token, st.pos, out=b.x)
         for i, layer in enumerate(ops.weights.layers):
             h = ops.norm(x, layer.attn_norm, out=b.h)

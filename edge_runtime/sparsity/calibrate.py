@@ -5,12 +5,16 @@
    predictor, whose per-neuron thresholds are computed here): recall (truly active rows predicted
    active), predicted density, kept density (rows that survive) and the error the layer's misses add to
    its FFN output (relative L2 over all tokens, upstream inputs dense).
-3. A greedy path from the most conservative setting (every layer at its most conservative knob) to the
-   most aggressive; each step moves one layer one grid step, the one whose move costs the least
-   perplexity per FFN byte saved, measured end to end on the calibration windows with the predictor
-   applied per token (batched_sparse forward, equal to token-by-token sparse decode). Per-layer
-   selection is a point on this path.
-4. Perplexity at every uniform knob, for comparison.
+3. A greedy path from the most conservative setting (every layer at its most conservative knob, attention
+   dense) to the most aggressive. A move is one layer's predictor knob one grid step, or one layer's TEAL
+   sparsity on the attention inputs one level (q, k, v share their input and one threshold; o has its
+   own): the skipped input channels are skipped weight columns. Each step takes the move that costs the
+   least perplexity per weight byte saved, measured end to end on the calibration windows with the
+   predictor and thresholds applied per token (batched_sparse forward, equal to token-by-token sparse
+   decode). Candidates are re-measured lazily: the one whose last measured cost is lowest is measured
+   again in the current state and taken if it is still the cheapest (costs rise as the path advances, so
+   the others' older measurements stand for them). Per-layer selection is a point on this path.
+4. Perplexity at every uniform knob (FFN only, attention dense), for comparison.
 Tables and thresholds come from the even calibration windows, every perplexity from the odd ones.
 Written to calibration.yaml (tables) and predictor_thresholds.safetensors (projection thresholds).
 """
@@ -34,16 +38,22 @@ from edge_runtime.sparsity.predictor import Rule, negative_counts_batch, project
 ALPHA_GRID = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)  # aggressive -> conservative; 1.3 is already lossless
 Q_GRID = (0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)  # aggressive -> conservative
 GRIDS = {"sparseinfer": ("alpha", ALPHA_GRID), "projection": ("q", Q_GRID)}
+# TEAL sparsity levels of a layer's attention inputs (fraction of input channels skipped), conservative first.
+ATTN_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+ATTN_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",)}  # one threshold per group: q, k, v share their input
+ATTN_INPUT = {"qkv": "attn_in", "o": "attn_out"}  # the decoder's observation point of each group's input
 CALIBRATION_FILE = "calibration.yaml"
 THRESHOLDS_FILE = "predictor_thresholds.safetensors"
 CALIBRATION_VERSION = 2
 
 
-def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None) -> float:
-    """Perplexity over the windows; with rules, each token's FFN uses its own predicted mask."""
+def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None, teal: list[dict] | None = None) -> float:
+    """Perplexity over the windows; with rules, each token's FFN uses its own predicted mask; with teal,
+    per-layer TEAL thresholds mask the projections' inputs."""
     dec = rt.decoder
-    saved = dec.rules
+    saved, saved_teal = dec.rules, dec.teal
     dec.set_sparsity(rules)
+    dec.teal = teal
     total, n = 0.0, 0
     try:
         for w in wins:
@@ -51,8 +61,38 @@ def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None) -> float:
             total += float(nll(dec.forward(w[:-1], batched_sparse=True), w[1:]).sum())
             n += len(w) - 1
     finally:
+        dec.teal = saved_teal
         dec.set_sparsity(saved)
     return float(np.exp(total / n))
+
+
+def attention_thresholds(inputs: dict[str, np.ndarray], levels: tuple[float, ...]) -> dict[str, list[float]]:
+    """One layer's TEAL thresholds per group and level: the level-quantile of |input| (0 at level 0 = dense)."""
+    return {g: [float(np.quantile(np.abs(inputs[ATTN_INPUT[g]]), s)) if s > 0 else 0.0 for s in levels]
+            for g in ATTN_GROUPS}
+
+
+def attention_teal(section: dict | None, levels: list[list[float]] | None) -> list[dict[str, float]] | None:
+    """Per-layer TEAL thresholds {projection: t} of a path point's attention levels ([[qkv, o], ...] per
+    layer); None when the point (or the calibration) has no attention sparsity."""
+    if not section or not levels or not any(any(lv) for lv in levels):
+        return None
+    grid = section["levels"]
+    out = []
+    for i, lv in enumerate(levels):
+        th = section["thresholds"][i]
+        out.append({p: th[g][grid.index(s)] for g, s in zip(ATTN_GROUPS, lv, strict=True) if s > 0
+                    for p in ATTN_GROUPS[g]})
+    return out
+
+
+def attention_bytes(layer, levels: list[float]) -> float:
+    """One step's q, k, v, o weight bytes at [qkv, o] TEAL sparsity levels (kept channels = 1 - level)."""
+    kept = {}
+    for g, s in zip(ATTN_GROUPS, levels, strict=True):
+        for p in ATTN_GROUPS[g]:
+            kept[p] = None if s <= 0 else (1 - s) * getattr(layer, p).w.shape[1]
+    return layer.attn_read_bytes(kept)
 
 
 class LayerData:
@@ -128,7 +168,9 @@ def rules_for(predictor: str, grid: tuple[float, ...], thresholds: dict | None, 
 
 
 def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_dense: float, dense_bytes: float,
-                         progress) -> tuple[dict, dict]:
+                         progress, attention: dict | None = None) -> tuple[dict, dict]:
+    """One predictor's tables, thresholds and measured path; with `attention` ({"levels", "thresholds"}
+    per layer, from calibrate), the path also moves the layers' attention TEAL levels."""
     knob, grid = GRIDS[predictor]
     n = rt.config.ffn_dim
     tables, thresholds = [], {}
@@ -146,45 +188,96 @@ def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_de
                 rows.append(ld.row(q, z >= theta))
         tables.append({"layer": i, "true_density": float(ld.truth.mean()), "table": rows})
 
+    layers = [ld.layer for ld in data]
+    levels = tuple(attention["levels"]) if attention else (0.0,)
+    attn_dense = float(sum(L.attn_dense_bytes() for L in layers))
+
     def bytes_of(i: int, row: dict) -> float:
         return ffn_bytes(data[i].layer, row, predictor, n)
 
-    def total_bytes(idx: list[int]) -> float:
+    def ffn_total(idx: list[int]) -> float:
         return sum(bytes_of(i, tables[i]["table"][k]) for i, k in enumerate(idx))
 
-    def point(idx: list[int], ppl: float | None = None) -> dict:
-        if ppl is None:
-            ppl = perplexity(rt, wins, rules_for(predictor, grid, thresholds, idx))
-        return {"knobs": [grid[k] for k in idx], "ppl": ppl, "ppl_increase_pct": 100 * (ppl / ppl_dense - 1),
-                "ffn_bytes_fraction": total_bytes(idx) / dense_bytes}
+    def attn_total(att: list[list[int]]) -> float:
+        return sum(attention_bytes(L, [levels[a] for a in lv]) for L, lv in zip(layers, att, strict=True))
 
-    # Measured greedy: from the most conservative setting, each step tries moving every layer one grid
-    # step and keeps the move with the smallest perplexity increase per FFN byte saved, measured end to
-    # end on the calibration windows. (Single-layer error proxies chose worse per-layer splits: on the
-    # default model they never beat the best uniform setting on held-out text; this does.)
-    state = [len(grid) - 1] * len(data)
+    def total_bytes(state) -> float:
+        return ffn_total(state[0]) + attn_total(state[1])
+
+    def measure(state) -> float:
+        idx, att = state
+        teal = attention_teal(attention, [[levels[a] for a in lv] for lv in att])
+        return perplexity(rt, wins, rules_for(predictor, grid, thresholds, idx), teal)
+
+    def point(state, ppl: float | None = None) -> dict:
+        idx, att = state
+        if ppl is None:
+            ppl = measure(state)
+        out = {"knobs": [grid[k] for k in idx], "ppl": ppl, "ppl_increase_pct": 100 * (ppl / ppl_dense - 1),
+               "ffn_bytes_fraction": ffn_total(idx) / dense_bytes}
+        if attention:
+            a = attn_total(att)
+            out.update(attention=[[levels[k] for k in lv] for lv in att], attn_bytes_fraction=a / attn_dense,
+                       layer_bytes_fraction=(ffn_total(idx) + a) / (dense_bytes + attn_dense))
+        return out
+
+    # Moves: ("ffn", layer) one grid step more aggressive; ("attn", layer, group) one TEAL level up.
+    moves = [("ffn", i, 0) for i in range(len(data))]
+    if attention:
+        moves += [("attn", i, g) for i in range(len(data)) for g in range(len(ATTN_GROUPS))]
+
+    def apply(state, m):
+        idx, att = list(state[0]), [list(lv) for lv in state[1]]
+        if m[0] == "ffn":
+            if idx[m[1]] == 0:
+                return None
+            idx[m[1]] -= 1
+        else:
+            if att[m[1]][m[2]] == len(levels) - 1:
+                return None
+            att[m[1]][m[2]] += 1
+        return idx, att
+
+    # Measured greedy: each step keeps the move with the smallest perplexity increase per weight byte saved,
+    # measured end to end on the calibration windows (single-layer error proxies chose worse per-layer
+    # splits: on the default model they never beat the best uniform setting on held-out text; this does).
+    # Lazily: a candidate's last measured cost stands until it is the cheapest, then it is measured again.
+    state = ([len(grid) - 1] * len(data), [[0] * len(ATTN_GROUPS) for _ in data])
     path = [point(state)]
-    while any(k > 0 for k in state):
-        best, best_score, best_ppl = None, np.inf, 0.0
-        for i in range(len(data)):
-            if state[i] == 0:
-                continue
-            trial = list(state)
-            trial[i] -= 1
-            ppl = perplexity(rt, wins, rules_for(predictor, grid, thresholds, trial))
+    cost: dict[tuple, float] = {}
+    while True:
+        fresh: dict[tuple, tuple[float, object]] = {}  # measured in this state: (perplexity, next state)
+        open_moves = [m for m in moves if apply(state, m) is not None]
+        if not open_moves:
+            break
+
+        def measure_move(m, state=state, fresh=fresh) -> None:
+            trial = apply(state, m)
+            ppl = measure(trial)
             saved = max(total_bytes(state) - total_bytes(trial), 1e-9)
-            score = (ppl - path[-1]["ppl"]) / saved
-            if score < best_score:
-                best, best_score, best_ppl = i, score, ppl
-        state[best] -= 1
-        path.append(point(state, best_ppl))
+            cost[m] = (ppl - path[-1]["ppl"]) / saved
+            fresh[m] = (ppl, trial)
+
+        for m in open_moves:
+            if m not in cost:
+                measure_move(m)
+        while True:
+            best = min(open_moves, key=lambda m: cost[m])
+            if best in fresh:
+                break
+            measure_move(best)
+        ppl, state = fresh[best]
+        del cost[best]  # its next step is a different move: measured afresh
+        path.append(point(state, ppl))
         progress()
     uniform = []
     for k in range(len(grid)):
-        p = point([k] * len(data))
+        p = point(([k] * len(data), [[0] * len(ATTN_GROUPS) for _ in data]))
         uniform.append({"knob": grid[k], **{key: p[key] for key in ("ppl", "ppl_increase_pct", "ffn_bytes_fraction")}})
         progress()
     section = {"knob": knob, "grid": [float(g) for g in grid], "layers": tables, "path": path, "uniform": uniform}
+    if attention:
+        section["attention"] = {"groups": {g: list(ps) for g, ps in ATTN_GROUPS.items()}, **attention}
     if predictor == "projection":
         section["thresholds_file"] = THRESHOLDS_FILE
     return section, thresholds
@@ -192,10 +285,11 @@ def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_de
 
 def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: int = 2048,
               predictors: tuple[str, ...] = ("sparseinfer", "projection"),
-              teal_targets: tuple[float, ...] | None = None,
+              teal_targets: tuple[float, ...] | None = None, attention_levels: tuple[float, ...] = ATTN_LEVELS,
               progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
     """(calibration dict, projection thresholds {"layers.i.qk": (N,) float32}). The sign-plane
-    predictors are calibrated for ReLU-family models only. TEAL targets: None means (0.25, 0.4, 0.5)
+    predictors are calibrated for ReLU-family models only, their paths with TEAL moves on the attention
+    inputs at `attention_levels` (() for FFN-only paths). TEAL targets: None means (0.25, 0.4, 0.5)
     for models that are not ReLU-family and none for those (they have exact zeros to exploit)."""
     from edge_runtime.sparsity.teal import TARGETS, calibrate_teal
 
@@ -212,7 +306,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     # is never scored on the text its thresholds were fitted to (that flattered the projection predictor).
     fit, judge = (wins[0::2], wins[1::2]) if len(wins) > 1 else (wins, wins)
     seen: dict[str, list[list[np.ndarray]]] = {p: [[] for _ in range(cfg.n_layers)]
-                                               for p in ("ffn_in", "ffn_act", "ffn_hidden")}
+                                               for p in ("attn_in", "attn_out", "ffn_in", "ffn_act", "ffn_hidden")}
     dec = rt.decoder
     dec.set_sparsity(None)
     dec.observer = lambda i, point, a: seen[point][i].append(a) if point in seen else None
@@ -228,7 +322,16 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     data = [LayerData(rt, i, *(np.concatenate(seen[p][i]) for p in ("ffn_in", "ffn_act", "ffn_hidden")))
             for i in range(cfg.n_layers)]
     dense_bytes = float(sum(L.ffn_dense_bytes() for L in rt.backend.weights.layers))
-    total = sum(cfg.n_layers * (len(GRIDS[p][1]) - 1) + 1 + len(GRIDS[p][1]) for p in predictors)
+    attention = None
+    if attention_levels:
+        levels = tuple(float(v) for v in attention_levels)
+        if levels[0] != 0 or list(levels) != sorted(set(levels)) or levels[-1] >= 1:
+            raise EdgeRuntimeError(f"attention TEAL levels must rise from 0 and stay below 1, got {levels}")
+        attention = {"levels": list(levels),
+                     "thresholds": [attention_thresholds({p: np.concatenate(seen[p][i]) for p in ATTN_INPUT.values()},
+                                                         levels) for i in range(cfg.n_layers)]}
+    attn_steps = cfg.n_layers * len(ATTN_GROUPS) * (len(attention_levels) - 1) if attention else 0
+    total = sum(cfg.n_layers * (len(GRIDS[p][1]) - 1) + attn_steps + len(GRIDS[p][1]) for p in predictors)
     done = [0]
 
     def tick() -> None:
@@ -238,7 +341,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
 
     sections, thresholds = {}, {}
     for p in predictors:
-        sections[p], th = _calibrate_predictor(rt, data, wins, p, ppl_dense, dense_bytes, tick)
+        sections[p], th = _calibrate_predictor(rt, data, wins, p, ppl_dense, dense_bytes, tick, attention)
         thresholds.update(th)
     if teal_targets:
         rt.decoder.set_sparsity(None)

@@ -1,7 +1,9 @@
 """Per-layer conservativeness from the device profile, its power mode, the calibration and an objective.
 
 For each predictor (SparseInfer's alpha, the projection predictor's q), the calibration's greedy path
-orders settings from most conservative to most aggressive, each point moving one layer one grid step.
+orders settings from most conservative to most aggressive, each point moving one layer one grid step or
+(calibrations with attention TEAL) one layer's q/k/v or o TEAL sparsity one level; a point's bytes count
+both.
 Every selection is one point on that path, found from two numbers:
 
 - a speed target, a time per token. By default it comes from the profile's `decode_target`: either
@@ -87,6 +89,9 @@ class Selection:
     target: str = ""  # where the target came from
     quality_cap_pct: float | None = None  # held-out perplexity increase not to exceed
     at_cap: bool = False  # the furthest point within the cap
+    attention: list[list[float]] | None = None  # per layer [qkv, o] TEAL sparsity levels; None = dense
+    attn_bytes_fraction: float = 1.0  # q, k, v, o weight bytes read / dense
+    layer_bytes_fraction: float | None = None  # the layers' weight bytes (attention and FFN) read / dense
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,8 +121,17 @@ def within_cap(path: list[dict], cap_pct: float) -> list[int]:
     return [i for i, p in enumerate(path) if p["ppl_increase_pct"] <= spend]
 
 
+def point_bytes_fraction(p: dict) -> float:
+    """A path point's layer bytes read / dense: attention and FFN where the path moves both, else the FFN."""
+    return p.get("layer_bytes_fraction", p["ffn_bytes_fraction"])
+
+
+def point_bytes(cfg: ModelConfig, encoding: str, p: dict, kv_tokens: int) -> float:
+    return decode_bytes_per_token(cfg, encoding, p["ffn_bytes_fraction"], kv_tokens, p.get("attn_bytes_fraction", 1.0))
+
+
 def choose_predictor(calib: dict, cap_pct: float) -> str:
-    """The calibrated predictor whose furthest point within the cap reads the fewest FFN bytes (the first
+    """The calibrated predictor whose furthest point within the cap reads the fewest layer bytes (the first
     calibrated one among equals). Depends on the model and the cap only, never on the power mode."""
     sections = calib["predictors"]
     if not sections:
@@ -126,7 +140,7 @@ def choose_predictor(calib: dict, cap_pct: float) -> str:
     def cap_bytes(name: str) -> float:
         path = sections[name].get("path") or []
         allowed = within_cap(path, cap_pct) or [0]
-        return path[allowed[-1]]["ffn_bytes_fraction"] if path else float("inf")
+        return point_bytes_fraction(path[allowed[-1]]) if path else float("inf")
 
     return min(sections, key=cap_bytes)
 
@@ -140,8 +154,7 @@ def speed_target(path: list[dict], cfg: ModelConfig, encoding: str, profile: Dev
     if target.tokens_per_s is not None:
         return 1e3 / target.tokens_per_s, f"the profile's floor of {target.tokens_per_s:g} tokens/s"
     top = profile.top_mode()
-    ms = projected_ms(profile, top.name, cfg, decode_bytes_per_token(cfg, encoding, path[0]["ffn_bytes_fraction"],
-                                                                      kv_tokens))
+    ms = projected_ms(profile, top.name, cfg, point_bytes(cfg, encoding, path[0], kv_tokens))
     return ms, f"hold {top.name}'s projected {1e3 / ms:.0f} tokens/s"
 
 
@@ -158,8 +171,7 @@ def select_knobs(section: dict, predictor: str, cfg: ModelConfig, encoding: str,
     allowed = within_cap(path, cap)
     caveat = "" if _measured(path) else " (perplexity not measured by this calibration: the cap is not checked)"
     target_ms, source = speed_target(path, cfg, encoding, profile, objective, kv_tokens)
-    times = [projected_ms(profile, mode, cfg, decode_bytes_per_token(cfg, encoding, p["ffn_bytes_fraction"], kv_tokens))
-             for p in path]
+    times = [projected_ms(profile, mode, cfg, point_bytes(cfg, encoding, p, kv_tokens)) for p in path]
     if not allowed:
         choice, met = 0, False
         note = f"no setting keeps perplexity within +{cap:g} %: using the most conservative"
@@ -173,13 +185,15 @@ def select_knobs(section: dict, predictor: str, cfg: ModelConfig, encoding: str,
             note = (f"{target_ms:.3f} ms/token ({source}) is out of reach within +{cap:g} % perplexity "
                     f"(projected {times[choice]:.3f} ms at the cap): running at the cap")
     p = path[choice]
-    bpt = decode_bytes_per_token(cfg, encoding, p["ffn_bytes_fraction"], kv_tokens)
+    bpt = point_bytes(cfg, encoding, p, kv_tokens)
     return Selection(predictor=predictor, knobs=list(p["knobs"]), path_index=choice,
                      ffn_bytes_fraction=p["ffn_bytes_fraction"], bytes_per_token=bpt,
                      projected_ms_per_token=times[choice], projected_tokens_per_s=1e3 / times[choice],
                      expected_ppl_increase_pct=p.get("ppl_increase_pct"), met=met, note=note + caveat,
                      profile=profile.name, power_mode=mode_name, target_ms_per_token=target_ms, target=source,
-                     quality_cap_pct=cap, at_cap=bool(allowed) and choice == allowed[-1])
+                     quality_cap_pct=cap, at_cap=bool(allowed) and choice == allowed[-1],
+                     attention=p.get("attention"), attn_bytes_fraction=p.get("attn_bytes_fraction", 1.0),
+                     layer_bytes_fraction=p.get("layer_bytes_fraction"))
 
 
 def select(calib: dict, cfg: ModelConfig, encoding: str, profile: DeviceProfile, mode: str | None,

@@ -1,4 +1,4 @@
-"""Per-layer FFN statistics accumulated over decode steps.
+"""Per-layer FFN (and attention) statistics accumulated over decode steps.
 
 The counters live in one (len(FIELDS), n_layers) int64 array so that a backend can keep them in device
 memory, advance them inside a decode step and copy them to the host only when someone asks."""
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FIELDS = ("steps", "predicted", "kept", "true_active", "hits", "recall_steps", "bytes_read", "bytes_dense",
-          "up_dropped")
+          "up_dropped", "attn_bytes_read", "attn_bytes_dense")
 
 
 @dataclass
@@ -29,6 +29,8 @@ class FFNStats:
     bytes_read: np.ndarray = field(init=False)  # FFN weight bytes read, sign planes included
     bytes_dense: np.ndarray = field(init=False)  # what the dense FFN would have read
     up_dropped: np.ndarray = field(init=False)  # dReLU: rows whose gate survived but whose up was not positive
+    attn_bytes_read: np.ndarray = field(init=False)  # q, k, v, o weight bytes read (TEAL-skipped columns not)
+    attn_bytes_dense: np.ndarray = field(init=False)  # what the dense q, k, v, o would have read
 
     def __post_init__(self) -> None:
         if self.counts is None:
@@ -65,6 +67,13 @@ class FFNStats:
             "ffn_bytes_per_token": float(self.bytes_read.sum()) / max(int(self.steps[0]), 1),
             "up_dropped_density": float(np.mean([r["up_dropped_density"] for r in rows])),
         }
+        if self.attn_bytes_dense.any():  # the layers' weight bytes: attention and FFN (sign planes, thresholds)
+            out["attn_bytes_fraction"] = float(self.attn_bytes_read.sum()) / int(self.attn_bytes_dense.sum())
+            out["layer_bytes_fraction"] = (float(self.bytes_read.sum() + self.attn_bytes_read.sum())
+                                           / int(self.bytes_dense.sum() + self.attn_bytes_dense.sum()))
+            steps = max(int(self.steps[0]), 1)
+            out["layer_bytes_per_token"] = float(self.bytes_read.sum() + self.attn_bytes_read.sum()) / steps
+            out["layer_dense_bytes_per_token"] = float(self.bytes_dense.sum() + self.attn_bytes_dense.sum()) / steps
         if self.recall_steps.any():
             out["recall"] = float(self.hits.sum()) / max(int(self.true_active.sum()), 1)
         out["per_layer"] = rows

@@ -163,6 +163,20 @@ class DeviceMatrix:
         self.nbytes = int(self.w.nbytes + (self.scale.nbytes if has_scale else 0)
                           + (self.bitmap.nbytes + self.row_offsets.nbytes if self.sparse else 0))
 
+    @classmethod
+    def int8_columns(cls, packed) -> DeviceMatrix:
+        """W^T (K, N) of an int8 (N, K) weight as stored, for TEAL column skipping: the values transposed, the
+        per-output-row scales (N,) kept and applied after the sum (kernel suffix int8c). Column kernels only."""
+        cp = cupy()
+        n, k = packed.shape
+        m = cls.__new__(cls)
+        m.encoding, m.shape, m.kenc, m.group, m.kp = "int8-columns", (int(k), int(n)), "int8c", 0, int(n)
+        m.w = cp.asarray(np.ascontiguousarray(np.asarray(packed.arrays["q"]).T))  # (K, N) int8
+        m.scale = cp.asarray(np.ascontiguousarray(packed.arrays["scale"], dtype=np.float16))  # (N,)
+        m.bitmap, m.row_offsets = cp.zeros(1, cp.uint8), cp.zeros(1, cp.int64)
+        m.nbytes = int(m.w.nbytes + m.scale.nbytes)
+        return m
+
     @property
     def sparse(self) -> bool:
         return self.encoding.startswith("sparse-")

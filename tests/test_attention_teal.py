@@ -1,0 +1,234 @@
+"""Sparse decode with TEAL column skipping on the attention projections (q, k, v share an input; o), beside
+the FFN predictor: the column kernel against numpy, the combined step against its batched twin, the byte
+accounting against tensor sizes (7B-shaped), and calibration paths that move both kinds of knob."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from edge_runtime.backends.cpu_dispatch import ColumnKernels
+from edge_runtime.backends.weights import ATTENTION, Layer, Linear, Norm, column_layout, linear_read_bytes
+from edge_runtime.cli import main
+from edge_runtime.devices.profile import load_profile
+from edge_runtime.devices.shapes import SHAPES
+from edge_runtime.devices.sizes import model_bytes
+from edge_runtime.evaluate import step_bytes
+from edge_runtime.pack.quant import PackedTensor, quantize
+from edge_runtime.sparsity.calibrate import ATTN_GROUPS, attention_bytes, attention_teal, calibrate, write_calibration
+from edge_runtime.sparsity.policy import Objective, select_knobs
+from tests.helpers import CORPUS, packed_llama, rel_err
+
+
+@pytest.mark.parametrize("enc", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_column_kernel_matches_numpy(enc, criterion):
+    rng = np.random.default_rng(7)
+    n, k = 72, 96
+    t = quantize(rng.standard_normal((n, k)).astype(np.float32), enc)
+    cols = ColumnKernels(t, threads=2)
+    w = t.dequantize()
+    bias = rng.standard_normal(n).astype(np.float32)
+    # the criterion's channel factors: ones (TEAL) or positive weights like WINA's column norms
+    scale = np.ones(k, np.float32) if criterion == "teal" else rng.uniform(0.2, 3.0, k).astype(np.float32)
+    for thr in (0.0, 0.4, 1.0, 10.0):
+        x = rng.standard_normal(k).astype(np.float32)
+        keep = np.abs(x) * scale >= thr
+        out = np.full(n, np.nan, np.float32)  # poisoned
+        kept = cols.gemv(x, scale, np.float32(thr), out, bias=bias)
+        ref = w @ np.where(keep, x, 0) + bias
+        assert kept == int(keep.sum())
+        assert rel_err(out, ref) < (1e-5 if enc != "fp16" else 2e-3)
+
+
+def test_column_layout_is_the_transposed_tensor():
+    """The bytes a column-skipping product reads with every channel kept are W^T's stored bytes."""
+    rng = np.random.default_rng(1)
+    for enc in ("fp32", "fp16", "int8"):
+        t = quantize(rng.standard_normal((40, 24)).astype(np.float32), enc)
+        cols = ColumnKernels(t, threads=1)
+        stored = cols.wt.nbytes + (2 * t.shape[0] if enc == "int8" else 0)  # int8 keeps its fp16 row scales
+        assert linear_read_bytes(t, kept=t.shape[1]) == stored + 4  # and one fp32 threshold
+        assert linear_read_bytes(t, kept=None) == t.nbytes
+    assert column_layout(quantize(rng.standard_normal((8, 64)).astype(np.float32), "int4")) is None
+
+
+@pytest.fixture(scope="module")
+def relu_model(tmp_path_factory):
+    pytest.importorskip("torch")
+    return packed_llama(tmp_path_factory.mktemp("attn_teal"), act="relu", seed=52)
+
+
+def _teal(rt, level: float):
+    """Thresholds at a quantile of the dense model's attention inputs on the corpus."""
+    dec = rt.decoder
+    seen = {"attn_in": [], "attn_out": []}
+    dec.observer = lambda i, p, a: seen[p].append((i, a)) if p in seen else None
+    dec.reset()
+    dec.forward(rt.encode(CORPUS)[:60])
+    dec.observer = None
+    out = []
+    for i in range(rt.config.n_layers):
+        xin = np.concatenate([a for j, a in seen["attn_in"] if j == i])
+        xo = np.concatenate([a for j, a in seen["attn_out"] if j == i])
+        t, to = float(np.quantile(np.abs(xin), level)), float(np.quantile(np.abs(xo), level))
+        out.append({"q": t, "k": t, "v": t, "o": to})
+    return out
+
+
+def test_combined_step_equals_batched_and_counts_bytes(relu_model):
+    rt = edge_runtime.load(relu_model, profile=None, backend="cpu")
+    dec = rt.decoder
+    ids = np.random.default_rng(4).integers(3, 300, size=30).tolist()
+    rt.set_sparsity([1.05, 0.95])
+    dec.reset()
+    ffn_only = np.concatenate([dec.forward([t]) for t in ids])
+    dec.teal = [{p: 0.0 for p in ATTENTION}] * 2  # thresholds of 0: today's sparse mode exactly
+    dec.reset()
+    assert np.array_equal(np.concatenate([dec.forward([t]) for t in ids]), ffn_only)
+    s = dec.stats.summary()
+    assert s["attn_bytes_fraction"] == 1.0
+
+    teal = _teal(rt, 0.4)
+    dec.teal = teal
+    assert dec.mode == "sparse"
+    dec.reset()
+    batched = dec.forward(ids, batched_sparse=True)
+    # the inputs of q/k/v and o the steps see, to count the kept channels with numpy
+    seen = {}
+    points = ("attn_in", "attn_out")
+    dec.observer = lambda i, p, a: seen.setdefault((i, p), []).append(a.copy()) if p in points else None
+    dec.reset()
+    dec.forward(ids, batched_sparse=True)
+    dec.observer = None
+    dec.reset()
+    steps = np.concatenate([dec.forward([t]) for t in ids])
+    assert rel_err(steps, batched) < 1e-4
+    assert rel_err(steps, ffn_only) > 1e-3  # the thresholds changed the function
+    stats = dec.stats
+    for i, layer in enumerate(rt.backend.weights.layers):
+        xin, xo = np.concatenate(seen[(i, "attn_in")]), np.concatenate(seen[(i, "attn_out")])
+        kept = {p: float((np.abs(xin) >= teal[i][p]).sum()) for p in ("q", "k", "v")}
+        kept["o"] = float((np.abs(xo) >= teal[i]["o"]).sum())
+        expect = sum(len(ids) * 4 + kept[p] * getattr(layer, p).w.shape[0]  # int8: one byte a weight, scales
+                     + len(ids) * 2 * getattr(layer, p).w.shape[0] for p in ATTENTION)
+        assert abs(int(stats.attn_bytes_read[i]) - expect) <= 4 * 192  # a channel at a threshold may flip
+        assert int(stats.attn_bytes_dense[i]) == len(ids) * layer.attn_dense_bytes()
+    s = stats.summary()
+    assert s["attn_bytes_fraction"] < 0.75
+    head = rt.backend.weights.lm_head.nbytes
+    b = step_bytes(s, head)
+    layer_dense = sum(L.attn_dense_bytes() + L.ffn_dense_bytes() for L in rt.backend.weights.layers)
+    assert b["layer_bytes_fraction"] == pytest.approx(b["layer_bytes_per_token"] / layer_dense)
+    assert b["step_bytes_fraction"] == pytest.approx((b["layer_bytes_per_token"] + head) / (layer_dense + head))
+
+
+def _broadcast(shape, dtype):
+    """A read-only array of `shape` that takes no memory but reports the full size (nbytes)."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+def _layer_7b(enc: str) -> tuple[Layer, object]:
+    cfg = SHAPES["llama2-7b"]
+    d, n, hq, hkv = cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+
+    def mat(rows, cols):
+        if enc == "int8":
+            return PackedTensor("int8", (rows, cols), {"q": _broadcast((rows, cols), np.int8),
+                                                       "scale": _broadcast((rows,), np.float16)})
+        return PackedTensor("fp16", (rows, cols), {"w": _broadcast((rows, cols), np.float16)})
+
+    norm = Norm(np.ones(d, np.float32), None, 1e-5)
+    layer = Layer(attn_norm=norm, q=Linear(mat(hq, d), None), k=Linear(mat(hkv, d), None),
+                  v=Linear(mat(hkv, d), None), o=Linear(mat(d, hq), None), ffn_norm=norm,
+                  gate=Linear(mat(n, d), None), up=Linear(mat(n, d), None), down_t=mat(n, d), down_b=None,
+                  gate_signs=_broadcast((n, -(-d // 32)), np.uint32))
+    return layer, cfg
+
+
+@pytest.mark.parametrize("enc", ["fp16", "int8"])
+def test_byte_accounting_7b_shape(enc):
+    """A 7B-shaped ReLU layer (tensors that report their size without memory): the bytes a step is charged
+    are the tensor sizes numpy gives for that shape and encoding, dense and at TEAL levels."""
+    layer, cfg = _layer_7b(enc)
+    d, n = cfg.dim, cfg.ffn_dim
+    sizes = model_bytes(cfg, enc)
+    assert layer.attn_dense_bytes() * cfg.n_layers == sizes["attention"]
+    assert layer.ffn_dense_bytes() * cfg.n_layers == sizes["ffn"]
+    assert layer.gate_signs.nbytes * cfg.n_layers == sizes["sign_planes"]
+    assert attention_bytes(layer, [0.0, 0.0]) == layer.attn_dense_bytes()
+    # q, k, v at 50 %, o at 25 %: kept channels x one column of W (its N values), plus int8's N scales and
+    # a threshold per projection, every column of W^T being K = d input channels (o: n_heads * head_dim)
+    per = {"fp16": 2, "int8": 1}[enc]
+    scales = 2 if enc == "int8" else 0
+    expect = 0
+    for p, kept in (("q", 0.5), ("k", 0.5), ("v", 0.5), ("o", 0.75)):
+        rows, cols = getattr(layer, p).w.shape
+        expect += kept * cols * rows * per + rows * scales + 4
+    assert attention_bytes(layer, [0.5, 0.25]) == pytest.approx(expect)
+    # FFN: the sign plane, 10 % of gate rows computed, 5 % of up + down rows kept
+    ffn = layer.ffn_read_bytes(1, 0.1 * n, 0.05 * n)
+    row = d * per + scales
+    assert ffn == pytest.approx(n * (-(-d // 32)) * 4 + 0.1 * n * row + 0.05 * n * 2 * row)
+
+
+def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, capsys):
+    model = tmp_path / "m"
+    shutil.copytree(relu_model, model)
+    rt = edge_runtime.load(model, profile=None, backend="cpu")
+    calib, thresholds = calibrate(rt, CORPUS * 3, source="corpus", window=64, max_tokens=256,
+                                  predictors=("sparseinfer",), attention_levels=(0.0, 0.2, 0.4))
+    write_calibration(model, calib, thresholds)
+    sec = calib["predictors"]["sparseinfer"]
+    path = sec["path"]
+    # every move: one layer's knob one grid step, or one layer's qkv / o level one step; bytes only fall
+    assert len(path) == 1 + rt.config.n_layers * (len(sec["grid"]) - 1 + len(ATTN_GROUPS) * 2)
+    for a, b in zip(path, path[1:], strict=False):
+        knob_moves = sum(x != y for x, y in zip(a["knobs"], b["knobs"], strict=True))
+        attn_moves = sum(x != y for la, lb in zip(a["attention"], b["attention"], strict=True)
+                         for x, y in zip(la, lb, strict=True))
+        assert knob_moves + attn_moves == 1
+        assert b["layer_bytes_fraction"] <= a["layer_bytes_fraction"]
+    assert path[0]["attention"] == [[0.0, 0.0]] * rt.config.n_layers and path[0]["attn_bytes_fraction"] == 1.0
+    assert any(any(lv) for p in path for lv in p["attention"])
+    # a mixed point's thresholds: q, k, v share one; levels at 0 leave the projection dense (absent)
+    mixed = next(p for p in path if any(any(lv) for lv in p["attention"]))
+    teal = attention_teal(sec["attention"], mixed["attention"])
+    for lv, th in zip(mixed["attention"], teal, strict=True):
+        assert ("q" in th) == (lv[0] > 0) and ("o" in th) == (lv[1] > 0)
+        if "q" in th:
+            assert th["q"] == th["k"] == th["v"] > 0
+    # the policy over a mixed path: a slower mode never gets a more conservative setting in any layer
+    prof = load_profile("jetson-orin-nano-8gb")
+    modes = sorted(prof.power_modes, key=lambda m: prof.effective_bandwidth(m.name))
+    checked = 0
+    for target in np.linspace(0.001, 50, 25):
+        sels = [select_knobs(sec, "sparseinfer", rt.config, "int8", prof, m.name, Objective(latency_ms=float(target)))
+                for m in modes]
+        for slow, fast in zip(sels, sels[1:], strict=False):
+            assert slow.path_index >= fast.path_index
+            assert all(a <= b for a, b in zip(slow.knobs, fast.knobs, strict=True))
+            assert all(x >= y for la, lb in zip(slow.attention, fast.attention, strict=True)
+                       for x, y in zip(la, lb, strict=True))
+            checked += 1
+    assert checked > 20
+
+    # eval --json at the cap of a generous budget (a speed target no point meets): the policy's point, both
+    # kinds of knob in force, the whole step's bytes reported
+    text = tmp_path / "t.txt"
+    text.write_text(CORPUS)
+    assert main(["eval", "--model", str(model), "--text", str(text), "--json", "--backend", "cpu", "--max-tokens", "64",
+                 "--window", "32", "--profile", "jetson-orin-nano-8gb", "--latency-ms", "0.001",
+                 "--quality-budget", "1000"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["knobs"] == path[-1]["knobs"]
+    assert res["attn_bytes_fraction"] < 1 and res["layer_bytes_fraction"] < res["step_bytes_fraction"] < 1
+    head = rt.backend.weights.lm_head.nbytes
+    dense = sum(L.attn_dense_bytes() + L.ffn_dense_bytes() for L in rt.backend.weights.layers)
+    assert res["lm_head_bytes_per_token"] == head
+    assert res["layer_bytes_per_token"] == pytest.approx(res["layer_bytes_fraction"] * dense)
+    assert res["step_bytes_fraction"] == pytest.approx((res["layer_bytes_per_token"] + head) / (dense + head))
