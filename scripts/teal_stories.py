@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
-from edge_runtime.sparsity.calibrate import perplexity
+from edge_runtime.sparsity.perplexity import perplexity
 from edge_runtime.sparsity.teal import better_criterion, calibrate_teal, thresholds_for
 from edge_runtime.sparsity.wina import CRITERIA
 
@@ -45,9 +45,8 @@ def main() -> None:
             teal = calibrate_teal(rt, calib_wins, criteria=(criterion,))
             compared.update(teal["compared"])  # its perplexities on the calibration text
             for target in (0.25, 0.4, 0.5):
-                rt.decoder.set_teal(thresholds_for(teal, target), criterion)
-                p = perplexity(rt, eval_wins, None)
-                rt.decoder.set_teal(None)
+                rt.decoder.teal_criterion = criterion
+                p = perplexity(rt, eval_wins, None, teal=thresholds_for(teal, target))
                 rows.append({"criterion": criterion, "teal_target": target, "ppl": p,
                              "ppl_increase_pct": 100 * (p / dense - 1)})
         chosen = better_criterion(compared)  # what `calibrate` keeps: judged on the calibration text

@@ -9,10 +9,11 @@ import yaml
 
 import edge_runtime
 from edge_runtime.errors import ModelFormatError
+from edge_runtime.pack.colnorms import COLNORM_NAME, column_norms, packed_column_norms
 from edge_runtime.pack.convert import convert
 from edge_runtime.pack.quant import quantize
 from edge_runtime.sparsity.teal import INPUT_OF, calibrate_teal, collect_inputs, criterion_of, thresholds_for
-from edge_runtime.sparsity.wina import COLNORM_NAME, CRITERIA, column_norms, packed_column_norms
+from edge_runtime.sparsity.wina import CRITERIA
 from tests.helpers import CORPUS, make_llama
 
 PROJ_HF = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_runtime.pack.colnorms import COLNORM_NAME, packed_column_norms
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import PackedTensor
-from edge_runtime.sparsity.wina import COLNORM_NAME, packed_column_norms
 
 # TEAL thresholds are kept per layer in this order (one float per projection input); 0 = off.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from edge_runtime.errors import ModelFormatError
+from edge_runtime.pack.colnorms import COLNORM_OF, column_norms
 from edge_runtime.pack.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -26,7 +27,6 @@ from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import DEFAULT_INT4_GROUP, ENCODINGS, PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.pack.sparse_weights import compress, prune_mask
-from edge_runtime.sparsity.wina import COLNORM_OF, column_norms
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

@@ -22,9 +22,9 @@ import numpy as np
 
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ModelFormatError
+from edge_runtime.pack.colnorms import COLNORM_OF
 from edge_runtime.pack.hf_config import tensor_plan
 from edge_runtime.pack.safetensors_mmap import SafetensorsFile
-from edge_runtime.sparsity.wina import COLNORM_OF
 
 ENCODINGS_BY_KIND = {"vector": ("fp16", "fp32"), "embedding": ("fp16", "fp32"),
                      "matrix": ("fp32", "fp16", "int8", "int4", "sparse-fp16", "sparse-int8"),

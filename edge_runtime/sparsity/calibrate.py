@@ -32,7 +32,8 @@ import numpy as np
 import yaml
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.scoring import nll, windowed
+from edge_runtime.scoring import windowed
+from edge_runtime.sparsity.perplexity import perplexity
 from edge_runtime.sparsity.predictor import Rule, negative_counts_batch, projection_scores
 
 ALPHA_GRID = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)  # aggressive -> conservative; 1.3 is already lossless
@@ -45,25 +46,6 @@ ATTN_INPUT = {"qkv": "attn_in", "o": "attn_out"}  # the decoder's observation po
 CALIBRATION_FILE = "calibration.yaml"
 THRESHOLDS_FILE = "predictor_thresholds.safetensors"
 CALIBRATION_VERSION = 2
-
-
-def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None, teal: list[dict] | None = None) -> float:
-    """Perplexity over the windows; with rules, each token's FFN uses its own predicted mask; with teal,
-    per-layer TEAL thresholds mask the projections' inputs."""
-    dec = rt.decoder
-    saved, saved_teal = dec.rules, dec.teal
-    dec.set_sparsity(rules)
-    dec.teal = teal
-    total, n = 0.0, 0
-    try:
-        for w in wins:
-            dec.reset(clear_stats=False)
-            total += float(nll(dec.forward(w[:-1], batched_sparse=True), w[1:]).sum())
-            n += len(w) - 1
-    finally:
-        dec.teal = saved_teal
-        dec.set_sparsity(saved)
-    return float(np.exp(total / n))
 
 
 def attention_thresholds(inputs: dict[str, np.ndarray], levels: tuple[float, ...]) -> dict[str, list[float]]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.sparsity.perplexity import perplexity
 from edge_runtime.sparsity.wina import CRITERIA, check_criterion
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -161,8 +162,6 @@ def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARG
     For each criterion, thresholds are quantiles over all of `wins` and the greedy search runs its trial
     forwards on their first search_tokens; the criterion kept is the one whose settings have the lower mean
     log perplexity over the targets on `judge` (default: wins), and "compared" records every perplexity."""
-    from edge_runtime.sparsity.calibrate import perplexity
-
     judge = wins if judge is None else judge
     inputs = collect_inputs(rt, wins)
     search, n = [], 0
@@ -177,12 +176,13 @@ def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARG
     for criterion in criteria:
         alloc = allocate(rt, inputs, search, tuple(targets), check_criterion(criterion))
         ppl = {}
+        saved = dec.teal_criterion
+        dec.teal_criterion = criterion
         try:
             for t in targets:
-                dec.set_teal(alloc[t], criterion)
-                ppl[f"{t:g}"] = perplexity(rt, judge, None)
+                ppl[f"{t:g}"] = perplexity(rt, judge, None, teal=alloc[t])
         finally:
-            dec.set_teal(None)
+            dec.teal_criterion = saved
         found[criterion] = {"targets": {f"{t:g}": alloc[t] for t in targets}, "ppl": ppl}
     best = better_criterion({c: f["ppl"] for c, f in found.items()})
     return {"step": STEP, "criterion": best, "targets": found[best]["targets"], "ppl_dense": ppl_dense,
