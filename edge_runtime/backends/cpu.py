@@ -63,7 +63,8 @@ class CpuBackend:
         if sum(4 * m.shape[0] * m.shape[1] for m in model.matrices.values()) <= KEEP_F32_BYTES:
             for m in model.matrices.values():
                 m.keep_f32()
-        self.threads = threads or default_threads()  # compiled kernels' threads (set per decode step)
+        # compiled kernels' threads (set per decode step); a small model's step runs on one
+        self.threads = threads or default_threads(sum(m.nbytes for m in model.matrices.values()))
         use_threads(self.threads)
         self.kernels = {id(m): MatrixKernels(m, self.threads) for m in model.matrices.values()}
         self.columns: dict[int, ColumnKernels] = {}  # id(W) -> W^T for TEAL column skipping (made by set_knobs)
