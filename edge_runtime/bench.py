@@ -25,15 +25,15 @@ def decode_rate(rt, prompt: str, tokens: int, repeats: int = 3) -> tuple[float, 
 def bench(rt, setting, prompt: str, tokens: int = 128, repeats: int = 3) -> dict:
     """Dense, then `setting` (left applied to the runtime afterwards) with the attention TEAL thresholds the
     decoder holds (a policy selection's); None measures dense only."""
-    teal = rt.decoder.teal
-    rt.decoder.teal = None
+    teal, criterion = rt.decoder.teal, rt.decoder.teal_criterion
+    rt.decoder.set_teal(None)
     rt.set_sparsity(None)
     dense, _ = decode_rate(rt, prompt, tokens, repeats)
     enc = rt.model.manifest["encoding"]
     out = {"backend": rt.backend.name, "encoding": enc, "tokens": tokens, "dense_tokens_per_s": dense,
            "dense_bytes_per_token": decode_bytes_per_token(rt.config, enc, 1.0, tokens)}
     if setting is not None:
-        rt.decoder.teal = teal
+        rt.decoder.set_teal(teal, criterion)
         rt.set_sparsity(setting)
         sparse, stats = decode_rate(rt, prompt, tokens, repeats)
         frac, attn = stats["ffn_bytes_fraction"], stats.get("attn_bytes_fraction", 1.0)
@@ -41,7 +41,7 @@ def bench(rt, setting, prompt: str, tokens: int = 128, repeats: int = 3) -> dict
                    attn_bytes_fraction=attn, layer_bytes_fraction=stats.get("layer_bytes_fraction"),
                    sparse_bytes_per_token=decode_bytes_per_token(rt.config, enc, frac, tokens, attn))
     else:
-        rt.decoder.teal = teal
+        rt.decoder.set_teal(teal, criterion)
     if rt.profile is not None:
         for key in ("dense", "sparse"):
             if f"{key}_bytes_per_token" in out:

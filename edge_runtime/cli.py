@@ -241,7 +241,7 @@ def _sparse_setting(args, rt) -> list | float | None:
         return args.alpha
     if rt.selection is None:
         return rt.default_alpha
-    rt.decoder.teal = rt.teal_for(rt.selection)  # the selection's attention thresholds (None: dense attention)
+    rt.decoder.set_teal(rt.teal_for(rt.selection), "teal")  # the selection's attention thresholds (None: dense)
     return rt.rules_for(rt.selection)
 
 
@@ -360,14 +360,14 @@ def cmd_eval(args) -> int:
         res["knobs"] = rt.selection.knobs
         # every calibrated predictor at its own policy selection, on the same text
         res["predictors"] = {}
-        teal = rt.decoder.teal
+        teal, criterion = rt.decoder.teal, rt.decoder.teal_criterion
         for name in rt.calibration["predictors"]:
             sel = select(rt.calibration, rt.config, rt.model.manifest["encoding"], rt.profile, rt.power_mode,
                          rt.objective, name, kv_tokens=min(DEFAULT_KV_TOKENS, rt.decoder.max_context))
-            rt.decoder.teal = rt.teal_for(sel)
+            rt.decoder.set_teal(rt.teal_for(sel), "teal")
             one = res if name == rt.selection.predictor else evaluate_text(
                 rt, text, rt.rules_for(sel), window=args.window, max_tokens=args.max_tokens)
-            rt.decoder.teal = teal
+            rt.decoder.set_teal(teal, criterion)
             res["predictors"][name] = {"knobs": sel.knobs, **{k: one[k] for k in (
                 "ppl_sparse", "predicted_density", "recall", "top1_agreement", "ffn_bytes_fraction")}}
     if args.json:

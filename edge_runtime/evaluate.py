@@ -24,18 +24,18 @@ def evaluate_text(rt: Runtime, text: str, setting: Sequence | float | None, wind
         raise EdgeRuntimeError("the evaluation text is too short (needs at least 2 tokens)")
     dec = rt.decoder
     nll_dense, nll_sparse, agree, n = 0.0, 0.0, 0, 0
-    teal = dec.teal
+    teal, criterion = dec.teal, dec.teal_criterion
     sparse = setting is not None or teal is not None
     saved = dec.rules
     dec.set_sparsity(None)
-    dec.teal = None
+    dec.set_teal(None)
     dense_logits = []
     for w in wins:
         dec.reset()
         dense_logits.append(dec.forward(w[:-1]))
     if sparse:
         dec.set_sparsity(setting, measure_recall=True)
-        dec.teal = teal
+        dec.set_teal(teal, criterion)
     dec.reset()
     for w, dl in zip(wins, dense_logits, strict=True):
         targets = w[1:]

@@ -92,8 +92,11 @@ class Runtime:
 
     def set_sparsity(self, alphas: Sequence | float | None, measure_recall: bool = False) -> None:
         """A fixed setting chosen by the caller (per-layer alphas or rules, one alpha, or None for dense),
-        applied between two tokens; power-mode changes no longer touch it until follow_policy()."""
+        applied between two tokens; power-mode changes no longer touch it until follow_policy(). None also
+        drops the attention thresholds a sparse setting carried (a TEAL setting from set_teal stays)."""
         self._policy_drives_sparsity = False
+        if alphas is None and self.decoder.rules is not None:
+            self.decoder.set_teal(None)
         self.decoder.set_sparsity(alphas, measure_recall)
 
     def follow_policy(self, measure_recall: bool = False) -> bool:
@@ -107,13 +110,14 @@ class Runtime:
 
     def _apply(self, selection: Selection, measure_recall: bool) -> None:
         """A selection's predictor rules and attention TEAL thresholds into the decoder (next token on)."""
-        self.decoder.teal = self.teal_for(selection)
+        self.decoder.set_teal(self.teal_for(selection), "teal")  # attention thresholds: quantiles of |x|
         self.decoder.set_sparsity(self.rules_for(selection), measure_recall)
 
     def set_teal(self, target: float | None) -> None:
         """TEAL magnitude sparsity at a calibrated target (0.25, 0.4, 0.5 ...); None turns it off."""
+        self._policy_drives_sparsity = False  # a power-mode change no longer replaces this setting
         if target is None:
-            self.decoder.teal = None
+            self.decoder.set_teal(None)
             return
         from edge_runtime.sparsity.teal import criterion_of, thresholds_for
 
@@ -121,7 +125,7 @@ class Runtime:
             raise EdgeRuntimeError(f"{self.model.path} has no TEAL calibration; run 'edge-runtime calibrate' first")
         self.decoder.set_sparsity(None)
         teal = self.calibration["teal"]
-        self.decoder.set_teal(thresholds_for(teal, target), criterion_of(teal))
+        self.decoder.set_teal(thresholds_for(teal, target), criterion_of(teal, target))
 
     def ffn_stats(self) -> dict:
         return self.decoder.stats.summary()

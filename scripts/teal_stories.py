@@ -20,7 +20,7 @@ import numpy as np
 from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
 from edge_runtime.sparsity.perplexity import perplexity
-from edge_runtime.sparsity.teal import better_criterion, calibrate_teal, thresholds_for
+from edge_runtime.sparsity.teal import better_criteria, calibrate_teal, thresholds_for
 from edge_runtime.sparsity.wina import CRITERIA
 
 
@@ -45,11 +45,10 @@ def main() -> None:
             teal = calibrate_teal(rt, calib_wins, criteria=(criterion,))
             compared.update(teal["compared"])  # its perplexities on the calibration text
             for target in (0.25, 0.4, 0.5):
-                rt.decoder.teal_criterion = criterion
-                p = perplexity(rt, eval_wins, None, teal=thresholds_for(teal, target))
+                p = perplexity(rt, eval_wins, None, teal=thresholds_for(teal, target), criterion=criterion)
                 rows.append({"criterion": criterion, "teal_target": target, "ppl": p,
                              "ppl_increase_pct": 100 * (p / dense - 1)})
-        chosen = better_criterion(compared)  # what `calibrate` keeps: judged on the calibration text
+        chosen = better_criteria(compared)  # what `calibrate` keeps per target: judged on the calibration text
     out = {"ppl_dense": dense, "eval_tokens": int(sum(len(w) - 1 for w in eval_wins)), "chosen": chosen,
            "teal": rows}
     if args.json:
@@ -59,7 +58,7 @@ def main() -> None:
     for r in rows:
         print(f"  {r['criterion'].upper():4s} {r['teal_target']:.0%}: perplexity {r['ppl']:.3f} "
               f"({r['ppl_increase_pct']:+.2f} %)")
-    print(f"  criterion calibration keeps: {chosen}")
+    print("  criterion calibration keeps: " + ", ".join(f"{t}: {c}" for t, c in chosen.items()))
 
 
 if __name__ == "__main__":

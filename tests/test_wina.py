@@ -12,6 +12,7 @@ from edge_runtime.errors import ModelFormatError
 from edge_runtime.pack.colnorms import COLNORM_NAME, column_norms, packed_column_norms
 from edge_runtime.pack.convert import convert
 from edge_runtime.pack.quant import quantize
+from edge_runtime.sparsity.perplexity import perplexity
 from edge_runtime.sparsity.teal import INPUT_OF, calibrate_teal, collect_inputs, criterion_of, thresholds_for
 from edge_runtime.sparsity.wina import CRITERIA
 from tests.helpers import CORPUS, make_llama
@@ -124,11 +125,11 @@ def test_calibration_compares_both_criteria_and_runtime_applies_the_kept_one(sil
     fit, judge = [ids[:100]], [ids[100:]]
     teal = calibrate_teal(rt, fit, targets=(0.25,), search_tokens=50, judge=judge)
     assert set(teal["compared"]) == set(CRITERIA)
-    means = {c: np.mean(np.log(list(ppl.values()))) for c, ppl in teal["compared"].items()}
-    assert teal["criterion"] == min(means, key=means.get)
+    ppl = {c: p["0.25"] for c, p in teal["compared"].items()}
+    assert teal["criteria"] == {"0.25": min(ppl, key=ppl.get)}  # the one judged better on held-out windows
     # WINA's thresholds reach the byte-weighted target on the fitting tokens, measured by its own criterion
     wina = calibrate_teal(rt, fit, targets=(0.4,), search_tokens=50, criteria=("wina",))
-    assert wina["criterion"] == "wina"
+    assert wina["criteria"] == {"0.4": "wina"}
     inputs = collect_inputs(rt, fit)
     setting = thresholds_for(wina, 0.4)
     for i, layer in enumerate(rt.backend.weights.layers):
@@ -140,6 +141,12 @@ def test_calibration_compares_both_criteria_and_runtime_applies_the_kept_one(sil
     # the runtime takes the criterion with the thresholds
     rt.calibration = {"teal": wina}
     rt.set_teal(0.4)
-    assert rt.decoder.teal_criterion == "wina" and criterion_of({"targets": {}}) == "teal"
+    assert rt.decoder.teal_criterion == "wina" and criterion_of({"targets": {}}, 0.4) == "teal"
     assert np.array_equal(rt.backend.state.teal_scale[0, 0, :rt.config.dim],
                           rt.backend.weights.layers[0].column_norm("q"))
+    # turning TEAL off returns to plain thresholds (a policy's attention thresholds are quantiles of |x|)
+    rt.set_teal(None)
+    assert rt.decoder.teal is None and rt.decoder.teal_criterion == "teal"
+    # perplexity under WINA thresholds leaves the decoder's setting as it found it
+    perplexity(rt, judge, None, teal=setting, criterion="wina")
+    assert rt.decoder.teal is None and rt.decoder.teal_criterion == "teal"

@@ -62,7 +62,10 @@ def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
     a 13-token context then faulted in every 2 MB page, the whole cache (137 MB of a 110M model's 151 MB at
     2,048 positions)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+    m = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # even where the kernel backs anonymous memory with huge pages always
+        m.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(m, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
 
 class CpuBackend:

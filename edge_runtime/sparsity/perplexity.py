@@ -10,13 +10,15 @@ from edge_runtime.scoring import nll
 from edge_runtime.sparsity.predictor import Rule
 
 
-def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None, teal: list[dict] | None = None) -> float:
+def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None, teal: list[dict] | None = None,
+               criterion: str = "teal") -> float:
     """Perplexity over the windows; with rules, each token's FFN uses its own predicted mask; with teal,
-    per-layer TEAL thresholds mask the projections' inputs."""
+    per-layer thresholds of that criterion ("teal" or "wina") mask the projections' inputs. The decoder's
+    setting is restored afterwards."""
     dec = rt.decoder
-    saved, saved_teal = dec.rules, dec.teal
+    saved, saved_teal, saved_criterion = dec.rules, dec.teal, dec.teal_criterion
     dec.set_sparsity(rules)
-    dec.teal = teal
+    dec.set_teal(teal, criterion)
     total, n = 0.0, 0
     try:
         for w in wins:
@@ -24,6 +26,6 @@ def perplexity(rt, wins: list[np.ndarray], rules: list[Rule] | None, teal: list[
             total += float(nll(dec.forward(w[:-1], batched_sparse=True), w[1:]).sum())
             n += len(w) - 1
     finally:
-        dec.teal = saved_teal
+        dec.set_teal(saved_teal, saved_criterion)
         dec.set_sparsity(saved)
     return float(np.exp(total / n))
