@@ -13,6 +13,7 @@ Dequantisation multiplies in fp32 by the fp16 scale widened to fp32; every backe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -40,8 +41,9 @@ class PackedTensor:
         if not self.sparse and self.encoding != "fp32":
             self.f32 = self.dequantize()
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
+        """Stored bytes (the arrays never change after construction; decode steps count with this)."""
         return sum(a.nbytes for a in self.arrays.values())
 
     def row_bytes(self) -> float:

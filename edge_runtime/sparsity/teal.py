@@ -62,8 +62,9 @@ def scores(rt, i: int, acts: dict[str, np.ndarray], criterion: str) -> dict[str,
 
 
 def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], targets: tuple[float, ...],
-             criterion: str = "teal") -> dict[float, list[dict[str, float]]]:
-    """Per target, per-layer thresholds {projection: t} reaching that byte-weighted sparsity per block.
+             criteria: tuple[str, ...] = ("teal",)) -> dict[str, dict[float, list[dict[str, float]]]]:
+    """Per criterion and target, per-layer thresholds {projection: t} reaching that byte-weighted sparsity
+    per block. The dense block outputs every trial is compared with are computed once for all criteria.
 
     Block by block (the other blocks dense), each step raises by STEP the sparsity of the projection
     whose step least increases the error of the block's output (the next block's normalised input, or
@@ -76,11 +77,12 @@ def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], ta
     n = rt.config.n_layers
     dec = rt.decoder
     saved = dec.rules, dec.teal, dec.teal_criterion
-    check_criterion(criterion)
+    for criterion in criteria:
+        check_criterion(criterion)
     dec.set_sparsity(None)  # a predictor would take the FFN and ignore its trial thresholds
     try:
-        dense_out = [_block_outputs(rt, wins, None, i, criterion) for i in range(n)]
-        return _allocate(rt, inputs, wins, targets, criterion, dense_out)
+        dense_out = [_block_outputs(rt, wins, None, i, "teal") for i in range(n)]
+        return {c: _allocate(rt, inputs, wins, targets, c, dense_out) for c in criteria}
     finally:
         dec.set_teal(saved[1], saved[2])
         dec.set_sparsity(saved[0])
@@ -175,8 +177,7 @@ def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARG
         n += len(w) - 1
     ppl_dense = perplexity(rt, judge, None)
     found: dict[str, dict] = {}
-    for criterion in criteria:
-        alloc = allocate(rt, inputs, search, tuple(targets), check_criterion(criterion))
+    for criterion, alloc in allocate(rt, inputs, search, tuple(targets), tuple(criteria)).items():
         ppl = {f"{t:g}": perplexity(rt, judge, None, teal=alloc[t], criterion=criterion) for t in targets}
         found[criterion] = {"targets": {f"{t:g}": alloc[t] for t in targets}, "ppl": ppl}
     compared = {c: f["ppl"] for c, f in found.items()}
