@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import edge_runtime.backends.cpu_gemv as cpu_gemv
 import edge_runtime.backends.cpu_predict as cpu_predict
+import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.cpu_dispatch import MatrixKernels
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
@@ -124,3 +126,96 @@ def test_keep_after_gate_compacts_the_survivors():
     m = cpu_predict.keep_after_gate(g, rows, 50, np.float32(0.3), kept, h)
     sel = (g > 0) & (g >= np.float32(0.3))
     assert m == sel.sum() and np.array_equal(kept[:m], rows[sel]) and np.array_equal(h[:m], g[sel])
+
+
+@pytest.mark.parametrize("enc", ["fp32", "fp16", "int8"])
+def test_serial_gemv_and_axpy_match_the_reference(enc):
+    """The fused step's single-thread twins of gemv_rows / axpy_rows (no parallel region)."""
+    rng = np.random.default_rng(11)
+    t = packed(enc, rng)
+    k = MatrixKernels(t, 1)
+    ref = t.dequantize()
+    x = rng.standard_normal(K).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    for rows in (np.arange(N), np.sort(rng.choice(N, 13, replace=False)), np.arange(0)):
+        idx = np.zeros(N, np.int32)
+        idx[:len(rows)] = rows
+        out = np.full(N, np.nan, np.float32)
+        cpu_gemv.gemv_rows_serial(k.w, k.scale, bias, x, idx, len(rows), out)
+        assert np.isnan(out[len(rows):]).all()
+        h = rng.standard_normal(N).astype(np.float32)
+        y = np.full(K, np.nan, np.float32)
+        cpu_gemv.axpy_rows_serial(k.w, k.scale, h, idx, len(rows), y)
+        if len(rows):
+            assert rel(out[:len(rows)], ref[rows] @ x + bias[rows]) < TOL[enc]
+            assert rel(y, h[:len(rows)] @ ref[rows]) < TOL[enc]
+        else:
+            assert (y == 0).all()
+
+
+def test_fp16_widening_is_exact_for_every_finite_half():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    bits[~np.isfinite(bits.view(np.float16))] = 0  # inf and nan are not weights
+    w = bits.reshape(64, 1024)
+    out = np.full(w.shape, np.nan, np.float32)
+    cpu_gemv.dense_rows(w, np.zeros(0, np.uint16), np.arange(64, dtype=np.int32), out)
+    assert np.array_equal(out, w.view(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("d", [64, 100])
+def test_serial_predictors_match_the_reference(d):
+    rng = np.random.default_rng(d + 5)
+    n = 301  # not a multiple of the projection's four-row blocks
+    signs = pack_signs(rng.standard_normal((n, d)))
+    x = rng.standard_normal(d).astype(np.float32)
+    w = signs.shape[1]
+    for alpha in (0.0, 1.0, 1.2, 100.0):
+        idx = np.full(n, -1, np.int32)
+        count = cpu_predict.sparseinfer_serial(x, signs, alpha, np.zeros(w, np.uint32), idx)
+        expect = np.flatnonzero(predict_active(x, signs, alpha))
+        assert count == len(expect) and np.array_equal(idx[:count], expect)
+    ref = projection_scores(x, signs)
+    table, z = np.zeros((4 * w, 256), np.float32), np.full(n, np.nan, np.float32)
+    theta = (rng.standard_normal(n) * 3).astype(np.float32)
+    idx = np.full(n, -1, np.int32)
+    count = cpu_predict.projection_serial(x, signs.view(np.uint8), theta, table, z, idx)
+    assert np.abs(z - ref).max() < 1e-5 * np.abs(x).sum()
+    clear = np.abs(ref - theta) > 1e-4
+    got = np.zeros(n, bool)
+    got[idx[:count]] = True
+    assert np.array_equal(got[clear], (ref >= theta)[clear])
+
+
+def _attention_reference(q, kc, vc, pos, scale, softcap, window):
+    """numpy: each query head over its KV head's positions lo..pos."""
+    nkv, _, hd = kc.shape
+    nh = q.shape[1] // hd
+    lo = max(0, pos + 1 - window) if window else 0
+    out = np.zeros_like(q)
+    for h in range(nh):
+        g = h // (nh // nkv)
+        s = kc[g, lo:pos + 1] @ q[0, h * hd:(h + 1) * hd] * scale
+        if softcap:
+            s = softcap * np.tanh(s / softcap)
+        p = np.exp(s - s.max())
+        out[0, h * hd:(h + 1) * hd] = (p / p.sum()) @ vc[g, lo:pos + 1]
+    return out
+
+
+@pytest.mark.parametrize("step", ["attention_step", "attention_step_serial"])
+@pytest.mark.parametrize("softcap, window", [(0.0, 0), (1.5, 0), (0.0, 5)])
+def test_one_token_attention_matches_numpy(step, softcap, window):
+    rng = np.random.default_rng(int(softcap * 10) + window)
+    nkv, nh, hd, ctx, pos = 2, 6, 16, 32, 13
+    kc = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
+    vc = rng.standard_normal((nkv, ctx, hd)).astype(np.float32)
+    q = rng.standard_normal((1, nh * hd)).astype(np.float32)
+    k = rng.standard_normal((1, nkv * hd)).astype(np.float32)
+    v = rng.standard_normal((1, nkv * hd)).astype(np.float32)
+    out = np.full_like(q, np.nan)
+    scores = np.zeros((nh, ctx), np.float32)
+    getattr(cpu_step_ops, step)(q, k, v, kc, vc, pos, np.float32(0.25), np.float32(softcap), window,
+                                np.arange(ctx, dtype=np.int32), scores, out)
+    assert np.array_equal(kc[:, pos], k.reshape(nkv, hd)) and np.array_equal(vc[:, pos], v.reshape(nkv, hd))
+    ref = _attention_reference(q, kc, vc, pos, np.float32(0.25), softcap, window)
+    assert rel(out, ref) < 1e-5

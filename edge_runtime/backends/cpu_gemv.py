@@ -24,6 +24,7 @@ from edge_runtime.backends.jit import kernel, prefetch, sum_parts, widen
 ROWS = 4  # rows per block: four independent dot products per pass over x keep more loads in flight
 AHEAD = 4 * ROWS  # rows ahead whose cache lines a block asks for (about 2.5x the bandwidth of none, measured)
 LINE = 64  # cache line bytes (x86-64, Cortex-A78)
+SPAN = 16 * ROWS  # rows per parallel work item: several blocks per helper call (see _rows_span)
 
 
 @kernel(inline=True)
@@ -31,47 +32,52 @@ def _prefetch_rows(w, idx, j, n):
     """Request the cache lines of rows idx[j:j+ROWS] (those below n) of W (N, K)."""
     row_bytes = w.shape[1] * w.strides[1]
     for t in range(j, min(j + ROWS, n)):
-        row = w[idx[t]]
+        base = idx[t] * w.strides[0]
         for o in range(0, row_bytes, LINE):
-            prefetch(row, o)
+            prefetch(w, base + o)
 
 
+# The spans index W two-dimensionally: a row view (w[r]) is a new array whose reference count numba raises and
+# drops with atomic operations. For the same reason each call covers many blocks: the arrays passed to an inlined
+# helper are counted once per call, which per block of four rows measured as twice the time of the product for
+# a cache-resident matrix outside a parallel region.
 @kernel(inline=True)
-def _rows_block(w, scale, bias, x, idx, j, n, out):
-    """out[j:j+ROWS] (fewer at the end, n) = rows idx[j:...] of W . x, scaled and biased. A full block makes
-    one pass over x for four accumulators (a lone row's dot product waits on one stream of loads; four
-    interleaved streams reach about 1.5x the bandwidth from memory)."""
+def _rows_span(w, scale, bias, x, idx, lo, hi, out, ahead):
+    """out[j] = W[idx[j]] . x * scale + bias for lo <= j < hi, ROWS rows per pass over x (a lone row's dot
+    product waits on one stream of loads; four interleaved streams reach about 1.5x the bandwidth from memory);
+    the lines of the rows `ahead` positions on requested first (0: none)."""
     k = w.shape[1]
     scaled = scale.shape[0] > 0
     biased = bias.shape[0] > 0
-    _prefetch_rows(w, idx, j + AHEAD, n)
-    if j + ROWS <= n:
-        r0, r1, r2, r3 = w[idx[j]], w[idx[j + 1]], w[idx[j + 2]], w[idx[j + 3]]  # 1-D row views vectorise
+    j = lo
+    while j + ROWS <= hi:
+        if ahead > 0:
+            _prefetch_rows(w, idx, j + ahead, hi)
+        i0, i1, i2, i3 = idx[j], idx[j + 1], idx[j + 2], idx[j + 3]
         a0 = a1 = a2 = a3 = np.float32(0.0)
         for c in range(k):
             xc = x[c]
-            a0 += widen(r0[c]) * xc
-            a1 += widen(r1[c]) * xc
-            a2 += widen(r2[c]) * xc
-            a3 += widen(r3[c]) * xc
+            a0 += widen(w[i0, c]) * xc
+            a1 += widen(w[i1, c]) * xc
+            a2 += widen(w[i2, c]) * xc
+            a3 += widen(w[i3, c]) * xc
         if scaled:
-            a0 *= widen(scale[idx[j]])
-            a1 *= widen(scale[idx[j + 1]])
-            a2 *= widen(scale[idx[j + 2]])
-            a3 *= widen(scale[idx[j + 3]])
+            a0 *= widen(scale[i0])
+            a1 *= widen(scale[i1])
+            a2 *= widen(scale[i2])
+            a3 *= widen(scale[i3])
         if biased:
-            a0 += bias[idx[j]]
-            a1 += bias[idx[j + 1]]
-            a2 += bias[idx[j + 2]]
-            a3 += bias[idx[j + 3]]
+            a0 += bias[i0]
+            a1 += bias[i1]
+            a2 += bias[i2]
+            a3 += bias[i3]
         out[j], out[j + 1], out[j + 2], out[j + 3] = a0, a1, a2, a3
-        return
-    for jj in range(j, n):
+        j += ROWS
+    for jj in range(j, hi):
         r = idx[jj]
-        row = w[r]
         v = np.float32(0.0)
         for c in range(k):
-            v += widen(row[c]) * x[c]
+            v += widen(w[r, c]) * x[c]
         v = v * widen(scale[r]) if scaled else v
         out[jj] = v + bias[r] if biased else v
 
@@ -79,34 +85,41 @@ def _rows_block(w, scale, bias, x, idx, j, n, out):
 @kernel(parallel=True)
 def gemv_rows(w, scale, bias, x, idx, n, out):
     """out[j] = (W[idx[j]] . x) * scale[idx[j]] + bias[idx[j]] for j < n; fp32 / fp16-bits / int8 rows,
-    in blocks of ROWS over the threads."""
-    for b in prange((n + ROWS - 1) // ROWS):
-        _rows_block(w, scale, bias, x, idx, b * ROWS, n, out)
+    SPAN rows at a time over the threads."""
+    for b in prange((n + SPAN - 1) // SPAN):
+        _rows_span(w, scale, bias, x, idx, b * SPAN, min(n, (b + 1) * SPAN), out, AHEAD)
+
+
+@kernel()
+def gemv_rows_serial(w, scale, bias, x, idx, n, out):
+    """gemv_rows on the calling thread: for the fused decode step of a small model (cpu_fused.py), where a
+    parallel region's launch costs more than the product."""
+    _rows_span(w, scale, bias, x, idx, 0, n, out, AHEAD)
 
 
 @kernel(inline=True)
-def _axpy_range(w, scale, h, idx, lo, hi, acc):
-    """acc (K,) += sum_{lo <= j < hi} h[j] * scale[idx[j]] * W[idx[j]], ROWS rows per load and store of acc."""
+def _axpy_range(w, scale, h, idx, lo, hi, acc, ahead):
+    """acc (K,) += sum_{lo <= j < hi} h[j] * scale[idx[j]] * W[idx[j]], ROWS rows per load and store of acc;
+    the lines of the rows `ahead` positions on requested first (0: none)."""
     k = w.shape[1]
     scaled = scale.shape[0] > 0
     j = lo
     while j + ROWS <= hi:
-        _prefetch_rows(w, idx, j + AHEAD, hi)
+        if ahead > 0:
+            _prefetch_rows(w, idx, j + ahead, hi)
         r0, r1, r2, r3 = idx[j], idx[j + 1], idx[j + 2], idx[j + 3]
         c0 = h[j] * widen(scale[r0]) if scaled else h[j]
         c1 = h[j + 1] * widen(scale[r1]) if scaled else h[j + 1]
         c2 = h[j + 2] * widen(scale[r2]) if scaled else h[j + 2]
         c3 = h[j + 3] * widen(scale[r3]) if scaled else h[j + 3]
-        w0, w1, w2, w3 = w[r0], w[r1], w[r2], w[r3]
         for c in range(k):
-            acc[c] += c0 * widen(w0[c]) + c1 * widen(w1[c]) + c2 * widen(w2[c]) + c3 * widen(w3[c])
+            acc[c] += c0 * widen(w[r0, c]) + c1 * widen(w[r1, c]) + c2 * widen(w[r2, c]) + c3 * widen(w[r3, c])
         j += ROWS
     for jj in range(j, hi):
         r = idx[jj]
         cj = h[jj] * widen(scale[r]) if scaled else h[jj]
-        wr = w[r]
         for c in range(k):
-            acc[c] += cj * widen(wr[c])
+            acc[c] += cj * widen(w[r, c])
 
 
 @kernel(parallel=True)
@@ -116,8 +129,15 @@ def axpy_rows(w, scale, h, idx, n, part, out):
     for t in prange(nt):
         acc = part[t]
         acc[:] = 0.0
-        _axpy_range(w, scale, h, idx, t * n // nt, (t + 1) * n // nt, acc)
+        _axpy_range(w, scale, h, idx, t * n // nt, (t + 1) * n // nt, acc, AHEAD)
     sum_parts(part, out)
+
+
+@kernel()
+def axpy_rows_serial(w, scale, h, idx, n, out):
+    """axpy_rows on the calling thread, accumulating straight into out (the fused step)."""
+    out[:] = 0.0
+    _axpy_range(w, scale, h, idx, 0, n, out, AHEAD)
 
 
 @kernel()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from edge_runtime.backends.jit import ctz32, kernel, popcount32
+from edge_runtime.backends.jit import kernel, popcount32
 
 
 @kernel()
@@ -29,8 +29,9 @@ def _compact(mask, idx):
     return n
 
 
-@kernel(parallel=True)
-def _sparseinfer_mask(x, gate_signs, alpha, xs, mask):
+@kernel(inline=True)
+def _sign_words(x, xs):
+    """xs (W,) uint32: bit j of word c set where x[32c + j] < 0."""
     d = x.shape[0]
     for c in range(xs.shape[0]):
         w = np.uint32(0)
@@ -39,12 +40,34 @@ def _sparseinfer_mask(x, gate_signs, alpha, xs, mask):
             if i < d and x[i] < 0:
                 w |= np.uint32(1) << np.uint32(j)
         xs[c] = w
+
+
+@kernel(inline=True)
+def _sparseinfer_active(gate_signs, xs, r, alpha, d):
+    """Row r predicted active: its sign mismatches with x, N_neg, at most alpha * (d - N_neg)."""
+    neg = 0
+    for c in range(xs.shape[0]):
+        neg += popcount32(gate_signs[r, c] ^ xs[c])
+    return np.float64(neg) <= alpha * np.float64(d - neg)
+
+
+@kernel(parallel=True)
+def _sparseinfer_mask(x, gate_signs, alpha, xs, mask):
+    _sign_words(x, xs)
     for r in prange(gate_signs.shape[0]):
-        row = gate_signs[r]
-        neg = 0
-        for c in range(xs.shape[0]):
-            neg += popcount32(row[c] ^ xs[c])
-        mask[r] = np.float64(neg) <= alpha * np.float64(d - neg)
+        mask[r] = _sparseinfer_active(gate_signs, xs, r, alpha, x.shape[0])
+
+
+@kernel()
+def sparseinfer_serial(x, gate_signs, alpha, xs, idx):
+    """sparseinfer on the calling thread, compacting as it goes (the fused decode step); returns the count."""
+    _sign_words(x, xs)
+    n = 0
+    for r in range(gate_signs.shape[0]):
+        if _sparseinfer_active(gate_signs, xs, r, alpha, x.shape[0]):
+            idx[n] = r
+            n += 1
+    return n
 
 
 def sparseinfer(x, gate_signs, alpha: float, xs, mask, idx) -> int:
@@ -55,28 +78,74 @@ def sparseinfer(x, gate_signs, alpha: float, xs, mask, idx) -> int:
 
 @kernel()
 def _byte_table(x, table):
-    """table[c, b] = sum of x[8c + j] for the set bits j of b (x read as 0 past its end)."""
+    """table[c, b] = sum of x[8c + j] for the set bits j of b (x read as 0 past its end). Built by doubling:
+    the entries with highest bit j are those below 2^j plus x[8c + j], a contiguous (vectorised) add."""
     d = x.shape[0]
     for c in range(table.shape[0]):
         table[c, 0] = 0.0
-        for b in range(1, 256):
-            j = 8 * c + ctz32(np.uint32(b))
-            table[c, b] = table[c, b & (b - 1)] + (x[j] if j < d else np.float32(0.0))
+        for j in range(8):
+            i = 8 * c + j
+            v = x[i] if i < d else np.float32(0.0)
+            half = 1 << j
+            for b in range(half):
+                table[c, half + b] = table[c, b] + v
+
+
+@kernel(inline=True)
+def _sum(x):
+    total = np.float32(0.0)
+    for i in range(x.shape[0]):
+        total += x[i]
+    return total
+
+
+@kernel(inline=True)
+def _projection_span(sign_bytes, table, total, lo, hi, z):
+    """z[r] = x . sign(w_r) = sum(x) - 2 * (the x of row r's negative weights) for lo <= r < hi, a table lookup
+    per byte; four rows at a time, four independent chains of adds (one row's lookups are a serial chain)."""
+    nb = sign_bytes.shape[1]
+    r = lo
+    while r + 4 <= hi:
+        n0 = n1 = n2 = n3 = np.float32(0.0)
+        for c in range(nb):
+            n0 += table[c, sign_bytes[r, c]]
+            n1 += table[c, sign_bytes[r + 1, c]]
+            n2 += table[c, sign_bytes[r + 2, c]]
+            n3 += table[c, sign_bytes[r + 3, c]]
+        z[r], z[r + 1] = total - np.float32(2.0) * n0, total - np.float32(2.0) * n1
+        z[r + 2], z[r + 3] = total - np.float32(2.0) * n2, total - np.float32(2.0) * n3
+        r += 4
+    for rr in range(r, hi):
+        neg = np.float32(0.0)
+        for c in range(nb):
+            neg += table[c, sign_bytes[rr, c]]
+        z[rr] = total - np.float32(2.0) * neg
+
+
+SPAN = 64  # rows per parallel work item
 
 
 @kernel(parallel=True)
 def projection_z(x, sign_bytes, table, z):
     """z (N,) = x . sign(w_r); sign_bytes (N, 4W) uint8 the sign plane's bytes (little-endian words)."""
     _byte_table(x, table)
-    total = np.float32(0.0)
-    for i in range(x.shape[0]):
-        total += x[i]
-    for r in prange(sign_bytes.shape[0]):
-        row = sign_bytes[r]
-        neg = np.float32(0.0)
-        for c in range(row.shape[0]):
-            neg += table[c, row[c]]
-        z[r] = total - np.float32(2.0) * neg
+    total = _sum(x)
+    n = sign_bytes.shape[0]
+    for b in prange((n + SPAN - 1) // SPAN):
+        _projection_span(sign_bytes, table, total, b * SPAN, min(n, (b + 1) * SPAN), z)
+
+
+@kernel()
+def projection_serial(x, sign_bytes, theta, table, z, idx):
+    """projection on the calling thread (the fused decode step): z (N,) scratch; returns the count."""
+    _byte_table(x, table)
+    _projection_span(sign_bytes, table, _sum(x), 0, sign_bytes.shape[0], z)
+    n = 0
+    for r in range(sign_bytes.shape[0]):
+        if z[r] >= theta[r]:
+            idx[n] = r
+            n += 1
+    return n
 
 
 @kernel(parallel=True)

@@ -8,7 +8,11 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from edge_runtime.backends.cpu_gemv import _axpy_range, _rows_span
 from edge_runtime.backends.jit import kernel
+
+NO_F32 = np.zeros(0, np.float32)
+NO_U16 = np.zeros(0, np.uint16)
 
 SILU, RELU, FATRELU, GELU_TANH, DRELU = 0, 1, 2, 3, 4
 ACTIVATION_CODE = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU, "gelu_tanh": GELU_TANH, "drelu": DRELU}
@@ -59,48 +63,71 @@ def rope(x, positions, cos, sin, n_heads):
                 x[t, o + half + i] = x2 * cos[p, i] + x1 * sin[p, i]
 
 
-@kernel(parallel=True)
-def attention_step(q, k, v, kc, vc, pos, scale, softcap, window, scores, out):
-    """One token at position pos: k, v (1, KV*hd) written into kc, vc (KV, ctx, hd) at pos, then each of
-    the H query heads in q (1, H*hd) attends over positions lo..pos of its KV head (GQA) -> out (1, H*hd),
-    lo = max(0, pos - window + 1) for a sliding window (window 0: lo = 0). scores (H, ctx) float32 scratch;
-    scale float32 (config.attn_scale); softcap float32: scores -> softcap * tanh(scores / softcap), 0 = off."""
+@kernel(inline=True)
+def _attend_head(q, kc, vc, h, g, lo, end, scale, softcap, rows, scores, out):
+    """Query head h of q (1, H*hd) over positions lo..end-1 of KV head g of kc, vc (KV, ctx, hd) -> out[0, h*hd:
+    (h+1)*hd]. The scores are a GEMV over the rows of K and the output an accumulation over the rows of V
+    (cpu_gemv's four-row blocks); rows (ctx,) int32 = 0, 1, 2, ...; scores (H, ctx) scratch."""
+    hd = kc.shape[2]
+    s = scores[h]
+    _rows_span(kc[g], NO_U16, NO_F32, q[0, h * hd:(h + 1) * hd], rows, lo, end, s, 0)
+    for t in range(lo, end):
+        s[t] *= scale
+    if softcap > 0:  # a pass of its own: a tanh in another loop keeps that loop scalar
+        for t in range(lo, end):
+            s[t] = softcap * np.tanh(s[t] / softcap)
+    top = np.float32(-np.inf)
+    for t in range(lo, end):
+        top = max(top, s[t])
+    total = np.float32(0.0)
+    for t in range(lo, end):
+        e = np.exp(s[t] - top)
+        s[t] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for t in range(lo, end):
+        s[t] *= inv
+    acc = out[0, h * hd:(h + 1) * hd]
+    acc[:] = 0.0
+    _axpy_range(vc[g], NO_U16, s, rows, lo, end, acc, 0)
+
+
+@kernel(inline=True)
+def _write_kv(k, v, kc, vc, pos):
+    """k, v (1, KV*hd) into kc, vc (KV, ctx, hd) at pos."""
     nkv, _, hd = kc.shape
-    nh = q.shape[1] // hd
-    group = nh // nkv
-    end = pos + 1
-    lo = max(0, end - window) if window > 0 else 0
     for g in range(nkv):
         for i in range(hd):
             kc[g, pos, i] = k[0, g * hd + i]
             vc[g, pos, i] = v[0, g * hd + i]
+
+
+@kernel(parallel=True)
+def attention_step(q, k, v, kc, vc, pos, scale, softcap, window, rows, scores, out):
+    """One token at position pos: k, v (1, KV*hd) written into kc, vc (KV, ctx, hd) at pos, then each of
+    the H query heads in q (1, H*hd) attends over positions lo..pos of its KV head (GQA) -> out (1, H*hd),
+    lo = max(0, pos - window + 1) for a sliding window (window 0: lo = 0). rows (ctx,) int32 0, 1, 2, ...;
+    scores (H, ctx) float32 scratch;
+    scale float32 (config.attn_scale); softcap float32: scores -> softcap * tanh(scores / softcap), 0 = off."""
+    nkv, _, hd = kc.shape
+    nh = q.shape[1] // hd
+    group = nh // nkv
+    lo = max(0, pos + 1 - window) if window > 0 else 0
+    _write_kv(k, v, kc, vc, pos)
     for h in prange(nh):
-        g = h // group
-        qh = q[0, h * hd:(h + 1) * hd]
-        s = scores[h]
-        top = -np.inf
-        for t in range(lo, end):
-            kt = kc[g, t]
-            acc = np.float32(0.0)
-            for i in range(hd):
-                acc += qh[i] * kt[i]
-            acc *= scale
-            if softcap > 0:
-                acc = softcap * np.tanh(acc / softcap)
-            s[t] = acc
-            top = max(top, acc)
-        total = np.float32(0.0)
-        for t in range(lo, end):
-            e = np.exp(s[t] - top)
-            s[t] = e
-            total += e
-        o = out[0, h * hd:(h + 1) * hd]
-        o[:] = 0.0
-        for t in range(lo, end):
-            p = s[t] / total
-            vt = vc[g, t]
-            for i in range(hd):
-                o[i] += p * vt[i]
+        _attend_head(q, kc, vc, h, h // group, lo, pos + 1, scale, softcap, rows, scores, out)
+
+
+@kernel()
+def attention_step_serial(q, k, v, kc, vc, pos, scale, softcap, window, rows, scores, out):
+    """attention_step on the calling thread (the fused decode step, cpu_fused.py)."""
+    nkv, _, hd = kc.shape
+    nh = q.shape[1] // hd
+    group = nh // nkv
+    lo = max(0, pos + 1 - window) if window > 0 else 0
+    _write_kv(k, v, kc, vc, pos)
+    for h in range(nh):
+        _attend_head(q, kc, vc, h, h // group, lo, pos + 1, scale, softcap, rows, scores, out)
 
 
 @kernel()
