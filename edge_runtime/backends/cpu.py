@@ -29,7 +29,9 @@ from edge_runtime.backends.base import (
     teal_array,
     teal_scale_array,
 )
+from edge_runtime.backends.blas_threads import blas_threads
 from edge_runtime.backends.cpu_dispatch import ColumnKernels, MatrixKernels
+from edge_runtime.backends.cpu_fused import FusedStep
 from edge_runtime.backends.jit import default_threads, threads_for, use_threads
 from edge_runtime.backends.weights import (
     ATTENTION,
@@ -54,6 +56,7 @@ C = {name: j for j, name in enumerate(FIELDS)}  # counter rows
 TEAL_SLOT = {p: j for j, p in enumerate(PROJECTIONS)}
 STEP_COUNTERS = np.array([C[f] for f in ("steps", "predicted", "kept", "bytes_read", "bytes_dense", "up_dropped")],
                          np.int64)
+ATTN_COUNTERS = np.array([C["attn_bytes_read"], C["attn_bytes_dense"]], np.int64)
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -108,6 +111,7 @@ class CpuBackend:
             mask=np.zeros(n, np.uint8), z=np.zeros(n, f32),  # (N,) predictor mask, projection scores
             xs=np.zeros(w, np.uint32), table=np.zeros((4 * w, 256), f32),  # sign words of x, byte sums
             scores=np.zeros((cfg.n_heads, max_context), f32),  # (H, ctx) attention weights
+            positions=np.arange(max_context, dtype=np.int32),  # (ctx,) 0, 1, ...: the rows of a K or V cache
             pos_ids=np.zeros(1, np.int32))  # learned-position row of the token (OPT)
         self.sign_bytes = [np.ascontiguousarray(lay.gate_signs).view(np.uint8) for lay in self.weights.layers]
         # per layer, the bytes a sparse step reads: sign plane, one gate row, one up row, one down row; and dense
@@ -120,6 +124,8 @@ class CpuBackend:
         self._sampler = Sampler(SamplingParams())
         self._teal_criterion = "teal"  # what state.teal_scale holds (allocated as ones)
         self.stats_reads = 0  # how often the counters were copied out (tests: never per token)
+        # the step in one compiled call per layer, where it covers the model (None: the decoder's op-by-op step)
+        self.fused = FusedStep(self, STEP_COUNTERS, ATTN_COUNTERS) if FusedStep.supports(self) else None
 
     # ---- ops shared by prefill and the decode step ----------------------------------------------------
     def embed_tokens(self, ids: np.ndarray, positions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -221,15 +227,17 @@ class CpuBackend:
         window = cfg.window(layer)
         if t == 1:
             out = np.empty_like(q) if out is None else out
-            cpu_step_ops.attention_step(q, k, v, kc, vc, pos0, self.attn_scale, self.attn_softcap, window,
-                                        self.scratch.scores, out)
+            step = cpu_step_ops.attention_step if self.threads > 1 else cpu_step_ops.attention_step_serial
+            step(q, k, v, kc, vc, pos0, self.attn_scale, self.attn_softcap, window, self.scratch.positions,
+                 self.scratch.scores, out)
             return out
         end = pos0 + t
         kc[:, pos0:end] = k.reshape(t, nkv, hd).transpose(1, 0, 2)
         vc[:, pos0:end] = v.reshape(t, nkv, hd).transpose(1, 0, 2)
         group = cfg.n_heads // nkv
         qh = q.reshape(t, nkv, group, hd).transpose(1, 2, 0, 3).reshape(nkv, group * t, hd)
-        scores = qh @ kc[:, :end].transpose(0, 2, 1)  # (n_kv, group*T, end)
+        with blas_threads(self.threads):
+            scores = qh @ kc[:, :end].transpose(0, 2, 1)  # (n_kv, group*T, end)
         scores *= self.attn_scale
         if self.attn_softcap > 0:
             scores = self.attn_softcap * np.tanh(scores / self.attn_softcap)
@@ -240,7 +248,8 @@ class CpuBackend:
         scores = np.where(hidden, -np.inf, scores).astype(np.float32)
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
-        a = (scores @ vc[:, :end]).reshape(nkv, group, t, hd).transpose(2, 0, 1, 3).reshape(t, cfg.n_heads * hd)
+        with blas_threads(self.threads):
+            a = (scores @ vc[:, :end]).reshape(nkv, group, t, hd).transpose(2, 0, 1, 3).reshape(t, cfg.n_heads * hd)
         if out is None:
             return a
         out[...] = a
@@ -250,7 +259,7 @@ class CpuBackend:
         x += y
 
     def logits(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        k, cap = self.kernels[id(self.weights.lm_head)], np.float32(self.config.logit_softcap)
+        k = self.kernels[id(self.weights.lm_head)]
         if x.shape[0] == 1:
             out = np.empty((1, self.config.vocab_size), np.float32) if out is None else out
             k.gemv(x[0], out[0])
@@ -260,9 +269,14 @@ class CpuBackend:
                 out = y
             else:
                 out[...] = y
-        if cap > 0:  # c * tanh(logits / c), in place
-            np.multiply(np.tanh(np.divide(out, cap, out=out), out=out), cap, out=out)
+        self.soft_cap(out)
         return out
+
+    def soft_cap(self, logits: np.ndarray) -> None:
+        """logits = c * tanh(logits / c) in place, c the config's logit soft cap (0: unchanged)."""
+        cap = np.float32(self.config.logit_softcap)
+        if cap > 0:
+            np.multiply(np.tanh(np.divide(logits, cap, out=logits), out=logits), cap, out=logits)
 
     # ---- prefill and evaluation ---------------------------------------------------------------------
     def _activate(self, g: np.ndarray) -> np.ndarray:
@@ -400,8 +414,12 @@ class CpuBackend:
         self.state.pos[0] += 1
 
     def run_step(self, body: Callable[[], None], mode: str) -> None:
+        """One token: the fused step (cpu_fused.py) where it covers the model and mode, else body's ops."""
         use_threads(self.threads)  # numba's thread count is per calling thread (serve runs steps elsewhere)
-        body()
+        if self.fused is not None and self.fused.covers(mode):
+            self.fused.run(mode)
+        else:
+            body()
 
     # ---- host interface ------------------------------------------------------------------------------
     def from_host(self, a, dtype) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 
 import edge_runtime.backends.cpu_gemv as dense
 import edge_runtime.backends.cpu_sparse_rows as sparse
+from edge_runtime.backends.blas_threads import blas_threads
 from edge_runtime.backends.cpu_step_ops import teal_select
 from edge_runtime.backends.jit import f16_bits, threads_for, use_threads
 from edge_runtime.backends.weights import COLUMN_ENCODINGS
@@ -31,6 +32,7 @@ class MatrixKernels:
         a = t.arrays
         self.all_rows = np.arange(n, dtype=np.int32)  # idx for "every row"
         self.threads = threads_for(t.nbytes, threads)
+        self.blas_threads = threads  # the backend's count (blas_threads.py)
         self.kind = "sparse" if t.sparse else "int4" if t.encoding == "int4" else "dense"
         self.scale = f16_bits(a["scale"]) if "scale" in a else NO_U16  # (N,) or (N, groups) fp16 bits
         if self.kind == "sparse":
@@ -82,25 +84,27 @@ class MatrixKernels:
 
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """(T, K) -> (T, N) = x W^T, for several tokens: BLAS over fp32 row blocks."""
-        if self.t.f32 is not None:
-            return x @ self.t.f32.T
-        n, k = self.shape
-        out = np.empty((x.shape[0], n), np.float32)
-        step = max(1, BLOCK_BYTES // (4 * k))
-        for r in range(0, n, step):
-            np.matmul(x, self.t.dequantize(slice(r, r + step)).T, out=out[:, r:r + step])
-        return out
+        with blas_threads(self.blas_threads):
+            if self.t.f32 is not None:
+                return x @ self.t.f32.T
+            n, k = self.shape
+            out = np.empty((x.shape[0], n), np.float32)
+            step = max(1, BLOCK_BYTES // (4 * k))
+            for r in range(0, n, step):
+                np.matmul(x, self.t.dequantize(slice(r, r + step)).T, out=out[:, r:r + step])
+            return out
 
     def matmul_t(self, h: np.ndarray) -> np.ndarray:
         """(T, N) -> (T, K) = h W (the down projection over rows of W_down^T), for several tokens."""
-        if self.t.f32 is not None:
-            return h @ self.t.f32
-        n, k = self.shape
-        out = np.zeros((h.shape[0], k), np.float32)
-        step = max(1, BLOCK_BYTES // (4 * k))
-        for r in range(0, n, step):
-            out += h[:, r:r + step] @ self.t.dequantize(slice(r, r + step))
-        return out
+        with blas_threads(self.blas_threads):
+            if self.t.f32 is not None:
+                return h @ self.t.f32
+            n, k = self.shape
+            out = np.zeros((h.shape[0], k), np.float32)
+            step = max(1, BLOCK_BYTES // (4 * k))
+            for r in range(0, n, step):
+                out += h[:, r:r + step] @ self.t.dequantize(slice(r, r + step))
+            return out
 
 
 class ColumnKernels:
