@@ -60,6 +60,24 @@ def test_default_model_fused_equals_op_by_op():
     _compare(rt, rt.encode("Once upon a time"), np.random.default_rng(0))
 
 
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_attention_thresholds_beside_the_predictor_fused_equals_op_by_op(criterion):
+    """Sparse mode with q, k, v, o input thresholds (column skipping over W^T), per projection."""
+    rt = edge_runtime.load(None, profile=None, backend="cpu", threads=1)
+    n = rt.config.n_layers
+    levels = {"q": 0.02, "k": 0.03, "v": 0.01, "o": 0.05} if criterion == "teal" else {"q": 0.01, "o": 0.02}
+    rt.decoder.set_teal([dict(levels) for _ in range(n - 1)] + [{}], criterion)  # the last layer dense
+    rt.decoder.set_sparsity([Rule("sparseinfer", alpha=1.0)] * n)
+    prompt = rt.encode("Once upon a time")
+    fused_ids, fused_logits, fused_counts = _run(rt, True, prompt)
+    ids, logits, counts = _run(rt, False, prompt)
+    assert fused_ids == ids
+    assert np.abs(fused_logits - logits).max() <= 1e-5 * np.abs(logits).max()
+    assert np.array_equal(fused_counts, counts)
+    stats = rt.ffn_stats()
+    assert 0 < stats["attn_bytes_fraction"] < 1  # channels were skipped, and counted
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     pytest.importorskip("torch")
@@ -97,7 +115,7 @@ def test_fused_step_stands_aside_where_it_does_not_cover(families):
     rt.decoder.set_sparsity(1.0)
     assert f.covers("sparse")
     rt.decoder.set_teal([{"q": 0.05}] * rt.config.n_layers)  # attention column skipping beside the predictor
-    assert not f.covers("sparse")
+    assert f.covers("sparse") and not f.covers("teal")
     rt.decoder.set_teal(None)
     rt.decoder.set_sparsity(1.0, measure_recall=True)
     assert not f.covers("sparse")

@@ -456,12 +456,16 @@ class CpuBackend:
             self.state.teal_scale[:] = teal_scale_array(self.weights, teal_criterion, cfg)
             self._teal_criterion = teal_criterion
         self.state.measure_recall = measure_recall
+        made = False
         for i, layer in enumerate(self.weights.layers):  # W^T for column skipping: made now, never in a step
             for p in ATTENTION:
                 lin = getattr(layer, p)
                 if (self.state.teal[i, TEAL_SLOT[p]] > 0 and column_layout(lin.w) is not None
                         and id(lin.w) not in self.columns):
                     self.columns[id(lin.w)] = ColumnKernels(lin.w, self.threads)
+                    made = True
+        if made and self.fused is not None:
+            self.fused.bind()
 
     def read_stats(self) -> FFNStats:
         self.stats_reads += 1

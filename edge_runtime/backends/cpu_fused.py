@@ -6,7 +6,7 @@ per-op step ran at about 2,000 tokens/s dense and barely faster sparse. Here eac
 compiled function that runs the same kernels (their serial twins, which do not open a parallel region) in
 the order `Decoder._step` issues them, over the same buffers, state and counters. `CpuBackend.run_step` uses
 it where `FusedStep.covers` says so (one thread, a Llama-style layer with RMSNorm and no post norms, dense
-fp32/fp16/int8 matrices, dense mode or sparse mode with the FFN predictor and no attention thresholds, no
+fp32/fp16/int8 matrices, dense mode or sparse mode with the FFN predictor and attention thresholds, no
 recall measurement) and runs the decoder's op-by-op step otherwise; tests compare the two token by token.
 """
 
@@ -19,16 +19,32 @@ import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.base import PROJECTION, SPARSEINFER
 from edge_runtime.backends.cpu_gemv import axpy_rows_serial, gemv_rows_serial
 from edge_runtime.backends.jit import kernel
-from edge_runtime.backends.weights import ATTENTION
+from edge_runtime.backends.weights import ATTENTION, TEAL_THRESHOLD_BYTES, column_layout
 
 NO_F32 = np.zeros(0, np.float32)
 NO_U16 = np.zeros(0, np.uint16)
 
 
 @kernel()
-def _project(w, scale, bias, x, rows, n, out):
-    """out[:n] = W[rows[:n]] . x[0] (+ bias): one (1, K) activation through a dense-encoded matrix."""
-    gemv_rows_serial(w, scale, bias, x[0], rows, n, out)
+def _attn_project(w, scale, bias, wt, colscale, x, threshold, channel_scale, layout, all_rows, col_idx, col_h,
+                  out):
+    """out[:N] = W x[0] (+ bias) for one of q, k, v, o; returns the weight bytes read. With a TEAL threshold
+    (> 0) only the input channels with |x| * channel_scale >= threshold count, read as rows of W^T (wt (K, N),
+    int8's row scales colscale (N,) applied after the sum), as ColumnKernels.gemv does; layout (3,) float64:
+    bytes per kept channel, fixed bytes per product (with its threshold), every stored byte."""
+    n = w.shape[0]
+    if threshold > 0 and wt.shape[0] > 0:
+        m = cpu_step_ops.teal_select(x[0], channel_scale, threshold, col_idx, col_h)
+        axpy_rows_serial(wt, NO_U16, col_h, col_idx, m, out[:n])
+        if colscale.shape[0] > 0:
+            for j in range(n):
+                out[j] *= colscale[j]
+        if bias.shape[0] > 0:
+            for j in range(n):
+                out[j] += bias[j]
+        return m * layout[0] + layout[1]
+    gemv_rows_serial(w, scale, bias, x[0], all_rows, n, out)
+    return layout[2]
 
 
 @kernel()
@@ -74,31 +90,44 @@ def _ffn(x, ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sp
 
 
 @kernel()
-def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, attn_b, kc, vc, pos_arr, cos, sin,
-                n_heads, n_kv, attn_scale, softcap, window, ctx_rows, scores, ffn_w, ffn_s, ffn_b, down_b, has_up, act,
-                act_threshold, up_relu, sparse, predictor, alpha, theta_all, gate_signs, sign_bytes, row_bytes,
-                theta_bytes, dense_bytes, attn_bytes, all_rows, xs, table, z, g, u, h, idx, rows, counters,
-                counter_rows, attn_counter_rows, layer):
+def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, attn_b, attn_wt, attn_colscale,
+                attn_layout, kc, vc, pos_arr, cos, sin, n_heads, n_kv, attn_scale, softcap, window, ctx_rows, scores,
+                ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sparse, teal, teal_scale, predictor,
+                alpha, theta_all, gate_signs, sign_bytes, row_bytes, theta_bytes, dense_bytes, all_rows, col_idx,
+                col_h, xs, table, z, g, u, h, idx, rows, counters, counter_rows, attn_counter_rows, layer):
     """One decoder layer of a one-token step, in place on the residual x (1, d): attention block, then FFN.
-    attn_w / attn_s / attn_b: (q, k, v, o) weights, fp16-bit scales, biases; ffn_w (gate, up, down^T)."""
+    attn_w / attn_s / attn_b / attn_wt / attn_colscale: (q, k, v, o) weights, fp16-bit scales, biases, W^T of
+    those with TEAL thresholds ((0, 0) otherwise) and int8 column scales; attn_layout (4, 3) their byte figures
+    (_attn_project); ffn_w (gate, up, down^T). Sparse mode: the layer's q, k, v, o thresholds in teal (L, 7)
+    (PROJECTIONS order, q k v o first) skip input channels, and the FFN runs on the predictor."""
     pos = pos_arr[0]
     d = x.shape[1]
     wq, wk, wv, wo = attn_w
     sq, sk, sv, so = attn_s
     bq, bk, bv, bo = attn_b
+    tq, tk, tv, to = attn_wt
+    cq, ck, cv, co = attn_colscale
+    t = teal[layer]
+    ts = teal_scale[layer]
+    zero = np.float32(0.0)
+    tq_, tk_, tv_, to_ = (t[0], t[1], t[2], t[3]) if sparse else (zero, zero, zero, zero)
     cpu_step_ops.rms_norm(x, attn_norm, eps, hb)
-    _project(wq, sq, bq, hb, all_rows, wq.shape[0], q[0])
-    _project(wk, sk, bk, hb, all_rows, wk.shape[0], k[0])
-    _project(wv, sv, bv, hb, all_rows, wv.shape[0], v[0])
+    read = _attn_project(wq, sq, bq, tq, cq, hb, tq_, ts[0, :d], attn_layout[0], all_rows, col_idx, col_h, q[0])
+    read += _attn_project(wk, sk, bk, tk, ck, hb, tk_, ts[1, :d], attn_layout[1], all_rows, col_idx, col_h, k[0])
+    read += _attn_project(wv, sv, bv, tv, cv, hb, tv_, ts[2, :d], attn_layout[2], all_rows, col_idx, col_h, v[0])
     cpu_step_ops.rope(q, pos_arr, cos, sin, n_heads)
     cpu_step_ops.rope(k, pos_arr, cos, sin, n_kv)
     cpu_step_ops.attention_step_serial(q, k, v, kc, vc, pos, attn_scale, softcap, window, ctx_rows, scores, a)
-    _project(wo, so, bo, a, all_rows, d, y)
+    read += _attn_project(wo, so, bo, to, co, a, to_, ts[3, :a.shape[1]], attn_layout[3], all_rows, col_idx, col_h,
+                          y)
     for c in range(d):
         x[0, c] += y[c]
-    if sparse:  # the attention bytes a sparse step counts (no threshold here: all of them)
-        counters[attn_counter_rows[0], layer] += attn_bytes
-        counters[attn_counter_rows[1], layer] += attn_bytes
+    if sparse:  # the attention bytes a sparse step counts
+        counters[attn_counter_rows[0], layer] += np.int64(read)
+        dense = np.float64(0.0)
+        for p in range(4):
+            dense += attn_layout[p, 2]
+        counters[attn_counter_rows[1], layer] += np.int64(dense)
     cpu_step_ops.rms_norm(x, ffn_norm, eps, hb)
     _ffn(hb, ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sparse, predictor[layer],
          np.float64(alpha[layer]), theta_all[layer], gate_signs, sign_bytes, row_bytes, theta_bytes, dense_bytes,
@@ -115,44 +144,65 @@ def fused_head(x, norm_w, eps, hb, w, scale, all_rows, logits):
 
 
 class FusedStep:
-    """The per-layer argument lists of fused_layer, bound once to a CpuBackend's weights, buffers and state."""
+    """The per-layer argument lists of fused_layer, bound to a CpuBackend's weights, buffers and state (again by
+    `bind` when the backend makes column-major copies for attention thresholds)."""
 
     def __init__(self, backend, counter_rows: np.ndarray, attn_counter_rows: np.ndarray):
-        self.b = be = backend
-        cfg, st, buf, s = be.config, be.state, be.buffers, be.scratch
-        ws = be.weights
+        self.b = backend
+        self.counter_rows, self.attn_counter_rows = counter_rows, attn_counter_rows
+        cfg = backend.config
         n_max = max(cfg.vocab_size, cfg.ffn_dim, cfg.dim, cfg.n_heads * cfg.head_dim)
-        all_rows = np.arange(n_max, dtype=np.int32)
+        self.all_rows = np.arange(n_max, dtype=np.int32)
+        k_max = max(cfg.dim, cfg.n_heads * cfg.head_dim)
+        self.col_idx, self.col_h = np.zeros(k_max, np.int32), np.zeros(k_max, np.float32)  # kept channels
+        self.bind()
+
+    def _columns(self, lin) -> tuple[np.ndarray, np.ndarray]:
+        """(W^T as the column kernels read it, int8 column scales) of a projection, or empty arrays."""
+        cols = self.b.columns.get(id(lin.w))
+        if cols is None:
+            return np.zeros((0, 0), self.b.kernels[id(lin.w)].w.dtype), NO_F32
+        return cols.wt, cols.colscale
+
+    @staticmethod
+    def _layout(lin) -> np.ndarray:
+        """(3,) float64: bytes per kept input channel, fixed bytes of a thresholded product, all stored bytes."""
+        per, fixed = column_layout(lin.w) or (0, 0)
+        return np.array([per, fixed + TEAL_THRESHOLD_BYTES, lin.w.nbytes], np.float64)
+
+    def bind(self) -> None:
+        be = self.b
+        cfg, st, buf, s, ws = be.config, be.state, be.buffers, be.scratch, be.weights
         f32 = np.float32
         self.layer_args = []  # per layer: (arguments before `sparse`, arguments after it)
         for i, lay in enumerate(ws.layers):
-            attn = [be.kernels[id(getattr(lay, p).w)] for p in ATTENTION]
-            attn_b = tuple(NO_F32 if getattr(lay, p).b is None else getattr(lay, p).b for p in ATTENTION)
+            lins = [getattr(lay, p) for p in ATTENTION]
+            attn = [be.kernels[id(lin.w)] for lin in lins]
+            cols = [self._columns(lin) for lin in lins]
             ffn = [be.kernels[id(lay.gate.w)], be.kernels[id((lay.up or lay.gate).w)], be.kernels[id(lay.down_t)]]
             ffn_b = tuple(NO_F32 if lin is None or lin.b is None else lin.b for lin in (lay.gate, lay.up))
             signs, gate_row, up_row, down_row, dense_bytes = be.ffn_bytes[i]
             before = (buf.x, buf.h, buf.q, buf.k, buf.v, buf.a, s.y, lay.attn_norm.w, lay.ffn_norm.w,
-                      f32(lay.attn_norm.eps), tuple(m.w for m in attn), tuple(m.scale for m in attn), attn_b,
+                      f32(lay.attn_norm.eps), tuple(m.w for m in attn), tuple(m.scale for m in attn),
+                      tuple(NO_F32 if lin.b is None else lin.b for lin in lins), tuple(c[0] for c in cols),
+                      tuple(c[1] for c in cols), np.stack([self._layout(lin) for lin in lins]),
                       be.k_cache[i], be.v_cache[i], st.pos, be.cos, be.sin, cfg.n_heads, cfg.n_kv_heads,
                       be.attn_scale, be.attn_softcap, cfg.window(i), s.positions, s.scores,
                       tuple(m.w for m in ffn), tuple(m.scale for m in ffn), ffn_b,
                       NO_F32 if lay.down_b is None else lay.down_b, lay.up is not None, be.act, be.act_threshold,
                       bool(cfg.up_relu))
-            after = (st.predictor, st.alpha, st.theta, lay.gate_signs, be.sign_bytes[i],
+            after = (st.teal, st.teal_scale, st.predictor, st.alpha, st.theta, lay.gate_signs, be.sign_bytes[i],
                      np.array([signs, gate_row, up_row, down_row], np.float64), float(st.theta[i].nbytes),
-                     int(dense_bytes), int(lay.attn_dense_bytes()), all_rows, s.xs, s.table, s.z, s.g, s.u, s.h,
-                     s.idx, s.rows, st.counters, counter_rows, attn_counter_rows, i)
+                     int(dense_bytes), self.all_rows, self.col_idx, self.col_h, s.xs, s.table, s.z, s.g, s.u, s.h,
+                     s.idx, s.rows, st.counters, self.counter_rows, self.attn_counter_rows, i)
             self.layer_args.append((before, after))
         head = be.kernels[id(ws.lm_head)]
-        self.head_args = (buf.x, ws.final_norm.w, f32(ws.final_norm.eps), buf.h, head.w, head.scale, all_rows,
+        self.head_args = (buf.x, ws.final_norm.w, f32(ws.final_norm.eps), buf.h, head.w, head.scale, self.all_rows,
                           buf.logits)
 
     def covers(self, mode: str) -> bool:
         """Whether this step computes what the decoder's op-by-op step would in this mode and state."""
-        st = self.b.state
-        if mode not in ("dense", "sparse") or st.measure_recall:
-            return False
-        return mode == "dense" or not st.teal.any()  # attention column skipping: the op-by-op step
+        return mode in ("dense", "sparse") and not self.b.state.measure_recall
 
     @staticmethod
     def supports(backend) -> bool:
