@@ -1,8 +1,8 @@
 """The fused cpu decode step (backends/cpu_fused.py) against the decoder's op-by-op step on the same backend:
-greedy ids, every step's logits and the statistic counters, in dense mode and sparse mode with both predictors,
-on the default model (int8) and on tiny random models of the families whose step it covers (biases, windows,
-embedding scale, gelu_tanh, dReLU). And where it must stand aside: several threads, TEAL mode, attention
-thresholds, recall measurement, post norms."""
+greedy ids, every step's logits and the statistic counters, in dense mode and sparse mode with both predictors
+and with attention thresholds, on one thread and with every product split over two, on the default model (int8)
+and on tiny random models of the families whose step it covers (biases, windows, embedding scale, gelu_tanh,
+dReLU). And where it must stand aside: TEAL mode, recall measurement, post norms."""
 
 from __future__ import annotations
 
@@ -78,6 +78,23 @@ def test_attention_thresholds_beside_the_predictor_fused_equals_op_by_op(criteri
     assert 0 < stats["attn_bytes_fraction"] < 1  # channels were skipped, and counted
 
 
+def test_products_over_two_threads_fused_equals_op_by_op(monkeypatch):
+    """Every matrix split over the threads (the parallel kernels called from the fused layer)."""
+    import edge_runtime.backends.jit as jit
+
+    monkeypatch.setattr(jit, "PARALLEL_MIN_BYTES", 0)
+    rt = edge_runtime.load(None, profile=None, backend="cpu", threads=2)
+    assert all(k.threads == 2 for k in rt.backend.kernels.values())
+    _compare(rt, rt.encode("Once upon a time"), np.random.default_rng(2))
+    n = rt.config.n_layers
+    rt.decoder.set_teal([{"q": 0.02, "k": 0.03, "v": 0.01, "o": 0.05}] * n)
+    rt.decoder.set_sparsity([Rule("sparseinfer", alpha=1.0)] * n)
+    fused = _run(rt, True, rt.encode("Once upon a time"))
+    ref = _run(rt, False, rt.encode("Once upon a time"))
+    assert fused[0] == ref[0] and np.abs(fused[1] - ref[1]).max() <= 1e-5 * np.abs(ref[1]).max()
+    assert np.array_equal(fused[2], ref[2])
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     pytest.importorskip("torch")
@@ -119,5 +136,4 @@ def test_fused_step_stands_aside_where_it_does_not_cover(families):
     rt.decoder.set_teal(None)
     rt.decoder.set_sparsity(1.0, measure_recall=True)
     assert not f.covers("sparse")
-    assert edge_runtime.load(None, profile=None, backend="cpu", threads=2).backend.fused is None
     assert edge_runtime.load(families["gemma2"], profile=None, backend="cpu", threads=1).backend.fused is None

@@ -1,13 +1,14 @@
-"""The cpu decode step as one compiled call per layer, for small models on one thread.
+"""The cpu decode step as one compiled call per layer.
 
-A model whose step reads a few MB of weights (the default model: 3.9 MB, cache-resident) spends most of a
-token dispatching about 60 kernel calls from Python, each a few microseconds, not reading weights: the
-per-op step ran at about 2,000 tokens/s dense and barely faster sparse. Here each layer is one call into a
-compiled function that runs the same kernels (their serial twins, which do not open a parallel region) in
-the order `Decoder._step` issues them, over the same buffers, state and counters. `CpuBackend.run_step` uses
-it where `FusedStep.covers` says so (one thread, a Llama-style layer with RMSNorm and no post norms, dense
-fp32/fp16/int8 matrices, dense mode or sparse mode with the FFN predictor and attention thresholds, no
-recall measurement) and runs the decoder's op-by-op step otherwise; tests compare the two token by token.
+A model whose step reads a few MB of weights (the default model: 3.9 MB, cache-resident) spent most of a token
+dispatching about 60 kernel calls from Python, each a few microseconds, not reading weights: the per-op step
+ran at about 2,000 tokens/s dense and barely faster sparse. Here each layer is one call into a compiled
+function that runs the same kernels in the order `Decoder._step` issues them, over the same buffers, state and
+counters: their serial twins (no parallel region to open) for matrices read on one thread, the parallel ones
+for those the backend splits over its threads (jit.threads_for). `CpuBackend.run_step` uses it where
+`FusedStep.supports` and `covers` say so (a Llama-style layer with RMSNorm and no post norms; dense fp32, fp16
+or int8 matrices; dense mode, or sparse mode with the FFN predictor and attention thresholds; no recall
+measurement) and runs the decoder's op-by-op step otherwise; tests compare the two token by token.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.base import PROJECTION, SPARSEINFER
-from edge_runtime.backends.cpu_gemv import axpy_rows_serial, gemv_rows_serial
+from edge_runtime.backends.cpu_gemv import axpy_rows, axpy_rows_serial, gemv_rows, gemv_rows_serial
 from edge_runtime.backends.jit import kernel
 from edge_runtime.backends.weights import ATTENTION, TEAL_THRESHOLD_BYTES, column_layout
 
@@ -26,8 +27,45 @@ NO_U16 = np.zeros(0, np.uint16)
 
 
 @kernel()
+def _gemv(w, scale, bias, x, idx, n, out, part):
+    """gemv_rows over the threads where part (threads, >= K) has several rows, else on this thread."""
+    if part.shape[0] > 1:
+        gemv_rows(w, scale, bias, x, idx, n, out)
+    else:
+        gemv_rows_serial(w, scale, bias, x, idx, n, out)
+
+
+@kernel()
+def _axpy(w, scale, h, idx, n, out, part):
+    """axpy_rows over the threads (part their partial sums) where part has several rows, else on this one."""
+    if part.shape[0] > 1:
+        axpy_rows(w, scale, h, idx, n, part, out)
+    else:
+        axpy_rows_serial(w, scale, h, idx, n, out)
+
+
+@kernel()
+def _predict(x, kind, alpha, theta, gate_signs, sign_bytes, xs, table, z, mask, idx, part):
+    """The predicted rows into idx; returns their count (over the threads where part has several rows)."""
+    if part.shape[0] > 1:
+        if kind == SPARSEINFER:
+            cpu_predict._sparseinfer_mask(x, gate_signs, alpha, xs, mask)
+            return cpu_predict._compact(mask, idx)
+        cpu_predict.projection_z(x, sign_bytes, table, z)
+        n = 0
+        for r in range(z.shape[0]):
+            if z[r] >= theta[r]:
+                idx[n] = r
+                n += 1
+        return n
+    if kind == SPARSEINFER:
+        return cpu_predict.sparseinfer_serial(x, gate_signs, alpha, xs, idx)
+    return cpu_predict.projection_serial(x, sign_bytes, theta, table, z, idx)
+
+
+@kernel()
 def _attn_project(w, scale, bias, wt, colscale, x, threshold, channel_scale, layout, all_rows, col_idx, col_h,
-                  out):
+                  out, part):
     """out[:N] = W x[0] (+ bias) for one of q, k, v, o; returns the weight bytes read. With a TEAL threshold
     (> 0) only the input channels with |x| * channel_scale >= threshold count, read as rows of W^T (wt (K, N),
     int8's row scales colscale (N,) applied after the sum), as ColumnKernels.gemv does; layout (3,) float64:
@@ -35,7 +73,7 @@ def _attn_project(w, scale, bias, wt, colscale, x, threshold, channel_scale, lay
     n = w.shape[0]
     if threshold > 0 and wt.shape[0] > 0:
         m = cpu_step_ops.teal_select(x[0], channel_scale, threshold, col_idx, col_h)
-        axpy_rows_serial(wt, NO_U16, col_h, col_idx, m, out[:n])
+        _axpy(wt, NO_U16, col_h, col_idx, m, out[:n], part)
         if colscale.shape[0] > 0:
             for j in range(n):
                 out[j] *= colscale[j]
@@ -43,14 +81,14 @@ def _attn_project(w, scale, bias, wt, colscale, x, threshold, channel_scale, lay
             for j in range(n):
                 out[j] += bias[j]
         return m * layout[0] + layout[1]
-    gemv_rows_serial(w, scale, bias, x[0], all_rows, n, out)
+    _gemv(w, scale, bias, x[0], all_rows, n, out, part)
     return layout[2]
 
 
 @kernel()
 def _ffn(x, ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sparse, kind, alpha, theta,
-         gate_signs, sign_bytes, row_bytes, theta_bytes, dense_bytes, all_rows, xs, table, z, g, u, h, idx, rows,
-         y, counters, counter_rows, layer):
+         gate_signs, sign_bytes, row_bytes, theta_bytes, dense_bytes, all_rows, xs, table, z, mask, g, u, h, idx,
+         rows, y, counters, counter_rows, layer, part):
     """y[:d] = FFN(x[0]) as CpuBackend._ffn_dense / _ffn_sparse compute it; counters advanced when sparse."""
     wg, wu, wd = ffn_w
     sg, su, sd = ffn_s
@@ -58,32 +96,29 @@ def _ffn(x, ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sp
     n_rows = wg.shape[0]
     d = x.shape[1]
     if sparse and kind in (SPARSEINFER, PROJECTION):
-        if kind == SPARSEINFER:
-            n = cpu_predict.sparseinfer_serial(x[0], gate_signs, alpha, xs, idx)
-        else:
-            n = cpu_predict.projection_serial(x[0], sign_bytes, theta, table, z, idx)
-        gemv_rows_serial(wg, sg, bg, x[0], idx, n, g)
+        n = _predict(x[0], kind, alpha, theta, gate_signs, sign_bytes, xs, table, z, mask, idx, part)
+        _gemv(wg, sg, bg, x[0], idx, n, g, part)
         m = cpu_predict.keep_after_gate(g, idx, n, act_threshold, rows, h)
         m_up = m
         if has_up:
-            gemv_rows_serial(wu, su, bu, x[0], rows, m, u)
+            _gemv(wu, su, bu, x[0], rows, m, u, part)
             if up_relu:
                 m = cpu_predict.keep_positive_up(u, rows, m, h)
             else:
                 for j in range(m):
                     h[j] *= u[j]
-        axpy_rows_serial(wd, sd, h, rows, m, y[:d])
+        _axpy(wd, sd, h, rows, m, y[:d], part)
         read = (row_bytes[0] + (theta_bytes if kind == PROJECTION else 0.0) + row_bytes[1] * n
                 + row_bytes[2] * m_up + row_bytes[3] * m)
         cpu_predict.count_step(counters, counter_rows, layer, n, m, np.int64(read), dense_bytes, m_up - m)
     else:
-        gemv_rows_serial(wg, sg, bg, x[0], all_rows, n_rows, g)
+        _gemv(wg, sg, bg, x[0], all_rows, n_rows, g, part)
         if has_up:
-            gemv_rows_serial(wu, su, bu, x[0], all_rows, n_rows, u)
+            _gemv(wu, su, bu, x[0], all_rows, n_rows, u, part)
             cpu_step_ops.activate_mul(g, u, act, act_threshold, h[:n_rows])
         else:
             cpu_step_ops.activate_mul(g, u[:0], act, act_threshold, h[:n_rows])
-        axpy_rows_serial(wd, sd, h, all_rows, n_rows, y[:d])
+        _axpy(wd, sd, h, all_rows, n_rows, y[:d], part)
     if down_b.shape[0] > 0:
         for c in range(d):
             y[c] += down_b[c]
@@ -94,12 +129,14 @@ def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, 
                 attn_layout, kc, vc, pos_arr, cos, sin, n_heads, n_kv, attn_scale, softcap, window, ctx_rows, scores,
                 ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sparse, teal, teal_scale, predictor,
                 alpha, theta_all, gate_signs, sign_bytes, row_bytes, theta_bytes, dense_bytes, all_rows, col_idx,
-                col_h, xs, table, z, g, u, h, idx, rows, counters, counter_rows, attn_counter_rows, layer):
+                col_h, xs, table, z, mask, g, u, h, idx, rows, counters, counter_rows, attn_counter_rows, layer,
+                attn_part, ffn_part):
     """One decoder layer of a one-token step, in place on the residual x (1, d): attention block, then FFN.
     attn_w / attn_s / attn_b / attn_wt / attn_colscale: (q, k, v, o) weights, fp16-bit scales, biases, W^T of
     those with TEAL thresholds ((0, 0) otherwise) and int8 column scales; attn_layout (4, 3) their byte figures
     (_attn_project); ffn_w (gate, up, down^T). Sparse mode: the layer's q, k, v, o thresholds in teal (L, 7)
-    (PROJECTIONS order, q k v o first) skip input channels, and the FFN runs on the predictor."""
+    (PROJECTIONS order, q k v o first) skip input channels, and the FFN runs on the predictor. attn_part /
+    ffn_part (threads, >= K) float32: the partial sums of products run over several threads; (1, 0): this one."""
     pos = pos_arr[0]
     d = x.shape[1]
     wq, wk, wv, wo = attn_w
@@ -112,14 +149,20 @@ def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, 
     zero = np.float32(0.0)
     tq_, tk_, tv_, to_ = (t[0], t[1], t[2], t[3]) if sparse else (zero, zero, zero, zero)
     cpu_step_ops.rms_norm(x, attn_norm, eps, hb)
-    read = _attn_project(wq, sq, bq, tq, cq, hb, tq_, ts[0, :d], attn_layout[0], all_rows, col_idx, col_h, q[0])
-    read += _attn_project(wk, sk, bk, tk, ck, hb, tk_, ts[1, :d], attn_layout[1], all_rows, col_idx, col_h, k[0])
-    read += _attn_project(wv, sv, bv, tv, cv, hb, tv_, ts[2, :d], attn_layout[2], all_rows, col_idx, col_h, v[0])
+    read = _attn_project(wq, sq, bq, tq, cq, hb, tq_, ts[0, :d], attn_layout[0], all_rows, col_idx, col_h, q[0],
+                           attn_part)
+    read += _attn_project(wk, sk, bk, tk, ck, hb, tk_, ts[1, :d], attn_layout[1], all_rows, col_idx, col_h, k[0],
+                           attn_part)
+    read += _attn_project(wv, sv, bv, tv, cv, hb, tv_, ts[2, :d], attn_layout[2], all_rows, col_idx, col_h, v[0],
+                           attn_part)
     cpu_step_ops.rope(q, pos_arr, cos, sin, n_heads)
     cpu_step_ops.rope(k, pos_arr, cos, sin, n_kv)
-    cpu_step_ops.attention_step_serial(q, k, v, kc, vc, pos, attn_scale, softcap, window, ctx_rows, scores, a)
+    if attn_part.shape[0] > 1:
+        cpu_step_ops.attention_step(q, k, v, kc, vc, pos, attn_scale, softcap, window, ctx_rows, scores, a)
+    else:
+        cpu_step_ops.attention_step_serial(q, k, v, kc, vc, pos, attn_scale, softcap, window, ctx_rows, scores, a)
     read += _attn_project(wo, so, bo, to, co, a, to_, ts[3, :a.shape[1]], attn_layout[3], all_rows, col_idx, col_h,
-                          y)
+                          y, attn_part)
     for c in range(d):
         x[0, c] += y[c]
     if sparse:  # the attention bytes a sparse step counts
@@ -131,7 +174,7 @@ def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, 
     cpu_step_ops.rms_norm(x, ffn_norm, eps, hb)
     _ffn(hb, ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sparse, predictor[layer],
          np.float64(alpha[layer]), theta_all[layer], gate_signs, sign_bytes, row_bytes, theta_bytes, dense_bytes,
-         all_rows, xs, table, z, g, u, h, idx, rows, y, counters, counter_rows, layer)
+         all_rows, xs, table, z, mask, g, u, h, idx, rows, y, counters, counter_rows, layer, ffn_part)
     for c in range(d):
         x[0, c] += y[c]
 
@@ -155,6 +198,10 @@ class FusedStep:
         self.all_rows = np.arange(n_max, dtype=np.int32)
         k_max = max(cfg.dim, cfg.n_heads * cfg.head_dim)
         self.col_idx, self.col_h = np.zeros(k_max, np.int32), np.zeros(k_max, np.float32)  # kept channels
+        # per-thread partial sums of accumulations (down, attention columns) run over several threads, and the
+        # marker of products run on this thread
+        self.part = np.zeros((backend.threads, k_max), np.float32)
+        self.serial = np.zeros((1, 0), np.float32)
         self.bind()
 
     def _columns(self, lin) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +210,10 @@ class FusedStep:
         if cols is None:
             return np.zeros((0, 0), self.b.kernels[id(lin.w)].w.dtype), NO_F32
         return cols.wt, cols.colscale
+
+    def _part(self, kernels) -> np.ndarray:
+        """The partial-sum buffer where a matrix's products run over several threads, else the serial marker."""
+        return self.part if kernels.threads > 1 else self.serial
 
     @staticmethod
     def _layout(lin) -> np.ndarray:
@@ -193,8 +244,9 @@ class FusedStep:
                       bool(cfg.up_relu))
             after = (st.teal, st.teal_scale, st.predictor, st.alpha, st.theta, lay.gate_signs, be.sign_bytes[i],
                      np.array([signs, gate_row, up_row, down_row], np.float64), float(st.theta[i].nbytes),
-                     int(dense_bytes), self.all_rows, self.col_idx, self.col_h, s.xs, s.table, s.z, s.g, s.u, s.h,
-                     s.idx, s.rows, st.counters, self.counter_rows, self.attn_counter_rows, i)
+                     int(dense_bytes), self.all_rows, self.col_idx, self.col_h, s.xs, s.table, s.z, s.mask, s.g, s.u,
+                     s.h, s.idx, s.rows, st.counters, self.counter_rows, self.attn_counter_rows, i,
+                     self._part(attn[0]), self._part(ffn[0]))
             self.layer_args.append((before, after))
         head = be.kernels[id(ws.lm_head)]
         self.head_args = (buf.x, ws.final_norm.w, f32(ws.final_norm.eps), buf.h, head.w, head.scale, self.all_rows,
@@ -208,7 +260,7 @@ class FusedStep:
     def supports(backend) -> bool:
         """Whether the model and thread count are what fused_layer computes (any mode)."""
         cfg, ws = backend.config, backend.weights
-        if backend.threads != 1 or cfg.arch != "llama" or ws.pos_embed is not None or ws.final_norm.b is not None:
+        if cfg.arch != "llama" or ws.pos_embed is not None or ws.final_norm.b is not None:
             return False
         for lay in ws.layers:
             if lay.attn_post_norm is not None or lay.ffn_post_norm is not None or lay.attn_norm.b is not None:
@@ -226,7 +278,12 @@ class FusedStep:
         be.embed_tokens(be.state.token, be.state.pos, out=be.buffers.x)
         for before, after in self.layer_args:
             fused_layer(*before, sparse, *after)
-        fused_head(*self.head_args)
+        head = be.kernels[id(be.weights.lm_head)]
+        if head.threads > 1:  # a big LM head over the threads (its own parallel kernel)
+            be.norm(be.buffers.x, be.weights.final_norm, out=be.buffers.h)
+            head.gemv(be.buffers.h[0], be.buffers.logits[0])
+        else:
+            fused_head(*self.head_args)
         be.soft_cap(be.buffers.logits)
         be.sample(be.buffers.logits)
         be.advance()
