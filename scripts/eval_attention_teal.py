@@ -3,13 +3,15 @@ setting of a path that also skips attention columns (TEAL on q/k/v and o, beside
 
   python scripts/eval_attention_teal.py --text docs/heldout-alice.txt [--model DIR] [--max-tokens 4096]
       [--cap 1.0] [--calibration-book ../shared/corpora/gutenberg/austen-persuasion.txt | --calibration FILE]
-      [--save-calibration FILE] [--profile jetson-agx-orin-64gb] [--json]
+      [--calibration-tokens 2048] [--attention-levels 0,0.1,...] [--save-calibration FILE]
+      [--profile jetson-agx-orin-64gb] [--json]
 
 FFN-only candidates: every point of the model's shipped calibration paths and uniform settings (both
-predictors). Combined candidates: every point of the paths `calibrate` builds with attention moves, on the
-calibration book (or read from --calibration, a YAML written by --save-calibration). Candidates whose
-calibration-text perplexity rose by more than 3x the cap are not measured. Each candidate's held-out perplexity
-and bytes come from batched passes with the per-token masks and thresholds (equal to token-by-token sparse
+predictors), and of FFN-only paths calibrated on the same book and tokens as the combined ones. Combined
+candidates: every point of the paths `calibrate` builds with attention moves, on the calibration book (or
+read from --calibration, a YAML written by --save-calibration, with its FFN-only twin FILE-ffn.yaml).
+Candidates whose calibration-text perplexity rose by more than 3x the cap are not measured. Each candidate's held-out
+perplexity and bytes come from batched passes with the per-token masks and thresholds (equal to token-by-token sparse
 decode, tests/test_policy.py and tests/test_attention_teal.py): FFN bytes from the predicted and kept rows,
 attention bytes from the input channels each token keeps. The winner of each family (fewest layer bytes within
 the cap) is then run token by token by `evaluate_text`, as `eval --json` does, and its counters reported. Last,
@@ -35,7 +37,7 @@ from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS, decode_bytes_per_token
 from edge_runtime.evaluate import evaluate_text
 from edge_runtime.scoring import nll, windowed
-from edge_runtime.sparsity.calibrate import ATTN_GROUPS, attention_teal, calibrate, ffn_bytes, rules_for
+from edge_runtime.sparsity.calibrate import ATTN_LEVELS, attention_teal, calibrate, ffn_bytes, rules_for
 from edge_runtime.sparsity.policy import projected_ms
 
 
@@ -52,7 +54,7 @@ def measure(rt, wins, rules, teal) -> dict:
     def observe(i, point, a):
         th = teal[i] if teal else {}
         if point in ("attn_in", "attn_out"):
-            names = ATTN_GROUPS["qkv"] if point == "attn_in" else ATTN_GROUPS["o"]
+            names = ("q", "k", "v") if point == "attn_in" else ("o",)
             for p in names:
                 attn.setdefault(i, []).append((p, len(a), float((np.abs(a) >= th[p]).sum()) if p in th else None))
         elif point == "ffn_in":
@@ -90,11 +92,11 @@ def measure(rt, wins, rules, teal) -> dict:
             "layer_bytes_fraction": (ffn_used + attn_used) / (ffn_dense + attn_dense)}
 
 
-def candidates(calib: dict, thresholds: dict, with_uniform: bool) -> list[dict]:
+def candidates(calib: dict, thresholds: dict, with_uniform: bool, tag: str = "") -> list[dict]:
     out = []
     for pred, sec in calib["predictors"].items():
         grid = tuple(sec["grid"])
-        points = [dict(p, source=f"{pred} path {j}") for j, p in enumerate(sec["path"])]
+        points = [dict(p, source=f"{tag}{pred} path {j}") for j, p in enumerate(sec["path"])]
         if with_uniform:
             points += [{"knobs": [u["knob"]] * len(sec["layers"]), "ppl_increase_pct": u["ppl_increase_pct"],
                         "source": f"{pred} uniform {u['knob']:g}"} for u in sec["uniform"]]
@@ -147,6 +149,9 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=1.0, help="held-out perplexity increase allowed, percent")
     ap.add_argument("--calibration-book", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpora"
                                                       / "gutenberg" / "austen-persuasion.txt"))
+    ap.add_argument("--calibration-tokens", type=int, default=2048, help="tokens of the book calibration reads")
+    ap.add_argument("--attention-levels", default=None,
+                    help="comma-separated TEAL levels of the attention moves, from 0 (default: calibrate's)")
     ap.add_argument("--calibration", help="a combined calibration YAML (from --save-calibration): skip calibrating")
     ap.add_argument("--save-calibration", help="write the combined calibration (and its thresholds) here")
     ap.add_argument("--profile", default="jetson-agx-orin-64gb")
@@ -162,22 +167,32 @@ def main() -> None:
         raise SystemExit("the model is not calibrated (its FFN-only paths are the baseline)")
     text = Path(args.text).read_text(encoding="utf-8")
     wins = windowed(rt.encode(text), 256, args.max_tokens)
+    # The combined calibration and an FFN-only one on the same text and tokens (its paths join the FFN-only
+    # candidates: the baseline gets whatever the calibration text gives the combined path).
     if args.calibration:
-        combined = yaml.safe_load(Path(args.calibration).read_text())
-        th_path = Path(args.calibration).with_suffix(".npz")
-        combined_th = dict(np.load(th_path)) if th_path.is_file() else {}
+        combined, combined_th = _read(Path(args.calibration))
+        ffn_path = _ffn_file(Path(args.calibration))
+        ffn_cal, ffn_th = _read(ffn_path) if ffn_path.is_file() else (None, {})
     else:
+        levels = ATTN_LEVELS if args.attention_levels is None else tuple(
+            float(v) for v in args.attention_levels.split(","))
+        book = prepared(Path(args.calibration_book))
         t = time.time()
-        combined, combined_th = calibrate(rt, prepared(Path(args.calibration_book)),
-                                          source=Path(args.calibration_book).name)
+        combined, combined_th = calibrate(rt, book, source=Path(args.calibration_book).name,
+                                          max_tokens=args.calibration_tokens, attention_levels=levels)
         log(f"combined calibration: {time.time() - t:.0f} s")
+        ffn_cal, ffn_th = calibrate(rt, book, source=Path(args.calibration_book).name,
+                                    max_tokens=args.calibration_tokens, attention_levels=())
         if args.save_calibration:
-            Path(args.save_calibration).write_text(yaml.safe_dump(combined, sort_keys=False, width=110))
-            np.savez(Path(args.save_calibration).with_suffix(".npz"), **combined_th)
+            _write(Path(args.save_calibration), combined, combined_th)
+            _write(_ffn_file(Path(args.save_calibration)), ffn_cal, ffn_th)
     ppl_dense = float(np.exp(np.mean(np.concatenate([nll(_dense(rt, w), w[1:]) for w in wins]))))
     log(f"held-out: {sum(len(w) - 1 for w in wins)} tokens, dense perplexity {ppl_dense:.3f}")
     log("FFN-only (the shipped calibration's paths and uniform settings):")
-    ffn_only = best_within(rt, wins, ppl_dense, candidates(rt.calibration, rt.thresholds, True), args.cap, log)
+    ffn_cands = candidates(rt.calibration, rt.thresholds, True, "shipped ")
+    if ffn_cal is not None:
+        ffn_cands += candidates(ffn_cal, ffn_th, False, "book ")
+    ffn_only = best_within(rt, wins, ppl_dense, ffn_cands, args.cap, log)
     log("FFN predictor + attention TEAL (the combined paths):")
     both = best_within(rt, wins, ppl_dense, candidates(combined, combined_th, False), args.cap, log)
     out = {"cap_pct": args.cap, "ppl_dense": ppl_dense,
@@ -211,6 +226,20 @@ def main() -> None:
               f"{p['kv_tokens']} KV tokens: sparse/dense time {p['ffn_only_ratio']:.3f} FFN-only "
               f"({1 / p['ffn_only_ratio']:.2f}x), {p['combined_ratio']:.3f} combined ({1 / p['combined_ratio']:.2f}x)")
     print(f"wall {out['wall_s']:.0f} s")
+
+
+def _ffn_file(path: Path) -> Path:
+    return path.with_name(path.stem + "-ffn" + path.suffix)
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    th_path = path.with_suffix(".npz")
+    return yaml.safe_load(path.read_text()), dict(np.load(th_path)) if th_path.is_file() else {}
+
+
+def _write(path: Path, calib: dict, thresholds: dict) -> None:
+    path.write_text(yaml.safe_dump(calib, sort_keys=False, width=110))
+    np.savez(path.with_suffix(".npz"), **thresholds)
 
 
 def _dense(rt, w):

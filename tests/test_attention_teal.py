@@ -160,7 +160,7 @@ def test_byte_accounting_7b_shape(enc):
     assert layer.attn_dense_bytes() * cfg.n_layers == sizes["attention"]
     assert layer.ffn_dense_bytes() * cfg.n_layers == sizes["ffn"]
     assert layer.gate_signs.nbytes * cfg.n_layers == sizes["sign_planes"]
-    assert attention_bytes(layer, [0.0, 0.0]) == layer.attn_dense_bytes()
+    assert attention_bytes(layer, [0.0] * 4) == layer.attn_dense_bytes()
     # q, k, v at 50 %, o at 25 %: kept channels x one column of W (its N values), plus int8's N scales and
     # a threshold per projection, every column of W^T being K = d input channels (o: n_heads * head_dim)
     per = {"fp16": 2, "int8": 1}[enc]
@@ -169,11 +169,32 @@ def test_byte_accounting_7b_shape(enc):
     for p, kept in (("q", 0.5), ("k", 0.5), ("v", 0.5), ("o", 0.75)):
         rows, cols = getattr(layer, p).w.shape
         expect += kept * cols * rows * per + rows * scales + 4
-    assert attention_bytes(layer, [0.5, 0.25]) == pytest.approx(expect)
+    assert attention_bytes(layer, [0.5, 0.5, 0.5, 0.25]) == pytest.approx(expect)
+    assert attention_bytes(layer, [0.5, 0.25], LEGACY_GROUPS) == pytest.approx(expect)  # one qkv level
+    # each projection its own level: q at 50 % alone saves half of q's weight columns, nothing else
+    rows, cols = layer.q.w.shape
+    saved = layer.attn_dense_bytes() - attention_bytes(layer, [0.5, 0, 0, 0])
+    assert saved == pytest.approx(0.5 * cols * rows * per - 4)
     # FFN: the sign plane, 10 % of gate rows computed, 5 % of up + down rows kept
     ffn = layer.ffn_read_bytes(1, 0.1 * n, 0.05 * n)
     row = d * per + scales
     assert ffn == pytest.approx(n * (-(-d // 32)) * 4 + 0.1 * n * row + 0.05 * n * 2 * row)
+
+
+LEGACY_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",)}  # calibrations written before q, k, v moved apart
+
+
+def test_attention_teal_reads_the_sections_groups():
+    """A path point's levels map to thresholds through the groups its calibration names: per projection now,
+    q/k/v together in calibrations written before (their one threshold serves all three)."""
+    th = {p: [0.0, 0.1 + j, 0.2 + j] for j, p in enumerate("qkvo")}
+    now = {"levels": [0.0, 0.1, 0.2], "groups": {p: [p] for p in "qkvo"}, "thresholds": [th]}
+    assert attention_teal(now, [[0.1, 0.0, 0.2, 0.1]]) == [{"q": 0.1, "v": 2.2, "o": 3.1}]
+    assert attention_teal(now, [[0.0] * 4]) is None
+    old = {"levels": [0.0, 0.1, 0.2], "groups": {g: list(ps) for g, ps in LEGACY_GROUPS.items()},
+           "thresholds": [{"qkv": [0.0, 0.5, 0.7], "o": [0.0, 0.3, 0.4]}]}
+    assert attention_teal(old, [[0.2, 0.1]]) == [{"q": 0.7, "k": 0.7, "v": 0.7, "o": 0.3}]
+    assert attention_teal(old, [[0.0, 0.2]]) == [{"o": 0.4}]
 
 
 def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, capsys):
@@ -185,7 +206,7 @@ def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, c
     write_calibration(model, calib, thresholds)
     sec = calib["predictors"]["sparseinfer"]
     path = sec["path"]
-    # every move: one layer's knob one grid step, or one layer's qkv / o level one step; bytes only fall
+    # every move: one layer's knob one grid step, or one projection's (q, k, v, o) level one step; bytes only fall
     assert len(path) == 1 + rt.config.n_layers * (len(sec["grid"]) - 1 + len(ATTN_GROUPS) * 2)
     for a, b in zip(path, path[1:], strict=False):
         knob_moves = sum(x != y for x, y in zip(a["knobs"], b["knobs"], strict=True))
@@ -193,15 +214,24 @@ def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, c
                          for x, y in zip(la, lb, strict=True))
         assert knob_moves + attn_moves == 1
         assert b["layer_bytes_fraction"] <= a["layer_bytes_fraction"]
-    assert path[0]["attention"] == [[0.0, 0.0]] * rt.config.n_layers and path[0]["attn_bytes_fraction"] == 1.0
+    assert list(ATTN_GROUPS) == ["q", "k", "v", "o"] and sec["attention"]["groups"] == {p: [p] for p in "qkvo"}
+    assert path[0]["attention"] == [[0.0] * 4] * rt.config.n_layers and path[0]["attn_bytes_fraction"] == 1.0
     assert any(any(lv) for p in path for lv in p["attention"])
-    # a mixed point's thresholds: q, k, v share one; levels at 0 leave the projection dense (absent)
-    mixed = next(p for p in path if any(any(lv) for lv in p["attention"]))
-    teal = attention_teal(sec["attention"], mixed["attention"])
-    for lv, th in zip(mixed["attention"], teal, strict=True):
-        assert ("q" in th) == (lv[0] > 0) and ("o" in th) == (lv[1] > 0)
-        if "q" in th:
-            assert th["q"] == th["k"] == th["v"] > 0
+    # a point's thresholds: each projection its own, the level-quantile of its input (q, k, v share theirs);
+    # levels at 0 leave the projection dense (absent)
+    ths = sec["attention"]["thresholds"]
+    for mixed in path:
+        teal = attention_teal(sec["attention"], mixed["attention"])
+        if teal is None:
+            assert not any(any(lv) for lv in mixed["attention"])
+            continue
+        for i, (lv, th) in enumerate(zip(mixed["attention"], teal, strict=True)):
+            assert set(th) == {p for p, s in zip("qkvo", lv, strict=True) if s > 0}
+            for p, s in zip("qkvo", lv, strict=True):
+                if s > 0:
+                    assert th[p] == ths[i][p][[0.0, 0.2, 0.4].index(s)] > 0
+        for i in range(rt.config.n_layers):  # q, k, v read one input: equal levels, equal thresholds
+            assert ths[i]["q"] == ths[i]["k"] == ths[i]["v"] and ths[i]["q"][2] > ths[i]["q"][1] > 0
     # the policy over a mixed path: a slower mode never gets a more conservative setting in any layer
     prof = load_profile("jetson-orin-nano-8gb")
     modes = sorted(prof.power_modes, key=lambda m: prof.effective_bandwidth(m.name))
