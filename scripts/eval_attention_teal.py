@@ -3,7 +3,8 @@ setting of a path that also skips attention columns (TEAL on q/k/v and o, beside
 
   python scripts/eval_attention_teal.py --text docs/heldout-alice.txt [--model DIR] [--max-tokens 4096]
       [--cap 1.0] [--calibration-book ../shared/corpora/gutenberg/austen-persuasion.txt | --calibration FILE]
-      [--calibration-tokens 2048] [--attention-levels 0,0.1,...] [--save-calibration FILE]
+      [--calibration-tokens 2048] [--attention-levels 0,0.1,...] [--attention-criterion teal|wina]
+      [--save-calibration FILE]
       [--profile jetson-agx-orin-64gb] [--json]
 
 FFN-only candidates: every point of the model's shipped calibration paths and uniform settings (both
@@ -37,16 +38,28 @@ from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS, decode_bytes_per_token
 from edge_runtime.evaluate import evaluate_text
 from edge_runtime.scoring import nll, windowed
-from edge_runtime.sparsity.calibrate import ATTN_LEVELS, attention_teal, calibrate, ffn_bytes, rules_for
+from edge_runtime.sparsity.calibrate import (
+    ATTN_LEVELS,
+    attention_criterion,
+    attention_teal,
+    calibrate,
+    ffn_bytes,
+    rules_for,
+)
 from edge_runtime.sparsity.policy import projected_ms
+from edge_runtime.sparsity.wina import CRITERIA
 
 
-def measure(rt, wins, rules, teal) -> dict:
+def measure(rt, wins, rules, teal, criterion: str = "teal") -> dict:
     """Held-out perplexity and bytes fractions (FFN, attention, layers) for one setting."""
     dec = rt.decoder
     dec.set_sparsity(rules)
-    dec.teal = teal
+    dec.set_teal(teal, criterion)
     layers = rt.backend.weights.layers
+
+    def score(i, p, a):  # the criterion's channel score: |x| (TEAL) or |x| * W's column norm (WINA)
+        return np.abs(a) * layers[i].column_norm(p) if criterion == "wina" else np.abs(a)
+
     ffn: dict[int, list] = {}
     attn: dict[int, list] = {}
     ffn_in: dict[int, np.ndarray] = {}
@@ -56,7 +69,7 @@ def measure(rt, wins, rules, teal) -> dict:
         if point in ("attn_in", "attn_out"):
             names = ("q", "k", "v") if point == "attn_in" else ("o",)
             for p in names:
-                attn.setdefault(i, []).append((p, len(a), float((np.abs(a) >= th[p]).sum()) if p in th else None))
+                attn.setdefault(i, []).append((p, len(a), float((score(i, p, a) >= th[p]).sum()) if p in th else None))
         elif point == "ffn_in":
             ffn_in[i] = a
         elif point == "ffn_act":
@@ -72,7 +85,7 @@ def measure(rt, wins, rules, teal) -> dict:
             n += len(w) - 1
     finally:
         dec.observer = None
-        dec.teal = None
+        dec.set_teal(None)
         dec.set_sparsity(None)
     ffn_used = attn_used = 0.0
     for i, L in enumerate(layers):
@@ -104,7 +117,8 @@ def candidates(calib: dict, thresholds: dict, with_uniform: bool, tag: str = "")
             out.append({"source": p["source"], "predictor": pred, "knobs": p["knobs"],
                         "attention": p.get("attention"), "calibration_ppl_pct": p["ppl_increase_pct"],
                         "rules": rules_for(pred, grid, thresholds, [grid.index(k) for k in p["knobs"]]),
-                        "teal": attention_teal(sec.get("attention"), p.get("attention"))})
+                        "teal": attention_teal(sec.get("attention"), p.get("attention")),
+                        "criterion": attention_criterion(sec.get("attention"))})
     return out
 
 
@@ -114,7 +128,7 @@ def best_within(rt, wins, ppl_dense: float, cands: list[dict], cap: float, log) 
     for c in cands:
         if c["calibration_ppl_pct"] > 3 * cap:
             continue
-        m = measure(rt, wins, c["rules"], c["teal"])
+        m = measure(rt, wins, c["rules"], c["teal"], c["criterion"])
         m["ppl_increase_pct"] = 100 * (m["ppl"] / ppl_dense - 1)
         c.update(heldout=m)
         log(f"  {c['source']:28s} ppl {m['ppl_increase_pct']:+.2f} %  layers {m['layer_bytes_fraction']:.4f}  "
@@ -127,16 +141,16 @@ def best_within(rt, wins, ppl_dense: float, cands: list[dict], cap: float, log) 
 def confirm(rt, text: str, max_tokens: int, ranked: list[dict], cap: float) -> dict | None:
     """The first of the ranked candidates whose token-by-token evaluation stays within the cap."""
     for c in ranked[:3]:
-        rt.decoder.teal = c["teal"]
+        rt.decoder.set_teal(c["teal"], c["criterion"])
         res = evaluate_text(rt, text, c["rules"], max_tokens=max_tokens)
-        rt.decoder.teal = None
+        rt.decoder.set_teal(None)
         res["ppl_increase_pct"] = 100 * (res["ppl_sparse"] / res["ppl_dense"] - 1)
         if res["ppl_increase_pct"] <= cap:
             keys = ("tokens", "ppl_dense", "ppl_sparse", "ppl_increase_pct", "ffn_bytes_fraction",
                     "attn_bytes_fraction", "layer_bytes_fraction", "step_bytes_fraction", "layer_bytes_per_token",
                     "lm_head_bytes_per_token", "step_bytes_per_token")
             return {"source": c["source"], "predictor": c["predictor"], "knobs": c["knobs"],
-                    "attention": c["attention"], "heldout_batched": c["heldout"],
+                    "attention": c["attention"], "criterion": c["criterion"], "heldout_batched": c["heldout"],
                     "eval": {k: res[k] for k in keys if k in res}}
     return None
 
@@ -152,6 +166,8 @@ def main() -> None:
     ap.add_argument("--calibration-tokens", type=int, default=2048, help="tokens of the book calibration reads")
     ap.add_argument("--attention-levels", default=None,
                     help="comma-separated TEAL levels of the attention moves, from 0 (default: calibrate's)")
+    ap.add_argument("--attention-criterion", choices=CRITERIA, default="teal",
+                    help="how the attention thresholds keep channels: |x| (teal) or |x| * column norm (wina)")
     ap.add_argument("--calibration", help="a combined calibration YAML (from --save-calibration): skip calibrating")
     ap.add_argument("--save-calibration", help="write the combined calibration (and its thresholds) here")
     ap.add_argument("--profile", default="jetson-agx-orin-64gb")
@@ -179,7 +195,8 @@ def main() -> None:
         book = prepared(Path(args.calibration_book))
         t = time.time()
         combined, combined_th = calibrate(rt, book, source=Path(args.calibration_book).name,
-                                          max_tokens=args.calibration_tokens, attention_levels=levels)
+                                          max_tokens=args.calibration_tokens, attention_levels=levels,
+                                          attention_criterion=args.attention_criterion)
         log(f"combined calibration: {time.time() - t:.0f} s")
         ffn_cal, ffn_th = calibrate(rt, book, source=Path(args.calibration_book).name,
                                     max_tokens=args.calibration_tokens, attention_levels=())
@@ -213,7 +230,7 @@ def main() -> None:
             print(f"{key}: no setting within +{args.cap:g} %")
             continue
         e = r["eval"]
-        print(f"{key:9s} {r['source']}: knobs {r['knobs']} attention {r['attention']}\n"
+        print(f"{key:9s} {r['source']}: knobs {r['knobs']} attention {r['attention']} ({r['criterion']})\n"
               f"          eval: ppl {e['ppl_increase_pct']:+.2f} %  layer bytes {e['layer_bytes_fraction']:.4f} "
               f"of dense "
               f"({e['layer_bytes_per_token']:.0f} B/token; FFN {e['ffn_bytes_fraction']:.4f}, attention "
@@ -244,7 +261,7 @@ def _write(path: Path, calib: dict, thresholds: dict) -> None:
 
 def _dense(rt, w):
     rt.decoder.set_sparsity(None)
-    rt.decoder.teal = None
+    rt.decoder.set_teal(None)
     rt.decoder.reset()
     return rt.decoder.forward(w[:-1])
 

@@ -17,9 +17,17 @@ from edge_runtime.cli import main
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.devices.sizes import model_bytes
+from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.evaluate import step_bytes
 from edge_runtime.pack.quant import PackedTensor, quantize
-from edge_runtime.sparsity.calibrate import ATTN_GROUPS, attention_bytes, attention_teal, calibrate, write_calibration
+from edge_runtime.sparsity.calibrate import (
+    ATTN_GROUPS,
+    attention_bytes,
+    attention_teal,
+    attention_thresholds,
+    calibrate,
+    write_calibration,
+)
 from edge_runtime.sparsity.policy import Objective, select_knobs
 from tests.helpers import CORPUS, packed_llama, rel_err
 
@@ -63,8 +71,9 @@ def relu_model(tmp_path_factory):
     return packed_llama(tmp_path_factory.mktemp("attn_teal"), act="relu", seed=52)
 
 
-def _teal(rt, level: float):
-    """Thresholds at a quantile of the dense model's attention inputs on the corpus."""
+def _teal(rt, level: float, criterion: str = "teal"):
+    """Thresholds at a quantile of the criterion's scores of the dense model's attention inputs on the corpus:
+    |x|, shared by q, k, v (TEAL), or |x| * each projection's column norms (WINA)."""
     dec = rt.decoder
     seen = {"attn_in": [], "attn_out": []}
     dec.observer = lambda i, p, a: seen[p].append((i, a)) if p in seen else None
@@ -75,12 +84,18 @@ def _teal(rt, level: float):
     for i in range(rt.config.n_layers):
         xin = np.concatenate([a for j, a in seen["attn_in"] if j == i])
         xo = np.concatenate([a for j, a in seen["attn_out"] if j == i])
-        t, to = float(np.quantile(np.abs(xin), level)), float(np.quantile(np.abs(xo), level))
-        out.append({"q": t, "k": t, "v": t, "o": to})
+        layer = rt.backend.weights.layers[i]
+        out.append({p: float(np.quantile(_score(layer, p, xo if p == "o" else xin, criterion), level))
+                    for p in ATTENTION})
     return out
 
 
-def test_combined_step_equals_batched_and_counts_bytes(relu_model):
+def _score(layer, p: str, x: np.ndarray, criterion: str) -> np.ndarray:
+    return np.abs(x) * (layer.column_norm(p) if criterion == "wina" else 1.0)
+
+
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_combined_step_equals_batched_and_counts_bytes(relu_model, criterion):
     rt = edge_runtime.load(relu_model, profile=None, backend="cpu")
     dec = rt.decoder
     ids = np.random.default_rng(4).integers(3, 300, size=30).tolist()
@@ -93,9 +108,9 @@ def test_combined_step_equals_batched_and_counts_bytes(relu_model):
     s = dec.stats.summary()
     assert s["attn_bytes_fraction"] == 1.0
 
-    teal = _teal(rt, 0.4)
-    dec.teal = teal
-    assert dec.mode == "sparse"
+    teal = _teal(rt, 0.4, criterion)
+    dec.set_teal(teal, criterion)
+    assert dec.mode == "sparse" and dec.teal_criterion == criterion
     dec.reset()
     batched = dec.forward(ids, batched_sparse=True)
     # the inputs of q/k/v and o the steps see, to count the kept channels with numpy
@@ -112,8 +127,11 @@ def test_combined_step_equals_batched_and_counts_bytes(relu_model):
     stats = dec.stats
     for i, layer in enumerate(rt.backend.weights.layers):
         xin, xo = np.concatenate(seen[(i, "attn_in")]), np.concatenate(seen[(i, "attn_out")])
-        kept = {p: float((np.abs(xin) >= teal[i][p]).sum()) for p in ("q", "k", "v")}
-        kept["o"] = float((np.abs(xo) >= teal[i]["o"]).sum())
+        kept = {p: float((_score(layer, p, xo if p == "o" else xin, criterion) >= teal[i][p]).sum())
+                for p in ATTENTION}
+        if criterion == "wina":  # the column norms differ: q, k and v keep different channels of one input
+            masks = [_score(layer, p, xin, criterion) >= teal[i][p] for p in ("q", "k", "v")]
+            assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[0], masks[2])
         expect = sum(len(ids) * 4 + kept[p] * getattr(layer, p).w.shape[0]  # int8: one byte a weight, scales
                      + len(ids) * 2 * getattr(layer, p).w.shape[0] for p in ATTENTION)
         assert abs(int(stats.attn_bytes_read[i]) - expect) <= 4 * 192  # a channel at a threshold may flip
@@ -262,3 +280,62 @@ def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, c
     assert res["lm_head_bytes_per_token"] == head
     assert res["layer_bytes_per_token"] == pytest.approx(res["layer_bytes_fraction"] * dense)
     assert res["step_bytes_fraction"] == pytest.approx((res["layer_bytes_per_token"] + head) / (dense + head))
+
+
+class _Norms:
+    """A layer stand-in with the column norms WINA reads."""
+
+    def __init__(self, norms: dict[str, np.ndarray]):
+        self.norms = norms
+
+    def column_norm(self, p: str) -> np.ndarray:
+        return self.norms[p]
+
+
+def test_attention_thresholds_per_criterion():
+    """TEAL: the level-quantile of |x|, one value for q, k and v; WINA: of |x| * each projection's column
+    norms, so q, k, v get their own; a group of several projections has no single WINA score."""
+    rng = np.random.default_rng(3)
+    x, xo = rng.standard_normal((50, 16)), rng.standard_normal((50, 24))
+    norms = {p: rng.uniform(0.1, 4.0, 24 if p == "o" else 16) for p in ATTENTION}
+    inputs = {"attn_in": x, "attn_out": xo}
+    teal = attention_thresholds(inputs, (0.0, 0.3), layer=_Norms(norms))
+    assert teal["q"] == teal["k"] == teal["v"] == [0.0, pytest.approx(np.quantile(np.abs(x), 0.3))]
+    wina = attention_thresholds(inputs, (0.0, 0.3), layer=_Norms(norms), criterion="wina")
+    for p in ATTENTION:
+        assert wina[p] == [0.0, pytest.approx(np.quantile(np.abs(xo if p == "o" else x) * norms[p], 0.3))]
+    assert len({wina[p][1] for p in ("q", "k", "v")}) == 3
+    with pytest.raises(EdgeRuntimeError, match="WINA"):
+        attention_thresholds(inputs, (0.0, 0.3), LEGACY_GROUPS, layer=_Norms(norms), criterion="wina")
+
+
+def test_wina_calibration_reaches_the_decoder(relu_model, tmp_path, capsys):
+    """A calibration whose attention thresholds are WINA's records the criterion, and a policy selection on
+    its path applies the thresholds with that criterion (plain |x| >= t would keep other channels)."""
+    model = tmp_path / "m"
+    shutil.copytree(relu_model, model)
+    rt = edge_runtime.load(model, profile=None, backend="cpu")
+    calib, thresholds = calibrate(rt, CORPUS * 3, source="corpus", window=64, max_tokens=256,
+                                  predictors=("sparseinfer",), attention_levels=(0.0, 0.3),
+                                  attention_criterion="wina")
+    sec = calib["predictors"]["sparseinfer"]
+    assert sec["attention"]["criterion"] == "wina"
+    assert all(len({th[p][1] for p in ("q", "k", "v")}) == 3 for th in sec["attention"]["thresholds"])
+    write_calibration(model, calib, thresholds)
+    rt = edge_runtime.load(model, profile="jetson-orin-nano-8gb", backend="cpu",
+                           objective=Objective(latency_ms=0.001, quality_budget_pct=1000))
+    assert rt.selection is not None and rt.selection.attention == sec["path"][-1]["attention"]
+    assert rt.follow_policy()
+    assert rt.decoder.teal_criterion == "wina"
+    assert rt.decoder.teal == attention_teal(sec["attention"], sec["path"][-1]["attention"])
+    capsys.readouterr()
+    assert main(["profile", "select", "--model", str(model), "--profile", "jetson-orin-nano-8gb",
+                 "--latency-ms", "0.001", "--quality-budget", "1000"]) == 0
+    shown = " ".join("[" + ", ".join(f"{a:g}" for a in lv) + "]" for lv in sec["path"][-1]["attention"])
+    assert f"attention TEAL sparsity per layer [q, k, v, o] (wina): {shown}" in capsys.readouterr().out
+    # an older calibration without the key is plain TEAL
+    del sec["attention"]["criterion"]
+    write_calibration(model, calib, thresholds)
+    rt = edge_runtime.load(model, profile="jetson-orin-nano-8gb", backend="cpu",
+                           objective=Objective(latency_ms=0.001, quality_budget_pct=1000))
+    assert rt.follow_policy() and rt.decoder.teal_criterion == "teal" and rt.decoder.teal is not None

@@ -37,6 +37,7 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.scoring import windowed
 from edge_runtime.sparsity.perplexity import perplexity
 from edge_runtime.sparsity.predictor import Rule, negative_counts_batch, projection_scores
+from edge_runtime.sparsity.wina import check_criterion
 
 ALPHA_GRID = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)  # aggressive -> conservative; 1.3 is already lossless
 Q_GRID = (0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)  # aggressive -> conservative
@@ -57,16 +58,32 @@ def attention_input(group: tuple[str, ...]) -> str:
 
 
 def attention_thresholds(inputs: dict[str, np.ndarray], levels: tuple[float, ...],
-                         groups: dict[str, tuple[str, ...]] = ATTN_GROUPS) -> dict[str, list[float]]:
-    """One layer's TEAL thresholds per group and level: the level-quantile of |input| (0 at level 0 = dense)."""
-    return {g: [float(np.quantile(np.abs(inputs[attention_input(ps)]), s)) if s > 0 else 0.0 for s in levels]
-            for g, ps in groups.items()}
+                         groups: dict[str, tuple[str, ...]] = ATTN_GROUPS, layer=None,
+                         criterion: str = "teal") -> dict[str, list[float]]:
+    """One layer's thresholds per group and level: the level-quantile of the criterion's channel score,
+    |input| (TEAL) or |input| * the projection's weight column norm (WINA, `layer` gives the norms; one
+    projection a group); 0 at level 0 (dense)."""
+    out = {}
+    for g, ps in groups.items():
+        score = np.abs(inputs[attention_input(ps)])
+        if check_criterion(criterion) == "wina":
+            if len(ps) != 1:
+                raise EdgeRuntimeError(f"WINA scores each projection's columns: group {g!r} has {len(ps)}")
+            score = score * layer.column_norm(ps[0])
+        out[g] = [float(np.quantile(score, s)) if s > 0 else 0.0 for s in levels]
+    return out
 
 
 def section_groups(section: dict | None) -> dict[str, tuple[str, ...]]:
     """The projection groups of a calibration's attention section (the current ones where it names none)."""
     groups = (section or {}).get("groups")
     return {g: tuple(ps) for g, ps in groups.items()} if groups else ATTN_GROUPS
+
+
+def attention_criterion(section: dict | None) -> str:
+    """How a calibration's attention thresholds keep channels: "teal" (|x| >= t; every calibration before
+    WINA) or "wina" (|x| * column norm >= t)."""
+    return (section or {}).get("criterion", "teal")
 
 
 def attention_teal(section: dict | None, levels: list[list[float]] | None) -> list[dict[str, float]] | None:
@@ -204,7 +221,8 @@ def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_de
     def measure(state) -> float:
         idx, att = state
         teal = attention_teal(attention, [[levels[a] for a in lv] for lv in att])
-        return perplexity(rt, wins, rules_for(predictor, grid, thresholds, idx), teal)
+        return perplexity(rt, wins, rules_for(predictor, grid, thresholds, idx), teal,
+                          attention["criterion"] if attention else "teal")
 
     def point(state, ppl: float | None = None) -> dict:
         idx, att = state
@@ -283,6 +301,7 @@ def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_de
 def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: int = 2048,
               predictors: tuple[str, ...] = ("sparseinfer", "projection"),
               teal_targets: tuple[float, ...] | None = None, attention_levels: tuple[float, ...] = ATTN_LEVELS,
+              attention_criterion: str = "teal",
               progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
     """(calibration dict, projection thresholds {"layers.i.qk": (N,) float32}). The sign-plane
     predictors are calibrated for ReLU-family models only, their paths with TEAL moves on the attention
@@ -325,9 +344,11 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
         if levels[0] != 0 or list(levels) != sorted(set(levels)) or levels[-1] >= 1:
             raise EdgeRuntimeError(f"attention TEAL levels must rise from 0 and stay below 1, got {levels}")
         inputs = ("attn_in", "attn_out")
-        attention = {"levels": list(levels),
-                     "thresholds": [attention_thresholds({p: np.concatenate(seen[p][i]) for p in inputs},
-                                                         levels) for i in range(cfg.n_layers)]}
+        layers = rt.backend.weights.layers
+        attention = {"levels": list(levels), "criterion": check_criterion(attention_criterion),
+                     "thresholds": [attention_thresholds({p: np.concatenate(seen[p][i]) for p in inputs}, levels,
+                                                         layer=layers[i], criterion=attention_criterion)
+                                    for i in range(cfg.n_layers)]}
     attn_steps = cfg.n_layers * len(ATTN_GROUPS) * (len(attention_levels) - 1) if attention else 0
     total = sum(cfg.n_layers * (len(GRIDS[p][1]) - 1) + attn_steps + len(GRIDS[p][1]) for p in predictors)
     done = [0]
