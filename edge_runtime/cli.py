@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-levels", default="auto",
                    help="ReLU models: comma-separated TEAL sparsity levels of the attention inputs the selection path "
                         "may move through (from 0); auto: 0,0.1,...,0.7; none: FFN-only paths")
+    p.add_argument("--attention-criterion", choices=("teal", "wina"), default="teal",
+                   help="which channels the attention thresholds keep: |x| >= t (teal) or |x| * weight column "
+                        "norm >= t (wina)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("profile", help="device profiles: list, show, detect, select")
@@ -241,7 +244,8 @@ def _sparse_setting(args, rt) -> list | float | None:
         return args.alpha
     if rt.selection is None:
         return rt.default_alpha
-    rt.decoder.set_teal(rt.teal_for(rt.selection), "teal")  # the selection's attention thresholds (None: dense)
+    # the selection's attention thresholds (None: dense) and the criterion they were calibrated for
+    rt.decoder.set_teal(rt.teal_for(rt.selection), rt.attention_criterion(rt.selection))
     return rt.rules_for(rt.selection)
 
 
@@ -364,7 +368,7 @@ def cmd_eval(args) -> int:
         for name in rt.calibration["predictors"]:
             sel = select(rt.calibration, rt.config, rt.model.manifest["encoding"], rt.profile, rt.power_mode,
                          rt.objective, name, kv_tokens=min(DEFAULT_KV_TOKENS, rt.decoder.max_context))
-            rt.decoder.set_teal(rt.teal_for(sel), "teal")
+            rt.decoder.set_teal(rt.teal_for(sel), rt.attention_criterion(sel))
             one = res if name == rt.selection.predictor else evaluate_text(
                 rt, text, rt.rules_for(sel), window=args.window, max_tokens=args.max_tokens)
             rt.decoder.set_teal(teal, criterion)
@@ -490,7 +494,8 @@ def cmd_calibrate(args) -> int:
                 raise EdgeRuntimeError(f"--attention-levels must be numbers like 0,0.2,0.4 or none, got "
                                        f"{args.attention_levels!r}") from None
         calib, thresholds = calibrate(rt, text, source=path.name, window=args.window, max_tokens=args.max_tokens,
-                                      teal_targets=targets, attention_levels=levels, progress=progress)
+                                      teal_targets=targets, attention_levels=levels,
+                                      attention_criterion=args.attention_criterion, progress=progress)
     try:
         out = write_calibration(model_dir, calib, thresholds)
     except OSError as e:
@@ -572,8 +577,11 @@ def _profile_select(args) -> int:
     knob = calibrated[0]["predictors"][sel.predictor]["knob"]
     print(f"predictor {sel.predictor}, per-layer {knob}: " + " ".join(f"{a:g}" for a in sel.knobs))
     if sel.attention:
-        print("attention TEAL sparsity per layer [q/k/v, o]: "
-              + " ".join(f"[{a:g}, {b:g}]" for a, b in sel.attention))
+        from edge_runtime.sparsity.calibrate import attention_criterion, section_groups
+
+        att = calibrated[0]["predictors"][sel.predictor].get("attention")
+        print(f"attention TEAL sparsity per layer [{', '.join(section_groups(att))}] ({attention_criterion(att)}): "
+              + " ".join("[" + ", ".join(f"{a:g}" for a in lv) + "]" for lv in sel.attention))
     print(f"FFN bytes {sel.ffn_bytes_fraction:.3f} of dense"
           + (f", attention {sel.attn_bytes_fraction:.3f}, layers {sel.layer_bytes_fraction:.3f}"
              if sel.layer_bytes_fraction is not None else "")

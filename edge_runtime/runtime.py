@@ -28,7 +28,7 @@ from edge_runtime.model.tokenizer import Tokenizer
 from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
 from edge_runtime.pack.loader import PackedModel, load_packed
 from edge_runtime.paths import resolve_model
-from edge_runtime.sparsity.calibrate import attention_teal, read_calibration, rules_for
+from edge_runtime.sparsity.calibrate import attention_criterion, attention_teal, read_calibration, rules_for
 from edge_runtime.sparsity.policy import Objective, Selection, choose_predictor, quality_cap, select
 
 DEFAULT_CONTEXT = 2048
@@ -110,7 +110,7 @@ class Runtime:
 
     def _apply(self, selection: Selection, measure_recall: bool) -> None:
         """A selection's predictor rules and attention TEAL thresholds into the decoder (next token on)."""
-        self.decoder.set_teal(self.teal_for(selection), "teal")  # attention thresholds: quantiles of |x|
+        self.decoder.set_teal(self.teal_for(selection), self.attention_criterion(selection))
         self.decoder.set_sparsity(self.rules_for(selection), measure_recall)
 
     def set_teal(self, target: float | None) -> None:
@@ -209,6 +209,10 @@ class Runtime:
         """The per-layer attention TEAL thresholds a selection stands for; None when it keeps attention dense."""
         section = self.calibration["predictors"][selection.predictor]
         return attention_teal(section.get("attention"), selection.attention)
+
+    def attention_criterion(self, selection: Selection) -> str:
+        """The criterion ("teal" or "wina") a selection's attention thresholds were calibrated for."""
+        return attention_criterion(self.calibration["predictors"][selection.predictor].get("attention"))
 
     def watch_power_mode(self, read_mode, interval_s: float = 1.0) -> None:
         """Poll `read_mode()` (e.g. the nvpmodel reader) and re-select on every change. Stopped by close()."""

@@ -211,7 +211,7 @@ def packed_model(args, ap) -> dict:
             rt.rules_for(rt.selection) if args.policy and rt.selection is not None else None)
         if setting is not None and rt.config.relu_family:
             if args.policy and args.alpha is None:  # the selection's attention thresholds go with its rules
-                rt.decoder.set_teal(rt.teal_for(rt.selection), "teal")
+                rt.decoder.set_teal(rt.teal_for(rt.selection), rt.attention_criterion(rt.selection))
             rt.set_sparsity(setting)
             sparse, stats = decode_rate(rt, args.prompt, args.tokens, args.repeats)
             row.update(decode_tokens_per_s_sparse=sparse, sparse_over_dense=sparse / dense,

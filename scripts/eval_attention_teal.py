@@ -3,13 +3,16 @@ setting of a path that also skips attention columns (TEAL on q/k/v and o, beside
 
   python scripts/eval_attention_teal.py --text docs/heldout-alice.txt [--model DIR] [--max-tokens 4096]
       [--cap 1.0] [--calibration-book ../shared/corpora/gutenberg/austen-persuasion.txt | --calibration FILE]
-      [--save-calibration FILE] [--profile jetson-agx-orin-64gb] [--json]
+      [--calibration-tokens 2048] [--attention-levels 0,0.1,...] [--attention-criterion teal|wina]
+      [--save-calibration FILE]
+      [--profile jetson-agx-orin-64gb] [--json]
 
 FFN-only candidates: every point of the model's shipped calibration paths and uniform settings (both
-predictors). Combined candidates: every point of the paths `calibrate` builds with attention moves, on the
-calibration book (or read from --calibration, a YAML written by --save-calibration). Candidates whose
-calibration-text perplexity rose by more than 3x the cap are not measured. Each candidate's held-out perplexity
-and bytes come from batched passes with the per-token masks and thresholds (equal to token-by-token sparse
+predictors), and of FFN-only paths calibrated on the same book and tokens as the combined ones. Combined
+candidates: every point of the paths `calibrate` builds with attention moves, on the calibration book (or
+read from --calibration, a YAML written by --save-calibration, with its FFN-only twin FILE-ffn.yaml).
+Candidates whose calibration-text perplexity rose by more than 3x the cap are not measured. Each candidate's held-out
+perplexity and bytes come from batched passes with the per-token masks and thresholds (equal to token-by-token sparse
 decode, tests/test_policy.py and tests/test_attention_teal.py): FFN bytes from the predicted and kept rows,
 attention bytes from the input channels each token keeps. The winner of each family (fewest layer bytes within
 the cap) is then run token by token by `evaluate_text`, as `eval --json` does, and its counters reported. Last,
@@ -35,16 +38,28 @@ from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS, decode_bytes_per_token
 from edge_runtime.evaluate import evaluate_text
 from edge_runtime.scoring import nll, windowed
-from edge_runtime.sparsity.calibrate import ATTN_GROUPS, attention_teal, calibrate, ffn_bytes, rules_for
+from edge_runtime.sparsity.calibrate import (
+    ATTN_LEVELS,
+    attention_criterion,
+    attention_teal,
+    calibrate,
+    ffn_bytes,
+    rules_for,
+)
 from edge_runtime.sparsity.policy import projected_ms
+from edge_runtime.sparsity.wina import CRITERIA
 
 
-def measure(rt, wins, rules, teal) -> dict:
+def measure(rt, wins, rules, teal, criterion: str = "teal") -> dict:
     """Held-out perplexity and bytes fractions (FFN, attention, layers) for one setting."""
     dec = rt.decoder
     dec.set_sparsity(rules)
-    dec.teal = teal
+    dec.set_teal(teal, criterion)
     layers = rt.backend.weights.layers
+
+    def score(i, p, a):  # the criterion's channel score: |x| (TEAL) or |x| * W's column norm (WINA)
+        return np.abs(a) * layers[i].column_norm(p) if criterion == "wina" else np.abs(a)
+
     ffn: dict[int, list] = {}
     attn: dict[int, list] = {}
     ffn_in: dict[int, np.ndarray] = {}
@@ -52,9 +67,9 @@ def measure(rt, wins, rules, teal) -> dict:
     def observe(i, point, a):
         th = teal[i] if teal else {}
         if point in ("attn_in", "attn_out"):
-            names = ATTN_GROUPS["qkv"] if point == "attn_in" else ATTN_GROUPS["o"]
+            names = ("q", "k", "v") if point == "attn_in" else ("o",)
             for p in names:
-                attn.setdefault(i, []).append((p, len(a), float((np.abs(a) >= th[p]).sum()) if p in th else None))
+                attn.setdefault(i, []).append((p, len(a), float((score(i, p, a) >= th[p]).sum()) if p in th else None))
         elif point == "ffn_in":
             ffn_in[i] = a
         elif point == "ffn_act":
@@ -70,7 +85,7 @@ def measure(rt, wins, rules, teal) -> dict:
             n += len(w) - 1
     finally:
         dec.observer = None
-        dec.teal = None
+        dec.set_teal(None)
         dec.set_sparsity(None)
     ffn_used = attn_used = 0.0
     for i, L in enumerate(layers):
@@ -90,11 +105,11 @@ def measure(rt, wins, rules, teal) -> dict:
             "layer_bytes_fraction": (ffn_used + attn_used) / (ffn_dense + attn_dense)}
 
 
-def candidates(calib: dict, thresholds: dict, with_uniform: bool) -> list[dict]:
+def candidates(calib: dict, thresholds: dict, with_uniform: bool, tag: str = "") -> list[dict]:
     out = []
     for pred, sec in calib["predictors"].items():
         grid = tuple(sec["grid"])
-        points = [dict(p, source=f"{pred} path {j}") for j, p in enumerate(sec["path"])]
+        points = [dict(p, source=f"{tag}{pred} path {j}") for j, p in enumerate(sec["path"])]
         if with_uniform:
             points += [{"knobs": [u["knob"]] * len(sec["layers"]), "ppl_increase_pct": u["ppl_increase_pct"],
                         "source": f"{pred} uniform {u['knob']:g}"} for u in sec["uniform"]]
@@ -102,7 +117,8 @@ def candidates(calib: dict, thresholds: dict, with_uniform: bool) -> list[dict]:
             out.append({"source": p["source"], "predictor": pred, "knobs": p["knobs"],
                         "attention": p.get("attention"), "calibration_ppl_pct": p["ppl_increase_pct"],
                         "rules": rules_for(pred, grid, thresholds, [grid.index(k) for k in p["knobs"]]),
-                        "teal": attention_teal(sec.get("attention"), p.get("attention"))})
+                        "teal": attention_teal(sec.get("attention"), p.get("attention")),
+                        "criterion": attention_criterion(sec.get("attention"))})
     return out
 
 
@@ -112,7 +128,7 @@ def best_within(rt, wins, ppl_dense: float, cands: list[dict], cap: float, log) 
     for c in cands:
         if c["calibration_ppl_pct"] > 3 * cap:
             continue
-        m = measure(rt, wins, c["rules"], c["teal"])
+        m = measure(rt, wins, c["rules"], c["teal"], c["criterion"])
         m["ppl_increase_pct"] = 100 * (m["ppl"] / ppl_dense - 1)
         c.update(heldout=m)
         log(f"  {c['source']:28s} ppl {m['ppl_increase_pct']:+.2f} %  layers {m['layer_bytes_fraction']:.4f}  "
@@ -125,16 +141,16 @@ def best_within(rt, wins, ppl_dense: float, cands: list[dict], cap: float, log) 
 def confirm(rt, text: str, max_tokens: int, ranked: list[dict], cap: float) -> dict | None:
     """The first of the ranked candidates whose token-by-token evaluation stays within the cap."""
     for c in ranked[:3]:
-        rt.decoder.teal = c["teal"]
+        rt.decoder.set_teal(c["teal"], c["criterion"])
         res = evaluate_text(rt, text, c["rules"], max_tokens=max_tokens)
-        rt.decoder.teal = None
+        rt.decoder.set_teal(None)
         res["ppl_increase_pct"] = 100 * (res["ppl_sparse"] / res["ppl_dense"] - 1)
         if res["ppl_increase_pct"] <= cap:
             keys = ("tokens", "ppl_dense", "ppl_sparse", "ppl_increase_pct", "ffn_bytes_fraction",
                     "attn_bytes_fraction", "layer_bytes_fraction", "step_bytes_fraction", "layer_bytes_per_token",
                     "lm_head_bytes_per_token", "step_bytes_per_token")
             return {"source": c["source"], "predictor": c["predictor"], "knobs": c["knobs"],
-                    "attention": c["attention"], "heldout_batched": c["heldout"],
+                    "attention": c["attention"], "criterion": c["criterion"], "heldout_batched": c["heldout"],
                     "eval": {k: res[k] for k in keys if k in res}}
     return None
 
@@ -147,6 +163,11 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=1.0, help="held-out perplexity increase allowed, percent")
     ap.add_argument("--calibration-book", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpora"
                                                       / "gutenberg" / "austen-persuasion.txt"))
+    ap.add_argument("--calibration-tokens", type=int, default=2048, help="tokens of the book calibration reads")
+    ap.add_argument("--attention-levels", default=None,
+                    help="comma-separated TEAL levels of the attention moves, from 0 (default: calibrate's)")
+    ap.add_argument("--attention-criterion", choices=CRITERIA, default="teal",
+                    help="how the attention thresholds keep channels: |x| (teal) or |x| * column norm (wina)")
     ap.add_argument("--calibration", help="a combined calibration YAML (from --save-calibration): skip calibrating")
     ap.add_argument("--save-calibration", help="write the combined calibration (and its thresholds) here")
     ap.add_argument("--profile", default="jetson-agx-orin-64gb")
@@ -162,22 +183,33 @@ def main() -> None:
         raise SystemExit("the model is not calibrated (its FFN-only paths are the baseline)")
     text = Path(args.text).read_text(encoding="utf-8")
     wins = windowed(rt.encode(text), 256, args.max_tokens)
+    # The combined calibration and an FFN-only one on the same text and tokens (its paths join the FFN-only
+    # candidates: the baseline gets whatever the calibration text gives the combined path).
     if args.calibration:
-        combined = yaml.safe_load(Path(args.calibration).read_text())
-        th_path = Path(args.calibration).with_suffix(".npz")
-        combined_th = dict(np.load(th_path)) if th_path.is_file() else {}
+        combined, combined_th = _read(Path(args.calibration))
+        ffn_path = _ffn_file(Path(args.calibration))
+        ffn_cal, ffn_th = _read(ffn_path) if ffn_path.is_file() else (None, {})
     else:
+        levels = ATTN_LEVELS if args.attention_levels is None else tuple(
+            float(v) for v in args.attention_levels.split(","))
+        book = prepared(Path(args.calibration_book))
         t = time.time()
-        combined, combined_th = calibrate(rt, prepared(Path(args.calibration_book)),
-                                          source=Path(args.calibration_book).name)
+        combined, combined_th = calibrate(rt, book, source=Path(args.calibration_book).name,
+                                          max_tokens=args.calibration_tokens, attention_levels=levels,
+                                          attention_criterion=args.attention_criterion)
         log(f"combined calibration: {time.time() - t:.0f} s")
+        ffn_cal, ffn_th = calibrate(rt, book, source=Path(args.calibration_book).name,
+                                    max_tokens=args.calibration_tokens, attention_levels=())
         if args.save_calibration:
-            Path(args.save_calibration).write_text(yaml.safe_dump(combined, sort_keys=False, width=110))
-            np.savez(Path(args.save_calibration).with_suffix(".npz"), **combined_th)
+            _write(Path(args.save_calibration), combined, combined_th)
+            _write(_ffn_file(Path(args.save_calibration)), ffn_cal, ffn_th)
     ppl_dense = float(np.exp(np.mean(np.concatenate([nll(_dense(rt, w), w[1:]) for w in wins]))))
     log(f"held-out: {sum(len(w) - 1 for w in wins)} tokens, dense perplexity {ppl_dense:.3f}")
     log("FFN-only (the shipped calibration's paths and uniform settings):")
-    ffn_only = best_within(rt, wins, ppl_dense, candidates(rt.calibration, rt.thresholds, True), args.cap, log)
+    ffn_cands = candidates(rt.calibration, rt.thresholds, True, "shipped ")
+    if ffn_cal is not None:
+        ffn_cands += candidates(ffn_cal, ffn_th, False, "book ")
+    ffn_only = best_within(rt, wins, ppl_dense, ffn_cands, args.cap, log)
     log("FFN predictor + attention TEAL (the combined paths):")
     both = best_within(rt, wins, ppl_dense, candidates(combined, combined_th, False), args.cap, log)
     out = {"cap_pct": args.cap, "ppl_dense": ppl_dense,
@@ -198,7 +230,7 @@ def main() -> None:
             print(f"{key}: no setting within +{args.cap:g} %")
             continue
         e = r["eval"]
-        print(f"{key:9s} {r['source']}: knobs {r['knobs']} attention {r['attention']}\n"
+        print(f"{key:9s} {r['source']}: knobs {r['knobs']} attention {r['attention']} ({r['criterion']})\n"
               f"          eval: ppl {e['ppl_increase_pct']:+.2f} %  layer bytes {e['layer_bytes_fraction']:.4f} "
               f"of dense "
               f"({e['layer_bytes_per_token']:.0f} B/token; FFN {e['ffn_bytes_fraction']:.4f}, attention "
@@ -213,9 +245,23 @@ def main() -> None:
     print(f"wall {out['wall_s']:.0f} s")
 
 
+def _ffn_file(path: Path) -> Path:
+    return path.with_name(path.stem + "-ffn" + path.suffix)
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    th_path = path.with_suffix(".npz")
+    return yaml.safe_load(path.read_text()), dict(np.load(th_path)) if th_path.is_file() else {}
+
+
+def _write(path: Path, calib: dict, thresholds: dict) -> None:
+    path.write_text(yaml.safe_dump(calib, sort_keys=False, width=110))
+    np.savez(path.with_suffix(".npz"), **thresholds)
+
+
 def _dense(rt, w):
     rt.decoder.set_sparsity(None)
-    rt.decoder.teal = None
+    rt.decoder.set_teal(None)
     rt.decoder.reset()
     return rt.decoder.forward(w[:-1])
 

@@ -17,9 +17,17 @@ from edge_runtime.cli import main
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.devices.sizes import model_bytes
+from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.evaluate import step_bytes
 from edge_runtime.pack.quant import PackedTensor, quantize
-from edge_runtime.sparsity.calibrate import ATTN_GROUPS, attention_bytes, attention_teal, calibrate, write_calibration
+from edge_runtime.sparsity.calibrate import (
+    ATTN_GROUPS,
+    attention_bytes,
+    attention_teal,
+    attention_thresholds,
+    calibrate,
+    write_calibration,
+)
 from edge_runtime.sparsity.policy import Objective, select_knobs
 from tests.helpers import CORPUS, packed_llama, rel_err
 
@@ -63,8 +71,9 @@ def relu_model(tmp_path_factory):
     return packed_llama(tmp_path_factory.mktemp("attn_teal"), act="relu", seed=52)
 
 
-def _teal(rt, level: float):
-    """Thresholds at a quantile of the dense model's attention inputs on the corpus."""
+def _teal(rt, level: float, criterion: str = "teal"):
+    """Thresholds at a quantile of the criterion's scores of the dense model's attention inputs on the corpus:
+    |x|, shared by q, k, v (TEAL), or |x| * each projection's column norms (WINA)."""
     dec = rt.decoder
     seen = {"attn_in": [], "attn_out": []}
     dec.observer = lambda i, p, a: seen[p].append((i, a)) if p in seen else None
@@ -75,12 +84,18 @@ def _teal(rt, level: float):
     for i in range(rt.config.n_layers):
         xin = np.concatenate([a for j, a in seen["attn_in"] if j == i])
         xo = np.concatenate([a for j, a in seen["attn_out"] if j == i])
-        t, to = float(np.quantile(np.abs(xin), level)), float(np.quantile(np.abs(xo), level))
-        out.append({"q": t, "k": t, "v": t, "o": to})
+        layer = rt.backend.weights.layers[i]
+        out.append({p: float(np.quantile(_score(layer, p, xo if p == "o" else xin, criterion), level))
+                    for p in ATTENTION})
     return out
 
 
-def test_combined_step_equals_batched_and_counts_bytes(relu_model):
+def _score(layer, p: str, x: np.ndarray, criterion: str) -> np.ndarray:
+    return np.abs(x) * (layer.column_norm(p) if criterion == "wina" else 1.0)
+
+
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_combined_step_equals_batched_and_counts_bytes(relu_model, criterion):
     rt = edge_runtime.load(relu_model, profile=None, backend="cpu")
     dec = rt.decoder
     ids = np.random.default_rng(4).integers(3, 300, size=30).tolist()
@@ -93,9 +108,9 @@ def test_combined_step_equals_batched_and_counts_bytes(relu_model):
     s = dec.stats.summary()
     assert s["attn_bytes_fraction"] == 1.0
 
-    teal = _teal(rt, 0.4)
-    dec.teal = teal
-    assert dec.mode == "sparse"
+    teal = _teal(rt, 0.4, criterion)
+    dec.set_teal(teal, criterion)
+    assert dec.mode == "sparse" and dec.teal_criterion == criterion
     dec.reset()
     batched = dec.forward(ids, batched_sparse=True)
     # the inputs of q/k/v and o the steps see, to count the kept channels with numpy
@@ -112,8 +127,11 @@ def test_combined_step_equals_batched_and_counts_bytes(relu_model):
     stats = dec.stats
     for i, layer in enumerate(rt.backend.weights.layers):
         xin, xo = np.concatenate(seen[(i, "attn_in")]), np.concatenate(seen[(i, "attn_out")])
-        kept = {p: float((np.abs(xin) >= teal[i][p]).sum()) for p in ("q", "k", "v")}
-        kept["o"] = float((np.abs(xo) >= teal[i]["o"]).sum())
+        kept = {p: float((_score(layer, p, xo if p == "o" else xin, criterion) >= teal[i][p]).sum())
+                for p in ATTENTION}
+        if criterion == "wina":  # the column norms differ: q, k and v keep different channels of one input
+            masks = [_score(layer, p, xin, criterion) >= teal[i][p] for p in ("q", "k", "v")]
+            assert not np.array_equal(masks[0], masks[1]) and not np.array_equal(masks[0], masks[2])
         expect = sum(len(ids) * 4 + kept[p] * getattr(layer, p).w.shape[0]  # int8: one byte a weight, scales
                      + len(ids) * 2 * getattr(layer, p).w.shape[0] for p in ATTENTION)
         assert abs(int(stats.attn_bytes_read[i]) - expect) <= 4 * 192  # a channel at a threshold may flip
@@ -160,7 +178,7 @@ def test_byte_accounting_7b_shape(enc):
     assert layer.attn_dense_bytes() * cfg.n_layers == sizes["attention"]
     assert layer.ffn_dense_bytes() * cfg.n_layers == sizes["ffn"]
     assert layer.gate_signs.nbytes * cfg.n_layers == sizes["sign_planes"]
-    assert attention_bytes(layer, [0.0, 0.0]) == layer.attn_dense_bytes()
+    assert attention_bytes(layer, [0.0] * 4) == layer.attn_dense_bytes()
     # q, k, v at 50 %, o at 25 %: kept channels x one column of W (its N values), plus int8's N scales and
     # a threshold per projection, every column of W^T being K = d input channels (o: n_heads * head_dim)
     per = {"fp16": 2, "int8": 1}[enc]
@@ -169,11 +187,32 @@ def test_byte_accounting_7b_shape(enc):
     for p, kept in (("q", 0.5), ("k", 0.5), ("v", 0.5), ("o", 0.75)):
         rows, cols = getattr(layer, p).w.shape
         expect += kept * cols * rows * per + rows * scales + 4
-    assert attention_bytes(layer, [0.5, 0.25]) == pytest.approx(expect)
+    assert attention_bytes(layer, [0.5, 0.5, 0.5, 0.25]) == pytest.approx(expect)
+    assert attention_bytes(layer, [0.5, 0.25], LEGACY_GROUPS) == pytest.approx(expect)  # one qkv level
+    # each projection its own level: q at 50 % alone saves half of q's weight columns, nothing else
+    rows, cols = layer.q.w.shape
+    saved = layer.attn_dense_bytes() - attention_bytes(layer, [0.5, 0, 0, 0])
+    assert saved == pytest.approx(0.5 * cols * rows * per - 4)
     # FFN: the sign plane, 10 % of gate rows computed, 5 % of up + down rows kept
     ffn = layer.ffn_read_bytes(1, 0.1 * n, 0.05 * n)
     row = d * per + scales
     assert ffn == pytest.approx(n * (-(-d // 32)) * 4 + 0.1 * n * row + 0.05 * n * 2 * row)
+
+
+LEGACY_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",)}  # calibrations written before q, k, v moved apart
+
+
+def test_attention_teal_reads_the_sections_groups():
+    """A path point's levels map to thresholds through the groups its calibration names: per projection now,
+    q/k/v together in calibrations written before (their one threshold serves all three)."""
+    th = {p: [0.0, 0.1 + j, 0.2 + j] for j, p in enumerate("qkvo")}
+    now = {"levels": [0.0, 0.1, 0.2], "groups": {p: [p] for p in "qkvo"}, "thresholds": [th]}
+    assert attention_teal(now, [[0.1, 0.0, 0.2, 0.1]]) == [{"q": 0.1, "v": 2.2, "o": 3.1}]
+    assert attention_teal(now, [[0.0] * 4]) is None
+    old = {"levels": [0.0, 0.1, 0.2], "groups": {g: list(ps) for g, ps in LEGACY_GROUPS.items()},
+           "thresholds": [{"qkv": [0.0, 0.5, 0.7], "o": [0.0, 0.3, 0.4]}]}
+    assert attention_teal(old, [[0.2, 0.1]]) == [{"q": 0.7, "k": 0.7, "v": 0.7, "o": 0.3}]
+    assert attention_teal(old, [[0.0, 0.2]]) == [{"o": 0.4}]
 
 
 def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, capsys):
@@ -185,7 +224,7 @@ def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, c
     write_calibration(model, calib, thresholds)
     sec = calib["predictors"]["sparseinfer"]
     path = sec["path"]
-    # every move: one layer's knob one grid step, or one layer's qkv / o level one step; bytes only fall
+    # every move: one layer's knob one grid step, or one projection's (q, k, v, o) level one step; bytes only fall
     assert len(path) == 1 + rt.config.n_layers * (len(sec["grid"]) - 1 + len(ATTN_GROUPS) * 2)
     for a, b in zip(path, path[1:], strict=False):
         knob_moves = sum(x != y for x, y in zip(a["knobs"], b["knobs"], strict=True))
@@ -193,15 +232,24 @@ def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, c
                          for x, y in zip(la, lb, strict=True))
         assert knob_moves + attn_moves == 1
         assert b["layer_bytes_fraction"] <= a["layer_bytes_fraction"]
-    assert path[0]["attention"] == [[0.0, 0.0]] * rt.config.n_layers and path[0]["attn_bytes_fraction"] == 1.0
+    assert list(ATTN_GROUPS) == ["q", "k", "v", "o"] and sec["attention"]["groups"] == {p: [p] for p in "qkvo"}
+    assert path[0]["attention"] == [[0.0] * 4] * rt.config.n_layers and path[0]["attn_bytes_fraction"] == 1.0
     assert any(any(lv) for p in path for lv in p["attention"])
-    # a mixed point's thresholds: q, k, v share one; levels at 0 leave the projection dense (absent)
-    mixed = next(p for p in path if any(any(lv) for lv in p["attention"]))
-    teal = attention_teal(sec["attention"], mixed["attention"])
-    for lv, th in zip(mixed["attention"], teal, strict=True):
-        assert ("q" in th) == (lv[0] > 0) and ("o" in th) == (lv[1] > 0)
-        if "q" in th:
-            assert th["q"] == th["k"] == th["v"] > 0
+    # a point's thresholds: each projection its own, the level-quantile of its input (q, k, v share theirs);
+    # levels at 0 leave the projection dense (absent)
+    ths = sec["attention"]["thresholds"]
+    for mixed in path:
+        teal = attention_teal(sec["attention"], mixed["attention"])
+        if teal is None:
+            assert not any(any(lv) for lv in mixed["attention"])
+            continue
+        for i, (lv, th) in enumerate(zip(mixed["attention"], teal, strict=True)):
+            assert set(th) == {p for p, s in zip("qkvo", lv, strict=True) if s > 0}
+            for p, s in zip("qkvo", lv, strict=True):
+                if s > 0:
+                    assert th[p] == ths[i][p][[0.0, 0.2, 0.4].index(s)] > 0
+        for i in range(rt.config.n_layers):  # q, k, v read one input: equal levels, equal thresholds
+            assert ths[i]["q"] == ths[i]["k"] == ths[i]["v"] and ths[i]["q"][2] > ths[i]["q"][1] > 0
     # the policy over a mixed path: a slower mode never gets a more conservative setting in any layer
     prof = load_profile("jetson-orin-nano-8gb")
     modes = sorted(prof.power_modes, key=lambda m: prof.effective_bandwidth(m.name))
@@ -232,3 +280,62 @@ def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, c
     assert res["lm_head_bytes_per_token"] == head
     assert res["layer_bytes_per_token"] == pytest.approx(res["layer_bytes_fraction"] * dense)
     assert res["step_bytes_fraction"] == pytest.approx((res["layer_bytes_per_token"] + head) / (dense + head))
+
+
+class _Norms:
+    """A layer stand-in with the column norms WINA reads."""
+
+    def __init__(self, norms: dict[str, np.ndarray]):
+        self.norms = norms
+
+    def column_norm(self, p: str) -> np.ndarray:
+        return self.norms[p]
+
+
+def test_attention_thresholds_per_criterion():
+    """TEAL: the level-quantile of |x|, one value for q, k and v; WINA: of |x| * each projection's column
+    norms, so q, k, v get their own; a group of several projections has no single WINA score."""
+    rng = np.random.default_rng(3)
+    x, xo = rng.standard_normal((50, 16)), rng.standard_normal((50, 24))
+    norms = {p: rng.uniform(0.1, 4.0, 24 if p == "o" else 16) for p in ATTENTION}
+    inputs = {"attn_in": x, "attn_out": xo}
+    teal = attention_thresholds(inputs, (0.0, 0.3), layer=_Norms(norms))
+    assert teal["q"] == teal["k"] == teal["v"] == [0.0, pytest.approx(np.quantile(np.abs(x), 0.3))]
+    wina = attention_thresholds(inputs, (0.0, 0.3), layer=_Norms(norms), criterion="wina")
+    for p in ATTENTION:
+        assert wina[p] == [0.0, pytest.approx(np.quantile(np.abs(xo if p == "o" else x) * norms[p], 0.3))]
+    assert len({wina[p][1] for p in ("q", "k", "v")}) == 3
+    with pytest.raises(EdgeRuntimeError, match="WINA"):
+        attention_thresholds(inputs, (0.0, 0.3), LEGACY_GROUPS, layer=_Norms(norms), criterion="wina")
+
+
+def test_wina_calibration_reaches_the_decoder(relu_model, tmp_path, capsys):
+    """A calibration whose attention thresholds are WINA's records the criterion, and a policy selection on
+    its path applies the thresholds with that criterion (plain |x| >= t would keep other channels)."""
+    model = tmp_path / "m"
+    shutil.copytree(relu_model, model)
+    rt = edge_runtime.load(model, profile=None, backend="cpu")
+    calib, thresholds = calibrate(rt, CORPUS * 3, source="corpus", window=64, max_tokens=256,
+                                  predictors=("sparseinfer",), attention_levels=(0.0, 0.3),
+                                  attention_criterion="wina")
+    sec = calib["predictors"]["sparseinfer"]
+    assert sec["attention"]["criterion"] == "wina"
+    assert all(len({th[p][1] for p in ("q", "k", "v")}) == 3 for th in sec["attention"]["thresholds"])
+    write_calibration(model, calib, thresholds)
+    rt = edge_runtime.load(model, profile="jetson-orin-nano-8gb", backend="cpu",
+                           objective=Objective(latency_ms=0.001, quality_budget_pct=1000))
+    assert rt.selection is not None and rt.selection.attention == sec["path"][-1]["attention"]
+    assert rt.follow_policy()
+    assert rt.decoder.teal_criterion == "wina"
+    assert rt.decoder.teal == attention_teal(sec["attention"], sec["path"][-1]["attention"])
+    capsys.readouterr()
+    assert main(["profile", "select", "--model", str(model), "--profile", "jetson-orin-nano-8gb",
+                 "--latency-ms", "0.001", "--quality-budget", "1000"]) == 0
+    shown = " ".join("[" + ", ".join(f"{a:g}" for a in lv) + "]" for lv in sec["path"][-1]["attention"])
+    assert f"attention TEAL sparsity per layer [q, k, v, o] (wina): {shown}" in capsys.readouterr().out
+    # an older calibration without the key is plain TEAL
+    del sec["attention"]["criterion"]
+    write_calibration(model, calib, thresholds)
+    rt = edge_runtime.load(model, profile="jetson-orin-nano-8gb", backend="cpu",
+                           objective=Objective(latency_ms=0.001, quality_budget_pct=1000))
+    assert rt.follow_policy() and rt.decoder.teal_criterion == "teal" and rt.decoder.teal is not None

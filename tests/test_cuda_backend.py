@@ -114,16 +114,24 @@ def test_teal_decode_equals_cpu(models, criterion):
     assert np.median([_rel(g, c) for g, c in zip(lg_g, lg_c, strict=True)]) < 2e-3
 
 
-def test_sparse_with_attention_teal_equals_cpu(models):
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_sparse_with_attention_teal_equals_cpu(models, criterion):
     """The FFN predictor and TEAL column skipping on q, k, v, o in one sparse step (a graph per set of TEAL
-    products; new threshold values without recapture), against the cpu backend: ids, logits and byte counts."""
+    products; new threshold values without recapture), against the cpu backend: ids, logits and byte counts.
+    WINA: each projection's channels scored by |x| * its column norms (q, k, v keep different channels)."""
     cpu, gpu = _pair(models["relu-int8"])
     rng = np.random.default_rng(5)
     rules = [Rule("sparseinfer", alpha=1.05)] * cpu.config.n_layers
-    teal = [{p: float(rng.uniform(0.2, 0.5)) for p in ("q", "k", "v", "o")} for _ in range(cpu.config.n_layers)]
+
+    def scale(i, p):
+        return 1.0 if criterion == "teal" else float(np.median(cpu.backend.weights.layers[i].column_norm(p)))
+
+    teal = [{p: scale(i, p) * float(rng.uniform(0.2, 0.5)) for p in ("q", "k", "v", "o")}
+            for i in range(cpu.config.n_layers)]
     _, ffn_only = _run(cpu, rules)
-    ids_c, lg_c = _run(cpu, rules, teal=teal)
-    ids_g, lg_g = _run(gpu, rules, teal=teal)
+    ids_c, lg_c = _run(cpu, rules, teal=teal, criterion=criterion)
+    ids_g, lg_g = _run(gpu, rules, teal=teal, criterion=criterion)
+    assert np.array_equal(gpu.backend.state.teal_scale.get(), cpu.backend.state.teal_scale)
     assert _rel(lg_c, ffn_only) > 1e-3  # the thresholds really skip channels
     assert ids_g == ids_c and _rel(lg_g, lg_c) < 2e-3  # fp16 KV cache on the device
     sc, sg = cpu.decoder.stats, gpu.decoder.stats
@@ -131,12 +139,12 @@ def test_sparse_with_attention_teal_equals_cpu(models):
     assert np.abs(sg.attn_bytes_read - sc.attn_bytes_read).max() <= 2 * 4 * 64  # a channel at a threshold may flip
     assert sc.summary()["attn_bytes_fraction"] < 0.9
     graphs = len(gpu.backend._graphs)
-    _run(gpu, rules, teal=[{p: t * 1.5 for p, t in layer.items()} for layer in teal])
+    _run(gpu, rules, teal=[{p: t * 1.5 for p, t in layer.items()} for layer in teal], criterion=criterion)
     assert len(gpu.backend._graphs) == graphs  # new values, same TEAL products: no recapture
     masked = []
     for rt in (cpu, gpu):  # the evaluation pass (masked prefill) applies both too
         rt.decoder.set_sparsity(rules)
-        rt.decoder.teal = teal
+        rt.decoder.set_teal(teal, criterion)
         rt.decoder.reset()
         masked.append(rt.decoder.prefill(PROMPT, masked=True))
     assert _rel(masked[1], masked[0]) < 2e-3

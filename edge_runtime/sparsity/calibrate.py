@@ -6,14 +6,16 @@
    active), predicted density, kept density (rows that survive) and the error the layer's misses add to
    its FFN output (relative L2 over all tokens, upstream inputs dense).
 3. A greedy path from the most conservative setting (every layer at its most conservative knob, attention
-   dense) to the most aggressive. A move is one layer's predictor knob one grid step, or one layer's TEAL
-   sparsity on the attention inputs one level (q, k, v share their input and one threshold; o has its
-   own): the skipped input channels are skipped weight columns. Each step takes the move that costs the
-   least perplexity per weight byte saved, measured end to end on the calibration windows with the
-   predictor and thresholds applied per token (batched_sparse forward, equal to token-by-token sparse
-   decode). Candidates are re-measured lazily: the one whose last measured cost is lowest is measured
-   again in the current state and taken if it is still the cheapest (costs rise as the path advances, so
-   the others' older measurements stand for them). Per-layer selection is a point on this path.
+   dense) to the most aggressive. A move is one layer's predictor knob one grid step, or one projection's
+   TEAL sparsity (q, k, v or o of one layer) one level: the skipped input channels are skipped weight
+   columns. q, k and v read the same input but get a threshold each: they do not tolerate the same
+   sparsity (default model, all layers at 30 %: q costs nothing measurable, k and v about +0.3 % each).
+   Each step takes the move that costs the least perplexity per weight byte saved, measured end to end
+   on the calibration windows with the predictor and thresholds applied per token (batched_sparse
+   forward, equal to token-by-token sparse decode). Candidates are re-measured lazily: the one whose last
+   measured cost is lowest is measured again in the current state and taken if it is still the cheapest
+   (costs rise as the path advances, so the others' older measurements stand for them).
+   Per-layer selection is a point on this path.
 4. Perplexity at every uniform knob (FFN only, attention dense), for comparison.
 Tables and thresholds come from the even calibration windows, every perplexity from the odd ones.
 Written to calibration.yaml (tables) and predictor_thresholds.safetensors (projection thresholds).
@@ -35,44 +37,74 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.scoring import windowed
 from edge_runtime.sparsity.perplexity import perplexity
 from edge_runtime.sparsity.predictor import Rule, negative_counts_batch, projection_scores
+from edge_runtime.sparsity.wina import check_criterion
 
 ALPHA_GRID = (0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)  # aggressive -> conservative; 1.3 is already lossless
 Q_GRID = (0.3, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005)  # aggressive -> conservative
 GRIDS = {"sparseinfer": ("alpha", ALPHA_GRID), "projection": ("q", Q_GRID)}
 # TEAL sparsity levels of a layer's attention inputs (fraction of input channels skipped), conservative first.
 ATTN_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-ATTN_GROUPS = {"qkv": ("q", "k", "v"), "o": ("o",)}  # one threshold per group: q, k, v share their input
-ATTN_INPUT = {"qkv": "attn_in", "o": "attn_out"}  # the decoder's observation point of each group's input
+# One threshold and level per group. Earlier calibrations had q, k, v in one group ("qkv"): a calibration's
+# attention section names its groups, and reading follows it.
+ATTN_GROUPS = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",)}
 CALIBRATION_FILE = "calibration.yaml"
 THRESHOLDS_FILE = "predictor_thresholds.safetensors"
 CALIBRATION_VERSION = 2
 
 
-def attention_thresholds(inputs: dict[str, np.ndarray], levels: tuple[float, ...]) -> dict[str, list[float]]:
-    """One layer's TEAL thresholds per group and level: the level-quantile of |input| (0 at level 0 = dense)."""
-    return {g: [float(np.quantile(np.abs(inputs[ATTN_INPUT[g]]), s)) if s > 0 else 0.0 for s in levels]
-            for g in ATTN_GROUPS}
+def attention_input(group: tuple[str, ...]) -> str:
+    """The decoder's observation point of a group's input: o reads the attention output, q, k, v its input."""
+    return "attn_out" if group == ("o",) else "attn_in"
 
 
-def attention_teal(section: dict | None, levels: list[list[float]] | None) -> list[dict[str, float]] | None:
-    """Per-layer TEAL thresholds {projection: t} of a path point's attention levels ([[qkv, o], ...] per
-    layer); None when the point (or the calibration) has no attention sparsity."""
-    if not section or not levels or not any(any(lv) for lv in levels):
-        return None
-    grid = section["levels"]
-    out = []
-    for i, lv in enumerate(levels):
-        th = section["thresholds"][i]
-        out.append({p: th[g][grid.index(s)] for g, s in zip(ATTN_GROUPS, lv, strict=True) if s > 0
-                    for p in ATTN_GROUPS[g]})
+def attention_thresholds(inputs: dict[str, np.ndarray], levels: tuple[float, ...],
+                         groups: dict[str, tuple[str, ...]] = ATTN_GROUPS, layer=None,
+                         criterion: str = "teal") -> dict[str, list[float]]:
+    """One layer's thresholds per group and level: the level-quantile of the criterion's channel score,
+    |input| (TEAL) or |input| * the projection's weight column norm (WINA, `layer` gives the norms; one
+    projection a group); 0 at level 0 (dense)."""
+    out = {}
+    for g, ps in groups.items():
+        score = np.abs(inputs[attention_input(ps)])
+        if check_criterion(criterion) == "wina":
+            if len(ps) != 1:
+                raise EdgeRuntimeError(f"WINA scores each projection's columns: group {g!r} has {len(ps)}")
+            score = score * layer.column_norm(ps[0])
+        out[g] = [float(np.quantile(score, s)) if s > 0 else 0.0 for s in levels]
     return out
 
 
-def attention_bytes(layer, levels: list[float]) -> float:
-    """One step's q, k, v, o weight bytes at [qkv, o] TEAL sparsity levels (kept channels = 1 - level)."""
+def section_groups(section: dict | None) -> dict[str, tuple[str, ...]]:
+    """The projection groups of a calibration's attention section (the current ones where it names none)."""
+    groups = (section or {}).get("groups")
+    return {g: tuple(ps) for g, ps in groups.items()} if groups else ATTN_GROUPS
+
+
+def attention_criterion(section: dict | None) -> str:
+    """How a calibration's attention thresholds keep channels: "teal" (|x| >= t; every calibration before
+    WINA) or "wina" (|x| * column norm >= t)."""
+    return (section or {}).get("criterion", "teal")
+
+
+def attention_teal(section: dict | None, levels: list[list[float]] | None) -> list[dict[str, float]] | None:
+    """Per-layer TEAL thresholds {projection: t} of a path point's attention levels (one per group of the
+    section, per layer); None when the point (or the calibration) has no attention sparsity."""
+    if not section or not levels or not any(any(lv) for lv in levels):
+        return None
+    grid, groups = section["levels"], section_groups(section)
+    out = []
+    for i, lv in enumerate(levels):
+        th = section["thresholds"][i]
+        out.append({p: th[g][grid.index(s)] for g, s in zip(groups, lv, strict=True) if s > 0
+                    for p in groups[g]})
+    return out
+
+
+def attention_bytes(layer, levels: list[float], groups: dict[str, tuple[str, ...]] = ATTN_GROUPS) -> float:
+    """One step's q, k, v, o weight bytes at the groups' TEAL sparsity levels (kept channels = 1 - level)."""
     kept = {}
-    for g, s in zip(ATTN_GROUPS, levels, strict=True):
-        for p in ATTN_GROUPS[g]:
+    for g, s in zip(groups, levels, strict=True):
+        for p in groups[g]:
             kept[p] = None if s <= 0 else (1 - s) * getattr(layer, p).w.shape[1]
     return layer.attn_read_bytes(kept)
 
@@ -189,7 +221,8 @@ def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_de
     def measure(state) -> float:
         idx, att = state
         teal = attention_teal(attention, [[levels[a] for a in lv] for lv in att])
-        return perplexity(rt, wins, rules_for(predictor, grid, thresholds, idx), teal)
+        return perplexity(rt, wins, rules_for(predictor, grid, thresholds, idx), teal,
+                          attention["criterion"] if attention else "teal")
 
     def point(state, ppl: float | None = None) -> dict:
         idx, att = state
@@ -268,6 +301,7 @@ def _calibrate_predictor(rt, data: list[LayerData], wins, predictor: str, ppl_de
 def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: int = 2048,
               predictors: tuple[str, ...] = ("sparseinfer", "projection"),
               teal_targets: tuple[float, ...] | None = None, attention_levels: tuple[float, ...] = ATTN_LEVELS,
+              attention_criterion: str = "teal",
               progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
     """(calibration dict, projection thresholds {"layers.i.qk": (N,) float32}). The sign-plane
     predictors are calibrated for ReLU-family models only, their paths with TEAL moves on the attention
@@ -309,9 +343,12 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
         levels = tuple(float(v) for v in attention_levels)
         if levels[0] != 0 or list(levels) != sorted(set(levels)) or levels[-1] >= 1:
             raise EdgeRuntimeError(f"attention TEAL levels must rise from 0 and stay below 1, got {levels}")
-        attention = {"levels": list(levels),
-                     "thresholds": [attention_thresholds({p: np.concatenate(seen[p][i]) for p in ATTN_INPUT.values()},
-                                                         levels) for i in range(cfg.n_layers)]}
+        inputs = ("attn_in", "attn_out")
+        layers = rt.backend.weights.layers
+        attention = {"levels": list(levels), "criterion": check_criterion(attention_criterion),
+                     "thresholds": [attention_thresholds({p: np.concatenate(seen[p][i]) for p in inputs}, levels,
+                                                         layer=layers[i], criterion=attention_criterion)
+                                    for i in range(cfg.n_layers)]}
     attn_steps = cfg.n_layers * len(ATTN_GROUPS) * (len(attention_levels) - 1) if attention else 0
     total = sum(cfg.n_layers * (len(GRIDS[p][1]) - 1) + attn_steps + len(GRIDS[p][1]) for p in predictors)
     done = [0]

@@ -2,8 +2,8 @@
 
 For each predictor (SparseInfer's alpha, the projection predictor's q), the calibration's greedy path
 orders settings from most conservative to most aggressive, each point moving one layer one grid step or
-(calibrations with attention TEAL) one layer's q/k/v or o TEAL sparsity one level; a point's bytes count
-both.
+(calibrations with attention TEAL) one projection's (q, k, v or o) TEAL sparsity one level; a point's
+bytes count both.
 Every selection is one point on that path, found from two numbers:
 
 - a speed target, a time per token. By default it comes from the profile's `decode_target`: either
@@ -89,7 +89,7 @@ class Selection:
     target: str = ""  # where the target came from
     quality_cap_pct: float | None = None  # held-out perplexity increase not to exceed
     at_cap: bool = False  # the furthest point within the cap
-    attention: list[list[float]] | None = None  # per layer [qkv, o] TEAL sparsity levels; None = dense
+    attention: list[list[float]] | None = None  # per layer a TEAL level per attention group (q, k, v, o); None: dense
     attn_bytes_fraction: float = 1.0  # q, k, v, o weight bytes read / dense
     layer_bytes_fraction: float | None = None  # the layers' weight bytes (attention and FFN) read / dense
 
