@@ -18,7 +18,7 @@ import numpy as np
 import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.base import PROJECTION, SPARSEINFER
-from edge_runtime.backends.cpu_gemv import axpy_rows, axpy_rows_serial, gemv_rows, gemv_rows_serial
+from edge_runtime.backends.cpu_gemv import axpy_rows, axpy_rows_serial, gemv_rows, gemv_rows3, gemv_rows_serial
 from edge_runtime.backends.jit import kernel
 from edge_runtime.backends.weights import ATTENTION, TEAL_THRESHOLD_BYTES, column_layout
 
@@ -112,9 +112,13 @@ def _ffn(x, ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sp
                 + row_bytes[2] * m_up + row_bytes[3] * m)
         cpu_predict.count_step(counters, counter_rows, layer, n, m, np.int64(read), dense_bytes, m_up - m)
     else:
-        _gemv(wg, sg, bg, x[0], all_rows, n_rows, g, part)
+        if has_up and part.shape[0] > 1:  # gate and up in one parallel region
+            gemv_rows3(wg, sg, bg, g, wu, su, bu, u, wu[:0], su[:0], bu[:0], u[:0], x[0], all_rows)
+        else:
+            _gemv(wg, sg, bg, x[0], all_rows, n_rows, g, part)
+            if has_up:
+                _gemv(wu, su, bu, x[0], all_rows, n_rows, u, part)
         if has_up:
-            _gemv(wu, su, bu, x[0], all_rows, n_rows, u, part)
             cpu_step_ops.activate_mul(g, u, act, act_threshold, h[:n_rows])
         else:
             cpu_step_ops.activate_mul(g, u[:0], act, act_threshold, h[:n_rows])
@@ -149,12 +153,16 @@ def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, 
     zero = np.float32(0.0)
     tq_, tk_, tv_, to_ = (t[0], t[1], t[2], t[3]) if sparse else (zero, zero, zero, zero)
     cpu_step_ops.rms_norm(x, attn_norm, eps, hb)
-    read = _attn_project(wq, sq, bq, tq, cq, hb, tq_, ts[0, :d], attn_layout[0], all_rows, col_idx, col_h, q[0],
-                           attn_part)
-    read += _attn_project(wk, sk, bk, tk, ck, hb, tk_, ts[1, :d], attn_layout[1], all_rows, col_idx, col_h, k[0],
-                           attn_part)
-    read += _attn_project(wv, sv, bv, tv, cv, hb, tv_, ts[2, :d], attn_layout[2], all_rows, col_idx, col_h, v[0],
-                           attn_part)
+    if attn_part.shape[0] > 1 and tq_ <= 0 and tk_ <= 0 and tv_ <= 0:  # q, k, v in one parallel region
+        gemv_rows3(wq, sq, bq, q[0], wk, sk, bk, k[0], wv, sv, bv, v[0], hb[0], all_rows)
+        read = attn_layout[0, 2] + attn_layout[1, 2] + attn_layout[2, 2]
+    else:
+        read = _attn_project(wq, sq, bq, tq, cq, hb, tq_, ts[0, :d], attn_layout[0], all_rows, col_idx, col_h,
+                             q[0], attn_part)
+        read += _attn_project(wk, sk, bk, tk, ck, hb, tk_, ts[1, :d], attn_layout[1], all_rows, col_idx, col_h,
+                              k[0], attn_part)
+        read += _attn_project(wv, sv, bv, tv, cv, hb, tv_, ts[2, :d], attn_layout[2], all_rows, col_idx, col_h,
+                              v[0], attn_part)
     cpu_step_ops.rope(q, pos_arr, cos, sin, n_heads)
     cpu_step_ops.rope(k, pos_arr, cos, sin, n_kv)
     if attn_part.shape[0] > 1:

@@ -90,6 +90,25 @@ def gemv_rows(w, scale, bias, x, idx, n, out):
         _rows_span(w, scale, bias, x, idx, b * SPAN, min(n, (b + 1) * SPAN), out, AHEAD)
 
 
+@kernel(parallel=True)
+def gemv_rows3(w0, s0, b0, o0, w1, s1, b1, o1, w2, s2, b2, o2, x, rows):
+    """Every row of three matrices with the same input x in one parallel region (q, k, v; or gate, up with a
+    third of no rows): o_i = W_i x * s_i + b_i. One fork and join instead of three; rows (>= max N,) int32
+    0, 1, 2, ..."""
+    n0, n1, n2 = w0.shape[0], w1.shape[0], w2.shape[0]
+    c0, c1 = (n0 + SPAN - 1) // SPAN, (n1 + SPAN - 1) // SPAN
+    c2 = (n2 + SPAN - 1) // SPAN
+    for b in prange(c0 + c1 + c2):
+        if b < c0:
+            _rows_span(w0, s0, b0, x, rows, b * SPAN, min(n0, (b + 1) * SPAN), o0, AHEAD)
+        elif b < c0 + c1:
+            j = b - c0
+            _rows_span(w1, s1, b1, x, rows, j * SPAN, min(n1, (j + 1) * SPAN), o1, AHEAD)
+        else:
+            j = b - c0 - c1
+            _rows_span(w2, s2, b2, x, rows, j * SPAN, min(n2, (j + 1) * SPAN), o2, AHEAD)
+
+
 @kernel()
 def gemv_rows_serial(w, scale, bias, x, idx, n, out):
     """gemv_rows on the calling thread: for the fused decode step of a small model (cpu_fused.py), where a
