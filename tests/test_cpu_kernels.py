@@ -33,6 +33,16 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def _products(k: MatrixKernels, enc: str) -> list[tuple]:
+    """(gemv(x, out, idx, n, bias), axpy(h, out, idx, n)) of a matrix: its dispatch, and for dense encodings
+    on one thread also the fused step's serial twins (no parallel region)."""
+    out = [(lambda x, y, idx, n, bias: k.gemv(x, y, idx, n, bias=bias), k.axpy)]
+    if enc in ("fp32", "fp16", "int8") and k.threads == 1:
+        out.append((lambda x, y, idx, n, bias: cpu_gemv.gemv_rows_serial(k.w, k.scale, bias, x, idx, n, y),
+                    lambda h, y, idx, n: cpu_gemv.axpy_rows_serial(k.w, k.scale, h, idx, n, y)))
+    return out
+
+
 @pytest.mark.parametrize("enc", ENCODINGS)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_gemv_and_axpy_match_the_dequantised_reference(enc, threads):
@@ -42,24 +52,25 @@ def test_gemv_and_axpy_match_the_dequantised_reference(enc, threads):
     ref = t.dequantize()  # (N, K) float32
     x = rng.standard_normal(K).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
-    for rows in (np.arange(N), np.sort(rng.choice(N, 13, replace=False)), np.arange(0)):
-        idx = np.zeros(N, np.int32)
-        idx[:len(rows)] = rows
-        out = np.full(N, np.nan, np.float32)
-        k.gemv(x, out, idx, len(rows), bias=bias)
-        assert np.isnan(out[len(rows):]).all()  # nothing past n written
-        if len(rows):
-            assert rel(out[:len(rows)], ref[rows] @ x + bias[rows]) < TOL[enc]
-            assert rel(out[:len(rows)], t.matvec(x, rows) + bias[rows]) < TOL[enc]
-        h = rng.standard_normal(N).astype(np.float32)
-        y = np.full(K, np.nan, np.float32)
-        k.axpy(h, y, idx, len(rows))
-        expect = h[:len(rows)] @ ref[rows]
-        if len(rows):
-            assert rel(y, expect) < TOL[enc]
-            assert rel(y, t.rows_weighted_sum(h[:len(rows)], rows)) < TOL[enc]
-        else:
-            assert (y == 0).all()
+    for gemv, axpy in _products(k, enc):
+        for rows in (np.arange(N), np.sort(rng.choice(N, 13, replace=False)), np.arange(0)):
+            idx = np.zeros(N, np.int32)
+            idx[:len(rows)] = rows
+            out = np.full(N, np.nan, np.float32)
+            gemv(x, out, idx, len(rows), bias)
+            assert np.isnan(out[len(rows):]).all()  # nothing past n written
+            if len(rows):
+                assert rel(out[:len(rows)], ref[rows] @ x + bias[rows]) < TOL[enc]
+                assert rel(out[:len(rows)], t.matvec(x, rows) + bias[rows]) < TOL[enc]
+            h = rng.standard_normal(N).astype(np.float32)
+            y = np.full(K, np.nan, np.float32)
+            axpy(h, y, idx, len(rows))
+            expect = h[:len(rows)] @ ref[rows]
+            if len(rows):
+                assert rel(y, expect) < TOL[enc]
+                assert rel(y, t.rows_weighted_sum(h[:len(rows)], rows)) < TOL[enc]
+            else:
+                assert (y == 0).all()
     out = np.full(N, np.nan, np.float32)
     k.gemv(x, out)  # every row, no bias
     assert rel(out, ref @ x) < TOL[enc]
@@ -126,31 +137,6 @@ def test_keep_after_gate_compacts_the_survivors():
     m = cpu_predict.keep_after_gate(g, rows, 50, np.float32(0.3), kept, h)
     sel = (g > 0) & (g >= np.float32(0.3))
     assert m == sel.sum() and np.array_equal(kept[:m], rows[sel]) and np.array_equal(h[:m], g[sel])
-
-
-@pytest.mark.parametrize("enc", ["fp32", "fp16", "int8"])
-def test_serial_gemv_and_axpy_match_the_reference(enc):
-    """The fused step's single-thread twins of gemv_rows / axpy_rows (no parallel region)."""
-    rng = np.random.default_rng(11)
-    t = packed(enc, rng)
-    k = MatrixKernels(t, 1)
-    ref = t.dequantize()
-    x = rng.standard_normal(K).astype(np.float32)
-    bias = rng.standard_normal(N).astype(np.float32)
-    for rows in (np.arange(N), np.sort(rng.choice(N, 13, replace=False)), np.arange(0)):
-        idx = np.zeros(N, np.int32)
-        idx[:len(rows)] = rows
-        out = np.full(N, np.nan, np.float32)
-        cpu_gemv.gemv_rows_serial(k.w, k.scale, bias, x, idx, len(rows), out)
-        assert np.isnan(out[len(rows):]).all()
-        h = rng.standard_normal(N).astype(np.float32)
-        y = np.full(K, np.nan, np.float32)
-        cpu_gemv.axpy_rows_serial(k.w, k.scale, h, idx, len(rows), y)
-        if len(rows):
-            assert rel(out[:len(rows)], ref[rows] @ x + bias[rows]) < TOL[enc]
-            assert rel(y, h[:len(rows)] @ ref[rows]) < TOL[enc]
-        else:
-            assert (y == 0).all()
 
 
 def test_fp16_widening_is_exact_for_every_finite_half():

@@ -52,12 +52,7 @@ def _predict(x, kind, alpha, theta, gate_signs, sign_bytes, xs, table, z, mask, 
             cpu_predict._sparseinfer_mask(x, gate_signs, alpha, xs, mask)
             return cpu_predict._compact(mask, idx)
         cpu_predict.projection_z(x, sign_bytes, table, z)
-        n = 0
-        for r in range(z.shape[0]):
-            if z[r] >= theta[r]:
-                idx[n] = r
-                n += 1
-        return n
+        return cpu_predict.rows_at_least(z, theta, idx)
     if kind == SPARSEINFER:
         return cpu_predict.sparseinfer_serial(x, gate_signs, alpha, xs, idx)
     return cpu_predict.projection_serial(x, sign_bytes, theta, table, z, idx)
@@ -256,7 +251,7 @@ class FusedStep:
                      s.h, s.idx, s.rows, st.counters, self.counter_rows, self.attn_counter_rows, i,
                      self._part(attn[0]), self._part(ffn[0]))
             self.layer_args.append((before, after))
-        head = be.kernels[id(ws.lm_head)]
+        self.head = head = be.kernels[id(ws.lm_head)]
         self.head_args = (buf.x, ws.final_norm.w, f32(ws.final_norm.eps), buf.h, head.w, head.scale, self.all_rows,
                           buf.logits)
 
@@ -286,10 +281,9 @@ class FusedStep:
         be.embed_tokens(be.state.token, be.state.pos, out=be.buffers.x)
         for before, after in self.layer_args:
             fused_layer(*before, sparse, *after)
-        head = be.kernels[id(be.weights.lm_head)]
-        if head.threads > 1:  # a big LM head over the threads (its own parallel kernel)
+        if self.head.threads > 1:  # a big LM head over the threads (its own parallel kernel)
             be.norm(be.buffers.x, be.weights.final_norm, out=be.buffers.h)
-            head.gemv(be.buffers.h[0], be.buffers.logits[0])
+            self.head.gemv(be.buffers.h[0], be.buffers.logits[0])
         else:
             fused_head(*self.head_args)
         be.soft_cap(be.buffers.logits)

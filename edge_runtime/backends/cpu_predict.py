@@ -135,17 +135,23 @@ def projection_z(x, sign_bytes, table, z):
         _projection_span(sign_bytes, table, total, b * SPAN, min(n, (b + 1) * SPAN), z)
 
 
+@kernel(inline=True)
+def rows_at_least(z, theta, idx):
+    """The rows with z >= theta, ascending, into idx; returns their count."""
+    n = 0
+    for r in range(z.shape[0]):
+        if z[r] >= theta[r]:
+            idx[n] = r
+            n += 1
+    return n
+
+
 @kernel()
 def projection_serial(x, sign_bytes, theta, table, z, idx):
     """projection on the calling thread (the fused decode step): z (N,) scratch; returns the count."""
     _byte_table(x, table)
     _projection_span(sign_bytes, table, _sum(x), 0, sign_bytes.shape[0], z)
-    n = 0
-    for r in range(sign_bytes.shape[0]):
-        if z[r] >= theta[r]:
-            idx[n] = r
-            n += 1
-    return n
+    return rows_at_least(z, theta, idx)
 
 
 @kernel(parallel=True)

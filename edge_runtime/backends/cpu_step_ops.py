@@ -102,6 +102,14 @@ def _write_kv(k, v, kc, vc, pos):
             vc[g, pos, i] = v[0, g * hd + i]
 
 
+@kernel(inline=True)
+def _attention_start(q, k, v, kc, vc, pos, window):
+    """k, v written into the cache at pos; returns (query heads, heads per KV head, first position seen)."""
+    _write_kv(k, v, kc, vc, pos)
+    nh = q.shape[1] // kc.shape[2]
+    return nh, nh // kc.shape[0], max(0, pos + 1 - window) if window > 0 else 0
+
+
 @kernel(parallel=True)
 def attention_step(q, k, v, kc, vc, pos, scale, softcap, window, rows, scores, out):
     """One token at position pos: k, v (1, KV*hd) written into kc, vc (KV, ctx, hd) at pos, then each of
@@ -109,11 +117,7 @@ def attention_step(q, k, v, kc, vc, pos, scale, softcap, window, rows, scores, o
     lo = max(0, pos - window + 1) for a sliding window (window 0: lo = 0). rows (ctx,) int32 0, 1, 2, ...;
     scores (H, ctx) float32 scratch;
     scale float32 (config.attn_scale); softcap float32: scores -> softcap * tanh(scores / softcap), 0 = off."""
-    nkv, _, hd = kc.shape
-    nh = q.shape[1] // hd
-    group = nh // nkv
-    lo = max(0, pos + 1 - window) if window > 0 else 0
-    _write_kv(k, v, kc, vc, pos)
+    nh, group, lo = _attention_start(q, k, v, kc, vc, pos, window)
     for h in prange(nh):
         _attend_head(q, kc, vc, h, h // group, lo, pos + 1, scale, softcap, rows, scores, out)
 
@@ -121,11 +125,7 @@ def attention_step(q, k, v, kc, vc, pos, scale, softcap, window, rows, scores, o
 @kernel()
 def attention_step_serial(q, k, v, kc, vc, pos, scale, softcap, window, rows, scores, out):
     """attention_step on the calling thread (the fused decode step, cpu_fused.py)."""
-    nkv, _, hd = kc.shape
-    nh = q.shape[1] // hd
-    group = nh // nkv
-    lo = max(0, pos + 1 - window) if window > 0 else 0
-    _write_kv(k, v, kc, vc, pos)
+    nh, group, lo = _attention_start(q, k, v, kc, vc, pos, window)
     for h in range(nh):
         _attend_head(q, kc, vc, h, h // group, lo, pos + 1, scale, softcap, rows, scores, out)
 
