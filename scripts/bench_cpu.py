@@ -1,7 +1,7 @@
 """CPU backend decode benchmark: tokens/s, achieved weight GB/s and its fraction of a numpy copy's bandwidth
 measured in the same run, a plain PyTorch fp32 decode loop on the same weights, peak RSS of generate.
 
-  python scripts/bench_cpu.py --model DIR [--tokens 256] [--repeats 3] [--threads 1]
+  python scripts/bench_cpu.py --model DIR [--policy] [--tokens 256] [--repeats 3] [--rounds 3] [--threads 1]
   python scripts/bench_cpu.py --hf ../shared/models/stories260K-hf --dtype fp32   (converts first)
   python scripts/bench_cpu.py --synthetic 110m --dtype int8 --threads 1 --rounds 3  (no checkpoint needed)
 
@@ -9,6 +9,8 @@ measured in the same run, a plain PyTorch fp32 decode loop on the same weights, 
 --workdir), converts it, and alternates rounds of: a numpy copy (read + write bandwidth), edge-runtime
 decode, and a PyTorch fp32 greedy decode loop with KV cache on the unconverted weights (torch threads =
 --threads). Decode tokens/s is timed over the decode steps only; medians and min-max spread are printed.
+--model (or --hf) alternates rounds of dense decode and sparse decode (--policy: the model's policy setting;
+--alpha), each the median of --repeats generations, and prints the medians, their spread and each round's ratio.
 Peak RSS is measured on a separate `edge-runtime generate` process.
 """
 
@@ -178,7 +180,8 @@ def main() -> None:
     ap.add_argument("--prompt", default="Once upon a time")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3, help="--synthetic: alternating rounds")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="alternating rounds (--synthetic: copy, edge-runtime, PyTorch; --model: dense, sparse)")
     ap.add_argument("--rss", action="store_true", help="--synthetic: also the peak RSS of generate")
     ap.add_argument("--alpha", type=float, default=None, help="also time sparse decode at this alpha")
     ap.add_argument("--policy", action="store_true", help="also time sparse decode at the model's policy setting")
@@ -202,19 +205,29 @@ def packed_model(args, ap) -> dict:
             model = Path(tmp) / "packed"
             convert(args.hf, model, args.dtype or "fp32", progress=False)
         rt = load(model, profile="auto" if args.policy else None, backend="cpu", threads=args.threads)
-        rt.set_sparsity(None)
-        dense, _ = decode_rate(rt, args.prompt, args.tokens, args.repeats)
-        row = {"model": str(args.hf or model or "default model"), "encoding": rt.model.manifest["encoding"],
-               "threads": rt.backend.threads, "weight_mb": rt.model.weight_bytes / 1e6,
-               "decode_tokens_per_s_dense": dense}
         setting = args.alpha if args.alpha is not None else (
             rt.rules_for(rt.selection) if args.policy and rt.selection is not None else None)
-        if setting is not None and rt.config.relu_family:
-            if args.policy and args.alpha is None:  # the selection's attention thresholds go with its rules
-                rt.decoder.set_teal(rt.teal_for(rt.selection), rt.attention_criterion(rt.selection))
-            rt.set_sparsity(setting)
-            sparse, stats = decode_rate(rt, args.prompt, args.tokens, args.repeats)
-            row.update(decode_tokens_per_s_sparse=sparse, sparse_over_dense=sparse / dense,
+        if setting is not None and not rt.config.relu_family:
+            setting = None
+        teal = (rt.teal_for(rt.selection), rt.attention_criterion(rt.selection)) if (
+            setting is not None and args.policy and args.alpha is None) else (None, "teal")
+        dense, sparse, stats = [], [], {}
+        for _ in range(args.rounds):  # dense and sparse alternate: the ratio comes from one machine state
+            rt.decoder.set_teal(None)
+            rt.set_sparsity(None)
+            dense.append(decode_rate(rt, args.prompt, args.tokens, args.repeats)[0])
+            if setting is not None:  # the selection's attention thresholds go with its rules
+                rt.decoder.set_teal(*teal)
+                rt.set_sparsity(setting)
+                rate, stats = decode_rate(rt, args.prompt, args.tokens, args.repeats)
+                sparse.append(rate)
+        row = {"model": str(args.hf or model or "default model"), "encoding": rt.model.manifest["encoding"],
+               "threads": rt.backend.threads, "weight_mb": rt.model.weight_bytes / 1e6, "rounds": args.rounds,
+               "decode_tokens_per_s_dense": statistics.median(dense), "dense_spread": spread(dense)}
+        if sparse:
+            row.update(decode_tokens_per_s_sparse=statistics.median(sparse), sparse_spread=spread(sparse),
+                       sparse_over_dense=statistics.median(sparse) / statistics.median(dense),
+                       sparse_over_dense_per_round=[round(s / d, 3) for s, d in zip(sparse, dense, strict=True)],
                        ffn_bytes_fraction=stats["ffn_bytes_fraction"])
         if model is not None:
             row["peak_rss_mb"] = peak_rss_mb(model, args.prompt, args.tokens, args.threads)

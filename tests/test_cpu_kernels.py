@@ -11,6 +11,7 @@ import edge_runtime.backends.cpu_gemv as cpu_gemv
 import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.cpu_dispatch import MatrixKernels
+from edge_runtime.backends.jit import exp_nonpositive, kernel
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.pack.sparse_weights import compress, prune_mask
@@ -148,6 +149,24 @@ def test_fp16_widening_is_exact_for_every_finite_half():
     assert np.array_equal(out, w.view(np.float16).astype(np.float32))
 
 
+@kernel()
+def _exp_all(x, out):
+    for i in range(x.shape[0]):
+        out[i] = exp_nonpositive(x[i])
+
+
+def test_softmax_exp_is_within_three_tenths_of_a_millionth_of_the_exact_value():
+    rng = np.random.default_rng(7)
+    x = np.concatenate([np.linspace(-87, 0, 200_001), -rng.exponential(4.0, 10_000), [0.0, -1e-8, -0.5]])
+    x = x.astype(np.float32)
+    out = np.zeros_like(x)
+    _exp_all(x, out)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out - exact) / exact) <= 3e-7
+    _exp_all(np.array([-90.0, -1e4, -np.inf], np.float32), out[:3])
+    assert np.all((out[:3] > 0) & (out[:3] <= np.exp(-86.9)))  # clamped at exp(-87): tiny, never nan
+
+
 @pytest.mark.parametrize("d", [64, 100])
 def test_serial_predictors_match_the_reference(d):
     rng = np.random.default_rng(d + 5)
@@ -200,8 +219,7 @@ def test_one_token_attention_matches_numpy(step, softcap, window):
     v = rng.standard_normal((1, nkv * hd)).astype(np.float32)
     out = np.full_like(q, np.nan)
     scores = np.zeros((nh, ctx), np.float32)
-    getattr(cpu_step_ops, step)(q, k, v, kc, vc, pos, np.float32(0.25), np.float32(softcap), window,
-                                np.arange(ctx, dtype=np.int32), scores, out)
+    getattr(cpu_step_ops, step)(q, k, v, kc, vc, pos, np.float32(0.25), np.float32(softcap), window, scores, out)
     assert np.array_equal(kc[:, pos], k.reshape(nkv, hd)) and np.array_equal(vc[:, pos], v.reshape(nkv, hd))
     ref = _attention_reference(q, kc, vc, pos, np.float32(0.25), softcap, window)
     assert rel(out, ref) < 1e-5

@@ -111,7 +111,6 @@ class CpuBackend:
             mask=np.zeros(n, np.uint8), z=np.zeros(n, f32),  # (N,) predictor mask, projection scores
             xs=np.zeros(w, np.uint32), table=np.zeros((4 * w, 256), f32),  # sign words of x, byte sums
             scores=np.zeros((cfg.n_heads, max_context), f32),  # (H, ctx) attention weights
-            positions=np.arange(max_context, dtype=np.int32),  # (ctx,) 0, 1, ...: the rows of a K or V cache
             pos_ids=np.zeros(1, np.int32))  # learned-position row of the token (OPT)
         self.sign_bytes = [np.ascontiguousarray(lay.gate_signs).view(np.uint8) for lay in self.weights.layers]
         # per layer, the bytes a sparse step reads: sign plane, one gate row, one up row, one down row; and dense
@@ -228,8 +227,7 @@ class CpuBackend:
         if t == 1:
             out = np.empty_like(q) if out is None else out
             step = cpu_step_ops.attention_step if self.threads > 1 else cpu_step_ops.attention_step_serial
-            step(q, k, v, kc, vc, pos0, self.attn_scale, self.attn_softcap, window, self.scratch.positions,
-                 self.scratch.scores, out)
+            step(q, k, v, kc, vc, pos0, self.attn_scale, self.attn_softcap, window, self.scratch.scores, out)
             return out
         end = pos0 + t
         kc[:, pos0:end] = k.reshape(t, nkv, hd).transpose(1, 0, 2)

@@ -18,8 +18,15 @@ import numpy as np
 import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.base import PROJECTION, SPARSEINFER
-from edge_runtime.backends.cpu_gemv import axpy_rows, axpy_rows_serial, gemv_rows, gemv_rows3, gemv_rows_serial
-from edge_runtime.backends.jit import kernel
+from edge_runtime.backends.cpu_gemv import (
+    axpy_rows,
+    axpy_rows_serial,
+    dense_rows,
+    gemv_rows,
+    gemv_rows3,
+    gemv_rows_serial,
+)
+from edge_runtime.backends.jit import kernel, view_at
 from edge_runtime.backends.weights import ATTENTION, TEAL_THRESHOLD_BYTES, column_layout
 
 NO_F32 = np.zeros(0, np.float32)
@@ -125,7 +132,7 @@ def _ffn(x, ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sp
 
 @kernel()
 def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, attn_b, attn_wt, attn_colscale,
-                attn_layout, kc, vc, pos_arr, cos, sin, n_heads, n_kv, attn_scale, softcap, window, ctx_rows, scores,
+                attn_layout, kc, vc, pos_arr, cos, sin, n_heads, n_kv, attn_scale, softcap, window, scores,
                 ffn_w, ffn_s, ffn_b, down_b, has_up, act, act_threshold, up_relu, sparse, teal, teal_scale, predictor,
                 alpha, theta_all, gate_signs, sign_bytes, row_bytes, theta_bytes, dense_bytes, all_rows, col_idx,
                 col_h, xs, table, z, mask, g, u, h, idx, rows, counters, counter_rows, attn_counter_rows, layer,
@@ -161,9 +168,9 @@ def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, 
     cpu_step_ops.rope(q, pos_arr, cos, sin, n_heads)
     cpu_step_ops.rope(k, pos_arr, cos, sin, n_kv)
     if attn_part.shape[0] > 1:
-        cpu_step_ops.attention_step(q, k, v, kc, vc, pos, attn_scale, softcap, window, ctx_rows, scores, a)
+        cpu_step_ops.attention_step(q, k, v, kc, vc, pos, attn_scale, softcap, window, scores, a)
     else:
-        cpu_step_ops.attention_step_serial(q, k, v, kc, vc, pos, attn_scale, softcap, window, ctx_rows, scores, a)
+        cpu_step_ops.attention_step_serial(q, k, v, kc, vc, pos, attn_scale, softcap, window, scores, a)
     read += _attn_project(wo, so, bo, to, co, a, to_, ts[3, :a.shape[1]], attn_layout[3], all_rows, col_idx, col_h,
                           y, attn_part)
     for c in range(d):
@@ -182,16 +189,76 @@ def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, 
         x[0, c] += y[c]
 
 
+# Slots of the per-layer address table (FusedStep.bind): each a C-contiguous array of the layer.
+(ATTN_NORM, FFN_NORM, WQ, WK, WV, WO, SQ, SK, SV, SO, BQ, BK, BV, BO, TQ, TK, TV, TO, CQ, CK, CV, CO,
+ W_GATE, W_UP, W_DOWN, S_GATE, S_UP, S_DOWN, B_GATE, B_UP, B_DOWN, SIGNS, SIGN_BYTES) = range(33)
+SLOTS = 33
+
+
+@kernel(inline=True)
+def _vec(addr, shape, layer, slot, like):
+    """The 1-D array in `slot` of `layer` (addr (L, SLOTS) int64 addresses, shape (L, SLOTS, 2) int64)."""
+    return view_at(addr[layer, slot], (shape[layer, slot, 0],), like)
+
+
+@kernel(inline=True)
+def _mat(addr, shape, layer, slot, like):
+    """The 2-D array in `slot` of `layer`."""
+    return view_at(addr[layer, slot], (shape[layer, slot, 0], shape[layer, slot, 1]), like)
+
+
 @kernel()
-def fused_head(x, norm_w, eps, hb, w, scale, all_rows, logits):
-    """logits (1, V) = LM head (final RMSNorm (x)), before any soft cap."""
+def fused_step(addr, shape, like, layouts, row_bytes, theta_bytes, dense_bytes, windows, parallel, has_up, sparse,
+               embed_w, embed_s, embed_scale, norm_w, eps, head_w, head_s, head_parallel, token, x, hb, q, k, v, a,
+               y, kc, vc, pos_arr, cos, sin, n_heads, n_kv, attn_scale, softcap, scores, act,
+               act_threshold, up_relu, teal, teal_scale, predictor, alpha, theta_all, all_rows, col_idx, col_h, xs,
+               table, z, mask, g, u, h, idx, rows, counters, counter_rows, attn_counter_rows, part, serial, logits):
+    """One token, state.token at state.pos -> logits (1, V) before any soft cap: the embedding row, every layer
+    (fused_layer), the final RMSNorm and the LM head, in one call. The layers' own arrays come from the address
+    table: like = (q, k, v, o, their W^T, gate, up, down^T) zero-size arrays of each matrix's dtype; per layer
+    layouts (L, 4, 3) / row_bytes (L, 4) float64 byte figures, theta_bytes (L,) float64, dense_bytes (L,) int64,
+    windows (L,) int64, parallel (L, 2) bool (attention, FFN products over the threads), has_up (L,) bool."""
+    dense_rows(embed_w, embed_s, token, x)
+    if embed_scale != 1:
+        for c in range(x.shape[1]):
+            x[0, c] *= embed_scale
+    lq, lk, lv, lo, ltq, ltk, ltv, lto, lg, lu, ld = like
+    f32 = np.float32
+    for i in range(addr.shape[0]):
+        attn_w = (_mat(addr, shape, i, WQ, lq), _mat(addr, shape, i, WK, lk), _mat(addr, shape, i, WV, lv),
+                  _mat(addr, shape, i, WO, lo))
+        attn_s = (_vec(addr, shape, i, SQ, np.uint16), _vec(addr, shape, i, SK, np.uint16),
+                  _vec(addr, shape, i, SV, np.uint16), _vec(addr, shape, i, SO, np.uint16))
+        attn_b = (_vec(addr, shape, i, BQ, f32), _vec(addr, shape, i, BK, f32), _vec(addr, shape, i, BV, f32),
+                  _vec(addr, shape, i, BO, f32))
+        attn_wt = (_mat(addr, shape, i, TQ, ltq), _mat(addr, shape, i, TK, ltk), _mat(addr, shape, i, TV, ltv),
+                   _mat(addr, shape, i, TO, lto))
+        attn_cs = (_vec(addr, shape, i, CQ, f32), _vec(addr, shape, i, CK, f32), _vec(addr, shape, i, CV, f32),
+                   _vec(addr, shape, i, CO, f32))
+        ffn_w = (_mat(addr, shape, i, W_GATE, lg), _mat(addr, shape, i, W_UP, lu), _mat(addr, shape, i, W_DOWN, ld))
+        ffn_s = (_vec(addr, shape, i, S_GATE, np.uint16), _vec(addr, shape, i, S_UP, np.uint16),
+                 _vec(addr, shape, i, S_DOWN, np.uint16))
+        ffn_b = (_vec(addr, shape, i, B_GATE, f32), _vec(addr, shape, i, B_UP, f32))
+        attn_part = part if parallel[i, 0] else serial
+        ffn_part = part if parallel[i, 1] else serial
+        fused_layer(x, hb, q, k, v, a, y, _vec(addr, shape, i, ATTN_NORM, f32), _vec(addr, shape, i, FFN_NORM, f32),
+                    eps, attn_w, attn_s, attn_b, attn_wt, attn_cs, layouts[i], kc[i], vc[i], pos_arr, cos, sin,
+                    n_heads, n_kv, attn_scale, softcap, windows[i], scores, ffn_w, ffn_s, ffn_b,
+                    _vec(addr, shape, i, B_DOWN, f32), has_up[i], act, act_threshold, up_relu, sparse, teal,
+                    teal_scale, predictor, alpha, theta_all, _mat(addr, shape, i, SIGNS, np.uint32),
+                    _mat(addr, shape, i, SIGN_BYTES, np.uint8), row_bytes[i], theta_bytes[i], dense_bytes[i],
+                    all_rows, col_idx, col_h, xs, table, z, mask, g, u, h, idx, rows, counters, counter_rows,
+                    attn_counter_rows, i, attn_part, ffn_part)
     cpu_step_ops.rms_norm(x, norm_w, eps, hb)
-    gemv_rows_serial(w, scale, NO_F32, hb[0], all_rows, w.shape[0], logits[0])
+    head_part = part if head_parallel else serial
+    _gemv(head_w, head_s, NO_F32, hb[0], all_rows, head_w.shape[0], logits[0], head_part)
 
 
 class FusedStep:
-    """The per-layer argument lists of fused_layer, bound to a CpuBackend's weights, buffers and state (again by
-    `bind` when the backend makes column-major copies for attention thresholds)."""
+    """fused_step's arguments, bound to a CpuBackend's weights, buffers and state (again by `bind` when the
+    backend makes column-major copies for attention thresholds). The layers' arrays go through one table of
+    addresses: a default-model token passed about 260 arrays to the compiled code when each layer was its own
+    call, 5.4 us of unboxing per layer."""
 
     def __init__(self, backend, counter_rows: np.ndarray, attn_counter_rows: np.ndarray):
         self.b = backend
@@ -214,46 +281,56 @@ class FusedStep:
             return np.zeros((0, 0), self.b.kernels[id(lin.w)].w.dtype), NO_F32
         return cols.wt, cols.colscale
 
-    def _part(self, kernels) -> np.ndarray:
-        """The partial-sum buffer where a matrix's products run over several threads, else the serial marker."""
-        return self.part if kernels.threads > 1 else self.serial
-
     @staticmethod
     def _layout(lin) -> np.ndarray:
         """(3,) float64: bytes per kept input channel, fixed bytes of a thresholded product, all stored bytes."""
         per, fixed = column_layout(lin.w) or (0, 0)
         return np.array([per, fixed + TEAL_THRESHOLD_BYTES, lin.w.nbytes], np.float64)
 
+    def _layer_arrays(self, i: int) -> list[np.ndarray]:
+        """Layer i's arrays in slot order (ATTN_NORM ... SIGN_BYTES)."""
+        be = self.b
+        lay = be.weights.layers[i]
+        lins = [getattr(lay, p) for p in ATTENTION]
+        attn = [be.kernels[id(lin.w)] for lin in lins]
+        cols = [self._columns(lin) for lin in lins]
+        ffn = [be.kernels[id(lay.gate.w)], be.kernels[id((lay.up or lay.gate).w)], be.kernels[id(lay.down_t)]]
+        bias = [NO_F32 if lin is None or lin.b is None else lin.b for lin in (*lins, lay.gate, lay.up)]
+        return [lay.attn_norm.w, lay.ffn_norm.w, *(m.w for m in attn), *(m.scale for m in attn), *bias[:4],
+                *(c[0] for c in cols), *(c[1] for c in cols), *(m.w for m in ffn), *(m.scale for m in ffn),
+                *bias[4:], NO_F32 if lay.down_b is None else lay.down_b, lay.gate_signs, be.sign_bytes[i]]
+
     def bind(self) -> None:
         be = self.b
         cfg, st, buf, s, ws = be.config, be.state, be.buffers, be.scratch, be.weights
+        n = cfg.n_layers
+        layers = [[np.ascontiguousarray(arr) for arr in self._layer_arrays(i)] for i in range(n)]
+        self.keep = layers  # the table's arrays stay alive as long as it does
+        addr = np.array([[arr.ctypes.data for arr in lay] for lay in layers], np.int64)
+        shape = np.array([[(arr.shape + (1, 1))[:2] for arr in lay] for lay in layers], np.int64)
+        like = tuple(np.zeros((0, 0), arr.dtype) for arr in layers[0][WQ:WO + 1] + layers[0][TQ:TO + 1]
+                     + layers[0][W_GATE:W_DOWN + 1])
+        lins = [[getattr(lay, p) for p in ATTENTION] for lay in ws.layers]
+        layouts = np.array([[self._layout(lin) for lin in ls] for ls in lins], np.float64)
+        byte_rows = [be.ffn_bytes[i] for i in range(n)]  # (signs, gate row, up row, down row, dense)
+        row_bytes = np.array([r[:4] for r in byte_rows], np.float64)
+        dense_bytes = np.array([r[4] for r in byte_rows], np.int64)
+        theta_bytes = np.array([float(st.theta[i].nbytes) for i in range(n)], np.float64)
+        windows = np.array([cfg.window(i) for i in range(n)], np.int64)
+        parallel = np.array([[be.kernels[id(lay.q.w)].threads > 1, be.kernels[id(lay.gate.w)].threads > 1]
+                             for lay in ws.layers], bool)
+        has_up = np.array([lay.up is not None for lay in ws.layers], bool)
+        embed, self.head = be.kernels[id(ws.embed)], be.kernels[id(ws.lm_head)]
         f32 = np.float32
-        self.layer_args = []  # per layer: (arguments before `sparse`, arguments after it)
-        for i, lay in enumerate(ws.layers):
-            lins = [getattr(lay, p) for p in ATTENTION]
-            attn = [be.kernels[id(lin.w)] for lin in lins]
-            cols = [self._columns(lin) for lin in lins]
-            ffn = [be.kernels[id(lay.gate.w)], be.kernels[id((lay.up or lay.gate).w)], be.kernels[id(lay.down_t)]]
-            ffn_b = tuple(NO_F32 if lin is None or lin.b is None else lin.b for lin in (lay.gate, lay.up))
-            signs, gate_row, up_row, down_row, dense_bytes = be.ffn_bytes[i]
-            before = (buf.x, buf.h, buf.q, buf.k, buf.v, buf.a, s.y, lay.attn_norm.w, lay.ffn_norm.w,
-                      f32(lay.attn_norm.eps), tuple(m.w for m in attn), tuple(m.scale for m in attn),
-                      tuple(NO_F32 if lin.b is None else lin.b for lin in lins), tuple(c[0] for c in cols),
-                      tuple(c[1] for c in cols), np.stack([self._layout(lin) for lin in lins]),
-                      be.k_cache[i], be.v_cache[i], st.pos, be.cos, be.sin, cfg.n_heads, cfg.n_kv_heads,
-                      be.attn_scale, be.attn_softcap, cfg.window(i), s.positions, s.scores,
-                      tuple(m.w for m in ffn), tuple(m.scale for m in ffn), ffn_b,
-                      NO_F32 if lay.down_b is None else lay.down_b, lay.up is not None, be.act, be.act_threshold,
-                      bool(cfg.up_relu))
-            after = (st.teal, st.teal_scale, st.predictor, st.alpha, st.theta, lay.gate_signs, be.sign_bytes[i],
-                     np.array([signs, gate_row, up_row, down_row], np.float64), float(st.theta[i].nbytes),
-                     int(dense_bytes), self.all_rows, self.col_idx, self.col_h, s.xs, s.table, s.z, s.mask, s.g, s.u,
-                     s.h, s.idx, s.rows, st.counters, self.counter_rows, self.attn_counter_rows, i,
-                     self._part(attn[0]), self._part(ffn[0]))
-            self.layer_args.append((before, after))
-        self.head = head = be.kernels[id(ws.lm_head)]
-        self.head_args = (buf.x, ws.final_norm.w, f32(ws.final_norm.eps), buf.h, head.w, head.scale, self.all_rows,
-                          buf.logits)
+        self.before = (addr, shape, like, layouts, row_bytes, theta_bytes, dense_bytes, windows, parallel, has_up)
+        self.after = (embed.w, embed.scale, f32(cfg.embed_scale), ws.final_norm.w, f32(ws.final_norm.eps),
+                      self.head.w, self.head.scale, self.head.threads > 1, st.token, buf.x, buf.h, buf.q, buf.k,
+                      buf.v, buf.a, s.y, be.k_cache, be.v_cache, st.pos, be.cos, be.sin, cfg.n_heads,
+                      cfg.n_kv_heads, be.attn_scale, be.attn_softcap, s.scores, be.act,
+                      be.act_threshold, bool(cfg.up_relu), st.teal, st.teal_scale, st.predictor, st.alpha, st.theta,
+                      self.all_rows, self.col_idx, self.col_h, s.xs, s.table, s.z, s.mask, s.g, s.u, s.h, s.idx,
+                      s.rows, st.counters, self.counter_rows, self.attn_counter_rows, self.part, self.serial,
+                      buf.logits)
 
     def covers(self, mode: str) -> bool:
         """Whether this step computes what the decoder's op-by-op step would in this mode and state."""
@@ -261,31 +338,28 @@ class FusedStep:
 
     @staticmethod
     def supports(backend) -> bool:
-        """Whether the model and thread count are what fused_layer computes (any mode)."""
+        """Whether the model and thread count are what fused_step computes (any mode): a Llama-style layer
+        with RMSNorm, dense-stored matrices of one dtype per role in every layer."""
         cfg, ws = backend.config, backend.weights
         if cfg.arch != "llama" or ws.pos_embed is not None or ws.final_norm.b is not None:
             return False
         for lay in ws.layers:
             if lay.attn_post_norm is not None or lay.ffn_post_norm is not None or lay.attn_norm.b is not None:
                 return False
-            if lay.ffn_norm.b is not None or lay.attn_norm.eps != lay.ffn_norm.eps:
+            if lay.ffn_norm.b is not None or {lay.attn_norm.eps, lay.ffn_norm.eps} != {ws.final_norm.eps}:
                 return False
-        mats = [ws.lm_head] + [m for lay in ws.layers for m in (lay.q.w, lay.k.w, lay.v.w, lay.o.w, lay.gate.w,
-                                                                  lay.down_t) + ((lay.up.w,) if lay.up else ())]
-        return all(backend.kernels[id(m)].kind == "dense" for m in mats)
+        roles = [[lay.q.w, lay.k.w, lay.v.w, lay.o.w, lay.gate.w, (lay.up or lay.gate).w, lay.down_t]
+                 for lay in ws.layers]
+        kernels = [[backend.kernels[id(m)] for m in ms] for ms in roles]
+        heads = [backend.kernels[id(ws.lm_head)], backend.kernels[id(ws.embed)]]
+        if not all(k.kind == "dense" for k in heads + [k for ks in kernels for k in ks]):
+            return False
+        return all([k.w.dtype for k in ks] == [k.w.dtype for k in kernels[0]] for ks in kernels)
 
     def run(self, mode: str) -> None:
         """One token: state.token at state.pos -> buffers.logits (soft cap applied), then sampled and advanced."""
         be = self.b
-        sparse = mode == "sparse"
-        be.embed_tokens(be.state.token, be.state.pos, out=be.buffers.x)
-        for before, after in self.layer_args:
-            fused_layer(*before, sparse, *after)
-        if self.head.threads > 1:  # a big LM head over the threads (its own parallel kernel)
-            be.norm(be.buffers.x, be.weights.final_norm, out=be.buffers.h)
-            self.head.gemv(be.buffers.h[0], be.buffers.logits[0])
-        else:
-            fused_head(*self.head_args)
+        fused_step(*self.before, mode == "sparse", *self.after)
         be.soft_cap(be.buffers.logits)
         be.sample(be.buffers.logits)
         be.advance()

@@ -125,7 +125,7 @@ def _projection_span(sign_bytes, table, total, lo, hi, z):
 SPAN = 64  # rows per parallel work item
 
 
-@kernel(parallel=True)
+@kernel(parallel=True, reassociate=False)
 def projection_z(x, sign_bytes, table, z):
     """z (N,) = x . sign(w_r); sign_bytes (N, 4W) uint8 the sign plane's bytes (little-endian words)."""
     _byte_table(x, table)
@@ -146,7 +146,7 @@ def rows_at_least(z, theta, idx):
     return n
 
 
-@kernel()
+@kernel(reassociate=False)
 def projection_serial(x, sign_bytes, theta, table, z, idx):
     """projection on the calling thread (the fused decode step): z (N,) scratch; returns the count."""
     _byte_table(x, table)

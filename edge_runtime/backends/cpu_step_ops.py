@@ -8,11 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from edge_runtime.backends.cpu_gemv import _axpy_range, _rows_span
-from edge_runtime.backends.jit import kernel
-
-NO_F32 = np.zeros(0, np.float32)
-NO_U16 = np.zeros(0, np.uint16)
+from edge_runtime.backends.jit import exp_nonpositive, kernel
 
 SILU, RELU, FATRELU, GELU_TANH, DRELU = 0, 1, 2, 3, 4
 ACTIVATION_CODE = {"silu": SILU, "relu": RELU, "fatrelu": FATRELU, "gelu_tanh": GELU_TANH, "drelu": DRELU}
@@ -63,33 +59,90 @@ def rope(x, positions, cos, sin, n_heads):
                 x[t, o + half + i] = x2 * cos[p, i] + x1 * sin[p, i]
 
 
+# One token's attention reads short rows (head_dim floats) of a (KV, ctx, hd) cache. The helpers index the cache
+# and buffers two-dimensionally (views would cost two atomic reference-count updates each), fold the scale and
+# the maximum into the score pass and the normalisation into the output, so softmax is one vectorised pass:
+# 8.1 -> 6.2 us for the default model's 6 heads at position 135.
 @kernel(inline=True)
-def _attend_head(q, kc, vc, h, g, lo, end, scale, softcap, rows, scores, out):
-    """Query head h of q (1, H*hd) over positions lo..end-1 of KV head g of kc, vc (KV, ctx, hd) -> out[0, h*hd:
-    (h+1)*hd]. The scores are a GEMV over the rows of K and the output an accumulation over the rows of V
-    (cpu_gemv's four-row blocks); rows (ctx,) int32 = 0, 1, 2, ...; scores (H, ctx) scratch."""
+def _head_scores(q, kc, h, g, lo, end, scale, scores):
+    """scores[h, t] = scale * (query head h of q (1, H*hd)) . kc[g, t] for lo <= t < end, four K rows per pass
+    over the query; returns their maximum."""
     hd = kc.shape[2]
-    s = scores[h]
-    _rows_span(kc[g], NO_U16, NO_F32, q[0, h * hd:(h + 1) * hd], rows, lo, end, s, 0)
-    for t in range(lo, end):
-        s[t] *= scale
-    if softcap > 0:  # a pass of its own: a tanh in another loop keeps that loop scalar
-        for t in range(lo, end):
-            s[t] = softcap * np.tanh(s[t] / softcap)
+    qo = h * hd
     top = np.float32(-np.inf)
+    t = lo
+    while t + 4 <= end:
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for c in range(hd):
+            qc = q[0, qo + c]
+            a0 += kc[g, t, c] * qc
+            a1 += kc[g, t + 1, c] * qc
+            a2 += kc[g, t + 2, c] * qc
+            a3 += kc[g, t + 3, c] * qc
+        a0, a1, a2, a3 = a0 * scale, a1 * scale, a2 * scale, a3 * scale
+        scores[h, t], scores[h, t + 1], scores[h, t + 2], scores[h, t + 3] = a0, a1, a2, a3
+        top = max(top, max(max(a0, a1), max(a2, a3)))
+        t += 4
+    for tt in range(t, end):
+        a = np.float32(0.0)
+        for c in range(hd):
+            a += kc[g, tt, c] * q[0, qo + c]
+        a *= scale
+        scores[h, tt] = a
+        top = max(top, a)
+    return top
+
+
+@kernel(inline=True)
+def _cap_scores(scores, h, lo, end, softcap, top):
+    """scores[h, lo:end] -> softcap * tanh(scores / softcap) (a pass of its own: a tanh keeps a loop scalar);
+    returns the capped maximum (tanh is increasing, so it is the cap of the maximum)."""
     for t in range(lo, end):
-        top = max(top, s[t])
+        scores[h, t] = softcap * np.tanh(scores[h, t] / softcap)
+    return softcap * np.tanh(top / softcap)
+
+
+@kernel(inline=True)
+def _exp_sum(scores, h, lo, end, top):
+    """scores[h, lo:end] -> exp(scores - top); returns their sum."""
     total = np.float32(0.0)
     for t in range(lo, end):
-        e = np.exp(s[t] - top)
-        s[t] = e
+        e = exp_nonpositive(scores[h, t] - top)
+        scores[h, t] = e
         total += e
-    inv = np.float32(1.0) / total
-    for t in range(lo, end):
-        s[t] *= inv
-    acc = out[0, h * hd:(h + 1) * hd]
-    acc[:] = 0.0
-    _axpy_range(vc[g], NO_U16, s, rows, lo, end, acc, 0)
+    return total
+
+
+@kernel(inline=True)
+def _head_values(vc, g, scores, h, lo, end, inv, out):
+    """out[0, h*hd:(h+1)*hd] = inv * sum over lo <= t < end of scores[h, t] * vc[g, t], four V rows per pass."""
+    hd = vc.shape[2]
+    qo = h * hd
+    for c in range(hd):
+        out[0, qo + c] = 0.0
+    t = lo
+    while t + 4 <= end:
+        e0, e1, e2, e3 = scores[h, t], scores[h, t + 1], scores[h, t + 2], scores[h, t + 3]
+        for c in range(hd):
+            out[0, qo + c] += e0 * vc[g, t, c] + e1 * vc[g, t + 1, c] + e2 * vc[g, t + 2, c] + e3 * vc[g, t + 3, c]
+        t += 4
+    for tt in range(t, end):
+        e = scores[h, tt]
+        for c in range(hd):
+            out[0, qo + c] += e * vc[g, tt, c]
+    for c in range(hd):
+        out[0, qo + c] *= inv
+
+
+@kernel(inline=True)
+def _attend_head(q, kc, vc, h, g, lo, end, scale, softcap, scores, out):
+    """Query head h of q (1, H*hd) over positions lo..end-1 of KV head g of kc, vc (KV, ctx, hd) -> out[0, h*hd:
+    (h+1)*hd]; scores (H, ctx) scratch."""
+    top = _head_scores(q, kc, h, g, lo, end, scale, scores)
+    if softcap > 0:
+        top = _cap_scores(scores, h, lo, end, softcap, top)
+    total = _exp_sum(scores, h, lo, end, top)
+    _head_values(vc, g, scores, h, lo, end, np.float32(1.0) / total, out)
 
 
 @kernel(inline=True)
@@ -111,23 +164,22 @@ def _attention_start(q, k, v, kc, vc, pos, window):
 
 
 @kernel(parallel=True)
-def attention_step(q, k, v, kc, vc, pos, scale, softcap, window, rows, scores, out):
+def attention_step(q, k, v, kc, vc, pos, scale, softcap, window, scores, out):
     """One token at position pos: k, v (1, KV*hd) written into kc, vc (KV, ctx, hd) at pos, then each of
     the H query heads in q (1, H*hd) attends over positions lo..pos of its KV head (GQA) -> out (1, H*hd),
-    lo = max(0, pos - window + 1) for a sliding window (window 0: lo = 0). rows (ctx,) int32 0, 1, 2, ...;
-    scores (H, ctx) float32 scratch;
+    lo = max(0, pos - window + 1) for a sliding window (window 0: lo = 0). scores (H, ctx) float32 scratch;
     scale float32 (config.attn_scale); softcap float32: scores -> softcap * tanh(scores / softcap), 0 = off."""
     nh, group, lo = _attention_start(q, k, v, kc, vc, pos, window)
     for h in prange(nh):
-        _attend_head(q, kc, vc, h, h // group, lo, pos + 1, scale, softcap, rows, scores, out)
+        _attend_head(q, kc, vc, h, h // group, lo, pos + 1, scale, softcap, scores, out)
 
 
 @kernel()
-def attention_step_serial(q, k, v, kc, vc, pos, scale, softcap, window, rows, scores, out):
+def attention_step_serial(q, k, v, kc, vc, pos, scale, softcap, window, scores, out):
     """attention_step on the calling thread (the fused decode step, cpu_fused.py)."""
     nh, group, lo = _attention_start(q, k, v, kc, vc, pos, window)
     for h in range(nh):
-        _attend_head(q, kc, vc, h, h // group, lo, pos + 1, scale, softcap, rows, scores, out)
+        _attend_head(q, kc, vc, h, h // group, lo, pos + 1, scale, softcap, scores, out)
 
 
 @kernel()
