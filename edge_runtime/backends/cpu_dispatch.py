@@ -14,7 +14,7 @@ import edge_runtime.backends.cpu_gemv as dense
 import edge_runtime.backends.cpu_sparse_rows as sparse
 from edge_runtime.backends.blas_threads import blas_threads
 from edge_runtime.backends.cpu_step_ops import teal_select
-from edge_runtime.backends.jit import f16_bits, threads_for, use_threads
+from edge_runtime.backends.jit import f16_bits, per_thread, threads_for, use_threads
 from edge_runtime.backends.weights import COLUMN_ENCODINGS
 from edge_runtime.pack.quant import PackedTensor
 
@@ -37,15 +37,15 @@ class MatrixKernels:
         self.scale = f16_bits(a["scale"]) if "scale" in a else NO_U16  # (N,) or (N, groups) fp16 bits
         if self.kind == "sparse":
             self.bitmap, self.values, self.offsets = a["bitmap"], f16_bits(a["values"]), a["row_offsets"]
-            self.part = np.zeros((threads, k), np.float32)
+            self.part = per_thread(threads, k)
         elif self.kind == "int4":
             self.q = a["q"]
             self.xeo = np.zeros((2, self.q.shape[1]), np.float32)  # x split even/odd, zero padded
             self.xg = np.zeros(self.scale.shape[1], np.float32)  # x summed per group
-            self.part = np.zeros((threads, 2, self.q.shape[1]), np.float32)
+            self.part = per_thread(threads, 2, self.q.shape[1])
         else:
             self.w = a["q"] if t.encoding == "int8" else f16_bits(a["w"])
-            self.part = np.zeros((threads, k), np.float32)
+            self.part = per_thread(threads, k)
 
     def gemv(self, x: np.ndarray, out: np.ndarray, idx: np.ndarray | None = None, n: int | None = None,
              bias: np.ndarray | None = None) -> None:
@@ -123,7 +123,7 @@ class ColumnKernels:
         self.colscale = (np.asarray(t.arrays["scale"], np.float32) if t.encoding == "int8" else NO_F32)
         self.idx, self.h = np.zeros(k, np.int32), np.zeros(k, np.float32)
         self.threads = threads_for(self.wt.nbytes, threads)
-        self.part = np.zeros((threads, n), np.float32)
+        self.part = per_thread(threads, n)
 
     def gemv(self, x: np.ndarray, scale: np.ndarray, threshold: np.float32, out: np.ndarray,
              bias: np.ndarray | None = None) -> int:

@@ -26,7 +26,7 @@ from edge_runtime.backends.cpu_gemv import (
     gemv_rows3,
     gemv_rows_serial,
 )
-from edge_runtime.backends.jit import kernel, view_at
+from edge_runtime.backends.jit import kernel, per_thread, view_at
 from edge_runtime.backends.weights import ATTENTION, TEAL_THRESHOLD_BYTES, column_layout
 
 NO_F32 = np.zeros(0, np.float32)
@@ -270,7 +270,7 @@ class FusedStep:
         self.col_idx, self.col_h = np.zeros(k_max, np.int32), np.zeros(k_max, np.float32)  # kept channels
         # per-thread partial sums of accumulations (down, attention columns) run over several threads, and the
         # marker of products run on this thread
-        self.part = np.zeros((backend.threads, k_max), np.float32)
+        self.part = per_thread(backend.threads, k_max)
         self.serial = np.zeros((1, 0), np.float32)
         self.bind()
 

@@ -10,7 +10,8 @@ Shapes and dtypes (N rows, K inputs):
   bias   (N,) float32, or (0,) = none
   x      (K,) float32; idx (>= n,) int32 rows to use; out (>= n,) float32: out[j] = W[idx[j]] . x + b[idx[j]]
   axpy:  h (>= n,) float32, out (K,) float32 = sum_j h[j] * W[idx[j]];
-         part (threads, K) float32 (int4: (threads, 2, Kp/2)) per-thread partial sums, preallocated.
+         part (threads, >= K) float32 (int4: (threads, 2, >= Kp/2)) per-thread partial sums, preallocated
+         (jit.per_thread: each thread's row on cache lines of its own).
 Reference semantics: PackedTensor.dequantize (pack/quant.py); accumulation in float32.
 """
 

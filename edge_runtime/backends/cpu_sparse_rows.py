@@ -6,7 +6,7 @@ bitmap is walked a set bit at a time (count-trailing-zeros), its packed values w
   offsets (N + 1,) int64
   scale   (N,) uint16 fp16 bits (sparse-int8), or (0,) = none (sparse-fp16)
   bias    (N,) float32, or (0,) = none
-  x (K,) float32; idx (>= n,) int32 rows; out (>= n,) float32; axpy: h (>= n,), part (threads, K), out (K,)
+  x (K,) float32; idx (>= n,) int32 rows; out (>= n,) float32; axpy: h (>= n,), part (threads, >= K), out (K,)
 Reference semantics: PackedTensor.matvec / rows_weighted_sum (pack/quant.py).
 """
 

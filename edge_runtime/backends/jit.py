@@ -54,6 +54,21 @@ def sum_parts(part, out):
         out[c] = s
 
 
+LINE_FLOATS = 16  # float32 per 64-byte cache line
+
+
+def per_thread(threads: int, *shape: int) -> np.ndarray:
+    """Zeros (threads, *shape) float32 for per-thread partial sums, each thread's block starting on a cache line
+    of its own (last axis padded to whole lines plus one spare line). Unpadded (2, 768) accumulators shared the
+    line at their boundary: two threads' down projection ran at 23.5 GB/s instead of 30."""
+    last = -(-shape[-1] // LINE_FLOATS) * LINE_FLOATS + LINE_FLOATS
+    padded = (threads, *shape[:-1], last)
+    size = int(np.prod(padded))
+    flat = np.zeros(size + LINE_FLOATS, np.float32)
+    skip = (-flat.ctypes.data % 64) // 4  # floats to the first 64-byte boundary
+    return flat[skip:skip + size].reshape(padded)
+
+
 def default_threads(step_bytes: int | None = None) -> int:
     """The cores numpy's BLAS would use: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS if set, else the CPUs this
     process may run on; one when a decode step reads under SERIAL_STEP_BYTES of weights (step_bytes)."""
