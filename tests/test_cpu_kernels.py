@@ -11,7 +11,7 @@ import edge_runtime.backends.cpu_gemv as cpu_gemv
 import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.cpu_dispatch import MatrixKernels
-from edge_runtime.backends.jit import exp_nonpositive, kernel
+from edge_runtime.backends.jit import exp_nonpositive, kernel, per_thread, view_at
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.pack.sparse_weights import compress, prune_mask
@@ -147,6 +147,48 @@ def test_fp16_widening_is_exact_for_every_finite_half():
     out = np.full(w.shape, np.nan, np.float32)
     cpu_gemv.dense_rows(w, np.zeros(0, np.uint16), np.arange(64, dtype=np.int32), out)
     assert np.array_equal(out, w.view(np.float16).astype(np.float32))
+
+
+@kernel()
+def _sum_views(addr, shape, like):
+    """Sum of an int8 matrix, an fp16-bits vector (as integers) and a float32 matrix read through view_at."""
+    a = view_at(addr[0], (shape[0, 0], shape[0, 1]), like)
+    b = view_at(addr[1], (shape[1, 0],), np.uint16)
+    c = view_at(addr[2], (shape[2, 0], shape[2, 1]), np.float32)
+    total = 0.0
+    for i in range(a.shape[0]):
+        for j in range(a.shape[1]):
+            total += a[i, j] * (i + 1) * (j + 2)  # position-weighted: a transposed or shifted view would differ
+    for i in range(b.shape[0]):
+        total += b[i] * (i + 3)
+    for i in range(c.shape[0]):
+        for j in range(c.shape[1]):
+            total += c[i, j] * (i - j)
+    return total
+
+
+def test_views_at_addresses_read_the_arrays_they_name():
+    rng = np.random.default_rng(11)
+    arrays = [rng.integers(-128, 128, (5, 7)).astype(np.int8), rng.integers(0, 60000, 9).astype(np.uint16),
+              rng.standard_normal((3, 4)).astype(np.float32)]
+    addr = np.array([a.ctypes.data for a in arrays], np.int64)
+    shape = np.array([(a.shape + (1,))[:2] for a in arrays], np.int64)
+    got = _sum_views(addr, shape, np.zeros((0, 0), np.int8))
+    i, j = np.indices((5, 7))
+    want = (arrays[0] * (i + 1) * (j + 2)).sum() + (arrays[1].astype(np.int64) * np.arange(3, 12)).sum()
+    i, j = np.indices((3, 4))
+    want += (arrays[2].astype(np.float64) * (i - j)).sum()
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_per_thread_rows_start_on_cache_lines_of_their_own():
+    for threads, shape in [(1, (768,)), (2, (768,)), (3, (100,)), (2, (2, 45))]:
+        part = per_thread(threads, *shape)
+        assert part.dtype == np.float32 and part.flags.c_contiguous and not part.any()
+        assert part.shape[:-1] == (threads, *shape[:-1]) and part.shape[-1] >= shape[-1]
+        stride = part.strides[0]
+        assert part.ctypes.data % 64 == 0 and stride % 64 == 0
+        assert stride >= 4 * int(np.prod(shape)) + 64  # a spare line between one thread's sums and the next
 
 
 @kernel()

@@ -1,14 +1,17 @@
-"""The cpu decode step as one compiled call per layer.
+"""The cpu decode step as one compiled call per token.
 
 A model whose step reads a few MB of weights (the default model: 3.9 MB, cache-resident) spent most of a token
 dispatching about 60 kernel calls from Python, each a few microseconds, not reading weights: the per-op step
-ran at about 2,000 tokens/s dense and barely faster sparse. Here each layer is one call into a compiled
-function that runs the same kernels in the order `Decoder._step` issues them, over the same buffers, state and
-counters: their serial twins (no parallel region to open) for matrices read on one thread, the parallel ones
-for those the backend splits over its threads (jit.threads_for). `CpuBackend.run_step` uses it where
-`FusedStep.supports` and `covers` say so (a Llama-style layer with RMSNorm and no post norms; dense fp32, fp16
-or int8 matrices; dense mode, or sparse mode with the FFN predictor and attention thresholds; no recall
-measurement) and runs the decoder's op-by-op step otherwise; tests compare the two token by token.
+ran at about 2,000 tokens/s dense and barely faster sparse. Here the token is one call into a compiled
+function (fused_step: embedding, every layer through fused_layer, final norm and LM head) that runs the same
+kernels in the order `Decoder._step` issues them, over the same buffers, state and counters: their serial
+twins (no parallel region to open) for matrices read on one thread, the parallel ones for those the backend
+splits over its threads (jit.threads_for). The layers' own arrays reach it through a table of addresses
+(jit.view_at) bound once, since numba unboxes every array argument on every call (about 70 ns each).
+`CpuBackend.run_step` uses it where `FusedStep.supports` and `covers` say so (a Llama-style layer with RMSNorm
+and no post norms; dense fp32, fp16 or int8 matrices of one dtype per role; dense mode, or sparse mode with the
+FFN predictor and attention thresholds; no recall measurement) and runs the decoder's op-by-op step
+otherwise; tests compare the two token by token.
 """
 
 from __future__ import annotations
