@@ -123,7 +123,7 @@ class CpuBackend:
         self._sampler = Sampler(SamplingParams())
         self._teal_criterion = "teal"  # what state.teal_scale holds (allocated as ones)
         self.stats_reads = 0  # how often the counters were copied out (tests: never per token)
-        # the step in one compiled call per layer, where it covers the model (None: the decoder's op-by-op step)
+        # the token in one compiled call, where it covers the model (None: the decoder's op-by-op step)
         self.fused = FusedStep(self, STEP_COUNTERS, ATTN_COUNTERS) if FusedStep.supports(self) else None
 
     # ---- ops shared by prefill and the decode step ----------------------------------------------------
