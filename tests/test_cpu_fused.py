@@ -117,6 +117,7 @@ def test_family_fused_equals_op_by_op(families, family):
     rt = edge_runtime.load(families[family], profile=None, backend="cpu", threads=1)
     prompt = np.random.default_rng(3).integers(3, 300, size=12).tolist()  # past mistral's 8-token window
     rng = np.random.default_rng(1)
+    assert rt.backend.fused is not None  # else both runs below would be op-by-op
     if rt.config.relu_family:
         _compare(rt, prompt, rng)
     else:  # SiLU / GELU: dense only
@@ -137,3 +138,37 @@ def test_fused_step_stands_aside_where_it_does_not_cover(families):
     rt.decoder.set_sparsity(1.0, measure_recall=True)
     assert not f.covers("sparse")
     assert edge_runtime.load(families["gemma2"], profile=None, backend="cpu", threads=1).backend.fused is None
+
+
+@pytest.mark.parametrize("ids", [[4096], [-1], [5, 9, 4096, 7]])
+def test_token_ids_outside_the_vocabulary_are_refused_before_any_step(ids):
+    """The fused step reads embedding row `id` unchecked, so the decoder checks ids first (one token runs as a
+    decode step, several as a batch)."""
+    from edge_runtime.errors import EdgeRuntimeError
+    rt = edge_runtime.load(None, profile=None, backend="cpu", threads=1)
+    assert rt.config.vocab_size == 4096
+    rt.decoder.start(rt.encode("Once upon a time"), SamplingParams())
+    pos = rt.decoder.pos
+    with pytest.raises(EdgeRuntimeError, match="outside the vocabulary"):
+        rt.decoder.forward(ids)
+    assert rt.decoder.pos == pos  # nothing ran
+
+
+def test_address_table_refuses_arrays_it_would_misread():
+    """The table reinterprets each slot's bytes as one dtype and rank: anything else is an error at bind, not a
+    silent misread; non-contiguous arrays are copied (and kept alive) rather than read with the wrong strides."""
+    from edge_runtime.backends.cpu_fused import ATTN_NORM, SIGNS, WQ, FusedStep
+    rt = edge_runtime.load(None, profile=None, backend="cpu", threads=1)
+    f = rt.backend.fused
+    arrays = f._layer_arrays(0)
+    assert [a.ctypes.data for a in f._slot_arrays(arrays, arrays)] == [a.ctypes.data for a in arrays]  # no copies
+    for slot, wrong in [(ATTN_NORM, arrays[ATTN_NORM].astype(np.float16)), (SIGNS, arrays[SIGNS].view(np.int32)),
+                        (WQ, arrays[WQ].astype(np.float32)), (ATTN_NORM, arrays[ATTN_NORM][None, :])]:
+        bad = list(arrays)
+        bad[slot] = wrong
+        with pytest.raises(ValueError, match=f"slot {slot}"):
+            FusedStep._slot_arrays(bad, arrays)
+    strided = list(arrays)
+    strided[ATTN_NORM] = np.repeat(arrays[ATTN_NORM], 2)[::2]
+    got = FusedStep._slot_arrays(strided, arrays)[ATTN_NORM]
+    assert got.flags.c_contiguous and np.array_equal(got, arrays[ATTN_NORM])

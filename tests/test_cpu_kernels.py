@@ -205,8 +205,9 @@ def test_softmax_exp_is_within_three_tenths_of_a_millionth_of_the_exact_value():
     _exp_all(x, out)
     exact = np.exp(x.astype(np.float64))
     assert np.max(np.abs(out - exact) / exact) <= 3e-7
-    _exp_all(np.array([-90.0, -1e4, -np.inf], np.float32), out[:3])
+    _exp_all(np.array([-90.0, -1e4, -np.inf, 1e-6, 100.0, np.nan], np.float32), out[:6])
     assert np.all((out[:3] > 0) & (out[:3] <= np.exp(-86.9)))  # clamped at exp(-87): tiny, never nan
+    assert np.array_equal(out[3:5], [1.0, 1.0]) and np.isnan(out[5])  # above the contract: clamped at 0
 
 
 @pytest.mark.parametrize("d", [64, 100])

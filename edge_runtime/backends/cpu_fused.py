@@ -196,6 +196,12 @@ def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, 
 (ATTN_NORM, FFN_NORM, WQ, WK, WV, WO, SQ, SK, SV, SO, BQ, BK, BV, BO, TQ, TK, TV, TO, CQ, CK, CV, CO,
  W_GATE, W_UP, W_DOWN, S_GATE, S_UP, S_DOWN, B_GATE, B_UP, B_DOWN, SIGNS, SIGN_BYTES) = range(33)
 SLOTS = 33
+MATRIX_SLOTS = (WQ, WK, WV, WO, TQ, TK, TV, TO, W_GATE, W_UP, W_DOWN, SIGNS, SIGN_BYTES)
+# the dtype fused_step reads each vector slot and the sign planes as (the weight slots: layer 0's, one per role)
+SLOT_DTYPE = {**dict.fromkeys((ATTN_NORM, FFN_NORM, BQ, BK, BV, BO, CQ, CK, CV, CO, B_GATE, B_UP, B_DOWN),
+                              np.dtype(np.float32)),
+              **dict.fromkeys((SQ, SK, SV, SO, S_GATE, S_UP, S_DOWN), np.dtype(np.uint16)),
+              SIGNS: np.dtype(np.uint32), SIGN_BYTES: np.dtype(np.uint8)}
 
 
 @kernel(inline=True)
@@ -303,12 +309,27 @@ class FusedStep:
                 *(c[0] for c in cols), *(c[1] for c in cols), *(m.w for m in ffn), *(m.scale for m in ffn),
                 *bias[4:], NO_F32 if lay.down_b is None else lay.down_b, lay.gate_signs, be.sign_bytes[i]]
 
+    @staticmethod
+    def _slot_arrays(arrays: list[np.ndarray], first: list[np.ndarray]) -> list[np.ndarray]:
+        """A layer's arrays as the table holds them: C-contiguous and aligned (copied where not), each of the
+        rank and dtype fused_step reads its slot as (weights: those of layer 0's, `first`); else ValueError
+        rather than a table that reinterprets bytes."""
+        out = []
+        for slot, arr in enumerate(arrays):
+            dtype = SLOT_DTYPE.get(slot, first[slot].dtype)
+            ndim = 2 if slot in MATRIX_SLOTS else 1
+            if arr.dtype != dtype or arr.ndim != ndim:
+                raise ValueError(f"fused step slot {slot}: a {arr.ndim}-D {arr.dtype} array where {ndim}-D {dtype} "
+                                 f"is read")
+            out.append(np.require(arr, requirements="CA"))
+        return out
+
     def bind(self) -> None:
         be = self.b
         cfg, st, buf, s, ws = be.config, be.state, be.buffers, be.scratch, be.weights
         n = cfg.n_layers
-        layers = [[np.ascontiguousarray(arr) for arr in self._layer_arrays(i)] for i in range(n)]
-        self.keep = layers  # the table's arrays stay alive as long as it does
+        raw = [self._layer_arrays(i) for i in range(n)]
+        layers = [self._slot_arrays(arrays, raw[0]) for arrays in raw]
         addr = np.array([[arr.ctypes.data for arr in lay] for lay in layers], np.int64)
         shape = np.array([[(arr.shape + (1, 1))[:2] for arr in lay] for lay in layers], np.int64)
         like = tuple(np.zeros((0, 0), arr.dtype) for arr in layers[0][WQ:WO + 1] + layers[0][TQ:TO + 1]
@@ -323,17 +344,19 @@ class FusedStep:
         parallel = np.array([[be.kernels[id(lay.q.w)].threads > 1, be.kernels[id(lay.gate.w)].threads > 1]
                              for lay in ws.layers], bool)
         has_up = np.array([lay.up is not None for lay in ws.layers], bool)
-        embed, self.head = be.kernels[id(ws.embed)], be.kernels[id(ws.lm_head)]
+        embed, head = be.kernels[id(ws.embed)], be.kernels[id(ws.lm_head)]
         f32 = np.float32
-        self.before = (addr, shape, like, layouts, row_bytes, theta_bytes, dense_bytes, windows, parallel, has_up)
-        self.after = (embed.w, embed.scale, f32(cfg.embed_scale), ws.final_norm.w, f32(ws.final_norm.eps),
-                      self.head.w, self.head.scale, self.head.threads > 1, st.token, buf.x, buf.h, buf.q, buf.k,
-                      buf.v, buf.a, s.y, be.k_cache, be.v_cache, st.pos, be.cos, be.sin, cfg.n_heads,
-                      cfg.n_kv_heads, be.attn_scale, be.attn_softcap, s.scores, be.act,
-                      be.act_threshold, bool(cfg.up_relu), st.teal, st.teal_scale, st.predictor, st.alpha, st.theta,
-                      self.all_rows, self.col_idx, self.col_h, s.xs, s.table, s.z, s.mask, s.g, s.u, s.h, s.idx,
-                      s.rows, st.counters, self.counter_rows, self.attn_counter_rows, self.part, self.serial,
-                      buf.logits)
+        before = (addr, shape, like, layouts, row_bytes, theta_bytes, dense_bytes, windows, parallel, has_up)
+        after = (embed.w, embed.scale, f32(cfg.embed_scale), ws.final_norm.w, f32(ws.final_norm.eps),
+                 head.w, head.scale, head.threads > 1, st.token, buf.x, buf.h, buf.q, buf.k,
+                 buf.v, buf.a, s.y, be.k_cache, be.v_cache, st.pos, be.cos, be.sin, cfg.n_heads,
+                 cfg.n_kv_heads, be.attn_scale, be.attn_softcap, s.scores, be.act,
+                 be.act_threshold, bool(cfg.up_relu), st.teal, st.teal_scale, st.predictor, st.alpha, st.theta,
+                 self.all_rows, self.col_idx, self.col_h, s.xs, s.table, s.z, s.mask, s.g, s.u, s.h, s.idx,
+                 s.rows, st.counters, self.counter_rows, self.attn_counter_rows, self.part, self.serial,
+                 buf.logits)
+        # one assignment: the table and the arrays it points into (kept alive with it) change together
+        self.keep, self.head, self.before, self.after = layers, head, before, after
 
     def covers(self, mode: str) -> bool:
         """Whether this step computes what the decoder's op-by-op step would in this mode and state."""

@@ -190,11 +190,12 @@ def _bits_as_f32(typingctx, v):
 @kernel(inline=True)
 def exp_nonpositive(x):
     """exp(x) in float32 for x <= 0 (softmax after subtracting the maximum), within 3e-7 relative of the exact
-    value down to exp(-87) (inputs below -87 give exp(-87)). libm's expf is a call per element that keeps the
+    value down to exp(-87) (inputs below -87 give exp(-87), above 0 give 1: a capped score can round a few ulp
+    above its capped maximum; NaN stays NaN). libm's expf is a call per element that keeps the
     softmax loop scalar; this is arithmetic that vectorises (4.8 x on 810 scores). Cephes' expf scheme: x = n ln2
     + r with n = round(x / ln2) and ln2 split in two parts, a degree-7 polynomial in r, 2^n built in the exponent
     bits."""
-    x = max(x, np.float32(-87.0))
+    x = min(max(x, np.float32(-87.0)), np.float32(0.0))
     n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
     r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
     p = np.float32(1.9875691500e-4)

@@ -140,14 +140,23 @@ class Decoder:
     def forward(self, ids: Sequence[int], last_only: bool = False, batched_sparse: bool = False) -> np.ndarray:
         """Logits (T, vocab) for tokens run at the current position. One token runs as a decode step (sparse
         when a setting is in force), several as a batch (masked when batched_sparse)."""
+        self._check_ids(ids)
         if len(ids) == 1:
             self.ops.set_token(int(ids[0]))
             self.decode_step()
             return self.ops.read_logits()
         return self.prefill(ids, last_only, batched_sparse)
 
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        """Every id inside the vocabulary: a compiled step reads embedding row `id` unchecked."""
+        a = np.asarray(ids, dtype=np.int64)
+        bad = a[(a < 0) | (a >= self.cfg.vocab_size)]
+        if bad.size:
+            raise EdgeRuntimeError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+
     def _external(self, ids: Sequence[int]):
         """The prompt through the external engine at position 0; its K/V written into the backend's cache."""
+        self._check_ids(ids)
         if len(ids) > self.max_context:
             raise EdgeRuntimeError(f"context full: {len(ids)} tokens exceed the context of {self.max_context}")
         last, kv = self.external_prefill.run(list(ids))
@@ -161,6 +170,7 @@ class Decoder:
         t = len(ids)
         if t == 0:
             raise EdgeRuntimeError("nothing to run: empty token list")
+        self._check_ids(ids)
         if self.pos + t > self.max_context:
             raise EdgeRuntimeError(f"context full: {self.pos} + {t} tokens exceed the context of "
                                    f"{self.max_context}")
