@@ -16,6 +16,9 @@ Peak RSS is measured on a separate `edge-runtime generate` process.
 
 from __future__ import annotations
 
+import edge_runtime  # noqa: F401  (before numpy, as the CLI does: OpenBLAS's idle spin, edge_runtime/blas_spin.py)
+
+# isort: split
 import argparse
 import json
 import statistics

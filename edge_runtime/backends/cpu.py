@@ -13,6 +13,7 @@ the kernel tests compare against.
 from __future__ import annotations
 
 import mmap
+import warnings
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
@@ -43,6 +44,7 @@ from edge_runtime.backends.weights import (
     linear_read_bytes,
     weights_of,
 )
+from edge_runtime.blas_spin import EFFECTIVE as BLAS_SPIN_SET
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import Sampler, SamplingParams
 from edge_runtime.pack.loader import PackedModel
@@ -82,6 +84,10 @@ class CpuBackend:
         # compiled kernels' threads (set per decode step); a small model's step runs on one
         self.threads = threads or default_threads(sum(m.nbytes for m in model.matrices.values()))
         use_threads(self.threads)
+        if self.threads > 1 and not BLAS_SPIN_SET:
+            warnings.warn("numpy was imported before edge_runtime, so OpenBLAS's workers spin for about 0.1 s after "
+                          "each prefill and slow a multi-thread decode; import edge_runtime first or set "
+                          "OPENBLAS_THREAD_TIMEOUT=20 (edge_runtime/blas_spin.py)", RuntimeWarning, stacklevel=3)
         self.kernels = {id(m): MatrixKernels(m, self.threads) for m in model.matrices.values()}
         self.columns: dict[int, ColumnKernels] = {}  # id(W) -> W^T for TEAL column skipping (made by set_knobs)
         self.max_context = max_context
