@@ -259,8 +259,10 @@ class Runtime:
     def stream_events(self, prompt: Prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                       top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                       stop: Sequence[str] = (), deadline_s: float | None = None,
-                      should_stop: Callable[[], str | None] | None = None) -> Iterator[Piece | GenerationResult]:
-        """Pieces, then the GenerationResult. Holds the runtime's lock while alive."""
+                      should_stop: Callable[[], str | None] | None = None,
+                      text_per_token: bool = True) -> Iterator[Piece | GenerationResult]:
+        """Pieces, then the GenerationResult. Holds the runtime's lock while alive. text_per_token=False: the
+        text comes whole at the end (generate_stream), for callers that want only the result."""
         if self._closed:
             raise EdgeRuntimeError("this runtime is closed")
         ids, implied_stop = self.prepare_prompt(prompt)
@@ -274,7 +276,7 @@ class Runtime:
             return should_stop() if should_stop else None
 
         with self._lock:
-            for item in generate_stream(self.decoder, self.tokenizer, ids, cfg, stop_check):
+            for item in generate_stream(self.decoder, self.tokenizer, ids, cfg, stop_check, text_per_token):
                 if isinstance(item, GenerationResult):
                     self.last_result = item
                 elif self.token_listeners and item.new_token:
@@ -286,7 +288,7 @@ class Runtime:
     def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
         """Blocking generation; keyword arguments as stream_events (max_new_tokens, temperature, top_k,
         top_p, repetition_penalty, seed, stop, deadline_s, should_stop)."""
-        for item in self.stream_events(prompt, **kwargs):
+        for item in self.stream_events(prompt, text_per_token=False, **kwargs):
             if isinstance(item, GenerationResult):
                 return item
         raise AssertionError("generation ended without a result")

@@ -114,3 +114,20 @@ def test_repetition_penalty_sees_prompt_and_generated_ids(rt):
         logits = dec.forward([tok])[-1]
     assert got == expected
     assert got != rt.generate(prompt, max_new_tokens=n, stop=()).token_ids[:len(got)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_result_text_is_the_streamed_text_when_decoded_after_the_steps(seed):
+    """generate() decodes its text after the last step (text_per_token=False); the text and ids equal what the
+    per-token stream gives, and only the final piece carries text."""
+    rt = load(None, profile=None, backend="cpu")
+    kw = dict(max_new_tokens=40, temperature=1.2, top_k=50, seed=seed)
+    streamed = list(rt.stream_events("Once upon a time", **kw))
+    whole = list(rt.stream_events("Once upon a time", text_per_token=False, **kw))
+    res, res_whole = streamed[-1], whole[-1]
+    assert res_whole.token_ids == res.token_ids and len(res.token_ids) > 1
+    assert res_whole.text == res.text == "".join(p.text for p in streamed[:-1]) and res.text
+    assert all(p.text == "" for p in whole[:-2]) and whole[-2].text == res.text and not whole[-2].new_token
+    assert rt.generate("Once upon a time", **kw).text == res.text
+    stopped = rt.generate("Once upon a time", stop=[res.text[5:8]], **kw)  # stop strings: text between steps
+    assert stopped.finish_reason == "stop" and stopped.text == res.text[:res.text.find(res.text[5:8])]

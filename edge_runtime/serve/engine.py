@@ -124,8 +124,9 @@ class Engine:
 
     def _execute(self, job: Job) -> None:
         t0 = time.perf_counter()
-        events = self.runtime.stream_events(
-            job.prompt_ids, should_stop=lambda: "cancelled" if job.cancel.is_set() else None, **job.params)
+        events = self.runtime.stream_events(  # a reply sent whole needs its text only at the end
+            job.prompt_ids, should_stop=lambda: "cancelled" if job.cancel.is_set() else None,
+            text_per_token=job.stream, **job.params)
         try:
             for item in events:
                 if isinstance(item, GenerationResult):
