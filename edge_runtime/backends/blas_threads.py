@@ -3,7 +3,8 @@
 OpenBLAS workers busy-wait for a while after each call before they sleep. A small model decodes on one
 thread; next to the spinning workers of its own prefill it ran at 1,750 instead of 3,000 tokens/s on the
 2-core development machine with another process busy, and on a robot those workers take cores from every
-other process. So batched calls use the backend's thread count, not BLAS's default of every core.
+other process. So batched calls use the backend's thread count, not BLAS's default of every core (and
+edge_runtime/blas_spin.py shortens the spin itself).
 """
 
 from __future__ import annotations

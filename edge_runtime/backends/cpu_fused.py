@@ -195,7 +195,6 @@ def fused_layer(x, hb, q, k, v, a, y, attn_norm, ffn_norm, eps, attn_w, attn_s, 
 # Slots of the per-layer address table (FusedStep.bind): each a C-contiguous array of the layer.
 (ATTN_NORM, FFN_NORM, WQ, WK, WV, WO, SQ, SK, SV, SO, BQ, BK, BV, BO, TQ, TK, TV, TO, CQ, CK, CV, CO,
  W_GATE, W_UP, W_DOWN, S_GATE, S_UP, S_DOWN, B_GATE, B_UP, B_DOWN, SIGNS, SIGN_BYTES) = range(33)
-SLOTS = 33
 MATRIX_SLOTS = (WQ, WK, WV, WO, TQ, TK, TV, TO, W_GATE, W_UP, W_DOWN, SIGNS, SIGN_BYTES)
 # the dtype fused_step reads each vector slot and the sign planes as (the weight slots: layer 0's, one per role)
 SLOT_DTYPE = {**dict.fromkeys((ATTN_NORM, FFN_NORM, BQ, BK, BV, BO, CQ, CK, CV, CO, B_GATE, B_UP, B_DOWN),
@@ -206,7 +205,7 @@ SLOT_DTYPE = {**dict.fromkeys((ATTN_NORM, FFN_NORM, BQ, BK, BV, BO, CQ, CK, CV, 
 
 @kernel(inline=True)
 def _vec(addr, shape, layer, slot, like):
-    """The 1-D array in `slot` of `layer` (addr (L, SLOTS) int64 addresses, shape (L, SLOTS, 2) int64)."""
+    """The 1-D array in `slot` of `layer` (addr (L, 33) int64 addresses, shape (L, 33, 2) int64)."""
     return view_at(addr[layer, slot], (shape[layer, slot, 0],), like)
 
 
@@ -356,7 +355,7 @@ class FusedStep:
                  s.rows, st.counters, self.counter_rows, self.attn_counter_rows, self.part, self.serial,
                  buf.logits)
         # one assignment: the table and the arrays it points into (kept alive with it) change together
-        self.keep, self.head, self.before, self.after = layers, head, before, after
+        self.keep, self.before, self.after = layers, before, after
 
     def covers(self, mode: str) -> bool:
         """Whether this step computes what the decoder's op-by-op step would in this mode and state."""

@@ -140,8 +140,8 @@ class Decoder:
     def forward(self, ids: Sequence[int], last_only: bool = False, batched_sparse: bool = False) -> np.ndarray:
         """Logits (T, vocab) for tokens run at the current position. One token runs as a decode step (sparse
         when a setting is in force), several as a batch (masked when batched_sparse)."""
-        self._check_ids(ids)
         if len(ids) == 1:
+            self._check_ids(ids)  # several run as a batch, which checks its own
             self.ops.set_token(int(ids[0]))
             self.decode_step()
             return self.ops.read_logits()
