@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from edge_runtime.atomic_write import atomic_write
 from edge_runtime.errors import ModelFormatError
 from edge_runtime.pack.quant import STORED_ENCODINGS
 from edge_runtime.paths import model_file
@@ -190,16 +191,13 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 
 def write_manifest(model_dir: Path, manifest: dict[str, Any]) -> None:
-    """Atomically: a temporary file in the directory, then os.replace (readers see old or new, whole)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=model_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
+    """Atomically (readers see the old manifest or the new one, whole)."""
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
             yaml.safe_dump(manifest, f, sort_keys=False, width=110)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model directory is meant to be shared read-only
-        os.replace(tmp, Path(model_dir) / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(Path(model_dir) / MANIFEST, dump)  # 0o644: a model directory is meant to be shared read-only
 
 
 def record_files(model_dir: Path, names: list[str]) -> str:

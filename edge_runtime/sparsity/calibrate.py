@@ -24,8 +24,6 @@ Written to calibration.yaml (tables) and predictor_thresholds.safetensors (proje
 from __future__ import annotations
 
 import datetime
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from edge_runtime.atomic_write import atomic_write
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.scoring import windowed
 from edge_runtime.sparsity.perplexity import perplexity
@@ -376,18 +375,6 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     return calib, thresholds
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp (and safetensors) make files private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
     """Thresholds first, then the YAML that refers to them, then their checksums into the manifest;
     each file replaced atomically."""
@@ -397,13 +384,13 @@ def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
 
     model_dir = Path(model_dir)
     if thresholds:
-        _atomic_write(model_dir / THRESHOLDS_FILE, lambda tmp: save_file(thresholds, tmp))
+        atomic_write(model_dir / THRESHOLDS_FILE, lambda tmp: save_file(thresholds, tmp))
 
     def dump(tmp: str) -> None:
         with open(tmp, "w") as f:
             yaml.safe_dump(calib, f, sort_keys=False, width=110)
 
-    _atomic_write(model_dir / CALIBRATION_FILE, dump)
+    atomic_write(model_dir / CALIBRATION_FILE, dump)
     record_files(model_dir, [n for n in (THRESHOLDS_FILE, CALIBRATION_FILE) if (model_dir / n).is_file()])
     return model_dir / CALIBRATION_FILE
 

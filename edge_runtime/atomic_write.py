@@ -1,0 +1,28 @@
+"""Files replaced whole: written under a temporary name in the same directory, then os.replace'd over the
+target, so a reader (or a crash) sees the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o644) -> None:
+    """write(tmp_path) fills a temporary file beside `path`, which then replaces `path`; on any error the
+    temporary file is removed and `path` is untouched. mode: mkstemp (and safetensors) make files private."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
