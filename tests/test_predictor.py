@@ -8,7 +8,7 @@ import pytest
 from edge_runtime.pack.convert import convert
 from edge_runtime.pack.signbits import count_negative_products, pack_signs
 from edge_runtime.runtime import load
-from edge_runtime.sparsity.predictor import Rule, predict_active
+from edge_runtime.sparsity.predictor import Rule, alpha_for_density, predict_active
 from tests.helpers import make_llama, make_opt
 
 
@@ -43,6 +43,22 @@ def test_larger_alpha_gives_superset():
                 assert not (previous & ~active).any()
             previous = active
         assert active.sum() > predict_active(x, signs, 0.8).sum()
+
+
+@pytest.mark.parametrize("d, n", [(64, 128), (256, 1000), (4096, 2000)])
+def test_alpha_for_density_lets_through_the_smallest_ratios(d, n):
+    """The rows let through are the ceil(density * n) of smallest N_neg / N_pos and the rows tying with the
+    last of them, whether the predictor reads alpha as float64 or as the kernels' float32."""
+    rng = np.random.default_rng(d + n)
+    signs = pack_signs(rng.standard_normal((n, d)))
+    x = rng.standard_normal(d).astype(np.float32)
+    n_neg = count_negative_products(pack_signs(x), signs)
+    ratio = np.sort(n_neg / (d - n_neg))
+    for density in (1.0, 0.5, 0.25, 0.1, 0.05, 0.001):
+        alpha = alpha_for_density(x, signs, density)
+        want = int((ratio <= ratio[int(np.ceil(density * n)) - 1]).sum())
+        assert predict_active(x, signs, alpha).sum() == want >= density * n
+        assert predict_active(x, signs, float(np.float32(alpha))).sum() == want
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,22 @@ def predict_active(x: np.ndarray, gate_signs: np.ndarray, alpha: float) -> np.nd
     return n_neg <= alpha * (d - n_neg)
 
 
+def alpha_for_density(x: np.ndarray, gate_signs: np.ndarray, density: float) -> float:
+    """The SparseInfer alpha that lets through the ceil(density * N) rows of smallest N_neg / N_pos for this
+    x (d,) (more where ratios tie), placed halfway to the next larger ratio: a float32 copy of it, as the
+    kernels read it, still selects the same rows. Benchmarks impose densities with it."""
+    d = x.shape[-1]
+    n_neg = count_negative_products(pack_signs(x), gate_signs).astype(np.float64)
+    ratio = np.sort(np.where(n_neg < d, n_neg / np.maximum(d - n_neg, 1), np.inf))  # inf: never active
+    finite = ratio[np.isfinite(ratio)]
+    if finite.size == 0:
+        return 1.0  # every product negative in every row: no alpha lets a row through
+    k = min(max(1, int(np.ceil(density * len(ratio)))), finite.size)
+    edge = finite[k - 1]
+    above = finite[finite > edge]
+    return float((edge + above[0]) / 2 if above.size else edge + 1.0)
+
+
 def negative_counts_batch(x: np.ndarray, gate_signs: np.ndarray, chunk: int = 64) -> np.ndarray:
     """(T, d) -> (T, N) int64 N_neg for every token; XOR and popcount broadcast over a chunk of tokens."""
     xs = pack_signs(x)  # (T, W)
