@@ -64,3 +64,12 @@ def cuda_event_ms(cp, fn, repeats: int = 50, warmup: int = 5) -> float:
         b.synchronize()
         times.append(cp.cuda.get_elapsed_time(a, b))
     return statistics.median(times)
+
+
+def cuda_copy_bandwidth(cp, nbytes: int) -> float:
+    """Bytes read + written per second by a device-to-device copy of `nbytes` (median of CUDA-event timings):
+    the roofline a decode step's bandwidth is divided by."""
+    src = cp.ones(nbytes // 4, dtype=cp.float32)
+    dst = cp.empty_like(src)
+    ms = cuda_event_ms(cp, lambda: dst.__setitem__(Ellipsis, src), repeats=10, warmup=2)
+    return 2 * src.nbytes / (ms * 1e-3)

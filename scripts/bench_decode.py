@@ -2,14 +2,17 @@
 imposed densities against the dense GEMVs of the same layer, measured in the same run.
 
   python scripts/bench_decode.py [--shapes 7b,13b] [--encodings fp16,int8,int4] [--csv out.csv]
+                                 [--smoke]
 
 Density is the fraction of gate rows the predictor lets through (imposed by choosing alpha on the host
-by bisection for this x); about half of them survive the ReLU. The dense baseline for fp16 is cuBLAS
-(CuPy matmul); for int8/int4 there is no cuBLAS GEMV, so the baseline is this project's dense GEMV
-kernel. Every row reports bytes read, achieved GB/s, the fraction of a device-to-device copy's bandwidth
-(measured here) and the ratio to dense. Weight sets are rotated (several layers' copies) so that L2
-(50 MB on an H100) never holds them; times are medians of CUDA-event timings after warm-up. Jetson rows
-are PROJECTIONS from the profiles' bandwidth, not measurements.
+for this x; the numpy predictor's count is reported beside the kernel's); about half of them survive the
+ReLU. The dense baseline for fp16 is cuBLAS (CuPy matmul); for int8/int4 there is no cuBLAS GEMV, so the
+baseline is this project's dense GEMV kernel. Every row reports bytes read, achieved GB/s, the fraction
+of a device-to-device copy's bandwidth (measured here) and the ratio to dense. Weight sets are rotated
+(several layers' copies) so that L2 (50 MB on an H100) never holds them; times are medians of CUDA-event
+timings after warm-up. Jetson rows are PROJECTIONS from the profiles' bandwidth, not measurements.
+`--smoke` runs a tiny shape with few repeats (also under the CPU emulator) to check the script, not to
+time anything.
 Parts b (end-to-end 7B-shaped decode) and c (default model, cuda vs cpu) are scripts/bench_decode_e2e.py.
 """
 
@@ -17,56 +20,52 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 
 import numpy as np
 
+from edge_runtime.atomic_write import atomic_write_text
+from edge_runtime.backends import require_cuda
 from edge_runtime.backends.cuda_ops.common import DeviceMatrix
 from edge_runtime.backends.cuda_ops.gemv import Gemv
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFN, SparseFFNKernels
-from edge_runtime.bench import cuda_event_ms
+from edge_runtime.bench import cuda_copy_bandwidth, cuda_event_ms
 from edge_runtime.devices.profile import load_profile
+from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.quant import quantize
 from edge_runtime.pack.signbits import pack_signs
-from edge_runtime.sparsity.predictor import predict_active
+from edge_runtime.sparsity.predictor import alpha_for_density, predict_active
 
-SHAPES = {"7b": (4096, 11008), "13b": (5120, 13824)}
+SHAPES = {"7b": (4096, 11008), "13b": (5120, 13824), "tiny": (64, 128)}  # (d, N); tiny: --smoke
 DENSITIES = (1.0, 0.5, 0.25, 0.15, 0.10, 0.05)
 
 
-def copy_bandwidth(cp, nbytes: int = 2 << 30) -> float:
-    src = cp.ones(nbytes // 4, dtype=cp.float32)
-    dst = cp.empty_like(src)
-    ms = cuda_event_ms(cp, lambda: dst.__setitem__(Ellipsis, src), repeats=20)
-    return 2 * nbytes / (ms * 1e-3)  # read + write
-
-
-def alpha_for(x, signs, density: float) -> float:
-    lo, hi = 0.0, 64.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if predict_active(x, signs, mid).mean() < density:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def main() -> None:
-    import cupy as cp
-
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="7b,13b")
+    ap.add_argument("--shapes", default="7b,13b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--encodings", default="fp16,int8,int4")
     ap.add_argument("--copies", type=int, default=3, help="weight sets rotated per timing")
     ap.add_argument("--csv", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="the tiny shape, one copy, few repeats: checks the script")
+    args = ap.parse_args(argv)
+    shapes, encodings = args.shapes.split(","), args.encodings.split(",")
+    if args.smoke:
+        shapes, args.copies = ["tiny"], 1
+    unknown = [s for s in shapes if s not in SHAPES] + [e for e in encodings if e not in ("fp16", "int8", "int4")]
+    if unknown or args.copies < 1:
+        ap.error(f"unknown shape or encoding {', '.join(unknown)}" if unknown else "--copies must be at least 1")
+    try:
+        cp = require_cuda("this benchmark", "see scripts/bench_cpu.py for the cpu backend")
+    except EdgeRuntimeError as e:
+        raise SystemExit(f"bench_decode.py: error: {e}") from None
+    repeats = {"repeats": 3, "warmup": 1} if args.smoke else {}
     kernels, gemv = SparseFFNKernels(), Gemv()
-    bw = copy_bandwidth(cp)
+    bw = cuda_copy_bandwidth(cp, (4 << 20) if args.smoke else (2 << 30))
     rng = np.random.default_rng(0)
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         d, n = SHAPES[shape]
-        for enc in args.encodings.split(","):
+        for enc in encodings:
             sets = []
             for _ in range(args.copies):
                 gate_f = (rng.standard_normal((n, d)) * 0.02).astype(np.float32)
@@ -76,7 +75,7 @@ def main() -> None:
             x_h = rng.standard_normal(d).astype(np.float32)
             x = cp.asarray(x_h)
             dense_mats = [[DeviceMatrix(m) for m in mats] for _, _, mats in sets]
-            ys = [cp.empty(n, cp.float32), cp.empty(n, cp.float32), cp.empty(d, cp.float32)]
+            ys = [cp.empty(n, cp.float32) for _ in range(3)]  # gate, up, and down_t read as an (N, d) GEMV
             turn = [0]
 
             def dense_step():
@@ -91,26 +90,30 @@ def main() -> None:
                 else:
                     gemv(g, x, ys[0])
                     gemv(u, x, ys[1])
-                    gemv(dt, x, ys[2])  # (N, d) transposed down read in full, as dense would
+                    gemv(dt, x, ys[2])  # W_down^T (N, d) read in full, as a dense down would read it
 
-            dense_ms = cuda_event_ms(cp, dense_step)
+            dense_ms = cuda_event_ms(cp, dense_step, **repeats)
             dense_bytes = sum(m.nbytes for m in dense_mats[0])
             for density in DENSITIES:
-                alpha = cp.asarray(np.array([alpha_for(x_h, pack_signs(sets[0][1]), density)], np.float32))
+                signs = pack_signs(sets[0][1])
+                alpha_h = np.array([alpha_for_density(x_h, signs, density)], np.float32)  # as the kernel reads it
+                host_predicted = float(predict_active(x_h, signs, float(alpha_h[0])).mean())
+                alpha = cp.asarray(alpha_h)
 
                 def sparse_step():
                     i = turn[0] % len(sets)
                     turn[0] += 1
                     sets[i][0].run(x, alpha_ptr=alpha)
 
-                ms = cuda_event_ms(cp, sparse_step)
+                ms = cuda_event_ms(cp, sparse_step, **repeats)
                 ffn = sets[0][0]
                 ffn.run(x, alpha_ptr=alpha)
                 pred, kept = int(ffn.predicted.get()[0]), int(ffn.count.get()[0])
                 row_b = dense_mats[0][0].nbytes / n
                 bytes_read = ffn.gate_signs.nbytes + pred * row_b + 2 * kept * row_b
                 rows.append({"shape": shape, "encoding": enc, "density": density, "predicted": pred / n,
-                             "kept": kept / n, "dense_ms": dense_ms, "sparse_ms": ms, "ratio": ms / dense_ms,
+                             "host_predicted": host_predicted, "kept": kept / n, "dense_ms": dense_ms,
+                             "sparse_ms": ms, "ratio": ms / dense_ms,
                              "bytes": bytes_read, "gbs": bytes_read / (ms * 1e-3) / 1e9,
                              "copy_fraction": bytes_read / (ms * 1e-3) / bw,
                              "dense_gbs": dense_bytes / (dense_ms * 1e-3) / 1e9,
@@ -133,10 +136,11 @@ def main() -> None:
             print(f"  7b fp16 density {r['density']:.2f}: sparse {r['bytes'] / eff * 1e3:.3f} ms vs dense "
                   f"{3 * SHAPES['7b'][0] * SHAPES['7b'][1] * 2 / eff * 1e3:.3f} ms per FFN block")
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write_text(args.csv, text.getvalue())
 
 
 if __name__ == "__main__":

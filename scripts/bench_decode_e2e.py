@@ -20,60 +20,18 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 
-import numpy as np
-
+from edge_runtime.atomic_write import atomic_write_text
+from edge_runtime.backends import require_cuda
 from edge_runtime.backends.cuda import CudaBackend
+from edge_runtime.bench import cuda_copy_bandwidth
 from edge_runtime.config import ModelConfig
 from edge_runtime.devices.shapes import SHAPES
+from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model.decoder import Decoder
 from edge_runtime.model.sampling import SamplingParams
-from edge_runtime.pack.loader import PackedModel
-from edge_runtime.pack.quant import quantize
-from edge_runtime.pack.signbits import pack_signs
+from edge_runtime.pack.synthetic import random_llama
 from edge_runtime.sparsity.predictor import Rule
-
-
-def synthetic_model(cfg: ModelConfig, encoding: str, seed: int = 0, gate_bias: float = -0.5) -> PackedModel:
-    """A random Llama of these shapes in memory, packed as `encoding`. The gate bias (in units of the gate's
-    standard deviation) makes the ReLU keep fewer rows, as trained ReLU models do."""
-    rng = np.random.default_rng(seed)
-    d, hd = cfg.dim, cfg.head_dim
-
-    def mat(n, k):
-        return (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
-
-    matrices, vectors, planes = {"embed": quantize(mat(cfg.vocab_size, d), "fp16")}, {}, {}
-    vectors["final_norm.weight"] = np.ones(d, np.float32)
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        for name, (n, k) in {"attn.q": (cfg.n_heads * hd, d), "attn.k": (cfg.n_kv_heads * hd, d),
-                             "attn.v": (cfg.n_kv_heads * hd, d), "attn.o": (d, cfg.n_heads * hd),
-                             "ffn.up": (cfg.ffn_dim, d), "ffn.down_t": (cfg.ffn_dim, d)}.items():
-            matrices[p + name] = quantize(mat(n, k), encoding)
-        gate = mat(cfg.ffn_dim, d)
-        matrices[p + "ffn.gate"] = quantize(gate, encoding)
-        planes[p + "ffn.gate_signs"] = pack_signs(gate)
-        vectors[p + "ffn.gate_bias"] = np.full(cfg.ffn_dim, gate_bias, np.float32)
-        vectors[p + "attn_norm.weight"] = np.ones(d, np.float32)
-        vectors[p + "ffn_norm.weight"] = np.ones(d, np.float32)
-    manifest = {"model": cfg.to_dict(), "encoding": encoding}
-    return PackedModel(Path("synthetic"), cfg, manifest, matrices, vectors, planes)
-
-
-def copy_bandwidth(cp, nbytes: int) -> float:
-    """Read + write bytes per second of a device-to-device copy (median of 10)."""
-    src = cp.ones(nbytes // 4, dtype=cp.float32)
-    dst = cp.empty_like(src)
-    times = []
-    for _ in range(11):
-        cp.cuda.Device().synchronize()
-        t0 = time.perf_counter()
-        dst[...] = src
-        cp.cuda.Device().synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / float(np.median(times[1:]))
 
 
 def decode_rate(dec: Decoder, tokens: int) -> float:
@@ -101,12 +59,12 @@ def alpha_for_density(dec: Decoder, target: float, n_layers: int) -> float:
     return hi
 
 
-def part_b(cp, cfg: ModelConfig, tokens: int) -> dict:
+def part_b(cp, cfg: ModelConfig, tokens: int, copy_bytes: int = 1 << 30) -> dict:
     ctx = 256
     kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * 64  # fp32 cache, ~64 positions read
-    out = {"layers": cfg.n_layers, "copy_gbs": copy_bandwidth(cp, 1 << 30) / 1e9}
+    out = {"layers": cfg.n_layers, "copy_gbs": cuda_copy_bandwidth(cp, copy_bytes) / 1e9}
     for enc in ("fp16", "int4"):
-        model = synthetic_model(cfg, enc)
+        model = random_llama(cfg, enc)
         be = CudaBackend(model, ctx)
         dec = Decoder(be)
         weights = sum(m.nbytes for m in model.matrices.values())  # the tied LM head reads the table whole
@@ -147,22 +105,25 @@ def part_c(tokens: int) -> dict:
     return res
 
 
-def main() -> None:
-    import cupy as cp
-
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4, help="how many of the 7B shape's 32 layers to build")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, times nothing")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    try:
+        cp = require_cuda("this benchmark", "see scripts/bench_cpu.py for the cpu backend")
+    except EdgeRuntimeError as e:
+        raise SystemExit(f"bench_decode_e2e.py: error: {e}") from None
     base = SHAPES["llama2-7b"]
     if args.smoke:
         cfg = dataclasses.replace(base, dim=64, n_heads=4, n_kv_heads=4, head_dim=16, ffn_dim=128, vocab_size=256,
                                   n_layers=1, tie_embeddings=True)
     else:
         cfg = dataclasses.replace(base, n_layers=args.layers, tie_embeddings=True)
-    out = {"b": part_b(cp, cfg, args.tokens), "c": part_c(8 if args.smoke else args.tokens)}
+    copy_bytes = (4 << 20) if args.smoke else (1 << 30)
+    out = {"b": part_b(cp, cfg, args.tokens, copy_bytes), "c": part_c(8 if args.smoke else args.tokens)}
     b, c = out["b"], out["c"]
     print(f"copy bandwidth {b['copy_gbs']:.0f} GB/s (read + write)")
     print(f"b. dense fp16: {b['fp16']['dense']['tokens_per_s']:.1f} tok/s, {b['fp16']['dense']['gbs']:.0f} GB/s = "
@@ -176,7 +137,7 @@ def main() -> None:
     print(f"c. default model: cuda {c['cuda']['tokens_per_s']:.0f} tok/s, cpu {c['cpu']['tokens_per_s']:.0f} tok/s "
           f"({c['cuda_vs_cpu']:.2f}x); greedy ids equal: {c['greedy_ids_equal']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=float))
+        atomic_write_text(args.json, json.dumps(out, indent=1, default=float))
 
 
 if __name__ == "__main__":

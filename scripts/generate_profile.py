@@ -13,18 +13,44 @@ current mode's figure; otherwise a one-mode profile of this machine is written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import psutil
 import yaml
 
-from edge_runtime.bench import cuda_event_ms
+from edge_runtime.atomic_write import atomic_write_text
+from edge_runtime.backends import create_backend, cuda_available, require_cuda
+from edge_runtime.bench import cuda_copy_bandwidth, cuda_event_ms
 from edge_runtime.devices.profile import load_profile, parse_profile
+from edge_runtime.devices.shapes import SHAPES
+from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.monitor.command import default_samplers
+from edge_runtime.pack.synthetic import random_llama
+from edge_runtime.sparsity.predictor import Rule, alpha_for_density
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What is measured: the copy's bytes, the GEMVs' n x n matrices, how many tiny ops time a launch, and
+    the sparse FFN block's shape (d, N) and encoding."""
+
+    copy_bytes: int
+    gemv_n: tuple[int, ...]
+    launches: int
+    ffn: tuple[int, int]
+    ffn_encoding: str
+
+
+CPU = Sizes(256 << 20, (1024, 4096, 8192), 2000, (1024, 2816), "int8")
+CUDA = Sizes(1 << 30, (4096, 8192, 16384), 1000, (4096, 11008), "fp16")  # Llama-2-7B's FFN
+SMOKE = Sizes(4 << 20, (64, 128), 20, (64, 128), "int8")  # checks the script (also under the CUDA emulator)
+DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 
 
 def _median_s(fn, repeats: int = 20) -> float:
@@ -37,73 +63,62 @@ def _median_s(fn, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
-def measure_cpu() -> dict:
-    src = np.ones(64 << 20, dtype=np.float32)  # 256 MB
+def measure_cpu(sizes: Sizes) -> dict:
+    src = np.ones(sizes.copy_bytes // 4, dtype=np.float32)
     dst = np.empty_like(src)
     copy_bw = 2 * src.nbytes / _median_s(lambda: np.copyto(dst, src), 5)
     gemv = {}
-    for n in (1024, 4096, 8192):
+    for n in sizes.gemv_n:
         w = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
         x = np.ones(n, dtype=np.float32)
         gemv[n] = w.nbytes / _median_s(lambda w=w, x=x: w @ x, 5)
     tiny = np.ones(8, dtype=np.float32)
-    launch = _median_s(lambda: tiny + tiny, 2000)
-    return {"copy_bw": copy_bw, "gemv_bw": gemv, "launch_s": launch, "sparse_ffn": sparse_ffn_cpu()}
+    launch = _median_s(lambda: tiny + tiny, sizes.launches)
+    ffn = sparse_ffn_ms("cpu", np, sizes, lambda fn: _median_s(fn, 20) * 1e3)
+    return {"copy_bw": copy_bw, "gemv_bw": gemv, "launch_s": launch, "sparse_ffn": ffn}
 
 
-def sparse_ffn_cpu(d: int = 1024, n: int = 2816) -> dict:
-    """Time of the cpu backend's sparse FFN (SparseInfer) on random int8 weights against density."""
-    from types import SimpleNamespace
-
-    from edge_runtime.backends.base import DecodeState
-    from edge_runtime.backends.cpu import CpuBackend
-    from edge_runtime.backends.weights import Layer, Linear
-    from edge_runtime.pack.quant import quantize
-    from edge_runtime.pack.signbits import pack_signs
-    from edge_runtime.sparsity.predictor import Rule, predict_active
-
-    rng = np.random.default_rng(0)
-    gate_f = rng.standard_normal((n, d)).astype(np.float32)
-    layer = Layer(None, None, None, None, None, None, Linear(quantize(gate_f, "int8"), None),
-                  Linear(quantize(rng.standard_normal((n, d)).astype(np.float32), "int8"), None),
-                  quantize(rng.standard_normal((n, d)).astype(np.float32), "int8"), None, pack_signs(gate_f))
-    # a one-layer backend holding just this FFN: its decode state carries the knob and the counters
-    cfg = SimpleNamespace(n_layers=1, ffn_dim=n, vocab_size=1, act_threshold=0.0)
-    be = CpuBackend.__new__(CpuBackend)
-    be.config, be.state = cfg, DecodeState.allocate(np, cfg)
-    x = rng.standard_normal((1, d)).astype(np.float32)
-    y = np.zeros((1, d), dtype=np.float32)
-    out = {}
-    for density in (1.0, 0.5, 0.25, 0.1, 0.05):
-        lo, hi = 0.0, 64.0
-        for _ in range(30):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if predict_active(x[0], layer.gate_signs, mid).mean() < density else (lo, mid)
-        be.set_knobs([Rule("sparseinfer", alpha=hi)], None)
-        out[density] = _median_s(lambda: be.ffn_step(0, x, layer, y, "sparse"), 20) * 1e3
-    return out
-
-
-def measure_cuda() -> dict:
-    import cupy as cp
-
+def measure_cuda(cp, sizes: Sizes) -> dict:
     def ev(fn, repeats=20):
         return cuda_event_ms(cp, fn, repeats) * 1e-3
 
-    src = cp.ones(256 << 20, dtype=cp.float32)  # 1 GB
-    dst = cp.empty_like(src)
-    copy_bw = 2 * src.nbytes / ev(lambda: dst.__setitem__(Ellipsis, src), 10)
+    copy_bw = cuda_copy_bandwidth(cp, sizes.copy_bytes)
     gemv = {}
-    for n in (4096, 8192, 16384):
+    for n in sizes.gemv_n:
         w = cp.ones((n, n), dtype=cp.float16)
         x = cp.ones(n, dtype=cp.float16)
         gemv[n] = w.nbytes / ev(lambda w=w, x=x: cp.matmul(w, x))
+        del w, x
     tiny = cp.ones(8, dtype=cp.float32)
     t0 = time.perf_counter()
-    for _ in range(1000):
+    for _ in range(sizes.launches):
         tiny += 1
     cp.cuda.Device().synchronize()
-    return {"copy_bw": copy_bw, "gemv_bw": gemv, "launch_s": (time.perf_counter() - t0) / 1000, "sparse_ffn": {}}
+    launch = (time.perf_counter() - t0) / sizes.launches
+    ffn = sparse_ffn_ms("cuda", cp, sizes, lambda fn: cuda_event_ms(cp, fn, 20))
+    return {"copy_bw": copy_bw, "gemv_bw": gemv, "launch_s": launch, "sparse_ffn": ffn}
+
+
+def sparse_ffn_ms(backend: str, xp, sizes: Sizes, time_ms) -> dict[float, float]:
+    """The backend's FFN block (SparseInfer predictor, gate, up, down) on one random layer of shape
+    sizes.ffn, in ms against the fraction of gate rows the predictor lets through (alpha chosen
+    for this x). time_ms(fn) -> milliseconds of one fn() on that device."""
+    d, n = sizes.ffn
+    cfg = dataclasses.replace(SHAPES["llama2-7b"], dim=d, ffn_dim=n, n_layers=1, n_heads=max(1, d // 64),
+                              n_kv_heads=max(1, d // 64), head_dim=min(64, d), vocab_size=256, tie_embeddings=True)
+    be = create_backend(backend, random_llama(cfg, sizes.ffn_encoding, gate_bias=0.0), max_context=16)
+    try:
+        layer = be.weights.layers[0]
+        x_host = np.random.default_rng(1).standard_normal((1, d)).astype(np.float32)
+        x, y = xp.asarray(x_host), xp.zeros((1, d), dtype=xp.float32)
+        out = {}
+        for density in DENSITIES:
+            be.set_knobs([Rule("sparseinfer", alpha=alpha_for_density(x_host[0], layer.gate_signs, density))], None)
+            out[density] = time_ms(lambda: be.ffn_step(0, x, layer, y, "sparse"))
+        return out
+    finally:
+        if hasattr(be, "free"):
+            be.free()
 
 
 def power_mw(seconds: float = 2.0) -> float | None:
@@ -119,53 +134,74 @@ def power_mw(seconds: float = 2.0) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def main() -> None:
+def base_mode(name: str, mode: str | None) -> tuple[dict, dict]:
+    """The --base profile as a dict and the entry of its power mode `mode` (default: its default mode)."""
+    data = load_profile(name).to_dict()
+    mode = mode or data["default_power_mode"]
+    for pm in data["power_modes"]:
+        if pm["name"].upper() == mode.upper():
+            return data, pm
+    raise EdgeRuntimeError(f"profile {name!r} has no power mode {mode!r}; it has "
+                           f"{', '.join(pm['name'] for pm in data['power_modes'])}")
+
+
+def this_machine(name: str, cp, copy_bw: float, best_gemv: float) -> dict:
+    """A one-mode profile of this machine (cp: CuPy where the GPU was measured, else None)."""
+    data = {"name": name, "description": f"measured by generate_profile.py on {os.uname().nodename}",
+            "kind": "gpu" if cp is not None else "cpu",
+            "memory_total_gb": round(psutil.virtual_memory().total / 1e9, 1), "default_power_mode": "default",
+            "power_modes": [{"id": 0, "name": "default", "watts": None, "gpu_max_mhz": 1,
+                             "cpu_cores_online": psutil.cpu_count(), "cpu_max_mhz": 1, "emc_max_mhz": 0,
+                             "memory_bandwidth_gbs": round(copy_bw / 2e9, 2)}],
+            "performance": {"bandwidth_efficiency": round(min(1.0, best_gemv / (copy_bw / 2)), 3)},
+            "memory": {"reserve_gb": 2.0, "runtime_overhead_gb": 0.5}}
+    if cp is not None:
+        data["gpu_names"] = [cp.cuda.runtime.getDeviceProperties(0)["name"].decode()]
+        data["memory_total_gb"] = round(cp.cuda.Device().mem_info[1] / 1e9, 1)
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--base", default=None, help="profile to take identity and power modes from")
     ap.add_argument("--power-mode", default=None, help="the mode the board is in now (with --base)")
-    args = ap.parse_args()
-    from edge_runtime.backends import cuda_available
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, measures nothing real")
+    args = ap.parse_args(argv)
+    try:
+        write_profile(args)
+    except EdgeRuntimeError as e:
+        raise SystemExit(f"generate_profile.py: error: {e}") from None
 
-    use_cuda = args.backend == "cuda" or (args.backend == "auto" and cuda_available())
-    m = measure_cuda() if use_cuda else measure_cpu()
+
+def write_profile(args) -> None:
+    base = base_mode(args.base, args.power_mode) if args.base else None  # bad names fail before measuring
+    if not args.out.parent.is_dir():
+        raise EdgeRuntimeError(f"{args.out.parent} is not a directory")
+    on_gpu = args.backend == "cuda" or (args.backend == "auto" and cuda_available())
+    cp = require_cuda("--backend cuda", "use --backend cpu") if on_gpu else None
+    m = measure_cpu(SMOKE if args.smoke else CPU) if cp is None else measure_cuda(cp, SMOKE if args.smoke else CUDA)
     best_gemv = m["gemv_bw"][max(m["gemv_bw"])]  # the largest matrix: the one no cache holds
-    idle_power = power_mw()
-    copy_gbs = m["copy_bw"] / 1e9
-    measured = {"copy_gbs": round(copy_gbs, 2),
+    measured = {"copy_gbs": round(m["copy_bw"] / 1e9, 2),
                 "gemv_gbs_by_n": {int(k): round(v / 1e9, 2) for k, v in m["gemv_bw"].items()},
                 "launch_us": round(m["launch_s"] * 1e6, 2),
                 "sparse_ffn_ms_by_density": {float(k): round(v, 4) for k, v in m["sparse_ffn"].items()},
-                "idle_power_mw": idle_power, "backend": "cuda" if use_cuda else "cpu"}
-    if args.base:
-        data = load_profile(args.base).to_dict()
-        mode = args.power_mode or data["default_power_mode"]
-        for pm in data["power_modes"]:
-            if pm["name"].upper() == mode.upper():
-                peak = pm["memory_bandwidth_gbs"]
-                data["performance"]["bandwidth_efficiency"] = round(min(1.0, best_gemv / 1e9 / peak), 3)
+                "idle_power_mw": power_mw(0.2 if args.smoke else 2.0), "backend": "cpu" if cp is None else "cuda"}
+    if args.smoke:
+        measured["smoke"] = True  # tiny sizes: these figures say nothing about the machine
+    if base is not None:  # the measured GEMV over the mode's nominal bandwidth
+        data, mode = base
+        data["performance"]["bandwidth_efficiency"] = round(min(1.0, best_gemv / 1e9 / mode["memory_bandwidth_gbs"]), 3)
     else:
-        data = {"name": args.name, "description": f"measured by generate_profile.py on {os.uname().nodename}",
-                "kind": "gpu" if use_cuda else "cpu", "memory_total_gb": round(psutil.virtual_memory().total / 1e9, 1),
-                "default_power_mode": "default",
-                "power_modes": [{"id": 0, "name": "default", "watts": None, "gpu_max_mhz": 1,
-                                 "cpu_cores_online": psutil.cpu_count(), "cpu_max_mhz": 1, "emc_max_mhz": 0,
-                                 "memory_bandwidth_gbs": round(copy_gbs / 2, 2)}],
-                "performance": {"bandwidth_efficiency": round(min(1.0, best_gemv / (m["copy_bw"] / 2)), 3)},
-                "memory": {"reserve_gb": 2.0, "runtime_overhead_gb": 0.5}}
-        if use_cuda:
-            import cupy as cp
-
-            data["gpu_names"] = [cp.cuda.runtime.getDeviceProperties(0)["name"].decode()]
-            data["memory_total_gb"] = round(cp.cuda.Device().mem_info[1] / 1e9, 1)
+        data = this_machine(args.name, cp, m["copy_bw"], best_gemv)
     data["name"] = args.name
     data["performance"].update(launch_overhead_us=measured["launch_us"], measured=True)
+    parse_profile(data, str(args.out))  # validated before anything is written
     data["measurements"] = measured
-    parse_profile({k: v for k, v in data.items() if k != "measurements"}, str(args.out))  # validate first
-    args.out.write_text("# written by scripts/generate_profile.py; measurements below are this machine's\n"
-                        + yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(args.out, "# written by scripts/generate_profile.py; measurements below are this machine's\n"
+                      + yaml.safe_dump(data, sort_keys=False))
     print(yaml.safe_dump(measured, sort_keys=False))
 
 

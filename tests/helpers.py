@@ -120,3 +120,16 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| / max |b|: one number per comparison, scale-free."""
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (its main() not run), for tests that call main(argv)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

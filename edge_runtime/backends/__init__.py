@@ -18,15 +18,24 @@ def cuda_available() -> bool:
         return False
 
 
+def require_cuda(what: str = "backend 'cuda'", instead: str = "use --backend cpu"):
+    """The cupy module, where CuPy and a CUDA GPU are there; else EdgeRuntimeError saying what is missing
+    and, after installing the cuda extra, what else one could do."""
+    if not cuda_available():
+        raise EdgeRuntimeError(f"{what} needs CuPy and a CUDA GPU; none was found "
+                               f"(install edge-runtime[cuda] on a machine with one, or {instead})")
+    import cupy
+
+    return cupy
+
+
 def create_backend(name: str, model, max_context: int, threads: int | None = None):
     """A backend holding `model`'s weights and a KV cache of `max_context` positions; threads: the cpu
     backend's compute threads (None: the cores numpy's BLAS would use)."""
     if name not in BACKENDS:
         raise EdgeRuntimeError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "cuda" or (name == "auto" and cuda_available()):
-        if not cuda_available():
-            raise EdgeRuntimeError("backend 'cuda' needs CuPy and a CUDA GPU; none was found "
-                                   "(install edge-runtime[cuda] or use --backend cpu)")
+        require_cuda()
         from edge_runtime.backends.cuda import CudaBackend
 
         return CudaBackend(model, max_context)

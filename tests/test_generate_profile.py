@@ -1,0 +1,85 @@
+"""scripts/generate_profile.py on the cpu backend at --smoke sizes: the profile it writes loads and holds
+positive measurements; a bad --base, power mode, backend or folder fails before anything is written and
+leaves an existing profile as it was. (The cuda backend's run is in test_cuda_scripts.py.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from edge_runtime.atomic_write import atomic_write, atomic_write_text
+from edge_runtime.backends import cuda_available
+from edge_runtime.devices.profile import load_profile
+from tests.helpers import load_script
+
+gen = load_script("generate_profile")
+
+
+def _measurements(path):
+    return yaml.safe_load(path.read_text())["measurements"]
+
+
+def test_cpu_profile_loads_with_positive_measurements(tmp_path):
+    out = tmp_path / "this-vm.yaml"
+    gen.main(["--name", "this-vm", "--out", str(out), "--backend", "cpu", "--smoke"])
+    prof = load_profile(out)
+    assert prof.name == "this-vm" and prof.to_dict()["kind"] == "cpu"
+    m = _measurements(out)
+    assert m["backend"] == "cpu" and m["smoke"] is True
+    assert set(m["sparse_ffn_ms_by_density"]) == set(gen.DENSITIES)
+    figures = [m["copy_gbs"], m["launch_us"], *m["gemv_gbs_by_n"].values(), *m["sparse_ffn_ms_by_density"].values()]
+    assert all(math.isfinite(v) and v > 0 for v in figures)
+    assert 0 < prof.to_dict()["performance"]["bandwidth_efficiency"] <= 1
+
+
+def test_base_profile_keeps_its_modes_and_takes_the_measured_efficiency(tmp_path):
+    out = tmp_path / "nano.yaml"
+    gen.main(["--name", "my-nano", "--out", str(out), "--base", "jetson-orin-nano-8gb", "--power-mode", "7w",
+              "--backend", "cpu", "--smoke"])
+    base, mine = load_profile("jetson-orin-nano-8gb").to_dict(), load_profile(out).to_dict()
+    assert mine["name"] == "my-nano" and mine["power_modes"] == base["power_modes"]
+    m = _measurements(out)
+    best = m["gemv_gbs_by_n"][max(m["gemv_gbs_by_n"])]
+    seven = next(pm for pm in base["power_modes"] if pm["name"] == "7W")
+    assert mine["performance"]["bandwidth_efficiency"] == pytest.approx(min(1.0, best / seven["memory_bandwidth_gbs"]),
+                                                                        abs=2e-3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--base", "no-such-board"], "no device profile 'no-such-board'"),
+    (["--base", "jetson-orin-nano-8gb", "--power-mode", "99W"], "has no power mode '99W'"),
+    pytest.param(["--backend", "cuda"], "needs CuPy and a CUDA GPU",
+                 marks=pytest.mark.skipif(cuda_available(), reason="a GPU is here")),
+])
+def test_bad_arguments_leave_the_existing_profile(tmp_path, capsys, argv, message):
+    out = tmp_path / "board.yaml"
+    out.write_text("name: the good one\n")
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--name", "x", "--out", str(out), "--smoke", *argv])
+    assert message in str(e.value)
+    assert out.read_text() == "name: the good one\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["board.yaml"]
+
+
+def test_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="is not a directory"):
+        gen.main(["--name", "x", "--out", str(tmp_path / "no" / "board.yaml"), "--backend", "cpu", "--smoke"])
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "old")
+
+    def half_then_fail(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half_then_fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new" and oct(path.stat().st_mode & 0o777) == "0o644"
