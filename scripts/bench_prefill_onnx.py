@@ -12,6 +12,9 @@ ratio numpy / onnxruntime is printed. Both use every core (OpenBLAS threads, ORT
 
 from __future__ import annotations
 
+import edge_runtime  # noqa: F401  (before numpy, as the CLI does: OpenBLAS's idle spin, edge_runtime/blas_spin.py)
+
+# isort: split
 import argparse
 import json
 import os

@@ -12,12 +12,14 @@ thresholds included, from the masks actually produced on this text.
 
 from __future__ import annotations
 
+import edge_runtime  # before numpy, as the CLI does: OpenBLAS's idle spin, edge_runtime/blas_spin.py
+
+# isort: split
 import argparse
 import json
 
 import numpy as np
 
-import edge_runtime
 from edge_runtime.scoring import nll, windowed
 from edge_runtime.sparsity.calibrate import GRIDS, ffn_bytes, rules_for
 from edge_runtime.sparsity.policy import within_cap

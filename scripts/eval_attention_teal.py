@@ -22,6 +22,9 @@ byte fractions: a projection from the profile's bandwidth, not a measurement.
 
 from __future__ import annotations
 
+import edge_runtime  # before numpy, as the CLI does: OpenBLAS's idle spin, edge_runtime/blas_spin.py
+
+# isort: split
 import argparse
 import json
 import sys
@@ -32,7 +35,6 @@ import numpy as np
 import yaml
 from corpus_text import prepared  # scripts/, beside this file
 
-import edge_runtime
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS, decode_bytes_per_token

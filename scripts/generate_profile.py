@@ -12,6 +12,9 @@ current mode's figure; otherwise a one-mode profile of this machine is written.
 
 from __future__ import annotations
 
+import edge_runtime  # noqa: F401  (before numpy, as the CLI does: OpenBLAS's idle spin, edge_runtime/blas_spin.py)
+
+# isort: split
 import argparse
 import dataclasses
 import os

@@ -10,6 +10,9 @@ one batched pass (equal to token-by-token decode, see tests).
 
 from __future__ import annotations
 
+import edge_runtime  # noqa: F401  (before numpy, as the CLI does: OpenBLAS's idle spin, edge_runtime/blas_spin.py)
+
+# isort: split
 import argparse
 import json
 import tempfile
