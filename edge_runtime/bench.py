@@ -73,3 +73,17 @@ def cuda_copy_bandwidth(cp, nbytes: int) -> float:
     dst = cp.empty_like(src)
     ms = cuda_event_ms(cp, lambda: dst.__setitem__(Ellipsis, src), repeats=10, warmup=2)
     return 2 * src.nbytes / (ms * 1e-3)
+
+
+def gpu_energy_meter():
+    """A callable giving the GPU's total-energy counter in joules (NVML: the whole board, idle draw included),
+    or giving None where NVML cannot be read (no pynvml, no driver, no NVIDIA GPU)."""
+    from edge_runtime.monitor.samplers import NvmlSampler
+
+    nvml = NvmlSampler()
+
+    def joules() -> float | None:
+        mj = nvml.sample().get("energy_mj") if nvml.available else None
+        return None if mj is None else mj / 1e3
+
+    return joules
