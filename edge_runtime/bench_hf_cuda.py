@@ -16,9 +16,11 @@ from edge_runtime.pack.loader import PackedModel
 
 
 def torch_cuda():
-    """torch when it is installed with a usable CUDA device, else None (the benchmark then says so)."""
+    """torch when it and transformers are installed and torch sees a CUDA device, else None (the benchmark then
+    says so)."""
     try:
         import torch
+        import transformers  # noqa: F401
     except ImportError:
         return None
     return torch if torch.cuda.is_available() else None

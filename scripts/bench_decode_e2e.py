@@ -163,7 +163,7 @@ def report(out: dict) -> None:
           f"int4 sparse / fp16 dense {b['int4_sparse_vs_fp16_dense']:.2f}x")
     hf = b["fp16"]["transformers"]
     if hf is None:
-        print("   transformers eager fp16: not run (torch with CUDA is not installed)")
+        print("   transformers eager fp16: not run (needs transformers and torch with CUDA)")
     else:
         print(f"   transformers eager fp16: {hf['tokens_per_s']:.1f} tok/s{_joules(hf)}; runtime dense "
               f"{b['dense_vs_transformers']:.2f}x, sparse {b['sparse_vs_transformers']:.2f}x; first greedy ids "
