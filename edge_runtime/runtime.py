@@ -329,6 +329,18 @@ class Runtime:
             await worker
 
     # ---- lifetime ----------------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """Run a two-token prefill and one decode step in the decode mode in force, then forget them: compiled
+        kernels are loaded (numba's cache; CUDA modules and the step's graph capture) here rather than inside a
+        caller's first deadline. No listener hears these tokens; statistics and position start from zero."""
+        with self._lock:
+            if self._closed:
+                raise EdgeRuntimeError("this runtime is closed")
+            bos = self.config.bos_token_id or 0
+            self.decoder.start([bos, bos], SamplingParams())
+            self.decoder.decode_step()
+            self.decoder.reset()
+
     def close(self) -> None:
         """Release the weights and the KV cache; later calls raise."""
         self.stop_watching()
@@ -359,7 +371,7 @@ def onnx_prefill(model: PackedModel, max_context: int):
 def load(path: str | Path | None = None, profile: str | None = "auto", backend: str = "auto",
          max_context: int | None = None, verify: bool = True, power_mode: str | None = None,
          objective: Objective | None = None, predictor: str = "auto", watch_power: bool = False,
-         prefill: str = "native", threads: int | None = None) -> Runtime:
+         prefill: str = "native", threads: int | None = None, warm_up: bool = True) -> Runtime:
     """Open a packed model (the embedded default model when path is None).
 
     profile: "auto" detects the device, a name or YAML path picks one, None uses no profile. With a
@@ -374,7 +386,8 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
     files plus the KV cache for max_context must fit the profile's usable memory and the memory free
     now; otherwise the KV cache is shortened with a KVBudgetWarning, or load refuses naming what fits.
     prefill "onnx" runs prompts through the ONNX export of the dense model in ONNX Runtime; decode stays on
-    the backend. threads: the cpu backend's compute threads (None: the cores numpy's BLAS would use)."""
+    the backend. threads: the cpu backend's compute threads (None: the cores numpy's BLAS would use).
+    warm_up runs Runtime.warm_up() before returning, so that the first request meets its deadline."""
     model_dir = resolve_model(path)
     prof = None
     if profile is not None:
@@ -398,6 +411,8 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
             from edge_runtime.devices.detect import mode_reader
 
             rt.watch_power_mode(mode_reader(prof))
+    if warm_up:
+        rt.warm_up()
     return rt
 
 

@@ -88,3 +88,26 @@ def test_closed_runtime_refuses(model_dir):
     rt.close()
     with pytest.raises(EdgeRuntimeError, match="closed"):
         rt.generate("x")
+
+
+def test_warm_up_leaves_no_trace(model_dir):
+    """load() warms the kernels up by default; what it ran is forgotten: the same generation and statistics as
+    a runtime that was not warmed, and no token listener hears the warm-up."""
+    kw = {"max_new_tokens": 12, "temperature": 0.7, "seed": 3}
+    with edge_runtime.load(model_dir, backend="cpu", warm_up=False) as cold:
+        cold.set_sparsity(1.1)  # SparseInfer, so that statistics are kept
+        heard = []
+        cold.token_listeners.append(heard.append)
+        cold.warm_up()
+        assert heard == [] and cold.decoder.pos == 0
+        warmed = cold.generate("the quick brown fox", **kw)
+        warmed_stats = cold.ffn_stats()
+    with edge_runtime.load(model_dir, backend="cpu", warm_up=False) as fresh:
+        fresh.set_sparsity(1.1)
+        first = fresh.generate("the quick brown fox", **kw)
+        assert first.token_ids == warmed.token_ids and first.text == warmed.text
+        assert fresh.ffn_stats() == warmed_stats and warmed_stats["decode_steps"] == 11
+    rt = edge_runtime.load(model_dir, backend="cpu")
+    rt.close()
+    with pytest.raises(EdgeRuntimeError, match="closed"):
+        rt.warm_up()
