@@ -56,8 +56,16 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
                    help="which calibrated predictor the policy uses (auto: the one reading fewer bytes)")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A usage error is one line naming the error and where to read more, not the whole usage block first
+    (subcommands' parsers are made of this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge-runtime", description="LLM runtime for Jetson Orin with "
+    ap = OneLineErrors(prog="edge-runtime", description="LLM runtime for Jetson Orin with "
                                  "sign-bit predicted activation sparsity.")
     ap.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
