@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("info", help="what a packed model directory holds")
-    p.add_argument("model_dir")
+    p.add_argument("model_dir", nargs="?", default=None, help="packed model directory (default: the embedded model)")
+    p.add_argument("--verify", action="store_true", help="also check every file's sha256 (sizes are always checked)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export-onnx", help="the dense forward as an ONNX graph (ONNX Runtime, TensorRT)")
@@ -647,28 +648,32 @@ def cmd_bench(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from edge_runtime.pack.format import load_manifest
+    from edge_runtime.pack.format import check_files, load_manifest, verify_files
     from edge_runtime.pack.loader import model_config
+    from edge_runtime.paths import resolve_model
 
-    m, digest = load_manifest(Path(args.model_dir))
-    model_config(Path(args.model_dir), m)  # a bad config is one line here too
+    model_dir = resolve_model(args.model_dir)
+    m, digest = load_manifest(model_dir)
+    model_config(model_dir, m)  # a bad config is one line here too
+    (verify_files if args.verify else check_files)(model_dir, m)  # a truncated or corrupt file: one line
+    checked = "sizes and sha256 checked" if args.verify else "sizes checked (--verify: sha256 too)"
     files = {k: v["bytes"] for k, v in m["files"].items()}
     encodings: dict[str, int] = {}
     for t in m["tensors"].values():
         encodings[t["encoding"]] = encodings.get(t["encoding"], 0) + 1
-    info = {"path": args.model_dir, "format": f"{m['format']} v{m['format_version']}", "encoding": m["encoding"],
+    info = {"path": str(model_dir), "format": f"{m['format']} v{m['format_version']}", "encoding": m["encoding"],
             "model": m["model"], "tensor_encodings": encodings, "files": files, "total_bytes": sum(files.values()),
             "tokenizer": m["tokenizer"], "chat_template": bool(m.get("chat_template")),
-            "sparsity": m.get("sparsity", {}), "manifest_sha256": digest}
+            "sparsity": m.get("sparsity", {}), "manifest_sha256": digest, "files_checked": checked}
     if args.json:
         print(json.dumps(info))
         return 0
     c = m["model"]
-    print(f"{args.model_dir}: {info['format']}, {c['arch']} {c['n_layers']} layers, d {c['dim']}, "
+    print(f"{model_dir}: {info['format']}, {c['arch']} {c['n_layers']} layers, d {c['dim']}, "
           f"FFN {c['ffn_dim']} ({c['activation']}), heads {c['n_heads']}/{c['n_kv_heads']}, vocab {c['vocab_size']}")
     print(f"weights: {m['encoding']}; tensors by encoding: "
           + ", ".join(f"{k} {v}" for k, v in sorted(encodings.items())))
-    print(f"files: {len(files)}, {info['total_bytes'] / 1e6:.2f} MB; tokenizer: {m['tokenizer']}; "
+    print(f"files: {len(files)}, {info['total_bytes'] / 1e6:.2f} MB, {checked}; tokenizer: {m['tokenizer']}; "
           f"chat template: {'yes' if info['chat_template'] else 'no'}")
     print(f"manifest sha256: {digest} (pin it: --manifest-sha256 {digest})")
     return 0

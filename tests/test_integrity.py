@@ -72,6 +72,29 @@ def test_info_prints_the_digest_and_it_pins_the_model(capsys, model, tmp_path):
     assert code == 2 and "pinned" in err and len(err.strip().splitlines()) == 1
 
 
+def test_info_checks_file_sizes_and_with_verify_checksums(capsys, model, tmp_path):
+    """info reports a truncated file as one line (sizes are always checked) and a same-size corruption with
+    --verify; with no directory it describes the embedded model."""
+    assert main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"].endswith("default-model")
+    m = shutil.copytree(model, tmp_path / "m")
+    assert main(["info", str(m), "--verify"]) == 0
+    capsys.readouterr()
+    layer = m / "layer_000.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    layer.write_bytes(bytes(data))
+    assert main(["info", str(m)]) == 0  # same size: only the checksum can tell
+    capsys.readouterr()
+    assert main(["info", str(m), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "layer_000.safetensors fails its sha256" in err
+    layer.write_bytes(bytes(data[:100]))
+    assert main(["info", str(m)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "has 100 bytes" in err
+
+
 def test_serve_port_clash_is_one_line(capsys, model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
