@@ -20,7 +20,10 @@ import sys
 import threading
 import time
 
-import httpx
+try:
+    import httpx
+except ImportError:
+    raise SystemExit("bench_serve.py: error: needs httpx and the serve extra: pip install httpx '.[serve]'") from None
 
 import edge_runtime
 from edge_runtime.bench import print_report

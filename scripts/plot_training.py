@@ -10,10 +10,13 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    raise SystemExit("plot_training.py: error: needs matplotlib: pip install '.[train]'") from None
 
 
 def main() -> None:

@@ -23,10 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from corpus_text import chunks  # scripts/ is on sys.path when this file runs as a script
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM
+
+try:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+except ImportError:
+    raise SystemExit("train_default_model.py: error: needs torch and transformers: pip install '.[train]'") from None
 
 
 def train_tokenizer(texts: list[str], vocab: int) -> Tokenizer:
