@@ -401,6 +401,8 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
     try:
         plan = None if prof is None else _plan_memory(model_dir, prof, max_context, backend)
     except EdgeRuntimeError as e:  # a refusal names the model it refused
+        if str(model_dir) in str(e):
+            raise
         raise type(e)(f"{e} ({model_dir})") from None
     rt = Runtime(load_packed(model_dir, verify=verify), backend=backend,
                  max_context=plan.context if plan else max_context, prefill=prefill, threads=threads)

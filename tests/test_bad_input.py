@@ -46,6 +46,7 @@ def copy_model(src, dst):
 def test_missing_path(capsys, tmp_path):
     code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "nope"), "--prompt", "hi")
     assert_one_line_error(code, err, "does not exist")
+    assert err.count(str(tmp_path / "nope")) == 1  # named once
 
 
 def test_truncated_safetensors(capsys, packed, tmp_path):

@@ -43,10 +43,14 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation(_req, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":  # loc is ("body", character offset), not a field
+            at = next((p for p in first.get("loc", ()) if isinstance(p, int)), None)
+            why = (first.get("ctx") or {}).get("error")
+            msg = "the request body is not valid JSON" + (f" (at character {at})" if at is not None else "")
+            return JSONResponse(error_body(msg + (f": {why}" if why else "")), 400)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        status = 400 if first.get("type") == "json_invalid" else 422
         msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
-        return JSONResponse(error_body(msg, param=where or None), status)
+        return JSONResponse(error_body(msg, param=where or None), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req, exc: StarletteHTTPException):
