@@ -346,10 +346,11 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from edge_runtime.runtime import load
 
-    rt = load(None, backend="auto", threads=args.threads)
+    rt = load(None, backend="auto", threads=args.threads, warm_up=False)
     sel = rt.selection
     if not rt.follow_policy(measure_recall=True):  # the policy's rules and attention thresholds, else the default
         rt.set_sparsity(rt.default_alpha, measure_recall=True)
+    rt.warm_up()  # in the recall-measuring mode the demo runs: its speed figure is then not the kernels' compile
     res = rt.generate(DEMO_PROMPT, max_new_tokens=48, repetition_penalty=1.2)
     if not args.json:
         how = (f"profile {rt.profile.name}, mode {rt.power_mode}, {sel.predictor} predictor, per-layer "
