@@ -87,3 +87,12 @@ def gpu_energy_meter():
         return None if mj is None else mj / 1e3
 
     return joules
+
+
+def cuda_l2_bytes(cp, default: int = 50 << 20) -> int:
+    """The device's L2 size (what weight copies rotated past it must exceed), or `default` (an H100's) where
+    the attribute cannot be read."""
+    try:
+        return int(cp.cuda.Device().attributes["L2CacheSize"])
+    except (AttributeError, KeyError):
+        return default

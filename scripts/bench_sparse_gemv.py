@@ -28,7 +28,7 @@ from edge_runtime.backends import require_cuda
 from edge_runtime.backends.cuda_ops.common import DeviceMatrix
 from edge_runtime.backends.cuda_ops.gemv import Gemv
 from edge_runtime.backends.cuda_ops.teal import TealGemv
-from edge_runtime.bench import cuda_copy_bandwidth, cuda_event_ms
+from edge_runtime.bench import cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.sparse_weights import compress, prune_mask
@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         cp = require_cuda("this benchmark", "the cpu backend's sparse kernels are timed by scripts/bench_cpu.py")
     except EdgeRuntimeError as e:
         raise SystemExit(f"bench_sparse_gemv.py: error: {e}") from None
-    try:
-        l2 = int(cp.cuda.Device().attributes["L2CacheSize"])
-    except (AttributeError, KeyError):
-        l2 = 50 << 20  # an H100's
+    l2 = cuda_l2_bytes(cp)
     timer = Timer(cp, 1 << 16 if args.smoke else l2, {"repeats": 3, "warmup": 1} if args.smoke else {})
     copy_bw = cuda_copy_bandwidth(cp, (4 << 20) if args.smoke else (2 << 30))
     rng = np.random.default_rng(0)
