@@ -3,10 +3,13 @@ target, so a reader (or a crash) sees the old file or the new one, never half of
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import yaml
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o644) -> None:
@@ -26,3 +29,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o6
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_yaml(path: str | Path, data) -> None:
+    """YAML in the layout the model directory's files use (keys in insertion order, 110 columns)."""
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, width=110))
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
+    """One row per dict; the header is every key any row has, in first-seen order (empty cells elsewhere)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)

@@ -96,3 +96,20 @@ def cuda_l2_bytes(cp, default: int = 50 << 20) -> int:
         return int(cp.cuda.Device().attributes["L2CacheSize"])
     except (AttributeError, KeyError):
         return default
+
+
+def copies_past_l2(l2: int, nbytes: float, least: int = 2, most: int = 16) -> int:
+    """How many device copies of `nbytes` a rotation needs so that it holds 3 x L2: a weight read again only
+    after three L2-fulls of other reads comes from memory, as a real layer's would."""
+    return int(min(most, max(least, -(-3 * l2 // max(int(nbytes), 1)))))
+
+
+def rotated(items: list, fn):
+    """A no-argument step calling fn(item) on the items in turn (weight copies rotated past L2)."""
+    turn = [0]
+
+    def step():
+        fn(items[turn[0] % len(items)])
+        turn[0] += 1
+
+    return step

@@ -45,7 +45,7 @@ def hf_llama(torch, model: PackedModel, cfg: ModelConfig, device: str = "cuda", 
     on_device: dict[int, object] = {}
 
     def param(host, transpose: bool = False):
-        """A PackedTensor or fp32 vector -> one fp16 Parameter on cuda per host object."""
+        """A PackedTensor or fp32 vector -> one Parameter (dtype, on device) per host object."""
         if id(host) not in on_device:
             a = host if isinstance(host, np.ndarray) else host.dequantize()
             a = np.ascontiguousarray(a.T if transpose else a)

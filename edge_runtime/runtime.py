@@ -398,12 +398,7 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
             found = detect()
             profile, power_mode = found.profile, power_mode or found.power_mode
         prof = load_profile(profile)
-    try:
-        plan = None if prof is None else _plan_memory(model_dir, prof, max_context, backend)
-    except EdgeRuntimeError as e:  # a refusal names the model it refused
-        if str(model_dir) in str(e):
-            raise
-        raise type(e)(f"{e} ({model_dir})") from None
+    plan = None if prof is None else _plan_memory(model_dir, prof, max_context, backend)
     rt = Runtime(load_packed(model_dir, verify=verify), backend=backend,
                  max_context=plan.context if plan else max_context, prefill=prefill, threads=threads)
     rt.memory_plan = plan
@@ -440,5 +435,8 @@ def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | Non
                   for name, f in manifest["files"].items())
     context = min(max_context or DEFAULT_CONTEXT, cfg.max_positions)
     on_cpu = backend == "cpu" or (backend == "auto" and not cuda_available())
-    return plan_load(cfg, manifest["encoding"], weights, profile, context, available_memory_gb(),
-                     kv_dtype_bytes=4 if on_cpu or manifest["encoding"] == "fp32" else 2)
+    try:
+        return plan_load(cfg, manifest["encoding"], weights, profile, context, available_memory_gb(),
+                         kv_dtype_bytes=4 if on_cpu or manifest["encoding"] == "fp32" else 2)
+    except EdgeRuntimeError as e:  # the manifest's errors name their files; a refusal to fit names the model
+        raise type(e)(f"{e} ({model_dir})") from None

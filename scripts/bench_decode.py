@@ -20,17 +20,15 @@ Parts b (end-to-end 7B-shaped decode) and c (default model, cuda vs cpu) are scr
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 
 import numpy as np
 
-from edge_runtime.atomic_write import atomic_write_text
+from edge_runtime.atomic_write import atomic_write_csv
 from edge_runtime.backends import require_cuda
 from edge_runtime.backends.cuda_ops.common import DeviceMatrix
 from edge_runtime.backends.cuda_ops.gemv import Gemv
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFN, SparseFFNKernels
-from edge_runtime.bench import cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes
+from edge_runtime.bench import copies_past_l2, cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes, rotated
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.quant import quantize
@@ -68,28 +66,24 @@ def main(argv: list[str] | None = None) -> None:
     for shape in shapes:
         d, n = SHAPES[shape]
         for enc in encodings:
-            sets = []
+            host = []  # (gate sign plane, [gate, up, down_t] packed) of each random set
             for _ in range(args.copies):
                 gate_f = (rng.standard_normal((n, d)) * 0.02).astype(np.float32)
-                mats = [quantize(gate_f, enc)] + [quantize((rng.standard_normal((n, d)) * 0.02).astype(np.float32), enc)
-                                                  for _ in range(2)]
-                sets.append((SparseFFN(kernels, mats[0], mats[1], mats[2], pack_signs(gate_f)), gate_f, mats))
-            # More device copies of the same host sets until the rotation holds 3 x L2 at the smallest density's
+                host.append((pack_signs(gate_f), [quantize(gate_f, enc)] + [
+                    quantize((rng.standard_normal((n, d)) * 0.02).astype(np.float32), enc) for _ in range(2)]))
+            signs, mats0 = host[0]
+            # Each set uploaded as often as it takes for the rotation to hold 3 x L2 at the smallest density's
             # bytes (sign plane + 5 % of the rows): a sparse step reads little, and L2 must not serve it.
-            small = sets[0][0].gate_signs.nbytes + min(DENSITIES) * sum(m.nbytes for m in sets[0][2])
-            uploads = max(1, min(-(-3 * l2 // int(len(sets) * small)), 16 // len(sets)))
-            sets += [(SparseFFN(kernels, *mats, pack_signs(gate_f)), gate_f, mats)
-                     for _ in range(uploads - 1) for _, gate_f, mats in sets[:args.copies]]
+            small = len(host) * (signs.nbytes + min(DENSITIES) * sum(m.nbytes for m in mats0))
+            on_device = host * copies_past_l2(l2, small, least=1, most=max(1, 16 // len(host)))
+            ffns = [SparseFFN(kernels, *mats, s) for s, mats in on_device]
+            dense_mats = [[DeviceMatrix(m) for m in mats] for _, mats in on_device]
             x_h = rng.standard_normal(d).astype(np.float32)
             x = cp.asarray(x_h)
-            dense_mats = [[DeviceMatrix(m) for m in mats] for _, _, mats in sets]
             ys = [cp.empty(n, cp.float32) for _ in range(3)]  # gate, up, and down_t read as an (N, d) GEMV
-            turn = [0]
 
-            def dense_step():
-                i = turn[0] % len(sets)
-                turn[0] += 1
-                g, u, dt = dense_mats[i]
+            def dense_step(mats):
+                g, u, dt = mats
                 if enc == "fp16":
                     xh = x.astype(cp.float16)
                     cp.matmul(g.w, xh)
@@ -100,21 +94,14 @@ def main(argv: list[str] | None = None) -> None:
                     gemv(u, x, ys[1])
                     gemv(dt, x, ys[2])  # W_down^T (N, d) read in full, as a dense down would read it
 
-            dense_ms = cuda_event_ms(cp, dense_step, **repeats)
+            dense_ms = cuda_event_ms(cp, rotated(dense_mats, dense_step), **repeats)
             dense_bytes = sum(m.nbytes for m in dense_mats[0])
             for density in DENSITIES:
-                signs = pack_signs(sets[0][1])
                 alpha_h = np.array([alpha_for_density(x_h, signs, density)], np.float32)  # as the kernel reads it
                 host_predicted = float(predict_active(x_h, signs, float(alpha_h[0])).mean())
                 alpha = cp.asarray(alpha_h)
-
-                def sparse_step():
-                    i = turn[0] % len(sets)
-                    turn[0] += 1
-                    sets[i][0].run(x, alpha_ptr=alpha)
-
-                ms = cuda_event_ms(cp, sparse_step, **repeats)
-                ffn = sets[0][0]
+                ms = cuda_event_ms(cp, rotated(ffns, lambda f, a=alpha: f.run(x, alpha_ptr=a)), **repeats)
+                ffn = ffns[0]
                 ffn.run(x, alpha_ptr=alpha)
                 pred, kept = int(ffn.predicted.get()[0]), int(ffn.count.get()[0])
                 row_b = dense_mats[0][0].nbytes / n
@@ -126,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
                              "copy_fraction": bytes_read / (ms * 1e-3) / bw,
                              "dense_gbs": dense_bytes / (dense_ms * 1e-3) / 1e9,
                              "dense_copy_fraction": dense_bytes / (dense_ms * 1e-3) / bw})
-            for s, _, _ in sets:
-                s.free()
+            for f in ffns:
+                f.free()
     print(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
     print(f"{'shape':5} {'enc':5} {'dens':>5} {'kept':>5} {'dense ms':>9} {'sparse ms':>9} {'x dense':>7} "
           f"{'GB/s':>6} {'copy':>5}")
@@ -144,11 +131,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  7b fp16 density {r['density']:.2f}: sparse {r['bytes'] / eff * 1e3:.3f} ms vs dense "
                   f"{3 * SHAPES['7b'][0] * SHAPES['7b'][1] * 2 / eff * 1e3:.3f} ms per FFN block")
     if args.csv:
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(args.csv, text.getvalue())
+        atomic_write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def timed_decode(dec: Decoder, prompt_ids: list[int], tokens: int, energy, min_s
             "first_ids": first, "stats": dec.stats.summary()}
 
 
-def alpha_for_density(dec: Decoder, prompt_ids: list[int], target: float, n_layers: int) -> float:
+def uniform_alpha(dec: Decoder, prompt_ids: list[int], target: float, n_layers: int) -> float:
     """One SparseInfer alpha for every layer so that the predictor lets `target` of the gate rows through."""
     lo, hi = 0.5, 4.0
     for _ in range(12):
@@ -98,7 +98,7 @@ def part_b(cp, cfg: ModelConfig, distinct: int, prompt: int, tokens: int, energy
         if enc == "fp16":
             r = timed_decode(dec, prompt_ids, tokens, energy, min_seconds)
             row["dense"] = {**r, "bytes": weights + kv_bytes, "gbs": (weights + kv_bytes) * r["tokens_per_s"] / 1e9}
-        alpha = alpha_for_density(dec, prompt_ids, 0.25, cfg.n_layers)
+        alpha = uniform_alpha(dec, prompt_ids, 0.25, cfg.n_layers)
         dec.set_sparsity([Rule("sparseinfer", alpha=alpha)] * cfg.n_layers)
         r = timed_decode(dec, prompt_ids, tokens, energy, min_seconds)
         s = r["stats"]

@@ -21,15 +21,13 @@ timings. `--smoke` runs a tiny shape (also under the CPU emulator) to check the 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 
 import numpy as np
 
-from edge_runtime.atomic_write import atomic_write_text
+from edge_runtime.atomic_write import atomic_write_csv
 from edge_runtime.backends import require_cuda
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFN, SparseFFNKernels
-from edge_runtime.bench import cuda_event_ms
+from edge_runtime.bench import copies_past_l2, cuda_event_ms, cuda_l2_bytes, rotated
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.quant import quantize
 from edge_runtime.pack.signbits import pack_signs
@@ -87,26 +85,18 @@ def gate_bias_for(g: np.ndarray, predicted: np.ndarray, kept: float) -> float:
     return float(-(gp[k - 1] + gp[k]) / 2)
 
 
-def bench_encoding(cp, kernels, shape: str, enc: str, targets: dict, copies: int, repeats: dict, rng) -> list[dict]:
+def bench_encoding(cp, kernels, shape: str, enc: str, targets: dict, l2: int, repeats: dict, rng) -> list[dict]:
     d, n = SHAPES[shape]
     w = {name: (rng.standard_normal((n, d), dtype=np.float32) / np.sqrt(d)).astype(np.float32)
          for name in ("gate", "up", "down_t")}
     packed = {name: quantize(m, enc) for name, m in w.items()}
     signs = pack_signs(w["gate"])
     ffns = [SparseFFN(kernels, packed["gate"], packed["up"], packed["down_t"], signs, gate_b=np.zeros(n, np.float32))
-            for _ in range(copies)]
+            for _ in range(copies_past_l2(l2, signs.nbytes))]  # the sign plane: the least a timing reads
     x_h = rng.standard_normal(d).astype(np.float32)
     x = cp.asarray(x_h)
     deq = {name: p.dequantize() for name, p in packed.items()}
     g_h, u_h = deq["gate"] @ x_h, deq["up"] @ x_h
-    turn = [0]
-
-    def rotated(fn):
-        def step():
-            fn(ffns[turn[0] % copies])
-            turn[0] += 1
-        return step
-
     rows = []
     none_pass = {"sparseinfer": cp.asarray(np.array([-1.0], np.float32)),
                  "projection": cp.asarray(np.full(n, np.inf, np.float32))}
@@ -117,7 +107,7 @@ def bench_encoding(cp, kernels, shape: str, enc: str, targets: dict, copies: int
             f.k.gate(predictor, f.gate, f.up, f.gate_b, f.up_b, f.xn, f.x_signs, f.x_sum, f.gate_signs, knob,
                      f.threshold, f.idx, f.h, f.counters)
 
-        ms = cuda_event_ms(cp, rotated(gate_only), **repeats)
+        ms = cuda_event_ms(cp, rotated(ffns, gate_only), **repeats)
         gate_only(ffns[0])
         rows.append({"shape": shape, "encoding": enc, "part": "predictor alone", "predictor": predictor, "ms": ms,
                      "predicted": int(ffns[0].counters.get()[1]) / n, "bytes": signs.nbytes})
@@ -131,7 +121,7 @@ def bench_encoding(cp, kernels, shape: str, enc: str, targets: dict, copies: int
         def block(f, predictor=predictor, knob=knob):
             f.run(x, alpha_ptr=knob) if predictor == "sparseinfer" else f.run(x, theta=knob)
 
-        ms = cuda_event_ms(cp, rotated(block), **repeats)
+        ms = cuda_event_ms(cp, rotated(ffns, block), **repeats)
         block(ffns[0])
         pred, kept = (int(v) for v in ffns[0].counters.get()[::-1])
         keep = predicted & (g_h + bias > 0)
@@ -173,9 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     except EdgeRuntimeError as e:
         raise SystemExit(f"bench_predictors.py: error: {e}") from None
     repeats = {"repeats": 3, "warmup": 1} if args.smoke else {}
+    l2 = (1 << 10) if args.smoke else cuda_l2_bytes(cp)  # smoke: two copies of the tiny sign plane
     kernels, rng = SparseFFNKernels(), np.random.default_rng(0)
     rows = [r for shape in shapes for enc in encodings
-            for r in bench_encoding(cp, kernels, shape, enc, targets, 2 if args.smoke else 16, repeats, rng)]
+            for r in bench_encoding(cp, kernels, shape, enc, targets, l2, repeats, rng)]
     for name, t in targets.items():
         print(f"{name:11s} at {t['ppl_increase_pct']:+.2f} % perplexity (calibration): predicted {t['predicted']:.3f}, "
               f"kept {t['kept']:.3f}")
@@ -185,11 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{r['shape']:5} {r['encoding']:5} {r['part']:15} {r['predictor']:11} {r['ms']:8.4f} "
               f"{r['predicted']:6.3f} {r.get('kept', 0.0):6.3f} {'' if ratio is None else f'{ratio:7.2f}'}")
     if args.csv:
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(f for r in rows for f in r)))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(args.csv, text.getvalue())
+        atomic_write_csv(args.csv, rows)
     bad = [r for r in rows if r.get("max_rel_err", 0.0) >= MAX_REL_ERR or (r["part"] == "predictor alone"
                                                                            and r["predicted"] != 0)]
     if bad:

@@ -18,17 +18,15 @@ bandwidth measured here. `--smoke` runs a tiny shape (also under the CPU emulato
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 
 import numpy as np
 
-from edge_runtime.atomic_write import atomic_write_text
+from edge_runtime.atomic_write import atomic_write_csv
 from edge_runtime.backends import require_cuda
 from edge_runtime.backends.cuda_ops.common import DeviceMatrix
 from edge_runtime.backends.cuda_ops.gemv import Gemv
 from edge_runtime.backends.cuda_ops.teal import TealGemv
-from edge_runtime.bench import cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes
+from edge_runtime.bench import copies_past_l2, cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes, rotated
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.sparse_weights import compress, prune_mask
@@ -52,26 +50,7 @@ def teal_threshold(x: np.ndarray, sparsity: float) -> np.float32:
     return np.float32((a[i - 1] + a[i]) / 2)
 
 
-class Timer:
-    """Times fn(copy) over device copies of one weight set, rotated so that L2 never holds the one timed."""
-
-    def __init__(self, cp, l2_bytes: int, repeats: dict):
-        self.cp, self.l2, self.repeats = cp, l2_bytes, repeats
-
-    def copies(self, nbytes: int) -> int:
-        return int(min(16, max(2, -(-3 * self.l2 // max(nbytes, 1)))))
-
-    def ms(self, copies: list, fn) -> float:
-        turn = [0]
-
-        def step():
-            fn(copies[turn[0] % len(copies)])
-            turn[0] += 1
-
-        return cuda_event_ms(self.cp, step, **self.repeats)
-
-
-def bench_shape(cp, timer: Timer, shape: str, rng, copy_bw: float) -> list[dict]:
+def bench_shape(cp, shape: str, rng, copy_bw: float, l2: int, repeats: dict) -> list[dict]:
     n, k = SHAPES[shape]
     w = (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
     x_h = rng.standard_normal(k).astype(np.float32)
@@ -81,18 +60,21 @@ def bench_shape(cp, timer: Timer, shape: str, rng, copy_bw: float) -> list[dict]
     gemv, teal = Gemv(), TealGemv()
     rows = []
 
+    def ms_of(mats: list, fn) -> float:  # median ms of fn(m), the device copies rotated past L2
+        return cuda_event_ms(cp, rotated(mats, fn), **repeats)
+
     def add(kernel: str, sparsity: float, ms: float, nbytes: int, err: float, **extra) -> None:
         rows.append({"shape": shape, "kernel": kernel, "sparsity": sparsity, "ms": ms, "bytes": nbytes,
                      "gbs": nbytes / (ms * 1e-3) / 1e9, "copy_fraction": nbytes / (ms * 1e-3) / copy_bw,
                      "max_rel_err": err, **extra})
 
     dense_bytes = n * k * 2
-    mats = [cp.asarray(w16) for _ in range(timer.copies(dense_bytes))]
-    ms = timer.ms(mats, lambda m: cp.matmul(m, x16))
+    mats = [cp.asarray(w16) for _ in range(copies_past_l2(l2, dense_bytes))]
+    ms = ms_of(mats, lambda m: cp.matmul(m, x16))
     add("cublas fp16", 0.0, ms, dense_bytes, rel_err(cp.matmul(mats[0], x16).get().astype(np.float32), ref16))
     del mats
-    mats = [DeviceMatrix(quantize(w, "fp16")) for _ in range(timer.copies(dense_bytes))]
-    ms = timer.ms(mats, lambda m: gemv(m, x, y))
+    mats = [DeviceMatrix(quantize(w, "fp16")) for _ in range(copies_past_l2(l2, dense_bytes))]
+    ms = ms_of(mats, lambda m: gemv(m, x, y))
     gemv(mats[0], x, y)
     add("dense fp16", 0.0, ms, dense_bytes, rel_err(y.get(), ref16))
     del mats
@@ -101,19 +83,19 @@ def bench_shape(cp, timer: Timer, shape: str, rng, copy_bw: float) -> list[dict]
         for enc in ("sparse-fp16", "sparse-int8"):
             packed = PackedTensor(enc, w.shape, compress(w, mask, enc))
             mats = [DeviceMatrix(packed)]
-            mats += [DeviceMatrix(packed) for _ in range(timer.copies(mats[0].nbytes) - 1)]
-            ms = timer.ms(mats, lambda m: gemv(m, x, y))
+            mats += [DeviceMatrix(packed) for _ in range(copies_past_l2(l2, mats[0].nbytes) - 1)]
+            ms = ms_of(mats, lambda m: gemv(m, x, y))
             gemv(mats[0], x, y)
             add(f"compressed {enc[7:]}", s, ms, mats[0].nbytes, rel_err(y.get(), packed.matvec(x_h)))
             del mats
     wt = quantize(np.ascontiguousarray(w.T), "fp16")  # (K, N): a skipped input channel is a skipped row
-    mats = [DeviceMatrix(wt) for _ in range(timer.copies(dense_bytes))]
+    mats = [DeviceMatrix(wt) for _ in range(copies_past_l2(l2, dense_bytes))]
     ones, thr = cp.ones(k, cp.float32), cp.zeros(1, cp.float32)
     for s in TEAL_SPARSITY:
         t = teal_threshold(x_h, s)
         thr[...] = t
         kept = int((np.abs(x_h) >= t).sum())
-        ms = timer.ms(mats, lambda m: teal(m, x, ones, thr, y))
+        ms = ms_of(mats, lambda m: teal(m, x, ones, thr, y))
         teal(mats[0], x, ones, thr, y)
         ref = w16.astype(np.float32) @ np.where(np.abs(x_h) >= t, x_h, 0)
         add("teal fp16", s, ms, kept * n * 2, rel_err(y.get(), ref), channels_kept=kept / k)
@@ -139,11 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         cp = require_cuda("this benchmark", "the cpu backend's sparse kernels are timed by scripts/bench_cpu.py")
     except EdgeRuntimeError as e:
         raise SystemExit(f"bench_sparse_gemv.py: error: {e}") from None
-    l2 = cuda_l2_bytes(cp)
-    timer = Timer(cp, 1 << 16 if args.smoke else l2, {"repeats": 3, "warmup": 1} if args.smoke else {})
+    l2 = (1 << 16) if args.smoke else cuda_l2_bytes(cp)
+    repeats = {"repeats": 3, "warmup": 1} if args.smoke else {}
     copy_bw = cuda_copy_bandwidth(cp, (4 << 20) if args.smoke else (2 << 30))
     rng = np.random.default_rng(0)
-    rows = [r for shape in shapes for r in bench_shape(cp, timer, shape, rng, copy_bw)]
+    rows = [r for shape in shapes for r in bench_shape(cp, shape, rng, copy_bw, l2, repeats)]
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write); L2 {l2 >> 20} MB")
     print(f"{'shape':5} {'kernel':17} {'sparsity':>8} {'ms':>8} {'x cuBLAS':>8} {'x own':>6} {'GB/s':>6} {'copy':>5} "
           f"{'rel err':>8}")
@@ -152,12 +134,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['speedup_vs_dense_kernel']:6.2f} {r['gbs']:6.0f} {r['copy_fraction']:5.2f} {r['max_rel_err']:8.1e}")
     bad = [r for r in rows if not r["max_rel_err"] < MAX_REL_ERR]
     if args.csv:
-        text = io.StringIO()
-        fields = list(dict.fromkeys(f for r in rows for f in r))
-        w = csv.DictWriter(text, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write_text(args.csv, text.getvalue())
+        atomic_write_csv(args.csv, rows)
     if bad:
         raise SystemExit(f"bench_sparse_gemv.py: error: {len(bad)} kernels disagree with numpy (max relative error "
                          f"over {MAX_REL_ERR:g}): " + ", ".join(f"{r['shape']} {r['kernel']} {r['sparsity']}"

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from edge_runtime.atomic_write import atomic_write
+from edge_runtime.atomic_write import atomic_write_yaml
 from edge_runtime.errors import ModelFormatError
 from edge_runtime.pack.quant import STORED_ENCODINGS
 from edge_runtime.paths import model_file
@@ -191,13 +191,9 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 
 def write_manifest(model_dir: Path, manifest: dict[str, Any]) -> None:
-    """Atomically (readers see the old manifest or the new one, whole)."""
-
-    def dump(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            yaml.safe_dump(manifest, f, sort_keys=False, width=110)
-
-    atomic_write(Path(model_dir) / MANIFEST, dump)  # 0o644: a model directory is meant to be shared read-only
+    """Atomically (readers see the old manifest or the new one, whole; 0o644: a model directory is meant to be
+    shared read-only)."""
+    atomic_write_yaml(Path(model_dir) / MANIFEST, manifest)
 
 
 def record_files(model_dir: Path, names: list[str]) -> str:

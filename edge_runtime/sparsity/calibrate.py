@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from edge_runtime.atomic_write import atomic_write
+from edge_runtime.atomic_write import atomic_write, atomic_write_yaml
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.scoring import windowed
 from edge_runtime.sparsity.perplexity import perplexity
@@ -385,12 +385,7 @@ def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
     model_dir = Path(model_dir)
     if thresholds:
         atomic_write(model_dir / THRESHOLDS_FILE, lambda tmp: save_file(thresholds, tmp))
-
-    def dump(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            yaml.safe_dump(calib, f, sort_keys=False, width=110)
-
-    atomic_write(model_dir / CALIBRATION_FILE, dump)
+    atomic_write_yaml(model_dir / CALIBRATION_FILE, calib)
     record_files(model_dir, [n for n in (THRESHOLDS_FILE, CALIBRATION_FILE) if (model_dir / n).is_file()])
     return model_dir / CALIBRATION_FILE
 
