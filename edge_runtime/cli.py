@@ -210,6 +210,21 @@ def _read_text(path: str | Path) -> str:
         raise EdgeRuntimeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
+def _say_if_compiling(backend: str) -> None:
+    """One line on stderr when this command's cpu kernels are not compiled yet: the first command after an
+    install spends seconds compiling them (numba, cached beside the package) and would look hung."""
+    from edge_runtime.backends import cuda_available
+
+    if backend == "cuda" or (backend == "auto" and cuda_available()):
+        return
+    from edge_runtime.backends.cpu_fused import fused_layer
+    from edge_runtime.backends.jit import compile_pending
+
+    if compile_pending(fused_layer):
+        print("edge-runtime: compiling the cpu kernels (once after an install; later runs load them from the "
+              "cache)", file=sys.stderr)
+
+
 def _load(args, watch_power: bool = False):
     """The runtime for a command; long-running ones (serve, chat) follow the board's power mode."""
     import warnings
@@ -217,6 +232,7 @@ def _load(args, watch_power: bool = False):
     from edge_runtime.devices.planner import KVBudgetWarning
     from edge_runtime.runtime import load
 
+    _say_if_compiling(args.backend)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KVBudgetWarning)
         rt = load(args.model, profile=getattr(args, "profile", "auto"), backend=args.backend,
@@ -346,6 +362,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from edge_runtime.runtime import load
 
+    _say_if_compiling("auto")
     rt = load(None, backend="auto", threads=args.threads, warm_up=False)
     sel = rt.selection
     if not rt.follow_policy(measure_recall=True):  # the policy's rules and attention thresholds, else the default

@@ -266,3 +266,21 @@ def test_one_token_attention_matches_numpy(step, softcap, window):
     assert np.array_equal(kc[:, pos], k.reshape(nkv, hd)) and np.array_equal(vc[:, pos], v.reshape(nkv, hd))
     ref = _attention_reference(q, kc, vc, pos, np.float32(0.25), softcap, window)
     assert rel(out, ref) < 1e-5
+
+
+def test_compile_pending_is_true_until_a_kernel_is_cached(tmp_path):
+    """In a process whose numba cache is an empty folder, the kernel is pending until its first call compiles
+    and caches it; the CLI's 'compiling the cpu kernels' line rests on this."""
+    import subprocess
+    import sys
+
+    probe = ("import numpy as np\n"
+             "from edge_runtime.backends.jit import compile_pending, sum_parts\n"
+             "before = compile_pending(sum_parts)\n"
+             "out = np.zeros(3, np.float32)\n"
+             "sum_parts(np.ones((2, 3), np.float32), out)\n"
+             "print(before, compile_pending(sum_parts), out.tolist())\n")
+    env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "False", "[2.0,", "2.0,", "2.0]"]

@@ -131,3 +131,17 @@ def test_result_text_is_the_streamed_text_when_decoded_after_the_steps(seed):
     assert rt.generate("Once upon a time", **kw).text == res.text
     stopped = rt.generate("Once upon a time", stop=[res.text[5:8]], **kw)  # stop strings: text between steps
     assert stopped.finish_reason == "stop" and stopped.text == res.text[:res.text.find(res.text[5:8])]
+
+
+def test_a_command_says_when_it_must_compile_the_cpu_kernels(capsys, rt, monkeypatch):
+    """The first command after an install compiles the cpu kernels for about 25 s: it says so in one line on
+    stderr rather than look hung, and says nothing once they are cached."""
+    import edge_runtime.backends.jit as jit
+
+    argv = ["generate", "--model", str(rt.model.path), "--prompt", "a robot", "--max-new-tokens", "2",
+            "--backend", "cpu"]
+    for pending in (True, False):
+        monkeypatch.setattr(jit, "compile_pending", lambda fn, pending=pending: pending)
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert ("compiling the cpu kernels" in err) is pending
