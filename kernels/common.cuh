@@ -13,7 +13,20 @@
 // Activations fp32; accumulation fp32; warp-shuffle reductions. Launchers assert every precondition.
 #pragma once
 #include <cuda_fp16.h>
+#ifdef __CUDACC_RTC__
+// NVRTC (how CuPy compiles these files) searches no system include directory: no <stdint.h>, no INFINITY.
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 
 #define WARP 32
 #define FULL_MASK 0xffffffffu
@@ -149,6 +162,7 @@ __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __hal
     float acc = 0.f;
     if (ENC == ENC_FP32) {
         const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(w) + (size_t)row * Kp);
+#pragma unroll 4  // four 16-byte loads in flight per lane: a 7B row is 8 KB, one warp's 512 B a step
         for (int c = lane; c < C; c += WARP) {
             const float4 v = __ldg(p + c);
             acc += v.x * xs[c] + v.y * xs[C + c] + v.z * xs[2 * C + c] + v.w * xs[3 * C + c];
@@ -156,6 +170,7 @@ __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __hal
         return warp_sum(acc);
     } else if (ENC == ENC_FP16) {
         const uint4* p = reinterpret_cast<const uint4*>(static_cast<const __half*>(w) + (size_t)row * Kp);
+#pragma unroll 4  // four 16-byte loads in flight per lane: a 7B row is 8 KB, one warp's 512 B a step
         for (int c = lane; c < C; c += WARP) {
             const uint4 v = __ldg(p + c);
             const __half2* h = reinterpret_cast<const __half2*>(&v);
@@ -168,6 +183,7 @@ __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __hal
         return warp_sum(acc);
     } else if (ENC == ENC_INT8) {
         const uint4* p = reinterpret_cast<const uint4*>(static_cast<const int8_t*>(w) + (size_t)row * Kp);
+#pragma unroll 4  // four 16-byte loads in flight per lane: a 7B row is 8 KB, one warp's 512 B a step
         for (int c = lane; c < C; c += WARP) {
             const uint4 v = __ldg(p + c);
             const int8_t* q = reinterpret_cast<const int8_t*>(&v);
@@ -178,6 +194,7 @@ __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __hal
     } else if (ENC == ENC_INT4) {  // 16 bytes = 32 values, all inside one group (group % 32 == 0)
         const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint8_t*>(w) + (size_t)row * (Kp / 2));
         const __half* srow = scale + (size_t)row * (Kp / group);
+#pragma unroll 4  // four 16-byte loads in flight per lane: a 7B row is 8 KB, one warp's 512 B a step
         for (int c = lane; c < C; c += WARP) {
             const uint4 v = __ldg(p + c);
             const uint8_t* b = reinterpret_cast<const uint8_t*>(&v);
