@@ -330,14 +330,16 @@ class Runtime:
 
     # ---- lifetime ----------------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Run a two-token prefill and one decode step in the decode mode in force, then forget them: compiled
-        kernels are loaded (numba's cache; CUDA modules and the step's graph capture) here rather than inside a
-        caller's first deadline. No listener hears these tokens; statistics and position start from zero."""
+        """Run a two-token prefill and two decode steps in the decode mode in force, then forget them: compiled
+        kernels are loaded (numba's cache; CUDA modules in the first step, the step's graph captured in the
+        second) here rather than inside a caller's first deadline. No listener hears these tokens; statistics
+        and position start from zero."""
         with self._lock:
             if self._closed:
                 raise EdgeRuntimeError("this runtime is closed")
             bos = self.config.bos_token_id or 0
             self.decoder.start([bos, bos], SamplingParams())
+            self.decoder.decode_step()
             self.decoder.decode_step()
             self.decoder.reset()
 

@@ -7,7 +7,9 @@ token of the monitoring issue), ratios from one run.
 b. A Llama-2-7B-shaped model with random weights (`--distinct-layers` random layers repeated up to `--layers`;
    every layer gets its own copy on the device, so a step reads what 32 distinct layers would; full vocabulary,
    tied head), `--tokens` greedy tokens after a `--prompt`-token prompt, decoded by:
-   - the runtime dense fp16 (one CUDA graph per step, one 4-byte read of the sampled id);
+   - the runtime dense fp16 (one CUDA graph per step, one 4-byte read of the sampled id), reading every weight
+     row (the backend's dense_skips_zero_rows off: the baseline); and, for information, the runtime's default
+     dense step, which skips up/down rows whose gate is an exact zero after the ReLU;
    - the runtime sparse, fp16 and int4, one SparseInfer alpha for every layer chosen so that the predictor lets
      25 % of the gate rows through; the fraction that survives the ReLU is measured and printed. These densities
      are IMPOSED on random weights (the gate bias of pack/synthetic.py moves the survivors towards the issue's
@@ -18,7 +20,7 @@ b. A Llama-2-7B-shaped model with random weights (`--distinct-layers` random lay
    Bytes per token are the weights the step reads (the sparse FFN's as counted by the backend) plus the KV cache
    at the run's mean position; GB/s is divided by a device-to-device copy's bandwidth measured here.
 c. The embedded default model: --backend cuda against --backend cpu at the policy's setting, greedy ids compared;
-   on cuda also dense against that setting.
+   on cuda also dense (every row read) against that setting.
 Energy: where NVML can be read, joules per decoded token for every row, from the GPU's total-energy counter
 over the timed steps (the whole board, idle draw included). Runtime rows repeat their decode until
 `--min-seconds` have been timed, so that the counter's update interval does not matter.
@@ -86,7 +88,7 @@ def uniform_alpha(dec: Decoder, prompt_ids: list[int], target: float, n_layers: 
 def part_b(cp, cfg: ModelConfig, distinct: int, prompt: int, tokens: int, energy, min_seconds: float,
            copy_bytes: int = 1 << 30) -> dict:
     prompt_ids = [int(t) for t in np.random.default_rng(0).integers(3, cfg.vocab_size, prompt)]
-    kv_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 4 * (prompt + tokens // 2)  # fp32 cache
+    kv_positions = cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * (prompt + tokens // 2)  # K or V, mean position
     out = {"layers": cfg.n_layers, "distinct_layers": distinct, "prompt": prompt, "tokens": tokens,
            "copy_gbs": cuda_copy_bandwidth(cp, copy_bytes) / 1e9}
     for enc in ("fp16", "int4"):
@@ -94,10 +96,14 @@ def part_b(cp, cfg: ModelConfig, distinct: int, prompt: int, tokens: int, energy
         be = CudaBackend(model, prompt + tokens + 8)
         dec = Decoder(be)
         weights = sum(m.nbytes for m in model.matrices.values())  # the tied LM head reads the table whole
+        kv_bytes = 2 * kv_positions * be.k_cache.dtype.itemsize
         row = {}
         if enc == "fp16":
+            be.dense_skips_zero_rows = False
             r = timed_decode(dec, prompt_ids, tokens, energy, min_seconds)
             row["dense"] = {**r, "bytes": weights + kv_bytes, "gbs": (weights + kv_bytes) * r["tokens_per_s"] / 1e9}
+            be.dense_skips_zero_rows = True
+            row["dense_skipping_zero_rows"] = timed_decode(dec, prompt_ids, tokens, energy, min_seconds)
         alpha = uniform_alpha(dec, prompt_ids, 0.25, cfg.n_layers)
         dec.set_sparsity([Rule("sparseinfer", alpha=alpha)] * cfg.n_layers)
         r = timed_decode(dec, prompt_ids, tokens, energy, min_seconds)
@@ -137,6 +143,7 @@ def part_c(tokens: int, energy, min_seconds: float) -> dict:
             ids = rt.encode(DEFAULT_PROMPT)
             res["cuda_policy"] = timed_decode(rt.decoder, ids, tokens, energy, min_seconds)
             rt.set_sparsity(None)
+            rt.backend.dense_skips_zero_rows = False  # dense as in part b: every weight row read
             res["cuda_dense"] = timed_decode(rt.decoder, ids, tokens, energy, min_seconds)
         rt.close()
     res["cuda_vs_cpu"] = res["cuda"]["tokens_per_s"] / max(res["cpu"]["tokens_per_s"], 1e-9)
@@ -153,8 +160,10 @@ def report(out: dict) -> None:
     d = b["fp16"]["dense"]
     print(f"copy bandwidth {b['copy_gbs']:.0f} GB/s (read + write)")
     print(f"b. {b['layers']} layers ({b['distinct_layers']} distinct), {b['tokens']} tokens after {b['prompt']}")
-    print(f"   dense fp16: {d['tokens_per_s']:.1f} tok/s, {d['gbs']:.0f} GB/s = {d['copy_fraction']:.2f} of copy"
-          f"{_joules(d)}")
+    print(f"   dense fp16 (every row read): {d['tokens_per_s']:.1f} tok/s, {d['gbs']:.0f} GB/s = "
+          f"{d['copy_fraction']:.2f} of copy{_joules(d)}")
+    z = b["fp16"]["dense_skipping_zero_rows"]
+    print(f"   dense fp16, up/down rows with a zero gate skipped (exact): {z['tokens_per_s']:.1f} tok/s{_joules(z)}")
     for enc in ("fp16", "int4"):
         s = b[enc]["sparse"]
         print(f"   sparse {enc} (IMPOSED: predicted {s['predicted_density']:.3f}, actual {s['actual_density']:.3f}): "

@@ -29,7 +29,7 @@ import yaml
 
 from edge_runtime.atomic_write import atomic_write_text
 from edge_runtime.backends import create_backend, cuda_available, require_cuda
-from edge_runtime.bench import cuda_copy_bandwidth, cuda_event_ms
+from edge_runtime.bench import copies_past_l2, cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes, rotated
 from edge_runtime.devices.profile import load_profile, parse_profile
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.errors import EdgeRuntimeError
@@ -41,18 +41,21 @@ from edge_runtime.sparsity.predictor import Rule, alpha_for_density
 @dataclass(frozen=True)
 class Sizes:
     """What is measured: the copy's bytes, the GEMVs' n x n matrices, how many tiny ops time a launch, and
-    the sparse FFN block's shape (d, N) and encoding."""
+    the sparse FFN block's shape (d, N) and encoding; l2_bytes: the cache weight copies are rotated past (None:
+    the device's)."""
 
     copy_bytes: int
     gemv_n: tuple[int, ...]
     launches: int
     ffn: tuple[int, int]
     ffn_encoding: str
+    l2_bytes: int | None = None
 
 
 CPU = Sizes(256 << 20, (1024, 4096, 8192), 2000, (1024, 2816), "int8")
 CUDA = Sizes(1 << 30, (4096, 8192, 16384), 1000, (4096, 11008), "fp16")  # Llama-2-7B's FFN
-SMOKE = Sizes(4 << 20, (64, 128), 20, (64, 128), "int8")  # checks the script (also under the CUDA emulator)
+# checks the script (also under the CUDA emulator)
+SMOKE = Sizes(4 << 20, (64, 128), 20, (64, 128), "int8", l2_bytes=1 << 16)
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 
 
@@ -77,47 +80,60 @@ def measure_cpu(sizes: Sizes) -> dict:
         gemv[n] = w.nbytes / _median_s(lambda w=w, x=x: w @ x, 5)
     tiny = np.ones(8, dtype=np.float32)
     launch = _median_s(lambda: tiny + tiny, sizes.launches)
-    ffn = sparse_ffn_ms("cpu", np, sizes, lambda fn: _median_s(fn, 20) * 1e3)
+    ffn = sparse_ffn_ms("cpu", np, sizes, lambda fn, stream: _median_s(fn, 20) * 1e3)
     return {"copy_bw": copy_bw, "gemv_bw": gemv, "launch_s": launch, "sparse_ffn": ffn}
 
 
 def measure_cuda(cp, sizes: Sizes) -> dict:
-    def ev(fn, repeats=20):
-        return cuda_event_ms(cp, fn, repeats) * 1e-3
-
     copy_bw = cuda_copy_bandwidth(cp, sizes.copy_bytes)
+    l2 = sizes.l2_bytes or cuda_l2_bytes(cp)
     gemv = {}
     for n in sizes.gemv_n:
-        w = cp.ones((n, n), dtype=cp.float16)
-        x = cp.ones(n, dtype=cp.float16)
-        gemv[n] = w.nbytes / ev(lambda w=w, x=x: cp.matmul(w, x))
-        del w, x
+        ws = [cp.ones((n, n), dtype=cp.float16) for _ in range(copies_past_l2(l2, 2 * n * n))]  # none served by L2
+        x, y = cp.ones(n, dtype=cp.float16), cp.empty(n, dtype=cp.float16)  # preallocated: capturable
+
+        def cublas_fp16(w, x=x, y=y):
+            cp.matmul(w, x, out=y)
+
+        gemv[n] = ws[0].nbytes / (cuda_event_ms(cp, rotated(ws, cublas_fp16), 20) * 1e-3)
+        del ws, x, y
     tiny = cp.ones(8, dtype=cp.float32)
     t0 = time.perf_counter()
     for _ in range(sizes.launches):
         tiny += 1
     cp.cuda.Device().synchronize()
     launch = (time.perf_counter() - t0) / sizes.launches
-    ffn = sparse_ffn_ms("cuda", cp, sizes, lambda fn: cuda_event_ms(cp, fn, 20))
+    d, n = sizes.ffn
+    # layer copies rotated so that the lowest density's reads (sign plane + 5 % of three matrices) pass 3 x L2
+    least = n * -(-d // 32) * 4 + min(DENSITIES) * 3 * n * d * (2 if sizes.ffn_encoding == "fp16" else 1)
+    ffn = sparse_ffn_ms("cuda", cp, sizes, lambda fn, stream: cuda_event_ms(cp, fn, 20, stream=stream),
+                        copies_past_l2(l2, least, least=1))
     return {"copy_bw": copy_bw, "gemv_bw": gemv, "launch_s": launch, "sparse_ffn": ffn}
 
 
-def sparse_ffn_ms(backend: str, xp, sizes: Sizes, time_ms) -> dict[float, float]:
-    """The backend's FFN block (SparseInfer predictor, gate, up, down) on one random layer of shape
-    sizes.ffn, in ms against the fraction of gate rows the predictor lets through (alpha chosen
-    for this x). time_ms(fn) -> milliseconds of one fn() on that device."""
+def sparse_ffn_ms(backend: str, xp, sizes: Sizes, time_ms, copies: int = 1) -> dict[float, float]:
+    """The backend's FFN block (SparseInfer predictor, gate, up, down) on a random layer of shape sizes.ffn, in
+    ms against the fraction of gate rows the predictor lets through (alpha chosen for this x); `copies` device
+    copies of the layer taken in turn (past the L2 cache). time_ms(fn, stream) -> milliseconds of one fn() there
+    (stream: the cuda backend's, where its ops are issued; None on cpu)."""
     d, n = sizes.ffn
-    cfg = dataclasses.replace(SHAPES["llama2-7b"], dim=d, ffn_dim=n, n_layers=1, n_heads=max(1, d // 64),
+    cfg = dataclasses.replace(SHAPES["llama2-7b"], dim=d, ffn_dim=n, n_layers=copies, n_heads=max(1, d // 64),
                               n_kv_heads=max(1, d // 64), head_dim=min(64, d), vocab_size=256, tie_embeddings=True)
-    be = create_backend(backend, random_llama(cfg, sizes.ffn_encoding, gate_bias=0.0), max_context=16)
+    model = random_llama(cfg, sizes.ffn_encoding, gate_bias=0.0, distinct_layers=1)  # one layer, `copies` uploads
+    be = create_backend(backend, model, max_context=16)
     try:
-        layer = be.weights.layers[0]
+        layers = list(enumerate(be.weights.layers))
         x_host = np.random.default_rng(1).standard_normal((1, d)).astype(np.float32)
         x, y = xp.asarray(x_host), xp.zeros((1, d), dtype=xp.float32)
         out = {}
+
+        def sparse_ffn(il):
+            be.ffn_step(il[0], x, il[1], y, "sparse")
+
         for density in DENSITIES:
-            be.set_knobs([Rule("sparseinfer", alpha=alpha_for_density(x_host[0], layer.gate_signs, density))], None)
-            out[density] = time_ms(lambda: be.ffn_step(0, x, layer, y, "sparse"))
+            alpha = alpha_for_density(x_host[0], layers[0][1].gate_signs, density)
+            be.set_knobs([Rule("sparseinfer", alpha=alpha)] * copies, None)
+            out[density] = time_ms(rotated(layers, sparse_ffn), getattr(be, "stream", None))
         return out
     finally:
         if hasattr(be, "free"):

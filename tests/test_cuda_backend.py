@@ -152,7 +152,7 @@ def test_sparse_with_attention_teal_equals_cpu(models, criterion):
 
 def test_graph_replay_equals_eager_and_knobs_need_no_recapture(models):
     eager = edge_runtime.load(models["relu-fp32"], profile=None, backend="cuda", max_context=64)
-    assert len(eager.backend._graphs) == 1  # load's warm-up captured the step of the mode in force (dense)
+    assert len(eager.backend._graphs) == 1  # load's warm-up: one eager step, then the dense step captured
     eager.backend.use_graphs = False
     graph = edge_runtime.load(models["relu-fp32"], profile=None, backend="cuda", max_context=64, warm_up=False)
     rules = [Rule("sparseinfer", alpha=1.0)] * graph.config.n_layers
@@ -164,6 +164,35 @@ def test_graph_replay_equals_eager_and_knobs_need_no_recapture(models):
     _run(graph, [Rule("sparseinfer", alpha=0.9)] * graph.config.n_layers, n=16)  # new alphas, same graph
     assert len(graph.backend._graphs) == 1
     assert graph.decoder.stats.predicted.sum() < before  # the replayed graph read the new alpha
+
+
+def test_a_step_kind_runs_eagerly_once_before_it_is_captured(models):
+    """Modules compile and load in an eager first step, never inside a capture; the second step is captured and
+    replayed from then on, with the same ids and logits as all-eager steps."""
+    rt = edge_runtime.load(models["relu-int8"], profile=None, backend="cuda", max_context=64, warm_up=False)
+    be = rt.backend
+    rt.decoder.set_sparsity(None)
+    rt.decoder.start(PROMPT, SamplingParams())
+    rt.decoder.decode_step()
+    assert len(be._graphs) == 0 and len(be._ran_eagerly) == 1
+    rt.decoder.decode_step()
+    assert len(be._graphs) == 1
+    ids_g, lg_g = _run(rt, n=8)
+    be.use_graphs = False
+    ids_e, lg_e = _run(rt, n=8)
+    assert ids_g == ids_e and np.array_equal(lg_g, lg_e)
+
+
+@pytest.mark.parametrize("name", ["relu-int8", "relu-int4"])
+def test_dense_reading_every_row_equals_dense_skipping_zero_rows(models, name):
+    """The benchmark's dense baseline (every weight row read: gate, up, act, a full down GEMV) against the dense
+    step that skips rows whose gate is an exact zero: the same ids, logits within float rounding."""
+    rt = edge_runtime.load(models[name], profile=None, backend="cuda", max_context=64, warm_up=False)
+    ids_s, lg_s = _run(rt, n=8)
+    rt.backend.dense_skips_zero_rows = False
+    ids_f, lg_f = _run(rt, n=8)
+    assert ids_f == ids_s and _rel(lg_f, lg_s) < 1e-5
+    assert len({k[-1] for k in rt.backend._graphs}) == 2  # a graph of its own: the flag is part of the key
 
 
 def test_sampled_generation_is_seeded(models):

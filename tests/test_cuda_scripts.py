@@ -21,6 +21,19 @@ if not cp.is_available():
 from edge_runtime.devices.profile import load_profile  # noqa: E402
 from tests.helpers import load_script  # noqa: E402
 
+CUBLAS_TIMINGS = {"dense_step", "cublas_fp16"}  # bench_decode's fp16 dense step and bench_sparse_gemv's baseline
+
+
+@pytest.fixture(autouse=True)
+def timed_in_graphs(recwarn):
+    """Every timing of the project's own kernels is replayed from a captured CUDA graph (bench.cuda_event_ms): a
+    fallback to eager calls would time the host too. cuBLAS calls may fall back (the emulator refuses them in a
+    capture; on a GPU they are captured when preallocated)."""
+    yield
+    eager = [str(w.message).split()[1] for w in recwarn
+             if issubclass(w.category, RuntimeWarning) and str(w.message).startswith("timed ")]
+    assert set(eager) <= CUBLAS_TIMINGS, eager
+
 
 def test_bench_decode_smoke(tmp_path):
     out = tmp_path / "ffn.csv"

@@ -1,14 +1,22 @@
 """The cuda backend: the contract of backends/base.py on an NVIDIA GPU through CuPy RawKernels.
 
 Weights are uploaded once in their stored encodings; the KV cache lives on the device. Prefill runs eager
-CuPy (matrices through cuBLAS). A decode step is the decoder's `_step` issued on a non-default stream and
-captured once per (mode, per-layer predictor kinds) as a CUDA graph, then replayed every token: the token
-id and position live in the step buffer, the knobs (alpha, thresholds, TEAL) in device arrays the graph
-reads, the FFN statistics in device counters. Per token the host copies back 4 bytes (the sampled id).
+CuPy (matrices through cuBLAS). A decode step is the decoder's `_step`: the first of each (mode, per-layer
+predictor kinds, TEAL products) runs eagerly, so that modules compile and load outside any capture; the
+second is captured as a CUDA graph, which is then replayed every token. The token id and position live in
+the step buffer, the knobs (alpha, thresholds, TEAL) in device arrays the graph reads, the FFN statistics in
+device counters. Per token the host copies back 4 bytes (the sampled id).
+
+All of the backend's work is issued on its own stream (every public method runs inside `with self.stream`).
+The stream is a blocking one, so it is also ordered with anything a caller issues on CuPy's default stream.
+Every read to the host waits for the stream first: a copy CuPy makes on another stream would not see the
+step. Under the CPU emulator everything runs at issue time, so none of this ordering can be tested there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
@@ -47,6 +55,22 @@ TEAL_SLOT = {p: j for j, p in enumerate(PROJECTIONS)}
 KIND_NAME = {1: "sparseinfer", 2: "projection"}
 
 
+def _on_own_stream(cls):
+    """Wrap every public method so that the work it issues goes to the instance's stream."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def on_stream(self, *args, **kwargs):
+            with self.stream:
+                return fn(self, *args, **kwargs)
+        return on_stream
+
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and not name.startswith("_"):
+            setattr(cls, name, wrap(fn))
+    return cls
+
+
+@_on_own_stream
 class CudaBackend:
     name = "cuda"
 
@@ -55,10 +79,12 @@ class CudaBackend:
         cfg = self.config = model.config
         self.max_context = max_context
         self.use_graphs = use_graphs  # False: every step eager (debugging, and the graph-equivalence test)
+        self.dense_skips_zero_rows = True  # dense ReLU-family steps skip up/down rows whose gate is an exact zero
         self.weights = weights_of(model)
         self.dev = DeviceWeights(self.weights)
         self._index = {id(layer): i for i, layer in enumerate(self.weights.layers)}  # host Layer -> device twin
-        self.stream = cp.cuda.Stream(non_blocking=True)
+        # blocking: ordered with CuPy's legacy default stream, which a caller (or CuPy itself) may copy on
+        self.stream = cp.cuda.Stream(non_blocking=False)
         self.k = SimpleNamespace(gemv=Gemv(), ffn=SparseFFNKernels(), norm=NormKernel(), rope=RopeKernel(),
                                  kv=KVAppendKernel(), embed=EmbedKernel(), ew=Elementwise(), sample=SampleKernel(),
                                  teal=TealGemv(),
@@ -103,6 +129,7 @@ class CudaBackend:
         self.sampling = SimpleNamespace(params=cp.zeros(4, f32), iparams=cp.zeros(4, cp.int32),
                                         work=cp.zeros(v, f32), ids=cp.zeros(max_context, cp.int32))
         self._graphs: dict[tuple, object] = {}
+        self._ran_eagerly: set[tuple] = set()  # step keys whose first step ran eagerly: the next one is captured
         self._in_step = False
         self.stats_reads = 0
         self._teal_criterion = "teal"  # what state.teal_scale holds (allocated as ones)
@@ -176,7 +203,7 @@ class CudaBackend:
         cfg = self.config
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         if out is None:
-            pos0 = int(self.cp.asnumpy(positions[:1])[0])
+            pos0 = int(self._host(positions[:1])[0])
             return eager.causal_attention(q, k, v, kc, vc, pos0, cfg.n_heads, cfg.head_dim, cfg.attn_scale,
                                           cfg.attn_softcap, cfg.window(layer))
         # k is already rotated by the decoder: append without rotation, then split-K attention over [0, pos]
@@ -225,14 +252,14 @@ class CudaBackend:
         x per layer), the FFN on the device."""
         cp = self.cp
         st = self.state
-        rule = layer_rule(int(st.predictor[i]), cp.asnumpy(st.alpha[i]), cp.asnumpy(st.theta[i]))
+        rule = layer_rule(int(st.predictor[i]), self._host(st.alpha[i]), self._host(st.theta[i]))
         if rule is None and self.teal_on[i, TEAL_SLOT["gate"]:].any():  # TEAL mode (a predictor takes precedence)
             _, hidden = self.ffn_parts(x, layer, teal_layer=i)
             t, s = self._teal_threshold((i, "down")), self._teal_scale((i, "down"), hidden.shape[1])
             return self.ffn_down(cp.where(cp.abs(hidden) * s >= t, hidden, np.float32(0.0)), layer)
         if rule is None:
             return self.ffn_down(self.ffn_parts(x, layer)[1], layer)
-        active = cp.asarray(rule.active(cp.asnumpy(x), layer.gate_signs))
+        active = cp.asarray(rule.active(self._host(x), layer.gate_signs))
         g = self.linear(x, layer.gate)
         h = cp.where(active & keep_after_gate(g, self.config.act_threshold), g, np.float32(0.0))
         if layer.up is not None:
@@ -250,9 +277,10 @@ class CudaBackend:
         xv, y = x.reshape(-1), add_to.reshape(-1)
         residual = y if accumulate else None
         kind = int(self.state.predictor[i]) if mode == "sparse" else DENSE
-        if kind != DENSE or (mode == "dense" and cfg.relu_family):
+        if kind != DENSE or (mode == "dense" and cfg.relu_family and self.dense_skips_zero_rows):
             # A dense ReLU-family FFN is the sparse one with every row predicted: rows whose gate does not
-            # survive the activation are exact zeros, so up and down still skip them.
+            # survive the activation are exact zeros, so up and down still skip them (dense_skips_zero_rows False:
+            # every weight read, the GEMV baseline a sparse decode is measured against).
             gate_b, up_b = dl.gate.b, (dl.up.b if dl.up else None)
             knob = (f.every_row if kind == DENSE else self.state.alpha[i:i + 1] if kind != PROJECTION
                     else self.state.theta[i])
@@ -293,8 +321,13 @@ class CudaBackend:
             if not self.use_graphs:
                 self._issue(body)
             else:
-                key = (mode, kinds, teal_on.tobytes())  # which TEAL products a step holds; values stay in memory
+                # what the step holds (knob values live in device memory)
+                key = (mode, kinds, teal_on.tobytes(), self.dense_skips_zero_rows)
                 graph = self._graphs.get(key)
+                if graph is None and key not in self._ran_eagerly:
+                    self._ran_eagerly.add(key)  # compiles, module loads and attributes happen here, not in capture
+                    self._issue(body)
+                    return
                 if graph is None:
                     graph = self._graphs[key] = self._capture(body)
                 graph.launch(self.stream)
@@ -310,16 +343,23 @@ class CudaBackend:
         self.stream.begin_capture()
         try:
             self._issue(body)
-        finally:
-            graph = self.stream.end_capture()
-        return graph
+        except BaseException:
+            with contextlib.suppress(Exception):  # end the capture so the stream stays usable; report the body's error
+                self.stream.end_capture()
+            raise
+        return self.stream.end_capture()
+
+    def _host(self, a) -> np.ndarray:
+        """a device array copied to the host after the stream's work is done."""
+        self.stream.synchronize()
+        return self.cp.asnumpy(a)
 
     # ---- host interface ----------------------------------------------------------------------------------
     def from_host(self, a, dtype):
         return self.cp.asarray(np.asarray(a, dtype=dtype))
 
     def to_host(self, a) -> np.ndarray:
-        return self.cp.asnumpy(a)
+        return self._host(a)
 
     def begin(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         cp = self.cp
@@ -340,10 +380,10 @@ class CudaBackend:
         self.step[STEP_TOKEN:STEP_TOKEN + 1] = self.cp.asarray(np.array([token], np.int32))
 
     def read_token(self) -> int:
-        return int(self.cp.asnumpy(self.step[STEP_TOKEN:STEP_TOKEN + 1])[0])  # the step's one 4-byte copy
+        return int(self._host(self.step[STEP_TOKEN:STEP_TOKEN + 1])[0])  # the step's one 4-byte copy
 
     def read_logits(self) -> np.ndarray:
-        return self.cp.asnumpy(self.buffers.logits)
+        return self._host(self.buffers.logits)
 
     def set_knobs(self, rules: Sequence[Rule] | None, teal: Sequence[dict[str, float]] | None,
                   measure_recall: bool = False, teal_criterion: str = "teal") -> None:
@@ -372,8 +412,8 @@ class CudaBackend:
         bytes follow from them and the weights' row sizes."""
         self.stats_reads += 1
         cfg = self.config
-        dev = self.cp.asnumpy(self.ffn_stats).astype(np.int64)  # (L, 2)
-        up_dropped = self.cp.asnumpy(self.up_dropped[0]).astype(np.int64)  # (L,) sparse steps only
+        dev = self._host(self.ffn_stats).astype(np.int64)  # (L, 2)
+        up_dropped = self._host(self.up_dropped[0]).astype(np.int64)  # (L,) sparse steps only
         s = FFNStats(cfg.n_layers, cfg.ffn_dim)
         for i, layer in enumerate(self.weights.layers):
             steps = int(self.ffn_steps[i, 1:].sum())
@@ -381,7 +421,7 @@ class CudaBackend:
             s.bytes_read[i] = int(layer.ffn_read_bytes(steps, dev[i, 0], dev[i, 1], self.ffn_steps[i, PROJECTION],
                                                        up_dropped[i]))
             s.bytes_dense[i] = steps * layer.ffn_dense_bytes()
-        kept = self.cp.asnumpy(self.attn_kept).astype(np.int64)  # (L, 4)
+        kept = self._host(self.attn_kept).astype(np.int64)  # (L, 4)
         for i, layer in enumerate(self.weights.layers):
             for j, p in enumerate(ATTENTION):
                 w = getattr(layer, p).w
