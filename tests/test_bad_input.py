@@ -49,6 +49,16 @@ def test_missing_path(capsys, tmp_path):
     assert err.count(str(tmp_path / "nope")) == 1  # named once
 
 
+def test_calibrate_names_the_model_it_rewrites(capsys, tmp_path):
+    """calibrate writes into its model: it never defaults to the embedded one inside the installed package."""
+    text = tmp_path / "t.txt"
+    text.write_text("The sea was calm. " * 50)
+    with pytest.raises(SystemExit) as e:  # a usage error: argparse's exit, one line
+        main(["calibrate", "--text", str(text)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--model" in err
+
+
 def test_truncated_safetensors(capsys, packed, tmp_path):
     m = copy_model(packed / "packed", tmp_path / "m")
     f = m / "layer_001.safetensors"

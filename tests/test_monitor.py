@@ -154,6 +154,19 @@ def test_report_from_tegrastats(tmp_path, capsys):
     assert (tmp_path / "r" / "power.png").stat().st_size > 1000
 
 
+def test_report_without_matplotlib_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    log = tmp_path / "tegra.log"
+    log.write_text(AGX + "\n")
+    assert main(["report", "--tegrastats", str(log), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pip install matplotlib" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_monitor_wraps_a_generation(tmp_path, capsys):
     pytest.importorskip("torch")
     from edge_runtime.pack.convert import convert

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.atomic_write import atomic_write_text
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.monitor.summary import summarize
 from edge_runtime.monitor.tegrastats import parse_log
@@ -108,9 +110,12 @@ def make_report(source: Path, out_dir: Path, tegrastats: bool = False) -> dict:
         records, tokens, bad = load_jsonl(source)
     if not records:
         raise EdgeRuntimeError(f"{source} holds no samples ({bad} unparseable lines)")
+    if importlib.util.find_spec("matplotlib") is None:  # checked before anything is written
+        raise EdgeRuntimeError("report draws its plots with matplotlib: pip install matplotlib (in a checkout, "
+                               "pip install '.[monitor]' installs it with the other monitoring extras)")
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(records, tokens)
     summary["unparseable_lines"] = bad
     summary["plots"] = plot(records, tokens, out_dir)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
