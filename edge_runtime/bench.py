@@ -89,14 +89,10 @@ def cuda_event_ms(cp, fn, repeats: int = 50, warmup: int = 5, batch: int = 32, s
 
 def _captured(cp, stream, fn, batch: int):
     """batch calls of fn captured on stream as a graph, or None (with a warning) where capture fails."""
+    from edge_runtime.backends.cuda_ops.common import capture_graph
+
     try:
-        stream.begin_capture()
-        try:
-            for _ in range(batch):
-                fn()
-        finally:
-            graph = stream.end_capture()
-        return graph
+        return capture_graph(stream, lambda: [fn() for _ in range(batch)])
     except Exception as e:  # an allocation, a sync or a host copy inside fn: CUDA refuses it in a capture
         warnings.warn(f"timed {getattr(fn, '__name__', 'fn')} as {batch} eager calls (it cannot be captured in "
                       f"a CUDA graph: {str(e).splitlines()[0] if str(e) else type(e).__name__}); its time includes "

@@ -215,9 +215,9 @@ def _read_text(path: str | Path) -> str:
 def _say_if_compiling(backend: str) -> None:
     """One line on stderr when this command's cpu kernels are not compiled yet: the first command after an
     install spends seconds compiling them (numba, cached beside the package) and would look hung."""
-    from edge_runtime.backends import cuda_available
+    from edge_runtime.backends import resolve_backend
 
-    if backend == "cuda" or (backend == "auto" and cuda_available()):
+    if resolve_backend(backend) == "cuda":
         return
     from edge_runtime.backends.cpu_fused import fused_layer
     from edge_runtime.backends.jit import compile_pending

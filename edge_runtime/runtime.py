@@ -425,7 +425,7 @@ def _size_on_disk(path: Path, default: int) -> int:
 def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | None, backend: str) -> LoadPlan:
     """The load plan from the manifest alone (nothing mapped yet): stored file bytes, the KV cache in the
     backend's dtype (the numpy backend keeps it in float32, the CUDA one in fp16 unless the weights are fp32)."""
-    from edge_runtime.backends import cuda_available
+    from edge_runtime.backends import resolve_backend
     from edge_runtime.devices.planner import available_memory_gb, plan_load
     from edge_runtime.pack.format import load_manifest
     from edge_runtime.pack.loader import model_config
@@ -436,7 +436,7 @@ def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | Non
     weights = sum(min(int(f["bytes"]), _size_on_disk(model_dir / name, int(f["bytes"])))
                   for name, f in manifest["files"].items())
     context = min(max_context or DEFAULT_CONTEXT, cfg.max_positions)
-    on_cpu = backend == "cpu" or (backend == "auto" and not cuda_available())
+    on_cpu = resolve_backend(backend) == "cpu"
     try:
         return plan_load(cfg, manifest["encoding"], weights, profile, context, available_memory_gb(),
                          kv_dtype_bytes=4 if on_cpu or manifest["encoding"] == "fp32" else 2)

@@ -28,7 +28,7 @@ import psutil
 import yaml
 
 from edge_runtime.atomic_write import atomic_write_text
-from edge_runtime.backends import create_backend, cuda_available, require_cuda
+from edge_runtime.backends import create_backend, require_cuda, resolve_backend
 from edge_runtime.bench import copies_past_l2, cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes, rotated
 from edge_runtime.devices.profile import load_profile, parse_profile
 from edge_runtime.devices.shapes import SHAPES
@@ -199,8 +199,7 @@ def write_profile(args) -> None:
     base = base_mode(args.base, args.power_mode) if args.base else None  # bad names fail before measuring
     if not args.out.parent.is_dir():
         raise EdgeRuntimeError(f"{args.out.parent} is not a directory")
-    on_gpu = args.backend == "cuda" or (args.backend == "auto" and cuda_available())
-    cp = require_cuda("--backend cuda", "use --backend cpu") if on_gpu else None
+    cp = require_cuda("--backend cuda", "use --backend cpu") if resolve_backend(args.backend) == "cuda" else None
     m = measure_cpu(SMOKE if args.smoke else CPU) if cp is None else measure_cuda(cp, SMOKE if args.smoke else CUDA)
     best_gemv = m["gemv_bw"][max(m["gemv_bw"])]  # the largest matrix: the one no cache holds
     measured = {"copy_gbs": round(m["copy_bw"] / 1e9, 2),

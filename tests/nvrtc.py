@@ -37,13 +37,11 @@ def find_nvrtc() -> ctypes.CDLL | None:
 
 
 def find_cuda_include() -> Path | None:
-    """The CUDA toolkit's include directory (cuda_fp16.h): CUDA_PATH, beside nvcc, or /usr/local/cuda."""
+    """The CUDA toolkit's include directory (cuda_fp16.h): CUDA_PATH, beside nvcc, or /usr/local/cuda*."""
     roots = [os.environ.get("CUDA_PATH")]
     if nvcc := shutil.which("nvcc"):
         roots.append(str(Path(nvcc).resolve().parents[1]))
-        text = Path(nvcc).read_text(errors="ignore") if Path(nvcc).stat().st_size < 4096 else ""
-        roots += [w.split("/bin/nvcc")[0] for w in text.split() if w.endswith("/bin/nvcc")]  # a wrapper script
-    roots.append("/usr/local/cuda")
+    roots += sorted(str(p) for p in Path("/usr/local").glob("cuda*"))
     for r in filter(None, roots):
         if (Path(r) / "include" / "cuda_fp16.h").is_file():
             return Path(r) / "include"

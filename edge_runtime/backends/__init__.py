@@ -18,6 +18,13 @@ def cuda_available() -> bool:
         return False
 
 
+def resolve_backend(name: str) -> str:
+    """The backend `name` stands for: "auto" is "cuda" where CuPy sees a GPU, else "cpu"."""
+    if name not in BACKENDS:
+        raise EdgeRuntimeError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return ("cuda" if cuda_available() else "cpu") if name == "auto" else name
+
+
 def require_cuda(what: str = "backend 'cuda'", instead: str = "use --backend cpu"):
     """The cupy module, where CuPy and a CUDA GPU are there; else EdgeRuntimeError saying what is missing
     and, after installing the cuda extra, what else one could do."""
@@ -32,9 +39,7 @@ def require_cuda(what: str = "backend 'cuda'", instead: str = "use --backend cpu
 def create_backend(name: str, model, max_context: int, threads: int | None = None):
     """A backend holding `model`'s weights and a KV cache of `max_context` positions; threads: the cpu
     backend's compute threads (None: the cores numpy's BLAS would use)."""
-    if name not in BACKENDS:
-        raise EdgeRuntimeError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "cuda" or (name == "auto" and cuda_available()):
+    if resolve_backend(name) == "cuda":
         require_cuda()
         from edge_runtime.backends.cuda import CudaBackend
 

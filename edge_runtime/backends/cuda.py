@@ -15,7 +15,6 @@ step. Under the CPU emulator everything runs at issue time, so none of this orde
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -34,7 +33,7 @@ from edge_runtime.backends.base import (
     teal_scale_array,
 )
 from edge_runtime.backends.cuda_ops.attention import DecodeAttention
-from edge_runtime.backends.cuda_ops.common import STEP_POS, STEP_RNG, STEP_SIZE, STEP_TOKEN, cupy
+from edge_runtime.backends.cuda_ops.common import STEP_POS, STEP_RNG, STEP_SIZE, STEP_TOKEN, capture_graph, cupy
 from edge_runtime.backends.cuda_ops.elementwise import Elementwise
 from edge_runtime.backends.cuda_ops.embed import EmbedKernel
 from edge_runtime.backends.cuda_ops.gemv import Gemv
@@ -317,20 +316,18 @@ class CudaBackend:
             on = teal_on[:, :len(ATTENTION)].astype(np.int64)
             self.attn_steps[:, :, 1] += on
             self.attn_steps[:, :, 0] += 1 - on
-        with self.stream:
-            if not self.use_graphs:
-                self._issue(body)
-            else:
-                # what the step holds (knob values live in device memory)
-                key = (mode, kinds, teal_on.tobytes(), self.dense_skips_zero_rows)
-                graph = self._graphs.get(key)
-                if graph is None and key not in self._ran_eagerly:
-                    self._ran_eagerly.add(key)  # compiles, module loads and attributes happen here, not in capture
-                    self._issue(body)
-                    return
-                if graph is None:
-                    graph = self._graphs[key] = self._capture(body)
-                graph.launch(self.stream)
+        if not self.use_graphs:  # (on self.stream: every public method is, see _on_own_stream)
+            self._issue(body)
+            return
+        key = (mode, kinds, teal_on.tobytes(), self.dense_skips_zero_rows)  # what the step holds; knobs: memory
+        graph = self._graphs.get(key)
+        if graph is None and key not in self._ran_eagerly:
+            self._ran_eagerly.add(key)  # compiles, module loads and attributes happen here, not in a capture
+            self._issue(body)
+            return
+        if graph is None:
+            graph = self._graphs[key] = capture_graph(self.stream, lambda: self._issue(body))
+        graph.launch(self.stream)
 
     def _issue(self, body: Callable[[], None]) -> None:
         self._in_step = True
@@ -338,16 +335,6 @@ class CudaBackend:
             body()
         finally:
             self._in_step = False
-
-    def _capture(self, body: Callable[[], None]):
-        self.stream.begin_capture()
-        try:
-            self._issue(body)
-        except BaseException:
-            with contextlib.suppress(Exception):  # end the capture so the stream stays usable; report the body's error
-                self.stream.end_capture()
-            raise
-        return self.stream.end_capture()
 
     def _host(self, a) -> np.ndarray:
         """a device array copied to the host after the stream's work is done."""

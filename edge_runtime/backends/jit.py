@@ -92,8 +92,8 @@ SERIAL_STEP_BYTES = 16 << 20
 
 def compile_pending(fn) -> bool:
     """True when numba holds no disk cache for the kernel fn yet, so that its first call compiles (the demo's
-    kernels take about 6 s on the 2-core development machine, once after an install). Reads numba's cache
-    locator, which is not public API: False when it cannot tell."""
+    two decode paths take about 30 s on the 2-core development machine, once after an install). Reads numba's
+    cache locator, which is not public API: False when it cannot tell."""
     try:
         return not os.path.exists(fn._cache._cache_file._index_path)
     except AttributeError:

@@ -9,8 +9,10 @@ graph can be replayed every step; host scalars are model constants only.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,19 @@ def source_text(name: str) -> str:
     """The kernel file with its local #include "x.cuh" lines replaced by the header (NVRTC gets one text)."""
     path = kernel_source(name)
     return _INCLUDE.sub(lambda m: source_text(m.group(1)).replace("#pragma once", ""), path.read_text())
+
+
+def capture_graph(stream, issue: Callable[[], None]):
+    """The device work issue() puts on `stream`, captured as a CUDA graph. On an error the capture is ended, so
+    the stream stays usable, and issue()'s error is raised rather than end_capture's."""
+    stream.begin_capture()
+    try:
+        issue()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stream.end_capture()
+        raise
+    return stream.end_capture()
 
 
 _modules: dict[str, object] = {}
