@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from edge_runtime import cli_args as argtypes
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, install_extra
 from edge_runtime.version import __version__
 
 DEMO_PROMPT = "The old man looked at the sea and"
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sparsity_args(p, "on")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP daemon (needs edge-runtime[serve])")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP daemon (needs the serve extra)")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=argtypes.port, default=8000)
@@ -234,6 +234,7 @@ def _load(args, watch_power: bool = False):
     from edge_runtime.devices.planner import KVBudgetWarning
     from edge_runtime.runtime import load
 
+    pinned = _pinned_digest(args.manifest_sha256)
     _say_if_compiling(args.backend)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KVBudgetWarning)
@@ -244,12 +245,39 @@ def _load(args, watch_power: bool = False):
                   prefill=args.prefill, threads=args.threads)
     for w in caught:  # the shortened KV budget, one line each
         print(f"edge-runtime: warning: {w.message}", file=sys.stderr)
-    pinned = args.manifest_sha256
-    if pinned and rt.model.manifest_sha256 != pinned.strip().lower():  # the digest of the bytes that were parsed
+    _say_if_threads_capped(args.threads, args.backend)
+    if pinned and rt.model.manifest_sha256 != pinned:  # the digest of the bytes that were parsed
         rt.close()
         raise EdgeRuntimeError(f"{rt.model.path}/manifest.yaml has sha256 {rt.model.manifest_sha256}, not the "
                                f"pinned {pinned}: the model was changed")
     return rt
+
+
+def _pinned_digest(text: str | None) -> str | None:
+    """--manifest-sha256 as 64 lowercase hex digits, checked before anything loads: a mistyped digest is not
+    a changed model."""
+    if text is None:
+        return None
+    digest = text.strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise EdgeRuntimeError(f"--manifest-sha256 {text!r} is not a sha256 digest (64 hex digits, as "
+                               f"'edge-runtime info MODEL' prints)")
+    return digest
+
+
+def _say_if_threads_capped(asked: int | None, backend: str) -> None:
+    """The compiled kernels run on at most numba's pool (the machine's cores): a larger --threads is capped there
+    (jit.use_threads); say so rather than let a benchmark claim threads it did not get."""
+    from edge_runtime.backends import resolve_backend
+
+    if asked is None or resolve_backend(backend) != "cpu":
+        return
+    from edge_runtime.backends.jit import max_threads
+
+    most = max_threads()
+    if asked > most:
+        print(f"edge-runtime: warning: --threads {asked}: the cpu kernels run on at most {most} "
+              f"thread{'s' * (most != 1)} here; using {most}", file=sys.stderr)
 
 
 def _objective(args):
@@ -365,6 +393,7 @@ def cmd_demo(args) -> int:
     from edge_runtime.runtime import load
 
     _say_if_compiling("auto")
+    _say_if_threads_capped(args.threads, "auto")
     rt = load(None, backend="auto", threads=args.threads, warm_up=False)
     sel = rt.selection
     # Warm up both decode paths: the fused step that generate, chat and serve run (so that the command after the
@@ -383,6 +412,9 @@ def cmd_demo(args) -> int:
               "measured against the dense gate, which costs speed (generate and bench run without it)", file=sys.stderr)
     _print_generation(rt, res, args.json, label=DEMO_PROMPT)
     return 0
+
+
+FEW_EVAL_TOKENS = 1000  # below this, perplexity differences between settings are mostly noise
 
 
 def cmd_eval(args) -> int:
@@ -408,6 +440,9 @@ def cmd_eval(args) -> int:
             rt.decoder.set_teal(teal, criterion)
             res["predictors"][name] = {"knobs": sel.knobs, **{k: one[k] for k in (
                 "ppl_sparse", "predicted_density", "recall", "top1_agreement", "ffn_bytes_fraction")}}
+    if res["tokens"] < FEW_EVAL_TOKENS:
+        print(f"edge-runtime: warning: only {res['tokens']} tokens scored; a perplexity change of a few percent "
+              f"needs a few thousand (the README's figures use 4,096)", file=sys.stderr)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -440,8 +475,8 @@ def cmd_serve(args) -> int:
 
         from edge_runtime.serve.app import create_app
     except ImportError as e:
-        raise EdgeRuntimeError(f"serve needs the serve extra: pip install 'edge-runtime[serve]' ({e.name} "
-                               f"is missing)") from None
+        raise EdgeRuntimeError(f"serve needs the serve extra: {install_extra('serve')} "
+                               f"({e.name} is missing)") from None
     sock = _listen(args.host, args.port)  # before the model loads: a taken port fails fast, with one line
     rt = _load(args, watch_power=True)
     _apply_sparsity(args, rt)
@@ -709,7 +744,7 @@ def cmd_export_onnx(args) -> int:
         from edge_runtime.export.onnx_export import export_onnx
         from edge_runtime.export.onnx_graph import ExportOptions
     except ImportError:
-        raise EdgeRuntimeError("export-onnx needs the onnx package: pip install 'edge-runtime[onnx]'") from None
+        raise EdgeRuntimeError(f"export-onnx needs the onnx package: {install_extra('onnx')}") from None
     from edge_runtime.pack.loader import load_packed
 
     opts = ExportOptions(dtype=args.dtype, max_context=args.max_context, logits=args.logits)

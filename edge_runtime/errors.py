@@ -1,6 +1,12 @@
 """The one exception type that user-facing code turns into a one-line message and a non-zero exit."""
 
 
+def install_extra(extra: str) -> str:
+    """The command that adds an optional extra (setup.cfg's extras_require). edge-runtime is installed from its
+    checkout, not from a package index, so 'pip install edge-runtime[x]' would find nothing."""
+    return f"pip install '.[{extra}]' in the edge-runtime checkout"
+
+
 class EdgeRuntimeError(Exception):
     """Bad input, unsupported model, corrupt file, missing device: anything a user can fix.
 

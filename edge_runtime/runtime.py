@@ -19,7 +19,7 @@ from edge_runtime.backends import create_backend
 from edge_runtime.devices.planner import LoadPlan
 from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, install_extra
 from edge_runtime.model.chat import DEFAULT_STOP, render_chat
 from edge_runtime.model.decoder import Decoder
 from edge_runtime.model.generate import GenerationConfig, GenerationResult, Piece, generate_stream
@@ -366,7 +366,7 @@ def onnx_prefill(model: PackedModel, max_context: int):
     try:
         from edge_runtime.export.onnx_prefill import OnnxPrefill
     except ImportError:
-        raise EdgeRuntimeError("--prefill onnx needs onnx and onnxruntime: pip install 'edge-runtime[onnx]'") from None
+        raise EdgeRuntimeError(f"--prefill onnx needs onnx and onnxruntime: {install_extra('onnx')}") from None
     return OnnxPrefill(model, max_context=max_context)
 
 

@@ -156,3 +156,37 @@ def test_sparsity_on_silu_model_is_refused(capsys, tmp_path):
 def test_not_a_model_directory(capsys, tmp_path):
     code, _, err = run_cli(capsys, "info", str(tmp_path))
     assert_one_line_error(code, err, "manifest.yaml")
+
+
+def test_malformed_pinned_digest_is_refused_before_loading(capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--manifest-sha256", "abc123")
+    assert_one_line_error(code, err, "'abc123' is not a sha256 digest")
+    assert "changed" not in err  # a mistyped digest is not reported as a changed model
+
+
+def test_missing_extra_names_the_checkout_install(capsys):
+    """edge-runtime is not on a package index: the hint installs the extra from the checkout."""
+    from edge_runtime.backends import cuda_available
+
+    if cuda_available():
+        pytest.skip("a GPU is here")
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--backend", "cuda")
+    assert_one_line_error(code, err, "pip install '.[cuda]' in the edge-runtime checkout")
+
+
+def test_threads_above_the_pool_are_reported(capsys, monkeypatch):
+    import edge_runtime.backends.jit as jit
+
+    monkeypatch.setattr(jit, "max_threads", lambda: 1)
+    code, _, err = run_cli(capsys, "generate", "--prompt", "hi", "--max-new-tokens", "2", "--backend", "cpu",
+                           "--threads", "3")
+    assert code == 0
+    assert "--threads 3: the cpu kernels run on at most 1 thread here" in err
+
+
+def test_eval_on_a_short_text_says_the_figure_is_noise(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The old man looked at the sea. " * 6)
+    code, out, err = run_cli(capsys, "eval", "--text", str(text), "--backend", "cpu", "--json")
+    assert code == 0 and json.loads(out)["tokens"] < 1000
+    assert "tokens scored; a perplexity change" in err

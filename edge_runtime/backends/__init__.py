@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, install_extra
 
 BACKENDS = ("auto", "cpu", "cuda")
 
@@ -30,7 +30,7 @@ def require_cuda(what: str = "backend 'cuda'", instead: str = "use --backend cpu
     and, after installing the cuda extra, what else one could do."""
     if not cuda_available():
         raise EdgeRuntimeError(f"{what} needs CuPy and a CUDA GPU; none was found "
-                               f"(install edge-runtime[cuda] on a machine with one, or {instead})")
+                               f"({install_extra('cuda')} on a machine with one, or {instead})")
     import cupy
 
     return cupy

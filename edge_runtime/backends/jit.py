@@ -69,6 +69,12 @@ def per_thread(threads: int, *shape: int) -> np.ndarray:
     return flat[skip:skip + size].reshape(padded)
 
 
+def max_threads() -> int:
+    """The most threads a compiled kernel can run on: numba's pool, the machine's cores unless
+    NUMBA_NUM_THREADS says fewer."""
+    return numba.config.NUMBA_NUM_THREADS
+
+
 def default_threads(step_bytes: int | None = None) -> int:
     """The cores numpy's BLAS would use: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS if set, else the CPUs this
     process may run on; one when a decode step reads under SERIAL_STEP_BYTES of weights (step_bytes)."""
@@ -102,7 +108,7 @@ def compile_pending(fn) -> bool:
 
 def use_threads(n: int) -> None:
     """Threads for the compiled kernels called from this thread (numba's setting is per calling thread)."""
-    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    n = max(1, min(int(n), max_threads()))
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
 

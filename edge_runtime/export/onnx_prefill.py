@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, install_extra
 from edge_runtime.export.onnx_cache import cached_export
 from edge_runtime.export.onnx_graph import ExportOptions
 from edge_runtime.pack.loader import PackedModel
@@ -26,7 +26,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise EdgeRuntimeError("ONNX prefill needs onnxruntime: pip install 'edge-runtime[onnx]' "
+        raise EdgeRuntimeError(f"ONNX prefill needs onnxruntime: {install_extra('onnx')} "
                                "(onnxruntime-gpu or a JetPack onnxruntime wheel for CUDA/TensorRT)") from None
     return onnxruntime
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, install_extra
 from edge_runtime.model import chat_sandbox
 
 ROLES = ("system", "user", "assistant")
@@ -57,7 +57,7 @@ def render_template(template: str, messages: list[dict[str, str]], special: dict
         import jinja2  # noqa: F401 (only to say what is missing)
     except ImportError:
         raise EdgeRuntimeError("this model has a chat template; rendering it needs jinja2 "
-                               "(pip install 'edge-runtime[serve]')") from None
+                               f"({install_extra('serve')})") from None
     try:
         return chat_sandbox.render(chat_sandbox.compile_template(template), messages, special or {}, max_chars)
     except chat_sandbox.TemplateError as e:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, install_extra
 
 # int32 step buffer (STEP_SIZE,): kernels/common.cuh STEP_* must agree.
 STEP_TOKEN, STEP_POS, STEP_RNG = 0, 1, 2
@@ -33,7 +33,7 @@ def cupy():
     try:
         import cupy
     except ImportError:
-        raise EdgeRuntimeError("the CUDA kernels need CuPy (pip install 'edge-runtime[cuda]')") from None
+        raise EdgeRuntimeError(f"the CUDA kernels need CuPy ({install_extra('cuda')})") from None
     return cupy
 
 
