@@ -108,6 +108,21 @@ __device__ __forceinline__ float norm_apply(float v, int i, const float* norm_w,
     return norm_b ? (v - mu) * inv * norm_w[i] + norm_b[i] : v * inv * norm_w[i];
 }
 
+// Ask for the 128-byte line at p to be brought into L2 (a hint: nothing waits for it, nothing faults). A block
+// issues these for the first weights it will read before it loads x (load_x ends with a barrier), so HBM is busy
+// during that load instead of idle. The emulator has no cache: a no-op there.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifndef CUDA_EMU
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
+
+// Lane's share of the prefetch of `bytes` bytes from p: lines lane, lane + 32, ... of the span.
+__device__ __forceinline__ void prefetch_span(const void* p, size_t bytes, int lane) {
+    for (size_t off = (size_t)lane * 128; off < bytes; off += WARP * 128)
+        prefetch_l2(static_cast<const char*>(p) + off);
+}
+
 // Values per 16-byte weight chunk: the shared-memory layout of x for a row dot (see load_x).
 template <int ENC>
 struct Enc {
@@ -149,6 +164,13 @@ __device__ void load_x(const float* x, const float* norm_w, const float* norm_b,
     for (int i = threadIdx.x; i < Kp; i += blockDim.x)
         xs[xs_index<ENC>(i, Kp)] = i < K ? norm_apply(x[i], i, norm_w, norm_b, mu, inv) : 0.f;
     __syncthreads();
+}
+
+// Bytes of one dense row of Kp inputs in ENC (compressed rows: 0, their length is data-dependent).
+template <int ENC>
+__device__ __forceinline__ size_t dense_row_bytes(int Kp) {
+    return ENC == ENC_FP32 ? 4 * (size_t)Kp : ENC == ENC_FP16 ? 2 * (size_t)Kp : ENC == ENC_INT8 ? (size_t)Kp
+         : ENC == ENC_INT4 ? (size_t)Kp / 2 : 0;
 }
 
 // dot(W[row], x) by one warp, x in shared memory as load_x<ENC> left it; every lane gets the result.
@@ -231,43 +253,5 @@ __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __hal
         }
         acc = warp_sum(acc);
         return ENC == ENC_CSR_INT8 ? acc * __half2float(scale[row]) : acc;
-    }
-}
-
-// acc[0..7] += hv * W[r, col0 .. col0 + 7] for a dense packed matrix with rows of D values (Dp for int4): the
-// accumulation over rows of a transposed matrix (down_t, TEAL's W^T). One 16-byte (fp16), 8-byte (int8) or 4-byte
-// (int4) load; col0 % 8 == 0, D % 8 == 0, int4 group % 8 == 0.
-template <int ENC>
-__device__ __forceinline__ void axpy8(const void* __restrict__ wt, const __half* __restrict__ scale, int group, int Dp,
-                                      int r, int col0, float hv, float* acc) {
-    if (ENC == ENC_FP32) {
-        const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(wt) + (size_t)r * Dp + col0);
-        const float4 a = __ldg(p), b = __ldg(p + 1);
-        acc[0] += hv * a.x; acc[1] += hv * a.y; acc[2] += hv * a.z; acc[3] += hv * a.w;
-        acc[4] += hv * b.x; acc[5] += hv * b.y; acc[6] += hv * b.z; acc[7] += hv * b.w;
-    } else if (ENC == ENC_FP16) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const __half*>(wt) + (size_t)r * Dp + col0));
-        const __half2* p = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float2 f = __half22float2(p[j]);
-            acc[2 * j] += hv * f.x;
-            acc[2 * j + 1] += hv * f.y;
-        }
-    } else if (ENC == ENC_INT8) {
-        const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const int8_t*>(wt) + (size_t)r * Dp + col0));
-        const int8_t* q = reinterpret_cast<const int8_t*>(&v);
-        const float s = hv * __half2float(scale[r]);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] += s * float(q[j]);
-    } else {
-        const uint32_t v = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(wt) + (size_t)r * (Dp / 2) + col0 / 2));
-        const float s = hv * __half2float(scale[(size_t)r * (Dp / group) + col0 / group]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const uint32_t b = (v >> (8 * j)) & 0xFF;
-            acc[2 * j] += s * float(int(b & 0xF) - 8);
-            acc[2 * j + 1] += s * float(int(b >> 4) - 8);
-        }
     }
 }

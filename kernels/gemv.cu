@@ -14,9 +14,14 @@ __device__ void gemv(const void* __restrict__ w, const __half* __restrict__ scal
                      const float* __restrict__ x, const float* __restrict__ norm_w, const float* __restrict__ norm_b,
                      float eps, const float* __restrict__ bias, const float* residual, int N, int K, int Kp, float* y) {
     extern __shared__ float xs[];
-    load_x<ENC>(x, norm_w, norm_b, eps, K, Kp, xs);
     const int lane = threadIdx.x % WARP, wpb = blockDim.x / WARP;
-    for (int row = blockIdx.x * wpb + threadIdx.x / WARP; row < N; row += gridDim.x * wpb) {
+    const int first = blockIdx.x * wpb + threadIdx.x / WARP;
+    if (first < N) {  // this warp's first row streams into L2 while the block loads x
+        const size_t bytes = dense_row_bytes<ENC>(Kp);
+        prefetch_span(static_cast<const char*>(w) + first * bytes, bytes, lane);
+    }
+    load_x<ENC>(x, norm_w, norm_b, eps, K, Kp, xs);
+    for (int row = first; row < N; row += gridDim.x * wpb) {
         float v = row_dot<ENC>(w, scale, group, bitmap, row_offsets, row, Kp, xs, lane);
         if (lane == 0) {
             if (bias) v += bias[row];

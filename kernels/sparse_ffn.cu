@@ -10,7 +10,7 @@
 //                     kernels/sparse_weights.cu csr_down_*), and the step's counts added into per-layer statistics
 // Numpy twin: edge_runtime/backends/cpu.py CpuBackend.ffn_sparse (semantics of the predictors:
 // edge_runtime/sparsity/predictor.py).
-#include "common.cuh"
+#include "column_gemv.cuh"
 
 #define PRED_SPARSEINFER 0
 #define PRED_PROJECTION 1
@@ -55,9 +55,35 @@ extern "C" __global__ void ffn_prepare(const float* x, const float* norm_w, cons
 //   gate_signs (N, ceil(K/32)) uint32; knob: SparseInfer alpha (1,) fp32 (row predicted zero when
 //   n_neg > alpha * (K - n_neg)) | projection theta (N,) fp32 (row predicted active when z >= theta[row]), read from
 //   device memory every launch; threshold: FATReLU threshold (0 = ReLU), a model constant; up_relu: 1 for dReLU
-//   (relu on up too), else 0; up_dropped (1,) uint64 | NULL: this layer's count of rows dropped for up <= 0.
+//   (relu on up too), else 0; up_dropped (1,) uint64 | NULL: this layer's count of rows dropped for up <= 0;
+//   use_lut (projection): 1 scores rows through the nibble table (projection_lut), 0 by walking the set bits.
+// Dynamic shared memory: xs 4 * Kp bytes, then with use_lut the table, 16 * 8 * ceil(K/32) floats.
 // Out: idx (N,) int32 and h (N,) fp32, the first counters[0] entries (in arbitrary order); counters (2,) int32
 //   {kept, predicted}, zeroed by ffn_prepare; up_dropped += this step's up-dropped rows.
+// The projection predictor's table: for every 4-input slice of x (nibble j of sign word c, inputs 32c + 4j ..
+// + 3) and every 4-bit pattern v, the sum of the slice's inputs whose bit in v is set; a row's sum over its negative
+// weights is then 8 lookups per sign word instead of a walk over ~16 set bits. Layout lut[v * P + j * W + c],
+// P = 8W: lane c of a warp scoring a row reads entry (v, j * W + c), bank (v * P + j * W + c) % 32 = c % 32 when W
+// % 32 == 0 (K % 1024 == 0): no conflicts, whatever the patterns. x from xs (load_x<ENC>'s layout), 0 past K.
+// Whole block; ends with __syncthreads.
+template <int ENC>
+__device__ void projection_lut(const float* xs, int K, int Kp, int W, float* lut) {
+    const int P = 8 * W;
+    for (int pos = threadIdx.x; pos < P; pos += blockDim.x) {
+        const int c = pos % W, i0 = 32 * c + 4 * (pos / W);
+        float v[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) v[b] = i0 + b < K ? xs[xs_index<ENC>(i0 + b, Kp)] : 0.f;
+        float e[16];
+        e[0] = 0.f;
+#pragma unroll
+        for (int m = 1; m < 16; ++m) e[m] = e[m & (m - 1)] + v[(m & 1) ? 0 : (m & 2) ? 1 : (m & 4) ? 2 : 3];
+#pragma unroll
+        for (int m = 0; m < 16; ++m) lut[m * P + pos] = e[m];
+    }
+    __syncthreads();
+}
+
 template <int ENC, int PRED>
 __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restrict__ gate_scale,
                          const float* __restrict__ gate_b, const uint8_t* __restrict__ gate_bitmap,
@@ -67,16 +93,20 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
                          int N, int K, int Kp, const float* __restrict__ xn, const uint32_t* __restrict__ x_signs,
                          const float* __restrict__ x_sum, const uint32_t* __restrict__ gate_signs,
                          const float* __restrict__ knob, float threshold, int up_relu,
-                         unsigned long long* __restrict__ up_dropped, int* __restrict__ idx, float* __restrict__ h,
-                         int* __restrict__ counters) {
+                         unsigned long long* __restrict__ up_dropped, int use_lut, int* __restrict__ idx,
+                         float* __restrict__ h, int* __restrict__ counters) {
     extern __shared__ float xs[];
-    load_x<ENC>(xn, nullptr, nullptr, 0.f, K, Kp, xs);
     const int lane = threadIdx.x % WARP, wpb = blockDim.x / WARP;
     const int W = (K + WARP - 1) / WARP;
+    const int first = blockIdx.x * wpb + threadIdx.x / WARP;
+    if (first < N) prefetch_span(gate_signs + (size_t)first * W, 4 * (size_t)W, lane);  // read first, after x
+    load_x<ENC>(xn, nullptr, nullptr, 0.f, K, Kp, xs);
+    float* lut = xs + Kp;
+    if (PRED == PRED_PROJECTION && use_lut) projection_lut<ENC>(xs, K, Kp, W, lut);
     const float alpha = PRED == PRED_SPARSEINFER ? *knob : 0.f;
     const float sum = PRED == PRED_PROJECTION ? *x_sum : 0.f;
     int n_pred = 0, n_up_dropped = 0;
-    for (int row = blockIdx.x * wpb + threadIdx.x / WARP; row < N; row += gridDim.x * wpb) {
+    for (int row = first; row < N; row += gridDim.x * wpb) {
         const uint32_t* srow = gate_signs + (size_t)row * W;
         bool active;
         if (PRED == PRED_SPARSEINFER) {
@@ -86,11 +116,20 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
             active = !((float)n_neg > alpha * (float)(K - n_neg));
         } else {  // z = sum(x) - 2 * sum of x_i where w_ri < 0
             float neg = 0.f;
-            for (int c = lane; c < W; c += WARP) {
-                uint32_t bits = __ldg(srow + c);
-                while (bits) {
-                    neg += xs[xs_index<ENC>(c * WARP + __ffs(bits) - 1, Kp)];
-                    bits &= bits - 1;
+            if (use_lut) {
+                for (int c = lane; c < W; c += WARP) {
+                    const uint32_t bits = __ldg(srow + c);
+                    const float* t = lut + c;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) neg += t[((bits >> (4 * j)) & 15u) * (8 * W) + j * W];
+                }
+            } else {  // the table does not fit in shared memory
+                for (int c = lane; c < W; c += WARP) {
+                    uint32_t bits = __ldg(srow + c);
+                    while (bits) {
+                        neg += xs[xs_index<ENC>(c * WARP + __ffs(bits) - 1, Kp)];
+                        bits &= bits - 1;
+                    }
                 }
             }
             active = sum - 2.f * warp_sum(neg) >= __ldg(knob + row);
@@ -121,27 +160,28 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
 }
 
 // y (D,) += sum_{pos < counters[0]} h[pos] * Wt[idx[pos], :], Wt (N, D) = W_down^T packed in ENC (int4: rows of Dp).
-// Grid (column tiles of 8 * blockDim.x, row splits); each thread owns 8 columns and walks its split of the active
-// list; one atomicAdd per column per thread. y was initialised by ffn_prepare (residual + down bias).
-// Block (0, 0) thread 0 adds this step's {predicted, kept} into stats[layer] (n_layers, 2) uint64.
+// Grid (column tiles of COL_TILE, list splits), COL_THREADS threads (column_gemv.cuh): a block's warps share its
+// split of the active list, COL_UNROLL rows in flight per lane, one atomicAdd per column per block. y was
+// initialised by ffn_prepare (residual + down bias). Block (0, 0) thread 0 adds this step's {predicted, kept} into
+// stats[layer] (n_layers, 2) uint64.
 template <int ENC>
 __device__ void ffn_down(const void* __restrict__ wt, const __half* __restrict__ scale, int group, int D, int Dp,
                          const int* __restrict__ idx, const float* __restrict__ h, const int* __restrict__ counters,
                          unsigned long long* __restrict__ stats, int layer, float* __restrict__ y) {
+    __shared__ float red[COL_WARPS * COL_TILE];
     const int n = counters[0];
     if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
         stats[2 * layer] += (unsigned long long)counters[1];
         stats[2 * layer + 1] += (unsigned long long)n;
     }
-    const int col0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
-    if (col0 >= D) return;
     const int per = (n + gridDim.y - 1) / gridDim.y;
     const int begin = blockIdx.y * per, end = min(n, begin + per);
-    if (begin >= end) return;
+    if (begin >= end) return;  // block-uniform
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    const int tile = blockIdx.x * COL_TILE;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int pos = begin; pos < end; ++pos) axpy8<ENC>(wt, scale, group, Dp, idx[pos], col0, h[pos], acc);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) atomicAdd(y + col0 + j, acc[j]);
+    accumulate_rows<ENC>(wt, scale, group, Dp, D, tile + 8 * lane, idx, h, begin + warp, end, COL_WARPS, acc);
+    flush_columns(acc, red, tile, D, nullptr, nullptr, y);
 }
 
 #define GATE_ARGS                                                                                                     \
@@ -149,10 +189,10 @@ __device__ void ffn_down(const void* __restrict__ wt, const __half* __restrict__
         const long long *gate_offsets, const void *up_w, const __half *up_scale, const float *up_b,                   \
         const uint8_t *up_bitmap, const long long *up_offsets, int group, int N, int K, int Kp, const float *xn,       \
         const uint32_t *x_signs, const float *x_sum, const uint32_t *gate_signs, const float *knob, float threshold,  \
-        int up_relu, unsigned long long *up_dropped, int *idx, float *h, int *counters
+        int up_relu, unsigned long long *up_dropped, int use_lut, int *idx, float *h, int *counters
 #define GATE_CALL                                                                                                     \
     gate_w, gate_scale, gate_b, gate_bitmap, gate_offsets, up_w, up_scale, up_b, up_bitmap, up_offsets, group, N, K, \
-        Kp, xn, x_signs, x_sum, gate_signs, knob, threshold, up_relu, up_dropped, idx, h, counters
+        Kp, xn, x_signs, x_sum, gate_signs, knob, threshold, up_relu, up_dropped, use_lut, idx, h, counters
 
 #define INSTANTIATE_GATE(SUFFIX, ENC)                                                                                  \
     extern "C" __global__ void ffn_gate_sparseinfer_##SUFFIX(GATE_ARGS) {                                              \
@@ -160,11 +200,11 @@ __device__ void ffn_down(const void* __restrict__ wt, const __half* __restrict__
     }                                                                                                                  \
     extern "C" __global__ void ffn_gate_projection_##SUFFIX(GATE_ARGS) { ffn_gate<ENC, PRED_PROJECTION>(GATE_CALL); }
 
-#define INSTANTIATE_DOWN(SUFFIX, ENC)                                                                                  \
-    extern "C" __global__ void ffn_down_##SUFFIX(const void* wt, const __half* scale, int group, int D, int Dp,         \
-                                                 const int* idx, const float* h, const int* counters,                  \
-                                                 unsigned long long* stats, int layer, float* y) {                     \
-        ffn_down<ENC>(wt, scale, group, D, Dp, idx, h, counters, stats, layer, y);                                     \
+#define INSTANTIATE_DOWN(SUFFIX, ENC)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(COL_THREADS)                                                         \
+        ffn_down_##SUFFIX(const void* wt, const __half* scale, int group, int D, int Dp, const int* idx,              \
+                          const float* h, const int* counters, unsigned long long* stats, int layer, float* y) {      \
+        ffn_down<ENC>(wt, scale, group, D, Dp, idx, h, counters, stats, layer, y);                                    \
     }
 
 INSTANTIATE_GATE(fp32, ENC_FP32)

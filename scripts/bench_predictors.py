@@ -6,7 +6,8 @@ the projection-predictor issue).
 
 a. Predictor alone: the fused predictor + gate launch with a knob that lets no row through (SparseInfer alpha
    -1, projection theta +inf): both read exactly x and the N x d sign plane and score every row, SparseInfer by
-   XOR + popcount, the projection by walking the set bits; no gate row is read.
+   XOR + popcount, the projection by 8 lookups a sign word in a table of x's 4-input partial sums built in
+   shared memory per block; no gate row is read.
 b. The FFN block (prepare, predictor + gate + up, down) with each predictor at the densities the model's
    calibration measured at equal perplexity: the projection predictor at the last point of its calibrated path
    within +`--cap` % perplexity, SparseInfer at that same perplexity, interpolated on its own path. The means

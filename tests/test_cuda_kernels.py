@@ -207,6 +207,34 @@ def test_sparse_ffn(cp, ffn_k, enc, predictor, variant):
     ffn.free()
 
 
+@pytest.mark.parametrize("enc,d", [("int8", 208), ("fp16", 1024), ("int4", 200)])
+@pytest.mark.parametrize("lut", [True, False])
+def test_projection_scores_by_table_and_by_bit_walk(cp, ffn_k, enc, d, lut):
+    """Both ways of scoring a row (the nibble table; the set-bit walk where the table does not fit) predict the
+    numpy twin's rows. d = 208 and 200 leave the last sign word partly past K (200: int4 pads x to 256)."""
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+
+    n = 300
+    rng = np.random.default_rng(zlib.crc32(f"lut {enc} {d} {lut}".encode()))
+    gate_f = rng.standard_normal((n, d)).astype(np.float32)
+    signs = pack_signs(gate_f)
+    xn = (rng.standard_normal(d) + 0.2).astype(np.float32)
+    z = projection_scores(xn[None], signs)[0]
+    theta = rng.permutation(np.linspace(z.min(), z.max(), n)).astype(np.float32)  # per-row thresholds
+    keep = np.abs(z - theta) > 1e-3 * np.abs(z).max()  # rows whose decision rounding cannot flip
+    theta = np.where(keep, theta, z + 0.5).astype(np.float32)  # the others: clearly inactive
+    expected = np.flatnonzero(z >= theta)
+    idx, h, counters = cp.zeros(n, cp.int32), cp.zeros(n, cp.float32), cp.zeros(2, cp.int32)
+    x_sum = cp.asarray(np.array([xn.sum()], np.float32))
+    # an always-positive gate (bias) so that every predicted row is kept and listed
+    ffn_k.gate("projection", DeviceMatrix(_pack(gate_f * 1e-3, enc)), None, cp.full(n, 10.0, cp.float32), None,
+               cp.asarray(xn), cp.zeros(-(-d // 32), cp.uint32), x_sum, cp.asarray(signs), cp.asarray(theta), 0.0,
+               idx, h, counters, lut=lut)
+    c = counters.get()
+    assert 0 < c[1] < n and c[0] == c[1] == len(expected)
+    assert np.array_equal(np.sort(idx.get()[: c[0]]), expected)
+
+
 def test_sparse_ffn_grid_stride_and_alpha_in_device_memory(cp, ffn_k):
     """A few blocks serve every row (x loaded once per block); alpha is read from device memory each launch."""
     from edge_runtime.backends.cuda_ops.common import DeviceMatrix
@@ -618,13 +646,38 @@ def test_sampling_counter_rng(cp):
     assert len({device_uniform(seed, c) for c in range(100)}) == 100
 
 
+@pytest.mark.parametrize("enc,splits", [("fp32", 1), ("fp16", 1), ("int8", 3), ("int4", 1), ("fp16", None)])
+def test_ffn_down_over_a_long_list(cp, ffn_k, enc, splits):
+    """The down accumulation over 203 active rows (repeats allowed, any order): one split gives each warp 25 rows
+    (the four-in-flight loop and its remainder); d = 288 leaves the second column tile 32 wide."""
+    n, d, m = 700, 288, 203
+    rng = np.random.default_rng(zlib.crc32(f"down {enc} {splits}".encode()))
+    down_t = _pack(rng.standard_normal((n, d)).astype(np.float32), enc)
+    idx = rng.integers(0, n, m).astype(np.int32)
+    h = rng.standard_normal(m).astype(np.float32)
+    y0 = rng.standard_normal(d).astype(np.float32)
+    expected = y0 + h @ down_t.dequantize()[idx]
+    idx_d, h_d = cp.full(n, -1, cp.int32), _nan(cp, n)
+    idx_d[:m], h_d[:m] = cp.asarray(idx), cp.asarray(h)
+    counters, stats, y = cp.asarray(np.array([m, 2 * m], np.int32)), cp.zeros((2, 2), cp.uint64), cp.asarray(y0)
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+
+    ffn_k.down(DeviceMatrix(down_t), idx_d, h_d, counters, stats, 1, y, row_splits=splits)
+    assert _rel(y.get(), expected) < F32
+    assert np.array_equal(stats.get(), [[0, 0], [2 * m, m]])
+
+
 # ------------------------------------------------------------------------------------------- TEAL
 @pytest.mark.parametrize("enc,n,k,extras", [("fp32", 64, 100, "bias residual"),
                                             ("fp16", 256, 300, "bias"), ("int8", 200, 256, "residual"),
-                                             ("int4", 200, 300, "bias residual"), ("int4", 136, 64, "dense")])
+                                             ("int4", 200, 300, "bias residual"), ("int4", 136, 64, "dense"),
+                                             ("fp16", 520, 600, "bias residual one-split"),
+                                             ("int8", 264, 1100, "bias auto-split")])
 def test_teal_gemv(cp, enc, n, k, extras):
     """W stored transposed; channels with |x| * s < t skipped (s: WINA-like positive channel factors); t midway
-    between two |x| * s values, in device memory (a second threshold written there changes the next launch)."""
+    between two |x| * s values, in device memory (a second threshold written there changes the next launch).
+    one-split: one block walks all 600 channels, 256 at a time (compaction rounds, the last partial), over three
+    column tiles (the last 8 columns wide); auto-split: the launcher's grid."""
     from edge_runtime.backends.cuda_ops.common import DeviceMatrix
     from edge_runtime.backends.cuda_ops.teal import TealGemv
 
@@ -650,7 +703,8 @@ def test_teal_gemv(cp, enc, n, k, extras):
             y[...] = cp.asarray(r)
             expected = expected + r
         kern(dev, cp.asarray(x), cp.asarray(xs), thr, y, bias=None if bias is None else cp.asarray(bias),
-             accumulate="residual" in extras, splits=7)
+             accumulate="residual" in extras,
+             splits=1 if "one-split" in extras else None if "auto-split" in extras else 7)
         assert _rel(y.get(), expected) < F32
 
 

@@ -98,11 +98,30 @@ def smem_optin() -> int:
     return int(cupy().cuda.Device().attributes.get("MaxSharedMemoryPerBlockOptin", SMEM_DEFAULT))
 
 
-def row_grid(n_rows: int, threads: int = THREADS, max_blocks: int | None = None) -> tuple[int]:
-    """Blocks for a grid-stride row kernel: one row per warp, capped at BLOCKS_PER_SM per SM (or max_blocks)."""
+def row_grid(n_rows: int, threads: int = THREADS, max_blocks: int | None = None, smem: int = 0) -> tuple[int]:
+    """Blocks for a grid-stride row kernel: one row per warp, capped at the blocks that are resident at once
+    (BLOCKS_PER_SM per SM, fewer when smem bytes of dynamic shared memory a block allow fewer): a block past
+    that would wait for a second wave and load x again. max_blocks overrides the cap."""
     if max_blocks is None:
-        max_blocks = BLOCKS_PER_SM * int(cupy().cuda.Device().attributes.get("MultiProcessorCount", 16))
+        attrs = cupy().cuda.Device().attributes
+        per_sm = BLOCKS_PER_SM
+        if smem:  # 1 KB a block is the driver's reserve; static shared memory here is under 1 KB
+            per_sm = max(1, min(per_sm, int(attrs.get("MaxSharedMemoryPerMultiprocessor", 0)) // (smem + 2048)))
+        max_blocks = per_sm * int(attrs.get("MultiProcessorCount", 16))
     return (max(1, min(-(-n_rows // (threads // 32)), max_blocks)),)
+
+
+COL_THREADS, COL_TILE = 256, 256  # kernels/column_gemv.cuh: 8 warps on a tile of 256 columns
+
+
+def column_grid(n_cols: int, n_rows: int, splits: int | None = None) -> tuple[int, int]:
+    """Grid of a column kernel (column_gemv.cuh): (column tiles, row splits). splits None: enough splits for
+    BLOCKS_PER_SM blocks per SM (a 7B down projection has only 16 tiles of columns), at least 32 rows each."""
+    tiles = -(-n_cols // COL_TILE)
+    if splits is None:
+        blocks = BLOCKS_PER_SM * int(cupy().cuda.Device().attributes.get("MultiProcessorCount", 16))
+        splits = min(-(-blocks // tiles), -(-n_rows // 32))
+    return tiles, max(1, min(splits, n_rows))
 
 
 def check(a, dtype, shape, what: str) -> None:

@@ -40,6 +40,6 @@ class Gemv:
             raise EdgeRuntimeError("norm_b without norm_w")
         if x is y:
             raise EdgeRuntimeError("gemv: y must not alias x")
-        self.m.launch(f"gemv_{m.kenc}", row_grid(n, max_blocks=max_blocks), (THREADS,),
+        self.m.launch(f"gemv_{m.kenc}", row_grid(n, max_blocks=max_blocks, smem=4 * m.kp), (THREADS,),
                       (*m.row_args(), x, norm_w, norm_b, f32(eps), bias, residual, i32(n), i32(k), i32(m.kp), y),
                       shared_mem=4 * m.kp)

@@ -7,20 +7,26 @@ from __future__ import annotations
 import numpy as np
 
 from edge_runtime.backends.cuda_ops.common import (
+    COL_THREADS,
+    THREADS,
     DeviceMatrix,
     Module,
     as_matrix,
     check,
     check_opt,
+    column_grid,
     cupy,
     f32,
     i32,
     row_grid,
+    smem_optin,
 )
 from edge_runtime.errors import EdgeRuntimeError
 
 PREDICTORS = ("sparseinfer", "projection")
-DOWN_THREADS = 128
+DOWN_THREADS = 128  # compressed-row down (kernels/sparse_weights.cu)
+CSR_DOWN_SPLITS = 64
+LUT_BYTES_PER_WORD = 16 * 8 * 4  # projection table: 16 patterns x 8 nibbles of a sign word, fp32
 
 
 class SparseFFNKernels:
@@ -55,11 +61,13 @@ class SparseFFNKernels:
 
     def gate(self, predictor: str, gate: DeviceMatrix, up: DeviceMatrix | None, gate_b, up_b, xn, x_signs, x_sum,
              gate_signs, knob, threshold: float, idx, h, counters, max_blocks: int | None = None,
-             up_relu: bool = False, up_dropped=None) -> None:
+             up_relu: bool = False, up_dropped=None, lut: bool | None = None) -> None:
         """Predictor + gate (+ up): appends (row, h) for every row predicted active whose gate survives
         (g > 0 and g >= threshold); h = g * (up.x + up_b), or g without up. knob: alpha (1,) fp32 for
         sparseinfer, theta (N,) fp32 for projection, both device memory. up_relu (dReLU): rows whose
-        up.x + up_b is not positive are dropped too, counted into up_dropped (1,) uint64 (device) when given."""
+        up.x + up_b is not positive are dropped too, counted into up_dropped (1,) uint64 (device) when given.
+        lut (projection): score rows through the nibble table in shared memory (None: wherever it fits; it
+        takes 512 B per 32 inputs, 64 KB at d = 4096), else by walking each sign word's set bits."""
         if predictor not in PREDICTORS:
             raise EdgeRuntimeError(f"unknown predictor {predictor!r}; choose one of {', '.join(PREDICTORS)}")
         gate = as_matrix(gate)
@@ -90,15 +98,23 @@ class SparseFFNKernels:
         if up is not None:
             u_w, u_s, _, u_bm, u_off = up.row_args()
         g_w, g_s, group, g_bm, g_off = gate.row_args()
-        self.m.launch(f"ffn_gate_{predictor}_{gate.kenc}", row_grid(n, max_blocks=max_blocks), (256,),
+        smem = 4 * gate.kp
+        use_lut = False
+        if predictor == "projection":
+            table = LUT_BYTES_PER_WORD * -(-k // 32)
+            use_lut = smem + table <= smem_optin() if lut is None else lut
+            smem += table if use_lut else 0
+        self.m.launch(f"ffn_gate_{predictor}_{gate.kenc}", row_grid(n, max_blocks=max_blocks, smem=smem), (THREADS,),
                       (g_w, g_s, gate_b, g_bm, g_off, u_w, u_s, up_b, u_bm, u_off, group, i32(n), i32(k),
                        i32(gate.kp), xn, x_signs, x_sum, gate_signs, knob, f32(threshold), i32(int(up_relu)),
-                       up_dropped, idx, h, counters),
-                      shared_mem=4 * gate.kp)
+                       up_dropped, i32(int(use_lut)), idx, h, counters),
+                      shared_mem=smem)
 
-    def down(self, down_t: DeviceMatrix, idx, h, counters, stats, layer: int, y, row_splits: int = 64) -> None:
+    def down(self, down_t: DeviceMatrix, idx, h, counters, stats, layer: int, y, row_splits: int | None = None
+             ) -> None:
         """y += sum over the active list of h * down_t[idx]; stats[layer] += (predicted, kept).
-        down_t (N, D) packed; stats (n_layers, 2) uint64."""
+        down_t (N, D) packed; stats (n_layers, 2) uint64. row_splits: splits of the list (None: column_grid's
+        choice for dense rows; CSR_DOWN_SPLITS for compressed ones)."""
         down_t = as_matrix(down_t)
         n, d = down_t.shape
         check(idx, np.int32, (n,), "idx")
@@ -111,13 +127,12 @@ class SparseFFNKernels:
         if down_t.sparse:
             if self.csr is None:
                 self.csr = Module("sparse_weights.cu")
-            self.csr.launch(f"csr_down_{down_t.kenc[4:]}", (row_splits,), (DOWN_THREADS,),
+            self.csr.launch(f"csr_down_{down_t.kenc[4:]}", (row_splits or CSR_DOWN_SPLITS,), (DOWN_THREADS,),
                             (down_t.w, down_t.scale, down_t.bitmap, down_t.row_offsets, i32(d), idx, h, counters,
                              stats, i32(layer), y))
             return
         down_t.check_column_kernel("down")
-        cols = -(-d // (8 * DOWN_THREADS))
-        self.m.launch(f"ffn_down_{down_t.kenc}", (cols, row_splits), (DOWN_THREADS,),
+        self.m.launch(f"ffn_down_{down_t.kenc}", column_grid(d, n, row_splits), (COL_THREADS,),
                       (down_t.w, down_t.scale, i32(down_t.group), i32(d), i32(down_t.kp), idx, h, counters, stats,
                        i32(layer), y))
 

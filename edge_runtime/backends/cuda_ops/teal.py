@@ -5,24 +5,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_runtime.backends.cuda_ops.common import DeviceMatrix, Module, as_matrix, check, check_opt, i32
+from edge_runtime.backends.cuda_ops.common import (
+    COL_THREADS,
+    DeviceMatrix,
+    Module,
+    as_matrix,
+    check,
+    check_opt,
+    column_grid,
+    i32,
+)
 from edge_runtime.errors import EdgeRuntimeError
-
-THREADS = 128
 
 
 class TealGemv:
     def __init__(self):
         self.m = Module("teal.cu")
 
-    def __call__(self, wt: DeviceMatrix, x, xs, thr, y, bias=None, accumulate: bool = False, splits: int = 32,
+    def __call__(self, wt: DeviceMatrix, x, xs, thr, y, bias=None, accumulate: bool = False, splits: int | None = None,
                  kept=None) -> None:
         """y (N,) = [y +] W mask(x) + bias with Wt = W^T packed (K, N) fp32 | fp16 | int8 | int4, or an int8
         weight's columns as stored (DeviceMatrix.int8_columns); x (K,) fp32; xs (K,) fp32 channel factors
         (ones: TEAL, column norms: WINA); thr (1,) fp32 device threshold (channels with |x| * xs < thr skipped;
         0 = dense); bias (N,) fp32 or None. accumulate=False zeroes y first (a memset, capturable); True adds
         into y (e.g. y is the residual). kept (1,) uint64 or None: the number of channels kept is added to it
-        (statistics)."""
+        (statistics). splits: channel splits (None: column_grid's choice)."""
         wt = as_matrix(wt)
         if wt.sparse:
             raise EdgeRuntimeError("TEAL kernels read dense transposed weights (fp16, int8, int4)")
@@ -36,5 +43,5 @@ class TealGemv:
         check_opt(kept, np.uint64, (1,), "kept")
         if not accumulate:
             y.fill(0)
-        self.m.launch(f"teal_gemv_{wt.kenc}", (-(-n // (8 * THREADS)), max(1, min(splits, k))), (THREADS,),
+        self.m.launch(f"teal_gemv_{wt.kenc}", column_grid(n, k, splits), (COL_THREADS,),
                       (wt.w, wt.scale, i32(wt.group), i32(k), i32(n), i32(wt.kp), x, xs, thr, bias, y, kept))
