@@ -166,6 +166,94 @@ __device__ void load_x(const float* x, const float* norm_w, const float* norm_b,
     __syncthreads();
 }
 
+// Compressed rows (ENC_CSR_*) are read a segment of CSR_SEG_BYTES bitmap bytes (8 stretches of 32, 2048 columns)
+// at a time: the warp loads the segment's bitmap (lane l: byte l of each stretch), scans the kept counts, copies
+// the segment's values (contiguous in the value array) into its shared-memory stage with coalesced loads, 16 in
+// flight per lane, then each lane walks its bytes' set bits against the stage. Two dependent memory round trips a
+// segment; reading values where the bits are walked would be one round trip per kept weight of a lane.
+#define CSR_SEG_BYTES 256
+#define CSR_SEG_VALUES (8 * CSR_SEG_BYTES)
+#define CSR_COPY_UNROLL 16
+
+template <int ENC>
+struct CsrValue {
+    typedef __half T;
+};
+template <>
+struct CsrValue<ENC_CSR_INT8> {
+    typedef int8_t T;
+};
+
+__device__ __forceinline__ float csr_value(__half v) { return __half2float(v); }
+__device__ __forceinline__ float csr_value(int8_t v) { return float(v); }
+
+// A warp's stage: CSR_SEG_VALUES values (fp16: 4 KB, int8: 2 KB) at `base` (shared memory past what the kernel
+// keeps there), one per warp of the block.
+template <int ENC>
+__device__ __forceinline__ void* csr_stage(void* base, int warp) {
+    return static_cast<char*>(base) + (size_t)warp * CSR_SEG_VALUES * sizeof(typename CsrValue<ENC>::T);
+}
+
+template <int ENC>
+__device__ __forceinline__ float csr_row_dot(const void* __restrict__ w, const __half* __restrict__ scale,
+                                             const uint8_t* __restrict__ bitmap,
+                                             const long long* __restrict__ row_offsets, int row, int K,
+                                             const float* __restrict__ xs, int lane, void* stage_raw) {
+    typedef typename CsrValue<ENC>::T T;
+    const T* __restrict__ vals = static_cast<const T*>(w);
+    T* stage = static_cast<T*>(stage_raw);
+    const int KB = (K + 7) / 8;
+    const uint8_t* bm = bitmap + (size_t)row * KB;
+    long long base = row_offsets[row];
+    float acc = 0.f;
+    for (int s0 = 0; s0 < KB; s0 += CSR_SEG_BYTES) {
+        constexpr int S = CSR_SEG_BYTES / WARP;
+        uint32_t b[S];
+        int excl[S], total = 0;  // byte s0 + 32t + lane: its first value's place in the segment
+#pragma unroll
+        for (int t = 0; t < S; ++t) {
+            const int c = s0 + WARP * t + lane;
+            b[t] = c < KB ? __ldg(bm + c) : 0u;
+        }
+#pragma unroll
+        for (int t = 0; t < S; ++t) {
+            const int n = __popc(b[t]);
+            int incl = n;
+            for (int o = 1; o < WARP; o <<= 1) {
+                const int u = __shfl_up_sync(FULL_MASK, incl, o);
+                if (lane >= o) incl += u;
+            }
+            excl[t] = total + incl - n;
+            total += __shfl_sync(FULL_MASK, incl, WARP - 1);
+        }
+        for (int v0 = 0; v0 < total; v0 += CSR_COPY_UNROLL * WARP) {  // warp-uniform trip count
+            T r[CSR_COPY_UNROLL];
+#pragma unroll
+            for (int u = 0; u < CSR_COPY_UNROLL; ++u)  // clamped index: every load valid, none predicated
+                r[u] = __ldg(vals + base + min(v0 + u * WARP + lane, total - 1));
+#pragma unroll
+            for (int u = 0; u < CSR_COPY_UNROLL; ++u)
+                if (v0 + u * WARP + lane < total) stage[v0 + u * WARP + lane] = r[u];
+        }
+        __syncwarp();
+#pragma unroll
+        for (int t = 0; t < S; ++t) {
+            uint32_t bits = b[t];
+            int at = excl[t];
+            const float* xc = xs + 8 * (s0 + WARP * t + lane);
+            while (bits) {
+                const int j = __ffs(bits) - 1;
+                acc += csr_value(stage[at++]) * xc[j];
+                bits &= bits - 1;
+            }
+        }
+        __syncwarp();  // the stage is rewritten by the next segment
+        base += total;
+    }
+    acc = warp_sum(acc);
+    return ENC == ENC_CSR_INT8 ? acc * __half2float(scale[row]) : acc;
+}
+
 // Bytes of one dense row of Kp inputs in ENC (compressed rows: 0, their length is data-dependent).
 template <int ENC>
 __device__ __forceinline__ size_t dense_row_bytes(int Kp) {
@@ -174,11 +262,11 @@ __device__ __forceinline__ size_t dense_row_bytes(int Kp) {
 }
 
 // dot(W[row], x) by one warp, x in shared memory as load_x<ENC> left it; every lane gets the result.
-// Dense encodings: each lane reads 16 bytes per step. bitmap/row_offsets: compressed rows only (else unused).
+// Dense encodings: each lane reads 16 bytes per step. bitmap/row_offsets/stage: compressed rows only (else unused).
 template <int ENC>
 __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __half* __restrict__ scale, int group,
                                          const uint8_t* __restrict__ bitmap, const long long* __restrict__ row_offsets,
-                                         int row, int Kp, const float* __restrict__ xs, int lane) {
+                                         int row, int Kp, const float* __restrict__ xs, int lane, void* stage) {
     constexpr int V = Enc<ENC>::VALS;
     const int C = Kp / V;
     float acc = 0.f;
@@ -227,31 +315,7 @@ __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __hal
             acc += part * __half2float(srow[(c * 32) / group]);
         }
         return warp_sum(acc);
-    } else {  // compressed row: lane c takes bitmap byte c (8 columns) of each 32-byte stretch
-        const int KB = (Kp + 7) / 8;
-        const uint8_t* bm = bitmap + (size_t)row * KB;
-        long long base = row_offsets[row];
-        for (int c0 = 0; c0 < KB; c0 += WARP) {
-            const int c = c0 + lane;
-            uint32_t b = c < KB ? bm[c] : 0u;
-            const int n = __popc(b);
-            int incl = n;  // inclusive prefix of kept counts over the lanes
-            for (int o = 1; o < WARP; o <<= 1) {
-                const int t = __shfl_up_sync(FULL_MASK, incl, o);
-                if (lane >= o) incl += t;
-            }
-            long long at = base + incl - n;
-            while (b) {
-                const int j = __ffs(b) - 1;
-                const float v = ENC == ENC_CSR_FP16 ? __half2float(static_cast<const __half*>(w)[at])
-                                                    : float(static_cast<const int8_t*>(w)[at]);
-                acc += v * xs[8 * c + j];
-                ++at;
-                b &= b - 1;
-            }
-            base += __shfl_sync(FULL_MASK, incl, WARP - 1);
-        }
-        acc = warp_sum(acc);
-        return ENC == ENC_CSR_INT8 ? acc * __half2float(scale[row]) : acc;
+    } else {
+        return csr_row_dot<ENC>(w, scale, bitmap, row_offsets, row, Kp, xs, lane, stage);
     }
 }

@@ -5,7 +5,8 @@
 //   extra launch, no extra pass over memory); bias (N,) | NULL; residual (N,) | NULL, may alias y (in-place
 //   h += W x: each element is read before the same warp writes it). Out: y (N,) fp32.
 // Grid-stride over rows, one warp per row, x in shared memory once per block (launcher caps the grid at a few
-// blocks per SM); dynamic shared memory 4 * Kp bytes (the launcher raises the limit past 48 KB).
+// blocks per SM); dynamic shared memory 4 * Kp bytes, then for compressed rows a stage per warp (csr_stage; the
+// launcher raises the limit past 48 KB).
 #include "common.cuh"
 
 template <int ENC>
@@ -21,8 +22,9 @@ __device__ void gemv(const void* __restrict__ w, const __half* __restrict__ scal
         prefetch_span(static_cast<const char*>(w) + first * bytes, bytes, lane);
     }
     load_x<ENC>(x, norm_w, norm_b, eps, K, Kp, xs);
+    void* stage = csr_stage<ENC>(xs + Kp, threadIdx.x / WARP);  // compressed rows only
     for (int row = first; row < N; row += gridDim.x * wpb) {
-        float v = row_dot<ENC>(w, scale, group, bitmap, row_offsets, row, Kp, xs, lane);
+        float v = row_dot<ENC>(w, scale, group, bitmap, row_offsets, row, Kp, xs, lane, stage);
         if (lane == 0) {
             if (bias) v += bias[row];
             if (residual) v += residual[row];

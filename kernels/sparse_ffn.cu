@@ -57,7 +57,8 @@ extern "C" __global__ void ffn_prepare(const float* x, const float* norm_w, cons
 //   device memory every launch; threshold: FATReLU threshold (0 = ReLU), a model constant; up_relu: 1 for dReLU
 //   (relu on up too), else 0; up_dropped (1,) uint64 | NULL: this layer's count of rows dropped for up <= 0;
 //   use_lut (projection): 1 scores rows through the nibble table (projection_lut), 0 by walking the set bits.
-// Dynamic shared memory: xs 4 * Kp bytes, then with use_lut the table, 16 * 8 * ceil(K/32) floats.
+// Dynamic shared memory: xs 4 * Kp bytes, then with use_lut the table, 16 * 8 * ceil(K/32) floats, then for
+// compressed rows a stage per warp (csr_stage).
 // Out: idx (N,) int32 and h (N,) fp32, the first counters[0] entries (in arbitrary order); counters (2,) int32
 //   {kept, predicted}, zeroed by ffn_prepare; up_dropped += this step's up-dropped rows.
 // The projection predictor's table: for every 4-input slice of x (nibble j of sign word c, inputs 32c + 4j ..
@@ -103,6 +104,7 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
     load_x<ENC>(xn, nullptr, nullptr, 0.f, K, Kp, xs);
     float* lut = xs + Kp;
     if (PRED == PRED_PROJECTION && use_lut) projection_lut<ENC>(xs, K, Kp, W, lut);
+    void* stage = csr_stage<ENC>(lut + (PRED == PRED_PROJECTION && use_lut ? 16 * 8 * W : 0), threadIdx.x / WARP);
     const float alpha = PRED == PRED_SPARSEINFER ? *knob : 0.f;
     const float sum = PRED == PRED_PROJECTION ? *x_sum : 0.f;
     int n_pred = 0, n_up_dropped = 0;
@@ -136,12 +138,12 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
         }
         if (!active) continue;  // warp-uniform: the row's weights are never read
         ++n_pred;
-        float g = row_dot<ENC>(gate_w, gate_scale, group, gate_bitmap, gate_offsets, row, Kp, xs, lane);
+        float g = row_dot<ENC>(gate_w, gate_scale, group, gate_bitmap, gate_offsets, row, Kp, xs, lane, stage);
         if (gate_b) g += gate_b[row];
         if (!(g > 0.f && g >= threshold)) continue;
         float hv = g;
         if (up_w) {
-            float u = row_dot<ENC>(up_w, up_scale, group, up_bitmap, up_offsets, row, Kp, xs, lane);
+            float u = row_dot<ENC>(up_w, up_scale, group, up_bitmap, up_offsets, row, Kp, xs, lane, stage);
             if (up_b) u += up_b[row];
             if (up_relu && !(u > 0.f)) {  // dReLU: relu(u) = 0, an exact zero; down never reads the row
                 ++n_up_dropped;

@@ -293,6 +293,8 @@ GEMV_CASES = [  # (encoding, N, K, group, extras)
     ("fp16", 1000, 64, 0, "rmsnorm capped"),  # an LM head: vocab rows, final norm fused; 3 blocks for 1000 rows
     ("fp16", 20, 14336, 0, "residual"),  # a down GEMV over d_ff = 14336: 56 KB of shared memory (> 48 KB)
     ("fp32", 200, 100, 0, "bias residual"), ("fp32", 64, 96, 0, "layernorm"),
+    # compressed rows over two staged segments (2048 + 552 columns), the first holding 1024 values: two copy rounds
+    ("sparse-fp16", 40, 2600, 0, "bias"), ("sparse-int8", 24, 4104, 0, "residual"),
 ]
 
 

@@ -111,6 +111,16 @@ def row_grid(n_rows: int, threads: int = THREADS, max_blocks: int | None = None,
     return (max(1, min(-(-n_rows // (threads // 32)), max_blocks)),)
 
 
+CSR_SEG_VALUES = 2048  # kernels/common.cuh: a compressed row's values staged per warp, 2048 at a time
+CSR_VALUE_BYTES = {"csr_fp16": 2, "csr_int8": 1}
+
+
+def row_smem(m, threads: int = THREADS) -> int:
+    """Dynamic shared memory of a row kernel over DeviceMatrix m: x (4 * Kp bytes), plus for compressed rows a
+    value stage per warp."""
+    return 4 * m.kp + (threads // 32) * CSR_SEG_VALUES * CSR_VALUE_BYTES.get(m.kenc, 0)
+
+
 COL_THREADS, COL_TILE = 256, 256  # kernels/column_gemv.cuh: 8 warps on a tile of 256 columns
 
 

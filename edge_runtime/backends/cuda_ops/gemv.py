@@ -15,6 +15,7 @@ from edge_runtime.backends.cuda_ops.common import (
     f32,
     i32,
     row_grid,
+    row_smem,
 )
 from edge_runtime.errors import EdgeRuntimeError
 
@@ -40,6 +41,7 @@ class Gemv:
             raise EdgeRuntimeError("norm_b without norm_w")
         if x is y:
             raise EdgeRuntimeError("gemv: y must not alias x")
-        self.m.launch(f"gemv_{m.kenc}", row_grid(n, max_blocks=max_blocks, smem=4 * m.kp), (THREADS,),
+        smem = row_smem(m)
+        self.m.launch(f"gemv_{m.kenc}", row_grid(n, max_blocks=max_blocks, smem=smem), (THREADS,),
                       (*m.row_args(), x, norm_w, norm_b, f32(eps), bias, residual, i32(n), i32(k), i32(m.kp), y),
-                      shared_mem=4 * m.kp)
+                      shared_mem=smem)

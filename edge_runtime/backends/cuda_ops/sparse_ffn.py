@@ -19,6 +19,7 @@ from edge_runtime.backends.cuda_ops.common import (
     f32,
     i32,
     row_grid,
+    row_smem,
     smem_optin,
 )
 from edge_runtime.errors import EdgeRuntimeError
@@ -98,7 +99,7 @@ class SparseFFNKernels:
         if up is not None:
             u_w, u_s, _, u_bm, u_off = up.row_args()
         g_w, g_s, group, g_bm, g_off = gate.row_args()
-        smem = 4 * gate.kp
+        smem = row_smem(gate)
         use_lut = False
         if predictor == "projection":
             table = LUT_BYTES_PER_WORD * -(-k // 32)
