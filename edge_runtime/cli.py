@@ -236,6 +236,7 @@ def _load(args, watch_power: bool = False):
 
     pinned = _pinned_digest(args.manifest_sha256)
     _say_if_compiling(args.backend)
+    _say_if_threads_capped(args.threads, args.backend)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KVBudgetWarning)
         rt = load(args.model, profile=getattr(args, "profile", "auto"), backend=args.backend,
@@ -245,7 +246,6 @@ def _load(args, watch_power: bool = False):
                   prefill=args.prefill, threads=args.threads)
     for w in caught:  # the shortened KV budget, one line each
         print(f"edge-runtime: warning: {w.message}", file=sys.stderr)
-    _say_if_threads_capped(args.threads, args.backend)
     if pinned and rt.model.manifest_sha256 != pinned:  # the digest of the bytes that were parsed
         rt.close()
         raise EdgeRuntimeError(f"{rt.model.path}/manifest.yaml has sha256 {rt.model.manifest_sha256}, not the "

@@ -94,8 +94,25 @@ class Module:
         k(grid, block, args, shared_mem=shared_mem)
 
 
+_attributes: dict[int, dict] = {}
+
+
+def device_attribute(name: str, default: int) -> int:
+    """An attribute of the current device, read once per device: CuPy's Device().attributes queries every
+    attribute the driver has on each access, and the launchers ask on every launch."""
+    dev = cupy().cuda.Device()
+    if dev.id not in _attributes:
+        _attributes[dev.id] = dict(dev.attributes)
+    return int(_attributes[dev.id].get(name, default))
+
+
 def smem_optin() -> int:
-    return int(cupy().cuda.Device().attributes.get("MaxSharedMemoryPerBlockOptin", SMEM_DEFAULT))
+    return device_attribute("MaxSharedMemoryPerBlockOptin", SMEM_DEFAULT)
+
+
+def resident_blocks(per_sm: int = BLOCKS_PER_SM) -> int:
+    """per_sm blocks on every SM of the device: a grid that runs in one wave."""
+    return per_sm * device_attribute("MultiProcessorCount", 16)
 
 
 def row_grid(n_rows: int, threads: int = THREADS, max_blocks: int | None = None, smem: int = 0) -> tuple[int]:
@@ -103,11 +120,10 @@ def row_grid(n_rows: int, threads: int = THREADS, max_blocks: int | None = None,
     (BLOCKS_PER_SM per SM, fewer when smem bytes of dynamic shared memory a block allow fewer): a block past
     that would wait for a second wave and load x again. max_blocks overrides the cap."""
     if max_blocks is None:
-        attrs = cupy().cuda.Device().attributes
         per_sm = BLOCKS_PER_SM
         if smem:  # 1 KB a block is the driver's reserve; static shared memory here is under 1 KB
-            per_sm = max(1, min(per_sm, int(attrs.get("MaxSharedMemoryPerMultiprocessor", 0)) // (smem + 2048)))
-        max_blocks = per_sm * int(attrs.get("MultiProcessorCount", 16))
+            per_sm = max(1, min(per_sm, device_attribute("MaxSharedMemoryPerMultiprocessor", 0) // (smem + 2048)))
+        max_blocks = resident_blocks(per_sm)
     return (max(1, min(-(-n_rows // (threads // 32)), max_blocks)),)
 
 
@@ -129,8 +145,7 @@ def column_grid(n_cols: int, n_rows: int, splits: int | None = None) -> tuple[in
     BLOCKS_PER_SM blocks per SM (a 7B down projection has only 16 tiles of columns), at least 32 rows each."""
     tiles = -(-n_cols // COL_TILE)
     if splits is None:
-        blocks = BLOCKS_PER_SM * int(cupy().cuda.Device().attributes.get("MultiProcessorCount", 16))
-        splits = min(-(-blocks // tiles), -(-n_rows // 32))
+        splits = min(-(-resident_blocks() // tiles), -(-n_rows // 32))
     return tiles, max(1, min(splits, n_rows))
 
 
