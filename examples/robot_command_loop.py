@@ -21,8 +21,14 @@ def main() -> None:
     ap.add_argument("--cycles", type=int, default=5)
     args = ap.parse_args()
     with edge_runtime.load(args.model, backend="auto") as rt:
-        if rt.config.relu_family:
+        # The device profile's policy picks each layer's predictor setting and re-picks it when the power
+        # mode changes; without a calibration there is nothing to pick from, so use the model's stored alpha.
+        by_policy = rt.follow_policy()
+        if not by_policy and rt.config.relu_family:
             rt.set_sparsity(rt.default_alpha)
+        info = rt.health_info()
+        print(f"decode: {info['decode']}, predictor {info['predictor']['in_use']}, "
+              f"{'chosen by the ' + str(info['profile']) + ' policy' if by_policy else 'the model stored alpha'}")
         for cycle in range(args.cycles):
             obs = OBSERVATIONS[cycle % len(OBSERVATIONS)]
             t0 = time.perf_counter()

@@ -111,3 +111,20 @@ def test_warm_up_leaves_no_trace(model_dir):
     rt.close()
     with pytest.raises(EdgeRuntimeError, match="closed"):
         rt.warm_up()
+
+
+@pytest.mark.parametrize("which", ["embedded", "uncalibrated"])
+def test_robot_example_follows_the_device_policy(model_dir, which, capsys, monkeypatch):
+    """examples/robot_command_loop.py: the embedded model is calibrated, so the profile policy picks its
+    sparsity; a model without a calibration falls back to its stored alpha. Either way a cycle is answered."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    argv = ["robot_command_loop.py", "--cycles", "1", "--deadline-ms", "2000"]
+    argv += ["--model", str(model_dir)] if which == "uncalibrated" else []
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(Path(__file__).parents[1] / "examples" / "robot_command_loop.py"), run_name="__main__")
+    first, cycle = capsys.readouterr().out.splitlines()[:2]
+    assert ("policy" in first) == (which == "embedded") and "decode: sparse" in first
+    assert cycle.startswith("cycle 0: 'The door ahead is closed.' -> ")
