@@ -29,6 +29,10 @@ typedef unsigned long long uint64_t;
 #endif
 
 #define WARP 32
+// Row kernels' block and the blocks per SM their grids are sized for (cuda_ops/common.py THREADS, BLOCKS_PER_SM):
+// as __launch_bounds__ they hold a kernel to 64 registers, so 4 blocks do fit where the grid counts on them.
+#define ROW_THREADS 256
+#define ROW_BLOCKS_PER_SM 4
 #define FULL_MASK 0xffffffffu
 #define ENC_FP16 0
 #define ENC_INT8 1

@@ -34,6 +34,9 @@ def models(tmp_path_factory):
                             ("relu-int4", "relu", "int4"), ("silu-fp16", "silu", "fp16"), ("opt-fp32", "opt", "fp32")):
         convert(root / hf, root / name, dtype, progress=False, group_size=32)
         out[name] = root / name
+    for name, dtype in (("relu-int8-ws", "int8"), ("relu-fp16-ws", "fp16")):  # compressed weight-sparse rows
+        convert(root / "relu", root / name, dtype, progress=False, weight_sparsity=0.5)
+        out[name] = root / name
     return out
 
 
@@ -95,6 +98,22 @@ def test_sparse_decode_equals_cpu_and_counts_the_same(models, predictor):
     assert _rel(masked[1], masked[0]) < 2e-3
     cpu.decoder.reset()
     assert _rel(masked[0], cpu.decoder.prefill(PROMPT)) > 1e-4  # the masks really dropped rows
+
+
+@pytest.mark.parametrize("name", ["relu-int8-ws", "relu-fp16-ws"])
+def test_weight_sparse_model_decodes_as_on_cpu(models, name):
+    """A model converted with --weight-sparsity 0.5: every projection is compressed rows (bitmap + kept values),
+    read as stored by the row kernels (q, k, v, o, gate, up) and the column kernel over W_down^T; dense and
+    sparse decode give the CPU's ids, logits and counts."""
+    cpu, gpu = _pair(models[name])
+    assert gpu.backend.dev.layers[0].down_t.sparse
+    for rules in (None, [Rule("sparseinfer", alpha=1.0)] * cpu.config.n_layers):
+        ids_c, lg_c = _run(cpu, rules)
+        ids_g, lg_g = _run(gpu, rules)
+        assert ids_g == ids_c
+        assert _rel(lg_g, lg_c) < 2e-3  # fp16 KV cache on the device
+    sc, sg = cpu.decoder.stats, gpu.decoder.stats
+    assert 0 < sc.kept.sum() < sc.predicted.sum() and (sg.kept == sc.kept).all()
 
 
 @pytest.mark.parametrize("criterion", ["teal", "wina"])

@@ -22,6 +22,7 @@ from edge_runtime.backends import cuda_available
 from edge_runtime.backends.cpu import CpuBackend
 from edge_runtime.backends.weights import Layer, Linear, Norm
 from edge_runtime.config import ModelConfig
+from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
@@ -648,12 +649,16 @@ def test_sampling_counter_rng(cp):
     assert len({device_uniform(seed, c) for c in range(100)}) == 100
 
 
-@pytest.mark.parametrize("enc,splits", [("fp32", 1), ("fp16", 1), ("int8", 3), ("int4", 1), ("fp16", None)])
-def test_ffn_down_over_a_long_list(cp, ffn_k, enc, splits):
+@pytest.mark.parametrize("enc,splits,d", [("fp32", 1, 288), ("fp16", 1, 288), ("int8", 3, 288), ("int4", 1, 288),
+                                          ("fp16", None, 288), ("sparse-fp16", 1, 288), ("sparse-int8", 3, 604),
+                                          ("sparse-fp16", None, 604)])
+def test_ffn_down_over_a_long_list(cp, ffn_k, enc, splits, d):
     """The down accumulation over 203 active rows (repeats allowed, any order): one split gives each warp 25 rows
-    (the four-in-flight loop and its remainder); d = 288 leaves the second column tile 32 wide."""
-    n, d, m = 700, 288, 203
-    rng = np.random.default_rng(zlib.crc32(f"down {enc} {splits}".encode()))
+    (the four-in-flight loop and its remainder); d = 288 leaves the second column tile 32 wide; compressed rows
+    with d = 604 have three tiles whose values start past the row's first (tile offsets), the last tile 92
+    columns wide, ending inside a bitmap byte."""
+    n, m = 700, 203
+    rng = np.random.default_rng(zlib.crc32(f"down {enc} {splits} {d}".encode()))
     down_t = _pack(rng.standard_normal((n, d)).astype(np.float32), enc)
     idx = rng.integers(0, n, m).astype(np.int32)
     h = rng.standard_normal(m).astype(np.float32)
@@ -664,7 +669,7 @@ def test_ffn_down_over_a_long_list(cp, ffn_k, enc, splits):
     counters, stats, y = cp.asarray(np.array([m, 2 * m], np.int32)), cp.zeros((2, 2), cp.uint64), cp.asarray(y0)
     from edge_runtime.backends.cuda_ops.common import DeviceMatrix
 
-    ffn_k.down(DeviceMatrix(down_t), idx_d, h_d, counters, stats, 1, y, row_splits=splits)
+    ffn_k.down(DeviceMatrix(down_t, column_kernel=True), idx_d, h_d, counters, stats, 1, y, row_splits=splits)
     assert _rel(y.get(), expected) < F32
     assert np.array_equal(stats.get(), [[0, 0], [2 * m, m]])
 
@@ -835,3 +840,17 @@ def test_graph_replay_equals_eager_and_reads_knobs_from_device(cp):
         assert np.array_equal(a, b)
     per_step_before = before[0, 0] / 6
     assert graphed.ffn.stats.get()[0, 0] - before[0, 0] < per_step_before  # fewer rows predicted at alpha 0.5
+
+
+def test_compressed_down_needs_its_tile_offsets(cp, ffn_k):
+    """A compressed W_down^T uploaded for row kernels only has no tile offsets: the launcher says how to upload it
+    instead of reading a (1,) placeholder as offsets."""
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+
+    rng = np.random.default_rng(7)
+    down_t = DeviceMatrix(_pack(rng.standard_normal((64, 40)).astype(np.float32), "sparse-fp16"))
+    idx, h = cp.zeros(64, cp.int32), cp.ones(64, cp.float32)
+    counters, stats, y = cp.asarray(np.array([1, 1], np.int32)), cp.zeros((1, 2), cp.uint64), cp.zeros(40, cp.float32)
+    with pytest.raises(EdgeRuntimeError, match="column_kernel=True"):
+        ffn_k.down(down_t, idx, h, counters, stats, 0, y)
+

@@ -44,7 +44,7 @@ class DeviceNorm:
 class DeviceLayer:
     def __init__(self, layer: Layer):
         self.gate, self.up = DeviceLinear(layer.gate), (DeviceLinear(layer.up) if layer.up else None)
-        self.down_t = DeviceMatrix(layer.down_t)  # (ffn_dim, d): one row per neuron
+        self.down_t = DeviceMatrix(layer.down_t, column_kernel=True)  # (ffn_dim, d): one row per neuron
         self.down_host = layer.down_t
         self.down_b = _vec(layer.down_b)  # (d,) or None
         self.gate_signs = cupy().asarray(np.ascontiguousarray(layer.gate_signs, dtype=np.uint32))  # (N, ceil(d/32))

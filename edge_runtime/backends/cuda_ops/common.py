@@ -180,17 +180,33 @@ KERNEL_ENC = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int4", "s
               "sparse-int8": "csr_int8"}
 
 
+def tile_offsets(bitmap: np.ndarray) -> np.ndarray:
+    """(N, ceil(K/COL_TILE)) int32: kept values of each compressed row before each tile of COL_TILE columns.
+    bitmap (N, ceil(K/8)) uint8; a tile is COL_TILE / 8 bitmap bytes. 4 bytes a row a tile (1.6 % of a 50 %
+    sparse fp16 row)."""
+    n, kb = bitmap.shape
+    per_tile_bytes = COL_TILE // 8
+    tiles = -(-kb // per_tile_bytes)
+    counts = np.zeros((n, tiles * per_tile_bytes), np.int64)
+    counts[:, :kb] = np.bitwise_count(bitmap)
+    kept = counts.reshape(n, tiles, per_tile_bytes).sum(axis=2)
+    return np.ascontiguousarray(np.cumsum(kept, axis=1) - kept, dtype=np.int32)
+
+
 class DeviceMatrix:
     """A packed logical (N, K) matrix on the device, in its stored encoding (edge_runtime/pack/quant.py,
     sparse_weights.py). Fields are what the kernels take:
       w        fp32 | fp16 (N, K) | int8 (N, K) | uint8 (N, Kp/2) int4 | compressed values (nnz,) fp16 | int8
       scale    fp16 (N,) int8 | (N, Kp/group) int4 | (1,) unused placeholder
       bitmap   uint8 (N, ceil(K/8)) and row_offsets int64 (N+1,): compressed rows only, else (1,) placeholders
+      tile_offsets int32 (N, ceil(K/COL_TILE)): compressed rows uploaded with column_kernel=True (W_down^T for
+               csr_down) only, else a (1,) placeholder: each row's kept values before each tile of COL_TILE
+               columns, derived here (device memory only, 4 B a row a tile: 1.6 % of a 50 % sparse fp16 row)
       group    int4 group (0 otherwise); kp: K padded to the group (int4), else K
     Checked at upload: the layout the kernels index (row stride Kp/2, Kp/group scales, group % 32 == 0); the
     launchers check the alignment their kernel needs (check_row_kernel, check_column_kernel)."""
 
-    def __init__(self, packed):
+    def __init__(self, packed, column_kernel: bool = False):
         cp = cupy()
         enc = packed.encoding
         if enc not in KERNEL_ENC:
@@ -214,13 +230,17 @@ class DeviceMatrix:
                 raise EdgeRuntimeError("compressed rows: bitmap (N, ceil(K/8)) and row_offsets (N+1,) expected")
             self.bitmap = cp.asarray(np.ascontiguousarray(a["bitmap"], dtype=np.uint8))
             self.row_offsets = cp.asarray(np.ascontiguousarray(a["row_offsets"], dtype=np.int64))
+            self.tile_offsets = cp.asarray(tile_offsets(np.asarray(a["bitmap"], dtype=np.uint8))) if column_kernel \
+                else cp.zeros(1, cp.int32)
         else:
             self.bitmap, self.row_offsets = cp.zeros(1, cp.uint8), cp.zeros(1, cp.int64)
+            self.tile_offsets = cp.zeros(1, cp.int32)
         has_scale = "scale" in a
         self.scale = cp.asarray(np.ascontiguousarray(a["scale"], dtype=np.float16)) if has_scale else \
             cp.zeros(1, dtype=cp.float16)
         self.nbytes = int(self.w.nbytes + (self.scale.nbytes if has_scale else 0)
-                          + (self.bitmap.nbytes + self.row_offsets.nbytes if self.sparse else 0))
+                          + (self.bitmap.nbytes + self.row_offsets.nbytes + self.tile_offsets.nbytes
+                             if self.sparse else 0))
 
     @classmethod
     def int8_columns(cls, packed) -> DeviceMatrix:
@@ -232,7 +252,7 @@ class DeviceMatrix:
         m.encoding, m.shape, m.kenc, m.group, m.kp = "int8-columns", (int(k), int(n)), "int8c", 0, int(n)
         m.w = cp.asarray(np.ascontiguousarray(np.asarray(packed.arrays["q"]).T))  # (K, N) int8
         m.scale = cp.asarray(np.ascontiguousarray(packed.arrays["scale"], dtype=np.float16))  # (N,)
-        m.bitmap, m.row_offsets = cp.zeros(1, cp.uint8), cp.zeros(1, cp.int64)
+        m.bitmap, m.row_offsets, m.tile_offsets = cp.zeros(1, cp.uint8), cp.zeros(1, cp.int64), cp.zeros(1, cp.int32)
         m.nbytes = int(m.w.nbytes + m.scale.nbytes)
         return m
 
@@ -252,13 +272,20 @@ class DeviceMatrix:
             raise EdgeRuntimeError(f"{what}: {self.encoding} row kernels need K % {need} == 0, got K = {self.shape[1]}")
 
     def check_column_kernel(self, what: str) -> None:
-        """Accumulations over rows (FFN down, TEAL) give each thread 8 columns: row length % 8 == 0."""
+        """Accumulations over rows (FFN down, TEAL) give each thread 8 columns: row length % 8 == 0 (compressed
+        rows: any length, with their tile offsets)."""
+        if self.sparse:
+            tiles = -(-self.shape[1] // COL_TILE)
+            if self.tile_offsets.shape != (self.shape[0], tiles):
+                raise EdgeRuntimeError(f"{what}: compressed rows need their tile offsets for the column kernel; "
+                                       f"upload with DeviceMatrix(packed, column_kernel=True)")
+            return
         if self.shape[1] % 8:
             raise EdgeRuntimeError(f"{what}: kernels over rows of a transposed matrix need its row length % 8 == 0, "
                                    f"got {self.shape[1]}")
 
     def free(self) -> None:
-        self.w = self.scale = self.bitmap = self.row_offsets = None
+        self.w = self.scale = self.bitmap = self.row_offsets = self.tile_offsets = None
 
 
 def as_matrix(m) -> DeviceMatrix:

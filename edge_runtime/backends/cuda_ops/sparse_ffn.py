@@ -25,8 +25,6 @@ from edge_runtime.backends.cuda_ops.common import (
 from edge_runtime.errors import EdgeRuntimeError
 
 PREDICTORS = ("sparseinfer", "projection")
-DOWN_THREADS = 128  # compressed-row down (kernels/sparse_weights.cu)
-CSR_DOWN_SPLITS = 64
 LUT_BYTES_PER_WORD = 16 * 8 * 4  # projection table: 16 patterns x 8 nibbles of a sign word, fp32
 
 
@@ -115,7 +113,7 @@ class SparseFFNKernels:
              ) -> None:
         """y += sum over the active list of h * down_t[idx]; stats[layer] += (predicted, kept).
         down_t (N, D) packed; stats (n_layers, 2) uint64. row_splits: splits of the list (None: column_grid's
-        choice for dense rows; CSR_DOWN_SPLITS for compressed ones)."""
+        choice)."""
         down_t = as_matrix(down_t)
         n, d = down_t.shape
         check(idx, np.int32, (n,), "idx")
@@ -125,14 +123,14 @@ class SparseFFNKernels:
         if not 0 <= layer < stats.shape[0]:
             raise EdgeRuntimeError(f"layer {layer} outside stats ({stats.shape[0]} layers)")
         check(y, np.float32, (d,), "y")
+        down_t.check_column_kernel("down")
         if down_t.sparse:
             if self.csr is None:
                 self.csr = Module("sparse_weights.cu")
-            self.csr.launch(f"csr_down_{down_t.kenc[4:]}", (row_splits or CSR_DOWN_SPLITS,), (DOWN_THREADS,),
-                            (down_t.w, down_t.scale, down_t.bitmap, down_t.row_offsets, i32(d), idx, h, counters,
-                             stats, i32(layer), y))
+            self.csr.launch(f"csr_down_{down_t.kenc[4:]}", column_grid(d, n, row_splits), (COL_THREADS,),
+                            (down_t.w, down_t.scale, down_t.bitmap, down_t.row_offsets, down_t.tile_offsets, i32(d),
+                             idx, h, counters, stats, i32(layer), y))
             return
-        down_t.check_column_kernel("down")
         self.m.launch(f"ffn_down_{down_t.kenc}", column_grid(d, n, row_splits), (COL_THREADS,),
                       (down_t.w, down_t.scale, i32(down_t.group), i32(d), i32(down_t.kp), idx, h, counters, stats,
                        i32(layer), y))
@@ -147,7 +145,7 @@ class SparseFFN:
                  gate_b=None, up_b=None, down_b=None, n_layers: int = 1):
         cp = kernels.cp
         self.k = kernels
-        self.gate, self.down_t = DeviceMatrix(gate), DeviceMatrix(down_t)
+        self.gate, self.down_t = DeviceMatrix(gate), DeviceMatrix(down_t, column_kernel=True)
         self.up = DeviceMatrix(up) if up is not None else None
         n, d = self.gate.shape
 
