@@ -78,10 +78,12 @@ __device__ T block_scan(T v, T* scratch, T* total) {
     return incl - v + (warp > 0 ? scratch[warp - 1] : T(0));
 }
 
-extern "C" __global__ void sample(const float* __restrict__ logits, int V, const float* __restrict__ params,
-                                  const int* __restrict__ iparams, uint8_t* __restrict__ seen,
-                                  const float* __restrict__ uniform, float* __restrict__ work, int* __restrict__ step,
-                                  int* __restrict__ ids, int max_ctx) {
+// __launch_bounds__(1024): one block of up to 1024 threads (the launcher's default), so the compiler keeps the
+// kernel within the registers such a block may use.
+extern "C" __global__ void __launch_bounds__(1024)
+    sample(const float* __restrict__ logits, int V, const float* __restrict__ params, const int* __restrict__ iparams,
+           uint8_t* __restrict__ seen, const float* __restrict__ uniform, float* __restrict__ work,
+           int* __restrict__ step, int* __restrict__ ids, int max_ctx) {
     __shared__ float redf[32];
     __shared__ int redi[32];
     __shared__ unsigned int hist_n[256];

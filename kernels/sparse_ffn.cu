@@ -20,9 +20,10 @@
 //   residual (K,) | NULL (0), down_b (K,) | NULL; y may alias residual or x (each element read before written).
 // Out: xn (K,) fp32; x_signs (ceil(K/32),) uint32 (bit j of word c: xn[32c+j] < 0); x_sum (1,) fp32 = sum(xn);
 //   counters (2,) int32 = {kept, predicted} zeroed; y (K,) = residual + down_b.
-extern "C" __global__ void ffn_prepare(const float* x, const float* norm_w, const float* norm_b, float eps, int K,
-                                       const float* residual, const float* down_b, float* xn, uint32_t* x_signs,
-                                       float* x_sum, int* counters, float* y) {
+// __launch_bounds__(1024): launched as one block of up to 1024 threads.
+extern "C" __global__ void __launch_bounds__(1024)
+    ffn_prepare(const float* x, const float* norm_w, const float* norm_b, float eps, int K, const float* residual,
+                const float* down_b, float* xn, uint32_t* x_signs, float* x_sum, int* counters, float* y) {
     __shared__ float red[32];
     const int lane = threadIdx.x % WARP;
     float mu = 0.f, inv = 1.f;
@@ -196,11 +197,10 @@ __device__ void ffn_down(const void* __restrict__ wt, const __half* __restrict__
     gate_w, gate_scale, gate_b, gate_bitmap, gate_offsets, up_w, up_scale, up_b, up_bitmap, up_offsets, group, N, K, \
         Kp, xn, x_signs, x_sum, gate_signs, knob, threshold, up_relu, up_dropped, use_lut, idx, h, counters
 
+#define GATE_KERNEL extern "C" __global__ void __launch_bounds__(ROW_THREADS, ROW_BLOCKS_PER_SM)
 #define INSTANTIATE_GATE(SUFFIX, ENC)                                                                                  \
-    extern "C" __global__ void ffn_gate_sparseinfer_##SUFFIX(GATE_ARGS) {                                              \
-        ffn_gate<ENC, PRED_SPARSEINFER>(GATE_CALL);                                                                    \
-    }                                                                                                                  \
-    extern "C" __global__ void ffn_gate_projection_##SUFFIX(GATE_ARGS) { ffn_gate<ENC, PRED_PROJECTION>(GATE_CALL); }
+    GATE_KERNEL ffn_gate_sparseinfer_##SUFFIX(GATE_ARGS) { ffn_gate<ENC, PRED_SPARSEINFER>(GATE_CALL); }               \
+    GATE_KERNEL ffn_gate_projection_##SUFFIX(GATE_ARGS) { ffn_gate<ENC, PRED_PROJECTION>(GATE_CALL); }
 
 #define INSTANTIATE_DOWN(SUFFIX, ENC)                                                                                 \
     extern "C" __global__ void __launch_bounds__(COL_THREADS)                                                         \

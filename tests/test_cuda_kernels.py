@@ -854,3 +854,54 @@ def test_compressed_down_needs_its_tile_offsets(cp, ffn_k):
     with pytest.raises(EdgeRuntimeError, match="column_kernel=True"):
         ffn_k.down(down_t, idx, h, counters, stats, 0, y)
 
+
+class _KernelWithStaticSmem:
+    """A kernel as the driver describes one with 128 B of static shared memory (load_x's reduction buffer): the
+    emulator reports 0, a GPU does not."""
+    shared_size_bytes = 128
+
+    def __init__(self):
+        self.max_dynamic_shared_size_bytes = 48 * 1024 - 128
+        self.launched = []
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.launched.append(shared_mem)
+
+
+def test_launch_counts_static_shared_memory_and_refuses_partial_warps(cp):
+    """A 48 KB dynamic request (a sparse-fp16 row kernel at K = 4096: x 16 KB + 8 stages of 4 KB) plus 128 B
+    static needs the opt-in; the launcher sets it. Past the device's opt-in limit, or with a block that is not
+    whole warps, it refuses with a message instead of a CUDA launch error."""
+    from edge_runtime.backends.cuda_ops.common import Module, smem_optin
+
+    mod = Module.__new__(Module)
+    k = _KernelWithStaticSmem()
+    mod._k, mod._static = {"k": k}, {}
+    mod.launch("k", (1,), (256,), (), shared_mem=48 * 1024)
+    assert k.max_dynamic_shared_size_bytes == 48 * 1024 and k.launched == [48 * 1024]
+    with pytest.raises(EdgeRuntimeError, match="128 B static"):
+        mod.launch("k", (1,), (256,), (), shared_mem=smem_optin() - 64)
+    for block in ((100,), (2048,), (0,), (10, 3)):
+        with pytest.raises(EdgeRuntimeError, match="whole warps"):
+            mod.launch("k", (1,), block, ())
+    assert k.launched == [48 * 1024]
+
+
+def test_gemv_and_teal_refuse_an_output_over_their_input(cp):
+    """Their kernels take x and y __restrict__: a y that is a view over x's memory is refused, not raced on."""
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+    from edge_runtime.backends.cuda_ops.gemv import Gemv
+    from edge_runtime.backends.cuda_ops.teal import TealGemv
+
+    rng = np.random.default_rng(11)
+    w = quantize(rng.standard_normal((64, 64)).astype(np.float32), "fp16")
+    m = DeviceMatrix(w)
+    buf = cp.asarray(rng.standard_normal(128).astype(np.float32))
+    with pytest.raises(EdgeRuntimeError, match="overlap"):
+        Gemv()(m, buf[:64], buf[32:96])
+    ones, thr = cp.ones(64, cp.float32), cp.zeros(1, cp.float32)
+    with pytest.raises(EdgeRuntimeError, match="overlap"):
+        TealGemv()(m, buf[:64], ones, thr, buf[63:127], accumulate=True)
+    x = buf[:64].get()
+    Gemv()(m, buf[:64], buf[64:])  # adjacent, not overlapping: runs
+    assert _rel(buf[64:].get(), w.dequantize() @ x) < F32

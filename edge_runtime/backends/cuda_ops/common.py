@@ -76,6 +76,7 @@ class Module:
             _modules[name] = cp.RawModule(code=source_text(name), options=("-std=c++17",))
         self.raw = _modules[name]
         self._k: dict[str, object] = {}
+        self._static: dict[str, int] = {}
 
     def __call__(self, name: str):
         if name not in self._k:
@@ -83,15 +84,30 @@ class Module:
         return self._k[name]
 
     def launch(self, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
-        """Launch, raising the kernel's dynamic shared-memory limit first when it needs more than 48 KB."""
+        """Launch, raising the kernel's dynamic shared-memory limit first when static + dynamic shared memory
+        pass 48 KB: without the opt-in a kernel may take 48 KB less its static shared memory (load_x's 128 B
+        reduction buffer makes a 48 KB request fail). Blocks are whole warps (or one thread, advance_pos), at
+        most 1024 threads: the kernels' FULL_MASK shuffles and block reductions assume it."""
+        threads = int(np.prod(block))
+        if not 0 < threads <= 1024 or (threads % 32 and threads != 1):
+            raise EdgeRuntimeError(f"{name}: a block must be whole warps, at most 1024 threads; got {block}")
         k = self(name)
-        if shared_mem > SMEM_DEFAULT:
-            limit = smem_optin()
-            if shared_mem > limit:
-                raise EdgeRuntimeError(f"{name} needs {shared_mem} B of shared memory, the device allows {limit} B")
-            if (k.max_dynamic_shared_size_bytes or 0) < shared_mem:
-                k.max_dynamic_shared_size_bytes = shared_mem
+        if shared_mem:
+            static = self._static_smem(name)
+            if shared_mem + static > SMEM_DEFAULT:
+                limit = smem_optin()
+                if shared_mem + static > limit:
+                    raise EdgeRuntimeError(f"{name} needs {shared_mem + static} B of shared memory ({static} B "
+                                           f"static), the device allows {limit} B")
+                if (k.max_dynamic_shared_size_bytes or 0) < shared_mem:
+                    k.max_dynamic_shared_size_bytes = shared_mem
         k(grid, block, args, shared_mem=shared_mem)
+
+    def _static_smem(self, name: str) -> int:
+        """The kernel's static shared memory in bytes, asked of the driver once."""
+        if name not in self._static:
+            self._static[name] = int(self(name).shared_size_bytes or 0)
+        return self._static[name]
 
 
 _attributes: dict[int, dict] = {}
@@ -147,6 +163,14 @@ def column_grid(n_cols: int, n_rows: int, splits: int | None = None) -> tuple[in
     if splits is None:
         splits = min(-(-resident_blocks() // tiles), -(-n_rows // 32))
     return tiles, max(1, min(splits, n_rows))
+
+
+def overlaps(a, b) -> bool:
+    """Whether two device arrays share memory (views included): kernels take their inputs __restrict__."""
+    if a is None or b is None:
+        return False
+    a0, b0 = a.data.ptr, b.data.ptr
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
 
 
 def check(a, dtype, shape, what: str) -> None:

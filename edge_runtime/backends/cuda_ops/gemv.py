@@ -14,6 +14,7 @@ from edge_runtime.backends.cuda_ops.common import (
     check_opt,
     f32,
     i32,
+    overlaps,
     row_grid,
     row_smem,
 )
@@ -39,8 +40,8 @@ class Gemv:
         check_opt(norm_b, np.float32, (k,), "norm_b")
         if norm_b is not None and norm_w is None:
             raise EdgeRuntimeError("norm_b without norm_w")
-        if x is y:
-            raise EdgeRuntimeError("gemv: y must not alias x")
+        if overlaps(x, y):
+            raise EdgeRuntimeError("gemv: y must not overlap x")
         smem = row_smem(m)
         self.m.launch(f"gemv_{m.kenc}", row_grid(n, max_blocks=max_blocks, smem=smem), (THREADS,),
                       (*m.row_args(), x, norm_w, norm_b, f32(eps), bias, residual, i32(n), i32(k), i32(m.kp), y),

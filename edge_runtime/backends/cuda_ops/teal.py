@@ -14,6 +14,7 @@ from edge_runtime.backends.cuda_ops.common import (
     check_opt,
     column_grid,
     i32,
+    overlaps,
 )
 from edge_runtime.errors import EdgeRuntimeError
 
@@ -41,6 +42,8 @@ class TealGemv:
         check(y, np.float32, (n,), "y")
         check_opt(bias, np.float32, (n,), "bias")
         check_opt(kept, np.uint64, (1,), "kept")
+        if overlaps(x, y):  # blocks would read x while others add into y
+            raise EdgeRuntimeError("teal: y must not overlap x")
         if not accumulate:
             y.fill(0)
         self.m.launch(f"teal_gemv_{wt.kenc}", column_grid(n, k, splits), (COL_THREADS,),
