@@ -127,10 +127,11 @@ __device__ __forceinline__ void prefetch_span(const void* p, size_t bytes, int l
         prefetch_l2(static_cast<const char*>(p) + off);
 }
 
-// Values per 16-byte weight chunk: the shared-memory layout of x for a row dot (see load_x).
+// Values per 16-byte weight chunk: the shared-memory layout of x for a row dot (see load_x). Compressed rows:
+// the 8 columns of a bitmap byte (a lane walks its byte's bits; Kp = K rounded up to 8 by DeviceMatrix).
 template <int ENC>
 struct Enc {
-    static constexpr int VALS = 1;  // compressed rows: x in natural order
+    static constexpr int VALS = 8;
 };
 template <>
 struct Enc<ENC_FP16> {
@@ -206,7 +207,7 @@ __device__ __forceinline__ float csr_row_dot(const void* __restrict__ w, const _
     typedef typename CsrValue<ENC>::T T;
     const T* __restrict__ vals = static_cast<const T*>(w);
     T* stage = static_cast<T*>(stage_raw);
-    const int KB = (K + 7) / 8;
+    const int KB = (K + 7) / 8, C = K / 8;  // K = Kp, a multiple of 8
     const uint8_t* bm = bitmap + (size_t)row * KB;
     long long base = row_offsets[row];
     float acc = 0.f;
@@ -244,10 +245,10 @@ __device__ __forceinline__ float csr_row_dot(const void* __restrict__ w, const _
         for (int t = 0; t < S; ++t) {
             uint32_t bits = b[t];
             int at = excl[t];
-            const float* xc = xs + 8 * (s0 + WARP * t + lane);
+            const float* xc = xs + (s0 + WARP * t + lane);  // x[8c + j] at xc[j * C]: lanes on consecutive banks
             while (bits) {
                 const int j = __ffs(bits) - 1;
-                acc += csr_value(stage[at++]) * xc[j];
+                acc += csr_value(stage[at++]) * xc[j * C];
                 bits &= bits - 1;
             }
         }

@@ -296,6 +296,7 @@ GEMV_CASES = [  # (encoding, N, K, group, extras)
     ("fp32", 200, 100, 0, "bias residual"), ("fp32", 64, 96, 0, "layernorm"),
     # compressed rows over two staged segments (2048 + 552 columns), the first holding 1024 values: two copy rounds
     ("sparse-fp16", 40, 2600, 0, "bias"), ("sparse-int8", 24, 4104, 0, "residual"),
+    ("sparse-int8", 64, 203, 0, "layernorm"),  # K % 8 != 0: x padded to 208 in its shared layout
 ]
 
 

@@ -226,7 +226,7 @@ class DeviceMatrix:
       tile_offsets int32 (N, ceil(K/COL_TILE)): compressed rows uploaded with column_kernel=True (W_down^T for
                csr_down) only, else a (1,) placeholder: each row's kept values before each tile of COL_TILE
                columns, derived here (device memory only, 4 B a row a tile: 1.6 % of a 50 % sparse fp16 row)
-      group    int4 group (0 otherwise); kp: K padded to the group (int4), else K
+      group    int4 group (0 otherwise); kp: K padded to the group (int4), to 8 (compressed rows), else K
     Checked at upload: the layout the kernels index (row stride Kp/2, Kp/group scales, group % 32 == 0); the
     launchers check the alignment their kernel needs (check_row_kernel, check_column_kernel)."""
 
@@ -252,6 +252,7 @@ class DeviceMatrix:
         if enc.startswith("sparse-"):
             if a["bitmap"].shape != (n, -(-k // 8)) or a["row_offsets"].shape != (n + 1,):
                 raise EdgeRuntimeError("compressed rows: bitmap (N, ceil(K/8)) and row_offsets (N+1,) expected")
+            self.kp = -(-k // 8) * 8  # x's shared layout for the bit walk: 8 columns a bitmap byte
             self.bitmap = cp.asarray(np.ascontiguousarray(a["bitmap"], dtype=np.uint8))
             self.row_offsets = cp.asarray(np.ascontiguousarray(a["row_offsets"], dtype=np.int64))
             self.tile_offsets = cp.asarray(tile_offsets(np.asarray(a["bitmap"], dtype=np.uint8))) if column_kernel \
