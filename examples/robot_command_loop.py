@@ -27,8 +27,8 @@ def main() -> None:
         if not by_policy and rt.config.relu_family:
             rt.set_sparsity(rt.default_alpha)
         info = rt.health_info()
-        print(f"decode: {info['decode']}, predictor {info['predictor']['in_use']}, "
-              f"{'chosen by the ' + str(info['profile']) + ' policy' if by_policy else 'the model stored alpha'}")
+        source = f"chosen by the {info['profile']} policy" if by_policy else "the model's stored alpha"
+        print(f"decode: {info['decode']}, predictor {info['predictor']['in_use']}, {source}")
         for cycle in range(args.cycles):
             obs = OBSERVATIONS[cycle % len(OBSERVATIONS)]
             t0 = time.perf_counter()

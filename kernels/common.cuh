@@ -57,6 +57,16 @@ __device__ __forceinline__ int warp_sum_int(int v) {
     return v;
 }
 
+// Inclusive prefix sum of v over the warp's lanes (lane order). Whole warp.
+template <typename T>
+__device__ __forceinline__ T warp_scan(T v, int lane) {
+    for (int o = 1; o < WARP; o <<= 1) {
+        const T t = __shfl_up_sync(FULL_MASK, v, o);
+        if (lane >= o) v += t;
+    }
+    return v;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
     return v;
@@ -222,12 +232,7 @@ __device__ __forceinline__ float csr_row_dot(const void* __restrict__ w, const _
         }
 #pragma unroll
         for (int t = 0; t < S; ++t) {
-            const int n = __popc(b[t]);
-            int incl = n;
-            for (int o = 1; o < WARP; o <<= 1) {
-                const int u = __shfl_up_sync(FULL_MASK, incl, o);
-                if (lane >= o) incl += u;
-            }
+            const int n = __popc(b[t]), incl = warp_scan(n, lane);
             excl[t] = total + incl - n;
             total += __shfl_sync(FULL_MASK, incl, WARP - 1);
         }

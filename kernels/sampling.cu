@@ -57,20 +57,12 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long z) {
 template <typename T>
 __device__ T block_scan(T v, T* scratch, T* total) {
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
-    T incl = v;
-    for (int o = 1; o < WARP; o <<= 1) {
-        const T t = __shfl_up_sync(FULL_MASK, incl, o);
-        if (lane >= o) incl += t;
-    }
+    const T incl = warp_scan(v, lane);
     __syncthreads();
     if (lane == WARP - 1) scratch[warp] = incl;
     __syncthreads();
     if (warp == 0) {
-        T s = lane < nw ? scratch[lane] : T(0);
-        for (int o = 1; o < WARP; o <<= 1) {
-            const T t = __shfl_up_sync(FULL_MASK, s, o);
-            if (lane >= o) s += t;
-        }
+        const T s = warp_scan(lane < nw ? scratch[lane] : T(0), lane);
         if (lane < nw) scratch[lane] = s;
     }
     __syncthreads();
@@ -78,12 +70,12 @@ __device__ T block_scan(T v, T* scratch, T* total) {
     return incl - v + (warp > 0 ? scratch[warp - 1] : T(0));
 }
 
-// __launch_bounds__(1024): one block of up to 1024 threads (the launcher's default), so the compiler keeps the
-// kernel within the registers such a block may use.
-extern "C" __global__ void __launch_bounds__(1024)
-    sample(const float* __restrict__ logits, int V, const float* __restrict__ params, const int* __restrict__ iparams,
-           uint8_t* __restrict__ seen, const float* __restrict__ uniform, float* __restrict__ work,
-           int* __restrict__ step, int* __restrict__ ids, int max_ctx) {
+// One block of up to 1024 threads (the launcher's default). No __launch_bounds__: with one, ptxas for sm_90
+// spills (it uses 40 registers without, well inside the 64 a 1024-thread block may have).
+extern "C" __global__ void sample(const float* __restrict__ logits, int V, const float* __restrict__ params,
+                                  const int* __restrict__ iparams, uint8_t* __restrict__ seen,
+                                  const float* __restrict__ uniform, float* __restrict__ work, int* __restrict__ step,
+                                  int* __restrict__ ids, int max_ctx) {
     __shared__ float redf[32];
     __shared__ int redi[32];
     __shared__ unsigned int hist_n[256];

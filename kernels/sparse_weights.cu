@@ -10,18 +10,6 @@
 
 #define CSR_DOWN_UNROLL 4
 
-// A lane's place among its warp's kept values: the exclusive prefix over lanes of popc(b), the warp's 32 lanes
-// holding 32 consecutive bitmap bytes of one row (whose values are contiguous). Whole warp.
-__device__ __forceinline__ int csr_lane_first(uint32_t b, int lane) {
-    const int n = __popc(b);
-    int incl = n;
-    for (int o = 1; o < WARP; o <<= 1) {
-        const int t = __shfl_up_sync(FULL_MASK, incl, o);
-        if (lane >= o) incl += t;
-    }
-    return incl - n;
-}
-
 // y (D,) += sum_{pos < counters[0]} h[pos] * Wt[idx[pos], :] as column_gemv.cuh's blocks do it: grid (tiles of
 // COL_TILE columns, splits of the list), lane l of every warp owns bitmap byte (tile / 8 + l), warp w takes rows
 // w, w + COL_WARPS, ... of its split, CSR_DOWN_UNROLL of them with their bitmap bytes and offsets loaded before
@@ -66,9 +54,12 @@ __device__ void csr_down(const void* __restrict__ values, const __half* __restri
                 b[u] = c < KB ? __ldg(bitmap + (size_t)row * KB + c) : 0u;
             }
         }
-        long long first[CSR_DOWN_UNROLL];
+        long long first[CSR_DOWN_UNROLL];  // a lane's first value: its byte's place among the warp's 32
 #pragma unroll
-        for (int u = 0; u < CSR_DOWN_UNROLL; ++u) first[u] = base[u] + csr_lane_first(b[u], lane);
+        for (int u = 0; u < CSR_DOWN_UNROLL; ++u) {
+            const int kept = __popc(b[u]);
+            first[u] = base[u] + (warp_scan(kept, lane) - kept);
+        }
         float w[CSR_DOWN_UNROLL][8];  // every row's kept weights loaded (predicated by bit) before any is used
 #pragma unroll
         for (int u = 0; u < CSR_DOWN_UNROLL; ++u)

@@ -882,7 +882,7 @@ def test_launch_counts_static_shared_memory_and_refuses_partial_warps(cp):
     assert k.max_dynamic_shared_size_bytes == 48 * 1024 and k.launched == [48 * 1024]
     with pytest.raises(EdgeRuntimeError, match="128 B static"):
         mod.launch("k", (1,), (256,), (), shared_mem=smem_optin() - 64)
-    for block in ((100,), (2048,), (0,), (10, 3)):
+    for block in ((100,), (2048,), (0,), (1,), (10, 3)):
         with pytest.raises(EdgeRuntimeError, match="whole warps"):
             mod.launch("k", (1,), block, ())
     assert k.launched == [48 * 1024]

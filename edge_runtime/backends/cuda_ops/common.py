@@ -86,10 +86,10 @@ class Module:
     def launch(self, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
         """Launch, raising the kernel's dynamic shared-memory limit first when static + dynamic shared memory
         pass 48 KB: without the opt-in a kernel may take 48 KB less its static shared memory (load_x's 128 B
-        reduction buffer makes a 48 KB request fail). Blocks are whole warps (or one thread, advance_pos), at
-        most 1024 threads: the kernels' FULL_MASK shuffles and block reductions assume it."""
+        reduction buffer makes a 48 KB request fail). Blocks are whole warps, at most 1024 threads: the kernels'
+        FULL_MASK shuffles and block reductions assume it."""
         threads = int(np.prod(block))
-        if not 0 < threads <= 1024 or (threads % 32 and threads != 1):
+        if not 0 < threads <= 1024 or threads % 32:
             raise EdgeRuntimeError(f"{name}: a block must be whole warps, at most 1024 threads; got {block}")
         k = self(name)
         if shared_mem:
@@ -211,10 +211,10 @@ def tile_offsets(bitmap: np.ndarray) -> np.ndarray:
     n, kb = bitmap.shape
     per_tile_bytes = COL_TILE // 8
     tiles = -(-kb // per_tile_bytes)
-    counts = np.zeros((n, tiles * per_tile_bytes), np.int64)
-    counts[:, :kb] = np.bitwise_count(bitmap)
-    kept = counts.reshape(n, tiles, per_tile_bytes).sum(axis=2)
-    return np.ascontiguousarray(np.cumsum(kept, axis=1) - kept, dtype=np.int32)
+    padded = np.zeros((n, tiles * per_tile_bytes), np.uint8)  # whole tiles; padding bytes keep nothing
+    padded[:, :kb] = bitmap
+    kept = np.bitwise_count(padded).reshape(n, tiles, per_tile_bytes).sum(axis=2, dtype=np.int32)
+    return np.ascontiguousarray(np.cumsum(kept, axis=1, dtype=np.int32) - kept)
 
 
 class DeviceMatrix:

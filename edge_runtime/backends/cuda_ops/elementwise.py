@@ -33,7 +33,7 @@ class Elementwise:
     def advance(self, step) -> None:
         """step[STEP_POS] += 1 (step (STEP_SIZE,) int32, device)."""
         check(step, np.int32, (STEP_SIZE,), "step")
-        self.m.launch("advance_pos", (1,), (1,), (step,))
+        self.m.launch("advance_pos", (1,), (32,), (step,))  # one warp, thread 0 writes
 
     def act_mul(self, g, u, h, activation: str, threshold: float = 0.0, threads: int = 256) -> None:
         """h (n,) = act(g) * u (u None: act(g)); activation silu | relu | fatrelu (threshold) | gelu_tanh |
