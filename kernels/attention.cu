@@ -4,7 +4,9 @@
 //   attn_partial_<f32|f16>: grid (n_kv, n_chunks), block (threads, a multiple of 32). Block (g, c) covers positions
 //     [max(c * chunk, lo), min((c + 1) * chunk, L)), L = min(step[STEP_POS] + 1, max_ctx), for the group = n_heads / n_kv
 //     query heads g * group .. (g + 1) * group - 1 that share kv head g (K and V read once for the group).
-//     q (n_heads, hd) fp32 (rotated); k_cache, v_cache (n_kv, max_ctx, hd) fp32 | fp16.
+//     q (n_heads, hd) fp32; cos, sin (n_pos, hd/2) fp32: q rotated (RoPE, rotate_half) at step[STEP_POS] as the
+//     block loads it, the rope launch fused away (NULL, or a position outside the table: q used as given);
+//     k_cache, v_cache (n_kv, max_ctx, hd) fp32 | fp16.
 //     Out, per query head h and chunk c: part_m (n_heads, n_chunks) the chunk's max score, part_l the sum of
 //     exp(score - m), part_acc (n_heads, n_chunks, hd) sum of exp(score - m) v. Chunks at or past L write nothing;
 //     chunks wholly before lo (sliding window) write m = -inf, l = 0, acc = 0.
@@ -16,14 +18,34 @@
 __device__ __forceinline__ float load_f(const float* p) { return *p; }
 __device__ __forceinline__ float load_f(const __half* p) { return __half2float(*p); }
 
+// qs[j * hd + d] = query head g * group + j, rotated when `rotate`: Hugging Face rotate_half, for i < hd/2
+// (x[i], x[i + hd/2]) -> (x[i] c - x[i + hd/2] s, x[i + hd/2] c + x[i] s), c, s = cos/sin[pos, i] (as the k of
+// kernels/kv_cache.cu).
+__device__ void load_queries(const float* __restrict__ q, const float* __restrict__ cos_t,
+                             const float* __restrict__ sin_t, bool rotate, int pos, int g, int group, int hd, float* qs) {
+    const int half = hd / 2;
+    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
+        const float* qh = q + ((size_t)g * group + i / hd) * hd;
+        const int d = i % hd;
+        float v = qh[d];
+        if (rotate) {
+            const int j = d % half;
+            const float c = cos_t[(size_t)pos * half + j], s = sin_t[(size_t)pos * half + j];
+            v = d < half ? v * c - qh[d + half] * s : v * c + qh[d - half] * s;
+        }
+        qs[i] = v;
+    }
+}
+
 template <typename T>
-__device__ void attn_partial(const float* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                             const int* __restrict__ step, int n_heads, int n_kv, int max_ctx, int hd, int chunk,
+__device__ void attn_partial(const float* __restrict__ q, const float* __restrict__ cos_t,
+                             const float* __restrict__ sin_t, int n_pos, const T* __restrict__ k_cache,
+                             const T* __restrict__ v_cache, const int* __restrict__ step, int n_heads, int n_kv, int max_ctx, int hd, int chunk,
                              float scale, float softcap, int window, float* __restrict__ part_m,
                              float* __restrict__ part_l, float* __restrict__ part_acc) {
     extern __shared__ float sm[];
     const int g = blockIdx.x, c = blockIdx.y, n_chunks = gridDim.y;
-    const int L = min(step[STEP_POS] + 1, max_ctx);
+    const int pos = step[STEP_POS], L = min(pos + 1, max_ctx);
     if (c * chunk >= L) return;  // past the context: the combine does not read this chunk
     const int lo = window > 0 ? max(0, L - window) : 0;
     const int t0 = max(c * chunk, lo);
@@ -42,7 +64,7 @@ __device__ void attn_partial(const float* __restrict__ q, const T* __restrict__ 
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, nw = blockDim.x / WARP;
     float* qs = sm;                 // (group, hd)
     float* s = sm + group * hd;     // (group, chunk) scores, then exp(score - m)
-    for (int i = threadIdx.x; i < group * hd; i += blockDim.x) qs[i] = q[(size_t)g * group * hd + i];
+    load_queries(q, cos_t, sin_t, cos_t && pos >= 0 && pos < n_pos, pos, g, group, hd, qs);
     __syncthreads();
     const T* kbase = k_cache + ((size_t)g * max_ctx + t0) * hd;
     const T* vbase = v_cache + ((size_t)g * max_ctx + t0) * hd;
@@ -83,19 +105,20 @@ __device__ void attn_partial(const float* __restrict__ q, const T* __restrict__ 
     }
 }
 
-extern "C" __global__ void attn_partial_f32(const float* q, const float* k_cache, const float* v_cache, const int* step,
-                                            int n_heads, int n_kv, int max_ctx, int hd, int chunk, float scale,
-                                            float softcap, int window, float* part_m, float* part_l, float* part_acc) {
-    attn_partial<float>(q, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, scale, softcap, window, part_m,
-                        part_l, part_acc);
+extern "C" __global__ void attn_partial_f32(const float* q, const float* cos_t, const float* sin_t, int n_pos,
+                                            const float* k_cache, const float* v_cache, const int* step, int n_heads,
+                                            int n_kv, int max_ctx, int hd, int chunk, float scale, float softcap,
+                                            int window, float* part_m, float* part_l, float* part_acc) {
+    attn_partial<float>(q, cos_t, sin_t, n_pos, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, scale,
+                        softcap, window, part_m, part_l, part_acc);
 }
 
-extern "C" __global__ void attn_partial_f16(const float* q, const __half* k_cache, const __half* v_cache,
-                                            const int* step, int n_heads, int n_kv, int max_ctx, int hd, int chunk,
-                                            float scale, float softcap, int window, float* part_m, float* part_l,
-                                            float* part_acc) {
-    attn_partial<__half>(q, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, scale, softcap, window, part_m,
-                         part_l, part_acc);
+extern "C" __global__ void attn_partial_f16(const float* q, const float* cos_t, const float* sin_t, int n_pos,
+                                            const __half* k_cache, const __half* v_cache, const int* step, int n_heads,
+                                            int n_kv, int max_ctx, int hd, int chunk, float scale, float softcap,
+                                            int window, float* part_m, float* part_l, float* part_acc) {
+    attn_partial<__half>(q, cos_t, sin_t, n_pos, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, scale,
+                         softcap, window, part_m, part_l, part_acc);
 }
 
 extern "C" __global__ void attn_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,

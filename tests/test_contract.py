@@ -61,8 +61,8 @@ def test_decode_steps_advance_the_state_and_equal_the_batched_pass(packed):
     assert int(st.token[0]) == int(np.argmax(steps[-1]))  # greedy: the step sampled its own next id
 
 
-OPS = ("embed_tokens", "norm", "linear", "rope", "attention", "logits", "ffn_parts", "ffn_down", "ffn_masked",
-       "ffn_step")
+OPS = ("embed_tokens", "norm", "linear", "rope", "attention", "attention_inputs", "logits", "ffn_parts", "ffn_down",
+       "ffn_masked", "ffn_step")
 
 
 class DtypeCheckingCpu(CpuBackend):

@@ -281,3 +281,39 @@ def test_drelu_sparse_decode_equals_cpu_with_both_drops_counted(families):
     assert (sg.predicted == sc.predicted).all() and (sg.kept == sc.kept).all()
     assert (sg.up_dropped == sc.up_dropped).all() and sc.up_dropped.sum() > 0
     assert (sg.bytes_read == sc.bytes_read).all()
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "dense-every-row"])
+def test_a_decode_step_launches_eight_kernels_a_layer(models, monkeypatch, mode):
+    """The step's fusions, counted: attn_norm + q, k, v in one launch (gemv3), RoPE inside the cache append and the
+    attention, the FFN norm inside ffn_prepare (or inside gate + up, gemv3, for the every-row baseline), the final
+    norm inside the LM head. A ReLU llama layer: q/k/v, KV append, attention partial + combine, o (+ residual), then
+    prepare, gate (+ up), down; or gate + up, act_mul, down. No stand-alone norm or rope."""
+    from collections import Counter
+
+    from edge_runtime.backends.cuda_ops.common import Module
+
+    rt = edge_runtime.load(models["relu-int8"], profile=None, backend="cuda", max_context=64, warm_up=False)
+    rt.backend.use_graphs = False  # every step issued op by op, so each launch passes through Module.launch
+    rt.backend.dense_skips_zero_rows = mode != "dense-every-row"
+    rt.decoder.set_sparsity([Rule("sparseinfer", alpha=1.0)] * rt.config.n_layers if mode == "sparse" else None)
+    rt.decoder.start(PROMPT, SamplingParams())
+    launched = Counter()
+    launch = Module.launch
+
+    def counting(self, name, *args, **kwargs):
+        launched[name] += 1
+        return launch(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(Module, "launch", counting)
+    rt.decoder.decode_step()
+    n = rt.config.n_layers
+    per_layer = {"gemv3_int8": 1, "kv_append_f16": 1, "attn_partial_f16": 1, "attn_combine": 1}
+    if mode == "dense-every-row":
+        per_layer.update({"gemv3_int8": 2, "act_mul": 1, "teal_gemv_int8": 1})
+    else:
+        per_layer.update({"ffn_prepare": 1, "ffn_gate_sparseinfer_int8": 1, "ffn_down_int8": 1})
+    assert {k: launched[k] for k in per_layer} == {k: v * n for k, v in per_layer.items()}
+    assert launched["gemv_int8"] == n + 1  # o per layer, and the LM head
+    assert launched["rope"] == launched["norm_f32"] == 0
+    assert sum(launched.values()) == 8 * n + 4  # + embed, LM head, sample, advance

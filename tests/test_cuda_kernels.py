@@ -336,6 +336,55 @@ def test_gemv(cp, gemv, enc, n, k, group, extras):
     assert _rel(y.get(), expected) < F32
 
 
+GEMV3_CASES = [  # (encoding, (N_q, N_k, N_v), K, group, norm): GQA-like, rows past one block's 8 warps
+    ("fp16", (64, 16, 16), 256, 0, "rmsnorm"), ("int8", (96, 32, 32), 128, 0, "layernorm"),
+    ("int4", (64, 32, 32), 192, 64, "rmsnorm"), ("sparse-fp16", (40, 8, 8), 200, 0, ""),
+    ("sparse-int8", (24, 24, 24), 136, 0, "rmsnorm"), ("fp32", (32, 8, 8), 96, 0, "layernorm"),
+]
+
+
+@pytest.mark.parametrize("enc,ns,k,group,norm", GEMV3_CASES)
+def test_gemv_stacked_projections_in_one_launch(cp, gemv, enc, ns, k, group, norm):
+    """q, k, v (and gate, up: the first two) of one normed input in one launch, each with its own bias (v without
+    one): against each matrix's dequantised product on the numpy-normed x; a capped grid makes warps walk rows
+    across the matrices."""
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+
+    rng = np.random.default_rng(zlib.crc32(f"three {enc} {ns} {k} {group} {norm}".encode()))
+    ws = [_pack(rng.standard_normal((n, k)).astype(np.float32), enc, group or 64) for n in ns]
+    biases = [rng.standard_normal(n).astype(np.float32) for n in ns[:2]] + [None]
+    x = (rng.standard_normal(k) + 0.5).astype(np.float32)
+    nw = rng.uniform(0.5, 1.5, k).astype(np.float32) if norm else None
+    nb = rng.standard_normal(k).astype(np.float32) if norm == "layernorm" else None
+    xn = x[None] if not norm else CpuBackend.norm(None, x[None], Norm(nw, nb, 1e-5))
+    for count, max_blocks in ((3, None), (3, 2), (2, None)):
+        ys = [_nan(cp, n) for n in ns[:count]]
+        gemv.stacked(tuple(DeviceMatrix(w) for w in ws[:count]), cp.asarray(x), tuple(ys),
+                     tuple(None if b is None else cp.asarray(b) for b in biases[:count]),
+                     norm_w=None if nw is None else cp.asarray(nw), norm_b=None if nb is None else cp.asarray(nb),
+                     max_blocks=max_blocks)
+        for y, w, b in zip(ys, ws, biases, strict=False):  # the first `count`
+            expected = w.dequantize() @ xn[0] + (0 if b is None else b)
+            assert _rel(y.get(), expected) < F32
+
+
+def test_gemv_stacked_refuses_mixed_matrices(cp, gemv):
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+
+    rng = np.random.default_rng(5)
+    a, b = (DeviceMatrix(quantize(rng.standard_normal((32, 64)).astype(np.float32), e)) for e in ("fp16", "int8"))
+    c = DeviceMatrix(quantize(rng.standard_normal((32, 96)).astype(np.float32), "fp16"))
+    x, ys = cp.ones(64, cp.float32), tuple(cp.zeros(32, cp.float32) for _ in range(3))
+    for mats in ((a, b, a), (a, a, c)):
+        with pytest.raises(EdgeRuntimeError, match="differ in encoding"):
+            gemv.stacked(mats, x, ys)
+    buf = cp.ones(96, cp.float32)
+    with pytest.raises(EdgeRuntimeError, match="overlaps x"):
+        gemv.stacked((a, a, a), buf[:64], (ys[0], ys[1], buf[32:64]))
+    with pytest.raises(EdgeRuntimeError, match="two or three"):
+        gemv.stacked((a,), x, ys[:1])
+
+
 # ------------------------------------------------------------------------------------------- norm, RoPE, KV, attention
 def _step(cp, token: int = 0, pos: int = 0, rng_counter: int = 0):
     from edge_runtime.backends.cuda_ops.common import STEP_POS, STEP_RNG, STEP_SIZE, STEP_TOKEN
@@ -380,10 +429,11 @@ ATTN_CASES = [  # (n_heads, n_kv, hd, pos, cache dtype, rope scaling); GQA ratio
 
 @pytest.mark.parametrize("n_heads,n_kv,hd,pos,cache,scaling", ATTN_CASES)
 def test_rope_kv_append_attention(cp, n_heads, n_kv, hd, pos, cache, scaling):
-    """q rotated in place, k rotated into the cache and v appended at the device position, split-K attention
-    over [0, pos]: against CpuBackend.rope + CpuBackend.attention on the same (fp16-rounded) cache."""
+    """k rotated into the cache and v appended at the device position, split-K attention over [0, pos] with q
+    rotated as it is loaded (and, tables left out, a q rotated beforehand): against CpuBackend.rope +
+    CpuBackend.attention on the same (fp16-rounded) cache."""
     from edge_runtime.backends.cuda_ops.attention import DecodeAttention
-    from edge_runtime.backends.cuda_ops.rope import KVAppendKernel, RopeKernel
+    from edge_runtime.backends.cuda_ops.kv_cache import KVAppendKernel
     from edge_runtime.model.rope import rope_tables
 
     cfg = _config(n_heads, n_kv, hd, scaling)
@@ -406,9 +456,7 @@ def test_rope_kv_append_attention(cp, n_heads, n_kv, hd, pos, cache, scaling):
 
     step = _step(cp, pos=pos)
     cos_d, sin_d = cp.asarray(cos), cp.asarray(sin)
-    qd, kcd, vcd = cp.asarray(q), cp.asarray(kc), cp.asarray(vc)
-    RopeKernel()(qd, cos_d, sin_d, step, n_heads)
-    assert _rel(qd.get(), q_ref[0]) < F32
+    kcd, vcd = cp.asarray(kc), cp.asarray(vc)
     KVAppendKernel()(cp.asarray(k), cp.asarray(v), cos_d, sin_d, step, kcd, vcd)
     got_k, got_v = kcd.get(), vcd.get()
     tol = F32 if cache == "f32" else 1e-3
@@ -423,7 +471,14 @@ def test_rope_kv_append_attention(cp, n_heads, n_kv, hd, pos, cache, scaling):
     for buf in (attn.part_m, attn.part_l, attn.part_acc):
         buf.fill(np.nan)  # chunks past the length stay NaN: the combine must not read them
     out = _nan(cp, n_heads * hd)
-    attn(qd, kcd, vcd, step, out)
+    q_plain = cp.asarray(q)  # unrotated: the attention rotates it as it loads it (the step's RoPE of q)
+    attn(q_plain, kcd, vcd, step, out, cos=cos_d, sin=sin_d)
+    assert _rel(out.get(), out_ref) < F32
+    assert np.array_equal(q_plain.get(), q)  # q itself is left as it was
+    for buf in (attn.part_m, attn.part_l, attn.part_acc):
+        buf.fill(np.nan)
+    out = _nan(cp, n_heads * hd)
+    attn(cp.asarray(q_ref[0]), kcd, vcd, step, out)  # no tables: q used as given
     assert _rel(out.get(), out_ref) < F32
     attn.free()
 
@@ -457,7 +512,7 @@ def test_attention_sliding_window_softcap_and_query_scale(cp, window, softcap, p
 
 
 def test_kv_append_without_rope_and_out_of_range_position(cp):
-    from edge_runtime.backends.cuda_ops.rope import KVAppendKernel
+    from edge_runtime.backends.cuda_ops.kv_cache import KVAppendKernel
 
     kc = cp.zeros((2, 8, 16), cp.float32)
     vc = cp.zeros((2, 8, 16), cp.float32)
@@ -746,9 +801,9 @@ def test_teal_gemv_int8_columns_counts_kept(cp, n, k):
 
 # ------------------------------------------------------------------------------------------- CUDA graph
 class _TinyDecode:
-    """A one-layer decode step from the ops above: embed -> q/k/v (RMSNorm fused) -> RoPE, KV append ->
-    attention -> o (+ residual) -> sparse FFN (+ residual) -> LM head (final norm fused) -> sample. Only kernel
-    launches into buffers allocated here: capturable."""
+    """A one-layer decode step from the ops above: embed -> q/k/v in one launch (RMSNorm fused) -> KV append (k
+    rotated) -> attention (q rotated) -> o (+ residual) -> sparse FFN (+ residual) -> LM head (final norm fused)
+    -> sample. Only kernel launches into buffers allocated here: capturable."""
 
     def __init__(self, cp, seed: int):
         from edge_runtime.backends.cuda_ops.attention import DecodeAttention
@@ -756,7 +811,7 @@ class _TinyDecode:
         from edge_runtime.backends.cuda_ops.elementwise import Elementwise
         from edge_runtime.backends.cuda_ops.embed import EmbedKernel
         from edge_runtime.backends.cuda_ops.gemv import Gemv
-        from edge_runtime.backends.cuda_ops.rope import KVAppendKernel, RopeKernel
+        from edge_runtime.backends.cuda_ops.kv_cache import KVAppendKernel
         from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
         from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFN, SparseFFNKernels
         from edge_runtime.model.rope import rope_tables
@@ -790,18 +845,15 @@ class _TinyDecode:
         self.alpha = cp.asarray(np.array([1.0], np.float32))
         p, ip = param_arrays(SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1), 77)
         self.params, self.iparams = cp.asarray(p), cp.asarray(ip)
-        self.ops = (EmbedKernel(), Gemv(), RopeKernel(), KVAppendKernel(),
+        self.ops = (EmbedKernel(), Gemv(), KVAppendKernel(),
                     DecodeAttention(self.nh, self.nkv, self.hd, self.ctx, chunk=4), SampleKernel(), Elementwise())
 
     def run(self) -> None:
-        emb, gemv, rope, kv, attn, sample, ew = self.ops
+        emb, gemv, kv, attn, sample, ew = self.ops
         emb(self.embed, self.step, self.h)
-        gemv(self.wq, self.h, self.q, norm_w=self.attn_norm)
-        gemv(self.wk, self.h, self.k, norm_w=self.attn_norm)
-        gemv(self.wv, self.h, self.vv, norm_w=self.attn_norm)
-        rope(self.q, self.cos, self.sin, self.step, self.nh)
+        gemv.stacked((self.wq, self.wk, self.wv), self.h, (self.q, self.k, self.vv), norm_w=self.attn_norm)
         kv(self.k, self.vv, self.cos, self.sin, self.step, self.kc, self.vc)
-        attn(self.q, self.kc, self.vc, self.step, self.att)
+        attn(self.q, self.kc, self.vc, self.step, self.att, cos=self.cos, sin=self.sin)
         gemv(self.wo, self.att, self.h, residual=self.h)
         y = self.ffn.run(self.h, alpha_ptr=self.alpha, norm_w=self.ffn_norm, residual=self.h)
         gemv(self.lm_head, y, self.logits, norm_w=self.final_norm)

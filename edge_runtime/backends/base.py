@@ -136,19 +136,19 @@ class Backend(Protocol):
         their weight columns are not read, from a W^T made by set_knobs; the bytes of q, k, v, o products are
         counted in `state.counters`). add_to: accumulate into it (residual) instead of out."""
 
-    def rope(self, x, positions, n_heads: int):
-        """(T, n_heads * head_dim), rotated in place per head at `positions` (HF rotate_half)."""
-
-    def attention(self, layer: int, q, k, v, positions, out=None):
+    def attention(self, layer: int, q, k, v, positions, out=None, rope: bool = False):
         """Write k, v (T, KV*hd) into the cache at `positions`, attend causally (GQA) up to each
         position; q (T, H*hd) -> (T, H*hd). The config's attn_scale, attn_softcap and the layer's sliding
-        window (config.window(layer)) apply."""
+        window (config.window(layer)) apply. rope: q and k arrive unrotated and are rotated per head at
+        `positions` first (RoPE, HF rotate_half), k entering the cache rotated; q, k themselves may or may not
+        be rotated afterwards (a GPU rotates while appending and attending: no launch of its own)."""
 
     def add(self, x, y) -> None:
         """x (T, d) += y (a residual add the decoder makes itself: Gemma-2's normed block outputs)."""
 
-    def logits(self, x, out=None):
-        """(T, d) final hidden, already normed -> (T, vocab) float32, soft-capped when the config says."""
+    def logits(self, x, out=None, norm: Norm | None = None):
+        """(T, d) final hidden, already normed (norm given: normed by it first, x unchanged; fused on a GPU) ->
+        (T, vocab) float32, soft-capped when the config says."""
 
     # ---- prefill and evaluation only (T tokens, dense arithmetic) -----------------------------------
     def ffn_parts(self, x, layer: Layer) -> tuple:
@@ -167,8 +167,15 @@ class Backend(Protocol):
         """Place k, v (KV, T, hd) float32 computed elsewhere (ONNX prefill) into the cache at pos0."""
 
     # ---- decode step (one token, `buffers` and `state` only) ----------------------------------------
-    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str, accumulate: bool = True) -> None:
+    def attention_inputs(self, i: int, x, layer: Layer, teal: bool):
+        """x (1, d), the residual stream -> (q, k, v) in buffers.q, .k, .v: layer i's q, k, v projections of
+        layer.attn_norm(x), unrotated (teal: each with its TEAL threshold, as linear's teal=(i, p)). buffers.h
+        may be used on the way. One launch on a GPU where the three share an encoding and no threshold is set."""
+
+    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str, accumulate: bool = True,
+                 norm: bool = False) -> None:
         """x (1, d) -> add_to (1, d) += FFN(x) (accumulate=False: add_to = FFN(x); add_to may be x then).
+        norm: x is the residual stream and the FFN's input is layer.ffn_norm(x) (x unchanged; fused on a GPU).
         mode "dense", "sparse" (predict from the sign plane with layer i's knobs, gate over predicted rows,
         up/down over the survivors, dReLU also dropping rows whose up is not positive before down, counters
         advanced) or "teal" (dense FFN with layer i's TEAL input thresholds)."""

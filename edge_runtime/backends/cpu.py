@@ -111,6 +111,7 @@ class CpuBackend:
         self.scratch = SimpleNamespace(
             y=np.zeros(kmax, f32),  # (max(d, H*hd, N),) a projection's output before it is added
             xin=np.zeros(kmax, f32),  # TEAL-masked input
+            xn=np.zeros((1, d), f32),  # the FFN's normed input (ffn_step with norm)
             g=np.zeros(n, f32), u=np.zeros(n, f32), h=np.zeros(n, f32),  # (N,) gate, up, hidden
             g_all=np.zeros(n, f32),  # (N,) dense gate (recall measurement)
             idx=np.zeros(n, np.int32), rows=np.zeros(n, np.int32),  # (N,) predicted rows, kept rows
@@ -222,10 +223,20 @@ class CpuBackend:
         cpu_step_ops.rope(x, positions, self.cos, self.sin, n_heads)
         return x
 
+    def attention_inputs(self, i: int, x: np.ndarray, layer: Layer, teal: bool) -> tuple:
+        b = self.buffers
+        h = self.norm(x, layer.attn_norm, out=b.h)
+        return tuple(self.linear(h, getattr(layer, p), out=getattr(b, p), teal=(i, p) if teal else None)
+                     for p in ("q", "k", "v"))
+
     def attention(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, positions: np.ndarray,
-                  out: np.ndarray | None = None) -> np.ndarray:
-        """Write k, v (T, n_kv*hd) at positions (consecutive), attend causally; q (T, n_heads*hd) -> same."""
+                  out: np.ndarray | None = None, rope: bool = False) -> np.ndarray:
+        """Write k, v (T, n_kv*hd) at positions (consecutive), attend causally; q (T, n_heads*hd) -> same.
+        rope: q and k rotated in place first."""
         cfg = self.config
+        if rope:
+            self.rope(q, positions, cfg.n_heads)
+            self.rope(k, positions, cfg.n_kv_heads)
         t, hd, nkv = q.shape[0], cfg.head_dim, cfg.n_kv_heads
         pos0 = int(positions[0])
         kc, vc = self.k_cache[layer], self.v_cache[layer]  # (n_kv, ctx, hd)
@@ -262,7 +273,9 @@ class CpuBackend:
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         x += y
 
-    def logits(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def logits(self, x: np.ndarray, out: np.ndarray | None = None, norm: Norm | None = None) -> np.ndarray:
+        if norm is not None:  # one token: into buffers.h, free at the step's end
+            x = self.norm(x, norm, out=self.buffers.h if x.shape[0] == 1 else None)
         k = self.kernels[id(self.weights.lm_head)]
         if x.shape[0] == 1:
             out = np.empty((1, self.config.vocab_size), np.float32) if out is None else out
@@ -343,7 +356,9 @@ class CpuBackend:
 
     # ---- decode step ---------------------------------------------------------------------------------
     def ffn_step(self, i: int, x: np.ndarray, layer: Layer, add_to: np.ndarray, mode: str,
-                 accumulate: bool = True) -> None:
+                 accumulate: bool = True, norm: bool = False) -> None:
+        if norm:
+            x = self.norm(x, layer.ffn_norm, out=self.scratch.xn)
         kind = int(self.state.predictor[i]) if mode == "sparse" else 0
         if kind in (SPARSEINFER, PROJECTION):
             self._ffn_sparse(i, x[0], layer, kind)

@@ -36,9 +36,9 @@ from edge_runtime.backends.cuda_ops.attention import DecodeAttention
 from edge_runtime.backends.cuda_ops.common import STEP_POS, STEP_RNG, STEP_SIZE, STEP_TOKEN, capture_graph, cupy
 from edge_runtime.backends.cuda_ops.elementwise import Elementwise
 from edge_runtime.backends.cuda_ops.embed import EmbedKernel
-from edge_runtime.backends.cuda_ops.gemv import Gemv
+from edge_runtime.backends.cuda_ops.gemv import Gemv, compatible
+from edge_runtime.backends.cuda_ops.kv_cache import KVAppendKernel
 from edge_runtime.backends.cuda_ops.norm import NormKernel
-from edge_runtime.backends.cuda_ops.rope import KVAppendKernel, RopeKernel
 from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFNKernels
 from edge_runtime.backends.cuda_ops.teal import TealGemv
@@ -51,6 +51,7 @@ from edge_runtime.sparsity.predictor import Rule, keep_after_gate
 from edge_runtime.sparsity.stats import FIELDS, FFNStats
 
 TEAL_SLOT = {p: j for j, p in enumerate(PROJECTIONS)}
+QKV = ("q", "k", "v")
 KIND_NAME = {1: "sparseinfer", 2: "projection"}
 
 
@@ -84,7 +85,7 @@ class CudaBackend:
         self._index = {id(layer): i for i, layer in enumerate(self.weights.layers)}  # host Layer -> device twin
         # blocking: ordered with CuPy's legacy default stream, which a caller (or CuPy itself) may copy on
         self.stream = cp.cuda.Stream(non_blocking=False)
-        self.k = SimpleNamespace(gemv=Gemv(), ffn=SparseFFNKernels(), norm=NormKernel(), rope=RopeKernel(),
+        self.k = SimpleNamespace(gemv=Gemv(), ffn=SparseFFNKernels(), norm=NormKernel(),
                                  kv=KVAppendKernel(), embed=EmbedKernel(), ew=Elementwise(), sample=SampleKernel(),
                                  teal=TealGemv(),
                                  attn=DecodeAttention(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, max_context,
@@ -192,22 +193,34 @@ class CudaBackend:
         self.k.gemv(dl.m, xv, out.reshape(-1), bias=dl.b)
         return out
 
-    def rope(self, x, positions, n_heads: int):
-        if x.shape[0] > 1 or not self._in_step:
-            return eager.rope(x, self.cos, self.sin, positions, n_heads, self.config.head_dim)
-        self.k.rope(x.reshape(-1), self.cos, self.sin, self.step, n_heads)
-        return x
 
-    def attention(self, layer: int, q, k, v, positions, out=None):
+    def attention_inputs(self, i: int, x, layer: Layer, teal: bool) -> tuple:
+        b, slots = self.buffers, [TEAL_SLOT[p] for p in QKV]
+        lins = tuple(getattr(layer, p) for p in QKV)
+        devs = tuple(self.dev.of(lin) for lin in lins)
+        if not (teal and self.teal_on[i, slots].any()) and compatible(tuple(d.m for d in devs)):
+            dn = self.dev.of(layer.attn_norm)  # normed as each block loads x: one launch for the norm and all three
+            self.k.gemv.stacked(tuple(d.m for d in devs), x.reshape(-1), (b.q.reshape(-1), b.k.reshape(-1),
+                              b.v.reshape(-1)), tuple(d.b for d in devs), norm_w=dn.w, norm_b=dn.b, eps=dn.eps)
+            return b.q, b.k, b.v
+        h = self.norm(x, layer.attn_norm, out=b.h)  # a TEAL threshold set, or mixed encodings: one at a time
+        return tuple(self.linear(h, lin, out=getattr(b, p), teal=(i, p) if teal else None)
+                     for p, lin in zip(QKV, lins, strict=True))
+
+    def attention(self, layer: int, q, k, v, positions, out=None, rope: bool = False):
         cfg = self.config
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         if out is None:
+            if rope:
+                eager.rope(q, self.cos, self.sin, positions, cfg.n_heads, cfg.head_dim)
+                eager.rope(k, self.cos, self.sin, positions, cfg.n_kv_heads, cfg.head_dim)
             pos0 = int(self._host(positions[:1])[0])
             return eager.causal_attention(q, k, v, kc, vc, pos0, cfg.n_heads, cfg.head_dim, cfg.attn_scale,
                                           cfg.attn_softcap, cfg.window(layer))
-        # k is already rotated by the decoder: append without rotation, then split-K attention over [0, pos]
-        self.k.kv(k.reshape(-1), v.reshape(-1), None, None, self.step, kc, vc)
-        self.k.attn(q.reshape(-1), kc, vc, self.step, out.reshape(-1), window=cfg.window(layer))
+        # rope: k rotated as it is appended, q as the attention loads it (no launch of their own; q stays as it is)
+        cos, sin = (self.cos, self.sin) if rope else (None, None)
+        self.k.kv(k.reshape(-1), v.reshape(-1), cos, sin, self.step, kc, vc)
+        self.k.attn(q.reshape(-1), kc, vc, self.step, out.reshape(-1), window=cfg.window(layer), cos=cos, sin=sin)
         return out
 
     def add(self, x, y) -> None:
@@ -216,12 +229,16 @@ class CudaBackend:
             return
         self.k.ew.add(x.reshape(-1), y.reshape(-1))
 
-    def logits(self, x, out=None):
+    def logits(self, x, out=None, norm: Norm | None = None):
         dw, cap = self.dev, self.config.logit_softcap
         if out is None:
+            if norm is not None:
+                x = self.norm(x, norm)
             y = self.cp.matmul(x, eager.dense_f32(dw.lm_head, dw.lm_head_host).T)
             return np.float32(cap) * self.cp.tanh(y / np.float32(cap)) if cap > 0 else y
-        self.k.gemv(dw.lm_head, x.reshape(-1), out.reshape(-1))
+        dn = self.dev.of(norm) if norm is not None else None  # the final norm fused into the head's x load
+        w, b, eps = (dn.w, dn.b, dn.eps) if dn is not None else (None, None, 1e-5)
+        self.k.gemv(dw.lm_head, x.reshape(-1), out.reshape(-1), norm_w=w, norm_b=b, eps=eps)
         if cap > 0:
             self.k.ew.softcap(out.reshape(-1), cap)
         return out
@@ -271,11 +288,14 @@ class CudaBackend:
         self.v_cache[layer][:, pos0:pos0 + t] = v.astype(self.v_cache.dtype)
 
     # ---- decode step -------------------------------------------------------------------------------------
-    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str, accumulate: bool = True) -> None:
+    def ffn_step(self, i: int, x, layer: Layer, add_to, mode: str, accumulate: bool = True,
+                 norm: bool = False) -> None:
         dl, f, cfg = self.dev.layers[i], self.f, self.config
         xv, y = x.reshape(-1), add_to.reshape(-1)
         residual = y if accumulate else None
         kind = int(self.state.predictor[i]) if mode == "sparse" else DENSE
+        dn = self.dev.of(layer.ffn_norm) if norm else None
+        norm_w, norm_b, eps = (dn.w, dn.b, dn.eps) if dn is not None else (None, None, 0.0)
         if kind != DENSE or (mode == "dense" and cfg.relu_family and self.dense_skips_zero_rows):
             # A dense ReLU-family FFN is the sparse one with every row predicted: rows whose gate does not
             # survive the activation are exact zeros, so up and down still skip them (dense_skips_zero_rows False:
@@ -283,7 +303,8 @@ class CudaBackend:
             gate_b, up_b = dl.gate.b, (dl.up.b if dl.up else None)
             knob = (f.every_row if kind == DENSE else self.state.alpha[i:i + 1] if kind != PROJECTION
                     else self.state.theta[i])
-            self.k.ffn.prepare(xv, None, None, 0.0, residual, dl.down_b, f.xn, f.x_signs, f.x_sum, f.counters, y)
+            self.k.ffn.prepare(xv, norm_w, norm_b, eps, residual, dl.down_b, f.xn, f.x_signs, f.x_sum, f.counters,
+                               y)  # the FFN norm (norm=True) fused here
             self.k.ffn.gate(KIND_NAME.get(kind, "sparseinfer"), dl.gate.m, dl.up.m if dl.up else None, gate_b, up_b,
                             f.xn, f.x_signs, f.x_sum, dl.gate_signs, knob, cfg.act_threshold, f.idx, f.h, f.counters,
                             up_relu=cfg.up_relu, up_dropped=self.up_dropped[int(kind == DENSE), i:i + 1])
@@ -292,9 +313,17 @@ class CudaBackend:
             return
         teal = mode == "teal"
         g, u = f.g, f.u
-        self.linear(x, layer.gate, out=g[None], teal=(i, "gate") if teal else None)
-        if layer.up is not None:
-            self.linear(x, layer.up, out=u[None], teal=(i, "up") if teal else None)
+        teal_in = teal and self.teal_on[i, [TEAL_SLOT["gate"], TEAL_SLOT["up"]]].any()
+        if not teal_in and dl.up is None:  # OPT's fc1, the norm fused into its x load
+            self.k.gemv(dl.gate.m, xv, g, bias=dl.gate.b, norm_w=norm_w, norm_b=norm_b, eps=eps)
+        elif not teal_in and compatible((dl.gate.m, dl.up.m)):  # gate and up in one launch, the norm fused
+            self.k.gemv.stacked((dl.gate.m, dl.up.m), xv, (g, u), (dl.gate.b, dl.up.b), norm_w, norm_b, eps)
+        else:  # TEAL thresholds on gate or up (or mixed encodings): the norm, then one projection at a time
+            if norm:
+                x = self.norm(x, layer.ffn_norm, out=f.xn[None])
+            self.linear(x, layer.gate, out=g[None], teal=(i, "gate") if teal else None)
+            if layer.up is not None:
+                self.linear(x, layer.up, out=u[None], teal=(i, "up") if teal else None)
         self.k.ew.act_mul(g, u if layer.up is not None else None, f.h, cfg.activation, cfg.act_threshold)
         thr = self._teal_threshold((i, "down")) if teal else f.zero
         xs = self._teal_scale((i, "down"), cfg.ffn_dim)

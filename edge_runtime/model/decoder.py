@@ -194,10 +194,7 @@ class Decoder:
             q = ops.linear(h, layer.q, teal=(i, "q") if teal else None)
             k = ops.linear(h, layer.k, teal=(i, "k") if teal else None)
             v = ops.linear(h, layer.v, teal=(i, "v") if teal else None)
-            if cfg.arch == "llama":
-                ops.rope(q, positions, cfg.n_heads)
-                ops.rope(k, positions, cfg.n_kv_heads)
-            a = ops.attention(i, q, k, v, positions)
+            a = ops.attention(i, q, k, v, positions, rope=cfg.arch == "llama")
             obs(i, "attn_out", a)
             if layer.attn_post_norm is None:
                 ops.linear(a, layer.o, teal=(i, "o") if teal else None, add_to=x)
@@ -221,25 +218,18 @@ class Decoder:
         teal = mode != "dense"  # q, k, v, o read their TEAL thresholds (0 = dense) in both sparse modes
         x = ops.embed_tokens(st.token, st.pos, out=b.x)
         for i, layer in enumerate(ops.weights.layers):
-            h = ops.norm(x, layer.attn_norm, out=b.h)
-            q = ops.linear(h, layer.q, out=b.q, teal=(i, "q") if teal else None)
-            k = ops.linear(h, layer.k, out=b.k, teal=(i, "k") if teal else None)
-            v = ops.linear(h, layer.v, out=b.v, teal=(i, "v") if teal else None)
-            if cfg.arch == "llama":
-                ops.rope(q, st.pos, cfg.n_heads)
-                ops.rope(k, st.pos, cfg.n_kv_heads)
-            a = ops.attention(i, q, k, v, st.pos, out=b.a)
+            q, k, v = ops.attention_inputs(i, x, layer, teal)  # attn_norm(x) projected
+            a = ops.attention(i, q, k, v, st.pos, out=b.a, rope=cfg.arch == "llama")
             if layer.attn_post_norm is None:
                 ops.linear(a, layer.o, teal=(i, "o") if teal else None, add_to=x)
             else:  # the attention output normed, then added (b.h is free once q, k, v are made)
                 o = ops.linear(a, layer.o, out=b.h, teal=(i, "o") if teal else None)
                 ops.add(x, ops.norm(o, layer.attn_post_norm, out=b.h))
-            h = ops.norm(x, layer.ffn_norm, out=b.h)
-            if layer.ffn_post_norm is None:
-                ops.ffn_step(i, h, layer, x, mode)
-            else:  # the FFN output over its own input, normed, then added
-                ops.ffn_step(i, h, layer, h, mode, accumulate=False)
-                ops.add(x, ops.norm(h, layer.ffn_post_norm, out=h))
-        ops.logits(ops.norm(x, ops.weights.final_norm, out=b.h), out=b.logits)
+            if layer.ffn_post_norm is None:  # x += FFN(ffn_norm(x))
+                ops.ffn_step(i, x, layer, x, mode, norm=True)
+            else:  # the FFN output into b.h, normed, then added
+                ops.ffn_step(i, x, layer, b.h, mode, accumulate=False, norm=True)
+                ops.add(x, ops.norm(b.h, layer.ffn_post_norm, out=b.h))
+        ops.logits(x, out=b.logits, norm=ops.weights.final_norm)
         ops.sample(b.logits)
         ops.advance()

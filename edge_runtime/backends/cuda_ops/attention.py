@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_runtime.backends.cuda_ops.common import STEP_SIZE, Module, check, cupy, f32, i32
-from edge_runtime.backends.cuda_ops.rope import CACHE_DTYPES
+from edge_runtime.backends.cuda_ops.kv_cache import CACHE_DTYPES, check_tables
 from edge_runtime.errors import EdgeRuntimeError
 
 
@@ -34,9 +34,11 @@ class DecodeAttention:
         self.part_acc = cp.zeros((n_heads, self.n_chunks, head_dim), dtype=cp.float32)  # unnormalised outputs
         self.smem = 4 * (n_heads // n_kv_heads) * (head_dim + chunk)
 
-    def __call__(self, q, k_cache, v_cache, step, out, window: int = 0) -> None:
+    def __call__(self, q, k_cache, v_cache, step, out, window: int = 0, cos=None, sin=None) -> None:
         """q (n_heads * hd,) fp32; caches (n_kv, max_ctx, hd) fp32 | fp16 of one layer; attends to positions
-        [lo, step[STEP_POS]], lo = max(0, pos + 1 - window) (window 0: 0); out (n_heads * hd,) fp32."""
+        [lo, step[STEP_POS]], lo = max(0, pos + 1 - window) (window 0: 0); out (n_heads * hd,) fp32.
+        cos, sin (n_pos, hd/2) fp32: q is rotated (RoPE) at the position as it is loaded (q itself unchanged);
+        None: q is used as given."""
         if self.part_m is None:
             raise EdgeRuntimeError("DecodeAttention used after free()")
         shape = (self.n_kv, self.max_ctx, self.hd)
@@ -48,10 +50,11 @@ class DecodeAttention:
         check(q, np.float32, (self.n_heads * self.hd,), "q")
         check(out, np.float32, (self.n_heads * self.hd,), "out")
         check(step, np.int32, (STEP_SIZE,), "step")
+        n_pos = check_tables(cos, sin, self.hd)
         self.m.launch(f"attn_partial_{dt}", (self.n_kv, self.n_chunks), (self.threads,),
-                      (q, k_cache, v_cache, step, i32(self.n_heads), i32(self.n_kv), i32(self.max_ctx), i32(self.hd),
-                       i32(self.chunk), f32(self.scale), f32(self.softcap), i32(window), self.part_m, self.part_l,
-                       self.part_acc), shared_mem=self.smem)
+                      (q, cos, sin, i32(n_pos), k_cache, v_cache, step, i32(self.n_heads), i32(self.n_kv),
+                       i32(self.max_ctx), i32(self.hd), i32(self.chunk), f32(self.scale), f32(self.softcap),
+                       i32(window), self.part_m, self.part_l, self.part_acc), shared_mem=self.smem)
         self.m.launch("attn_combine", (self.n_heads,), (max(32, min(256, -(-self.hd // 32) * 32)),),
                       (self.part_m, self.part_l, self.part_acc, step, i32(self.max_ctx), i32(self.chunk),
                        i32(self.n_chunks), i32(self.hd), out))

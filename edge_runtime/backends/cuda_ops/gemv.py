@@ -1,5 +1,6 @@
-"""Launcher for kernels/gemv.cu: y = W norm(x) + bias + residual, any packed encoding (fp16, int8, int4,
-compressed rows). Numpy twin: CpuBackend.linear (after CpuBackend.norm)."""
+"""Launchers for kernels/gemv.cu: y = W norm(x) + bias + residual, any packed encoding (fp16, int8, int4,
+compressed rows), and two or three projections of one normed input in one launch (q, k, v; gate, up). Numpy twin:
+CpuBackend.linear (after CpuBackend.norm)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,43 @@ class Gemv:
         self.m.launch(f"gemv_{m.kenc}", row_grid(n, max_blocks=max_blocks, smem=smem), (THREADS,),
                       (*m.row_args(), x, norm_w, norm_b, f32(eps), bias, residual, i32(n), i32(k), i32(m.kp), y),
                       shared_mem=smem)
+
+    def stacked(self, mats: tuple, x, ys: tuple, biases: tuple | None = None, norm_w=None, norm_b=None,
+                eps: float = 1e-5, max_blocks: int | None = None) -> None:
+        """ys[j] = mats[j] norm(x) + biases[j] for two or three matrices in one launch (attention's q, k, v; a
+        dense FFN's gate and up): mats (N_j, K) of one encoding, K and int4 group (`compatible`); x (K,) fp32;
+        ys (N_j,) fp32, none overlapping x; biases (N_j,) fp32 or None; the norm as in __call__."""
+        mats = tuple(as_matrix(m) for m in mats)
+        biases = biases if biases is not None else (None,) * len(mats)
+        if len(mats) not in (2, 3) or len(ys) != len(mats) or len(biases) != len(mats):
+            raise EdgeRuntimeError("gemv stacked: want two or three matrices, with as many outputs and biases")
+        if not compatible(mats):
+            raise EdgeRuntimeError("gemv stacked: the matrices differ in encoding, K or group: "
+                                   + ", ".join(f"{m.encoding}{m.shape}" for m in mats))
+        first = mats[0]
+        k = first.shape[1]
+        first.check_row_kernel("gemv stacked")
+        check(x, np.float32, (k,), "x")
+        check_opt(norm_w, np.float32, (k,), "norm_w")
+        check_opt(norm_b, np.float32, (k,), "norm_b")
+        if norm_b is not None and norm_w is None:
+            raise EdgeRuntimeError("norm_b without norm_w")
+        args = []
+        for j, (m, y, b) in enumerate(zip(mats, ys, biases, strict=True)):
+            n = m.shape[0]
+            check(y, np.float32, (n,), f"y{j}")
+            check_opt(b, np.float32, (n,), f"bias{j}")
+            if overlaps(x, y):
+                raise EdgeRuntimeError("gemv stacked: an output overlaps x")
+            args += [m.w, m.scale, m.bitmap, m.row_offsets, b, y, i32(n)]
+        if len(mats) == 2:  # the kernel's third matrix, empty: no row falls in it
+            args += args[-7:-1] + [i32(0)]
+        smem = row_smem(first)
+        rows = sum(m.shape[0] for m in mats)
+        self.m.launch(f"gemv3_{first.kenc}", row_grid(rows, max_blocks=max_blocks, smem=smem), (THREADS,),
+                      (*args, i32(first.group), x, norm_w, norm_b, f32(eps), i32(k), i32(first.kp)), shared_mem=smem)
+
+
+def compatible(mats) -> bool:
+    """Whether matrices can share one gemv3 launch: one encoding, input width and int4 group."""
+    return len({(m.kenc, m.shape[1], m.kp, m.group) for m in mats}) == 1

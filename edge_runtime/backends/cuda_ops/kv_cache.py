@@ -1,6 +1,7 @@
-"""Launchers for kernels/rope.cu (q in place) and kernels/kv_cache.cu (k rotated into the cache, v copied).
-The position is read from the step buffer; linear / llama3 scaling is in the cos/sin tables
-(edge_runtime/model/rope.py rope_tables). Numpy twins: CpuBackend.rope, CpuBackend.attention's cache write."""
+"""Launcher for kernels/kv_cache.cu (k rotated into the cache, v copied; q is rotated by the attention as it
+loads it, kernels/attention.cu). The position is read from the step buffer; linear / llama3 scaling is in the
+cos/sin tables (edge_runtime/model/rope.py rope_tables). Numpy twins: CpuBackend.rope, CpuBackend.attention's
+cache write."""
 
 from __future__ import annotations
 
@@ -12,18 +13,16 @@ from edge_runtime.errors import EdgeRuntimeError
 CACHE_DTYPES = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16"}
 
 
-class RopeKernel:
-    def __init__(self):
-        self.m = Module("rope.cu")
-
-    def __call__(self, x, cos, sin, step, n_heads: int, threads: int = 64) -> None:
-        """x (n_heads * hd,) fp32 rotated in place at position step[STEP_POS]; cos, sin (n_pos, hd/2) fp32."""
-        n_pos, half = cos.shape if cos is not None and cos.ndim == 2 else (-1, -1)
-        check(cos, np.float32, (n_pos, half), "cos")
-        check(sin, np.float32, (n_pos, half), "sin")
-        check(x, np.float32, (n_heads * 2 * half,), "x")
-        check(step, np.int32, (STEP_SIZE,), "step")
-        self.m.launch("rope", (n_heads,), (threads,), (x, cos, sin, step, i32(n_pos), i32(2 * half)))
+def check_tables(cos, sin, hd: int) -> int:
+    """The rows of RoPE tables cos, sin (n_pos, hd/2) fp32 given together, or 0 when both are None."""
+    if (cos is None) != (sin is None):
+        raise EdgeRuntimeError("cos and sin go together")
+    if cos is None:
+        return 0
+    n_pos = cos.shape[0] if cos.ndim == 2 else -1
+    check(cos, np.float32, (n_pos, hd // 2), "cos")
+    check(sin, np.float32, (n_pos, hd // 2), "sin")
+    return n_pos
 
 
 class KVAppendKernel:
@@ -44,12 +43,6 @@ class KVAppendKernel:
         check(k, np.float32, (n_kv * hd,), "k")
         check(v, np.float32, (n_kv * hd,), "v")
         check(step, np.int32, (STEP_SIZE,), "step")
-        if (cos is None) != (sin is None):
-            raise EdgeRuntimeError("cos and sin go together")
-        n_pos = 0
-        if cos is not None:
-            n_pos = cos.shape[0]
-            check(cos, np.float32, (n_pos, hd // 2), "cos")
-            check(sin, np.float32, (n_pos, hd // 2), "sin")
+        n_pos = check_tables(cos, sin, hd)
         self.m.launch(f"kv_append_{dt}", (n_kv,), (threads,),
                       (k, v, cos, sin, step, i32(n_pos), i32(max_ctx), i32(hd), k_cache, v_cache))
