@@ -381,6 +381,8 @@ def test_gemv_stacked_refuses_mixed_matrices(cp, gemv):
     buf = cp.ones(96, cp.float32)
     with pytest.raises(EdgeRuntimeError, match="overlaps x"):
         gemv.stacked((a, a, a), buf[:64], (ys[0], ys[1], buf[32:64]))
+    with pytest.raises(EdgeRuntimeError, match="another output"):
+        gemv.stacked((a, a, a), x, (buf[:32], buf[16:48], buf[64:]))
     with pytest.raises(EdgeRuntimeError, match="two or three"):
         gemv.stacked((a,), x, ys[:1])
 

@@ -147,8 +147,9 @@ class Backend(Protocol):
         """x (T, d) += y (a residual add the decoder makes itself: Gemma-2's normed block outputs)."""
 
     def logits(self, x, out=None, norm: Norm | None = None):
-        """(T, d) final hidden, already normed (norm given: normed by it first, x unchanged; fused on a GPU) ->
-        (T, vocab) float32, soft-capped when the config says."""
+        """(T, d) final hidden, already normed (norm given: normed by it first, fused on a GPU; one token:
+        buffers.h may hold the normed x on the way, so x must not be buffers.h) -> (T, vocab) float32,
+        soft-capped when the config says."""
 
     # ---- prefill and evaluation only (T tokens, dense arithmetic) -----------------------------------
     def ffn_parts(self, x, layer: Layer) -> tuple:

@@ -40,7 +40,7 @@ class PowerMode:
 class Performance:
     bandwidth_efficiency: float  # achievable fraction of the peak bandwidth for a streaming GEMV
     launch_overhead_us: float  # per kernel launch (or per graph node on replay)
-    kernels_per_layer: int = 10
+    kernels_per_layer: int = 8  # launches a layer in the cuda decode step (Llama-style; Gemma-2 post norms add 4)
     measured: bool = False  # True when written by scripts/generate_profile.py on the device itself
     # GPU clock at or above which a streaming GEMV is limited by memory, not by issue rate; below it the
     # achievable bandwidth is taken to fall in proportion to the clock (a modelling assumption).
@@ -169,7 +169,7 @@ def parse_profile(data: Any, source: str) -> DeviceProfile:
     if not 0 < eff <= 1:
         raise ProfileError(f"{pw}: field 'bandwidth_efficiency' must be in (0, 1], got {eff}")
     perf = Performance(eff, _get(perf_raw, "launch_overhead_us", float, pw),
-                       _get(perf_raw, "kernels_per_layer", int, pw, optional=True, default=10),
+                       _get(perf_raw, "kernels_per_layer", int, pw, optional=True, default=8),
                        _get(perf_raw, "measured", bool, pw, optional=True, default=False),
                        _get(perf_raw, "saturating_gpu_mhz", float, pw, optional=True, default=0.0))
     mem_raw = _get(data, "memory", dict, w)

@@ -3,8 +3,9 @@ DeviceMatrix, the step-buffer layout). What a graph-captured decode backend call
 
   common.DeviceMatrix(packed)       upload a PackedTensor as stored (fp16, int8, int4, sparse-fp16/int8)
   embed.EmbedKernel                 out = table[step[TOKEN]] (+ table[step[POS] + offset] with accumulate, OPT)
-  gemv.Gemv                         y = W norm(x) + bias + residual (o, LM head); stacked: q, k, v (or a dense
-                                    FFN's gate and up) of one normed x in one launch
+  gemv.Gemv                         y = W norm(x) + bias + residual (o, LM head, OPT's fc1, one projection at a
+                                    time where TEAL thresholds are set); stacked: q, k, v (or a dense FFN's gate
+                                    and up) of one normed x in one launch
   kv_cache.KVAppendKernel           k rotated into the cache and v appended at step[POS] (fp32 or fp16 cache)
   attention.DecodeAttention         split-K attention over [0, step[POS]], GQA, q rotated as it is loaded (owns
                                     its workspace)

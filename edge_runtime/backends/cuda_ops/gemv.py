@@ -52,7 +52,7 @@ class Gemv:
                 eps: float = 1e-5, max_blocks: int | None = None) -> None:
         """ys[j] = mats[j] norm(x) + biases[j] for two or three matrices in one launch (attention's q, k, v; a
         dense FFN's gate and up): mats (N_j, K) of one encoding, K and int4 group (`compatible`); x (K,) fp32;
-        ys (N_j,) fp32, none overlapping x; biases (N_j,) fp32 or None; the norm as in __call__."""
+        ys (N_j,) fp32, overlapping neither x nor each other; biases (N_j,) fp32 or None; the norm as in __call__."""
         mats = tuple(as_matrix(m) for m in mats)
         biases = biases if biases is not None else (None,) * len(mats)
         if len(mats) not in (2, 3) or len(ys) != len(mats) or len(biases) != len(mats):
@@ -73,8 +73,8 @@ class Gemv:
             n = m.shape[0]
             check(y, np.float32, (n,), f"y{j}")
             check_opt(b, np.float32, (n,), f"bias{j}")
-            if overlaps(x, y):
-                raise EdgeRuntimeError("gemv stacked: an output overlaps x")
+            if overlaps(x, y) or any(overlaps(y, other) for other in ys[:j]):
+                raise EdgeRuntimeError("gemv stacked: an output overlaps x or another output")
             args += [m.w, m.scale, m.bitmap, m.row_offsets, b, y, i32(n)]
         if len(mats) == 2:  # the kernel's third matrix, empty: no row falls in it
             args += args[-7:-1] + [i32(0)]
