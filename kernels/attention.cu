@@ -22,7 +22,8 @@ __device__ __forceinline__ float load_f(const __half* p) { return __half2float(*
 // (x[i], x[i + hd/2]) -> (x[i] c - x[i + hd/2] s, x[i + hd/2] c + x[i] s), c, s = cos/sin[pos, i] (as the k of
 // kernels/kv_cache.cu).
 __device__ void load_queries(const float* __restrict__ q, const float* __restrict__ cos_t,
-                             const float* __restrict__ sin_t, bool rotate, int pos, int g, int group, int hd, float* qs) {
+                             const float* __restrict__ sin_t, bool rotate, int pos, int g, int group, int hd,
+                             float* qs) {
     const int half = hd / 2;
     for (int i = threadIdx.x; i < group * hd; i += blockDim.x) {
         const float* qh = q + ((size_t)g * group + i / hd) * hd;
@@ -40,9 +41,9 @@ __device__ void load_queries(const float* __restrict__ q, const float* __restric
 template <typename T>
 __device__ void attn_partial(const float* __restrict__ q, const float* __restrict__ cos_t,
                              const float* __restrict__ sin_t, int n_pos, const T* __restrict__ k_cache,
-                             const T* __restrict__ v_cache, const int* __restrict__ step, int n_heads, int n_kv, int max_ctx, int hd, int chunk,
-                             float scale, float softcap, int window, float* __restrict__ part_m,
-                             float* __restrict__ part_l, float* __restrict__ part_acc) {
+                             const T* __restrict__ v_cache, const int* __restrict__ step, int n_heads, int n_kv,
+                             int max_ctx, int hd, int chunk, float scale, float softcap, int window,
+                             float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_acc) {
     extern __shared__ float sm[];
     const int g = blockIdx.x, c = blockIdx.y, n_chunks = gridDim.y;
     const int pos = step[STEP_POS], L = min(pos + 1, max_ctx);
@@ -105,21 +106,18 @@ __device__ void attn_partial(const float* __restrict__ q, const float* __restric
     }
 }
 
-extern "C" __global__ void attn_partial_f32(const float* q, const float* cos_t, const float* sin_t, int n_pos,
-                                            const float* k_cache, const float* v_cache, const int* step, int n_heads,
-                                            int n_kv, int max_ctx, int hd, int chunk, float scale, float softcap,
-                                            int window, float* part_m, float* part_l, float* part_acc) {
-    attn_partial<float>(q, cos_t, sin_t, n_pos, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, scale,
-                        softcap, window, part_m, part_l, part_acc);
-}
+#define INSTANTIATE(SUFFIX, T)                                                                                        \
+    extern "C" __global__ void attn_partial_##SUFFIX(const float* q, const float* cos_t, const float* sin_t,           \
+                                                     int n_pos, const T* k_cache, const T* v_cache, const int* step,   \
+                                                     int n_heads, int n_kv, int max_ctx, int hd, int chunk,            \
+                                                     float scale, float softcap, int window, float* part_m,            \
+                                                     float* part_l, float* part_acc) {                                 \
+        attn_partial<T>(q, cos_t, sin_t, n_pos, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, scale,     \
+                        softcap, window, part_m, part_l, part_acc);                                                   \
+    }
 
-extern "C" __global__ void attn_partial_f16(const float* q, const float* cos_t, const float* sin_t, int n_pos,
-                                            const __half* k_cache, const __half* v_cache, const int* step, int n_heads,
-                                            int n_kv, int max_ctx, int hd, int chunk, float scale, float softcap,
-                                            int window, float* part_m, float* part_l, float* part_acc) {
-    attn_partial<__half>(q, cos_t, sin_t, n_pos, k_cache, v_cache, step, n_heads, n_kv, max_ctx, hd, chunk, scale,
-                         softcap, window, part_m, part_l, part_acc);
-}
+INSTANTIATE(f32, float)
+INSTANTIATE(f16, __half)
 
 extern "C" __global__ void attn_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
                                         const float* __restrict__ part_acc, const int* __restrict__ step, int max_ctx,

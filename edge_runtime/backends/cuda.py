@@ -193,7 +193,6 @@ class CudaBackend:
         self.k.gemv(dl.m, xv, out.reshape(-1), bias=dl.b)
         return out
 
-
     def attention_inputs(self, i: int, x, layer: Layer, teal: bool) -> tuple:
         b, slots = self.buffers, [TEAL_SLOT[p] for p in QKV]
         lins = tuple(getattr(layer, p) for p in QKV)

@@ -33,14 +33,10 @@ class Gemv:
         m = as_matrix(m)
         n, k = m.shape
         m.check_row_kernel("gemv")
-        check(x, np.float32, (k,), "x")
+        _check_input(x, k, norm_w, norm_b)
         check(y, np.float32, (n,), "y")
         check_opt(bias, np.float32, (n,), "bias")
         check_opt(residual, np.float32, (n,), "residual")
-        check_opt(norm_w, np.float32, (k,), "norm_w")
-        check_opt(norm_b, np.float32, (k,), "norm_b")
-        if norm_b is not None and norm_w is None:
-            raise EdgeRuntimeError("norm_b without norm_w")
         if overlaps(x, y):
             raise EdgeRuntimeError("gemv: y must not overlap x")
         smem = row_smem(m)
@@ -63,11 +59,7 @@ class Gemv:
         first = mats[0]
         k = first.shape[1]
         first.check_row_kernel("gemv stacked")
-        check(x, np.float32, (k,), "x")
-        check_opt(norm_w, np.float32, (k,), "norm_w")
-        check_opt(norm_b, np.float32, (k,), "norm_b")
-        if norm_b is not None and norm_w is None:
-            raise EdgeRuntimeError("norm_b without norm_w")
+        _check_input(x, k, norm_w, norm_b)
         args = []
         for j, (m, y, b) in enumerate(zip(mats, ys, biases, strict=True)):
             n = m.shape[0]
@@ -82,6 +74,15 @@ class Gemv:
         rows = sum(m.shape[0] for m in mats)
         self.m.launch(f"gemv3_{first.kenc}", row_grid(rows, max_blocks=max_blocks, smem=smem), (THREADS,),
                       (*args, i32(first.group), x, norm_w, norm_b, f32(eps), i32(k), i32(first.kp)), shared_mem=smem)
+
+
+def _check_input(x, k: int, norm_w, norm_b) -> None:
+    """x (K,) fp32 and the norm fused into its load: norm_w (K,) fp32 or None, norm_b (K,) only with norm_w."""
+    check(x, np.float32, (k,), "x")
+    check_opt(norm_w, np.float32, (k,), "norm_w")
+    check_opt(norm_b, np.float32, (k,), "norm_b")
+    if norm_b is not None and norm_w is None:
+        raise EdgeRuntimeError("norm_b without norm_w")
 
 
 def compatible(mats) -> bool:
