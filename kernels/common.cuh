@@ -137,14 +137,10 @@ __device__ __forceinline__ void prefetch_span(const void* p, size_t bytes, int l
         prefetch_l2(static_cast<const char*>(p) + off);
 }
 
-// Values per 16-byte weight chunk: the shared-memory layout of x for a row dot (see load_x). Compressed rows:
-// the 8 columns of a bitmap byte (a lane walks its byte's bits; Kp = K rounded up to 8 by DeviceMatrix).
+// Values per 16-byte weight chunk: the shared-memory layout of x for a row dot (see load_x). 8 for fp16, and for
+// compressed rows the 8 columns of a bitmap byte (a lane walks its byte's bits; Kp = K rounded up to 8).
 template <int ENC>
 struct Enc {
-    static constexpr int VALS = 8;
-};
-template <>
-struct Enc<ENC_FP16> {
     static constexpr int VALS = 8;
 };
 template <>

@@ -158,6 +158,18 @@ class CudaBackend:
         self.k.norm(x.reshape(-1), dn.w, dn.b, dn.eps, out.reshape(-1))
         return out
 
+    def _fused_norm(self, n: Norm | None) -> tuple:
+        """(norm_w, norm_b, eps) for a kernel that norms x as it loads it; (None, None, 0.0): no norm."""
+        if n is None:
+            return None, None, 0.0
+        dn = self.dev.of(n)
+        return dn.w, dn.b, dn.eps
+
+    def _teal_set(self, i: int, projections) -> bool:
+        """Whether layer i has a TEAL threshold on any of these projections: those need W^T column kernels, so
+        they cannot share a fused row-kernel launch."""
+        return bool(self.teal_on[i, [TEAL_SLOT[p] for p in projections]].any())
+
     def _teal_threshold(self, teal: tuple[int, str]):
         i, p = teal
         return self.state.teal[i, TEAL_SLOT[p]:TEAL_SLOT[p] + 1]  # (1,) device view
@@ -194,13 +206,13 @@ class CudaBackend:
         return out
 
     def attention_inputs(self, i: int, x, layer: Layer, teal: bool) -> tuple:
-        b, slots = self.buffers, [TEAL_SLOT[p] for p in QKV]
+        b = self.buffers
         lins = tuple(getattr(layer, p) for p in QKV)
         devs = tuple(self.dev.of(lin) for lin in lins)
-        if not (teal and self.teal_on[i, slots].any()) and compatible(tuple(d.m for d in devs)):
-            dn = self.dev.of(layer.attn_norm)  # normed as each block loads x: one launch for the norm and all three
+        if not (teal and self._teal_set(i, QKV)) and compatible(tuple(d.m for d in devs)):
+            # normed as each block loads x: one launch for the norm and all three
             self.k.gemv.stacked(tuple(d.m for d in devs), x.reshape(-1), (b.q.reshape(-1), b.k.reshape(-1),
-                              b.v.reshape(-1)), tuple(d.b for d in devs), norm_w=dn.w, norm_b=dn.b, eps=dn.eps)
+                                b.v.reshape(-1)), tuple(d.b for d in devs), *self._fused_norm(layer.attn_norm))
             return b.q, b.k, b.v
         h = self.norm(x, layer.attn_norm, out=b.h)  # a TEAL threshold set, or mixed encodings: one at a time
         return tuple(self.linear(h, lin, out=getattr(b, p), teal=(i, p) if teal else None)
@@ -235,8 +247,7 @@ class CudaBackend:
                 x = self.norm(x, norm)
             y = self.cp.matmul(x, eager.dense_f32(dw.lm_head, dw.lm_head_host).T)
             return np.float32(cap) * self.cp.tanh(y / np.float32(cap)) if cap > 0 else y
-        dn = self.dev.of(norm) if norm is not None else None  # the final norm fused into the head's x load
-        w, b, eps = (dn.w, dn.b, dn.eps) if dn is not None else (None, None, 1e-5)
+        w, b, eps = self._fused_norm(norm)  # the final norm fused into the head's x load
         self.k.gemv(dw.lm_head, x.reshape(-1), out.reshape(-1), norm_w=w, norm_b=b, eps=eps)
         if cap > 0:
             self.k.ew.softcap(out.reshape(-1), cap)
@@ -293,8 +304,7 @@ class CudaBackend:
         xv, y = x.reshape(-1), add_to.reshape(-1)
         residual = y if accumulate else None
         kind = int(self.state.predictor[i]) if mode == "sparse" else DENSE
-        dn = self.dev.of(layer.ffn_norm) if norm else None
-        norm_w, norm_b, eps = (dn.w, dn.b, dn.eps) if dn is not None else (None, None, 0.0)
+        norm_w, norm_b, eps = self._fused_norm(layer.ffn_norm if norm else None)
         if kind != DENSE or (mode == "dense" and cfg.relu_family and self.dense_skips_zero_rows):
             # A dense ReLU-family FFN is the sparse one with every row predicted: rows whose gate does not
             # survive the activation are exact zeros, so up and down still skip them (dense_skips_zero_rows False:
@@ -312,7 +322,7 @@ class CudaBackend:
             return
         teal = mode == "teal"
         g, u = f.g, f.u
-        teal_in = teal and self.teal_on[i, [TEAL_SLOT["gate"], TEAL_SLOT["up"]]].any()
+        teal_in = teal and self._teal_set(i, ("gate", "up"))
         if not teal_in and dl.up is None:  # OPT's fc1, the norm fused into its x load
             self.k.gemv(dl.gate.m, xv, g, bias=dl.gate.b, norm_w=norm_w, norm_b=norm_b, eps=eps)
         elif not teal_in and compatible((dl.gate.m, dl.up.m)):  # gate and up in one launch, the norm fused
