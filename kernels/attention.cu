@@ -1,9 +1,10 @@
 // Decode attention over the KV cache, split over the KV length (flash-decoding), GQA.
 // Numpy twin: CpuBackend.attention for one token (T = 1): softmax(cap(scale q k^T)) v over positions [lo, pos],
 // cap(s) = softcap * tanh(s / softcap) (softcap 0: none), lo = max(0, pos + 1 - window) (window 0: lo = 0).
-//   attn_partial_<f32|f16>: grid (n_kv, n_chunks), block (threads, a multiple of 32). Block (g, c) covers positions
-//     [max(c * chunk, lo), min((c + 1) * chunk, L)), L = min(step[STEP_POS] + 1, max_ctx), for the group = n_heads / n_kv
-//     query heads g * group .. (g + 1) * group - 1 that share kv head g (K and V read once for the group).
+//   attn_partial_<f32|f16>: grid (n_kv, n_chunks), block (threads, a multiple of 32). Block (g, c) covers
+//     positions [max(c * chunk, lo), min((c + 1) * chunk, L)), L = min(step[STEP_POS] + 1, max_ctx), for the
+//     group = n_heads / n_kv query heads g * group .. (g + 1) * group - 1 that share kv head g (K and V read once
+//     for the group).
 //     q (n_heads, hd) fp32; cos, sin (n_pos, hd/2) fp32: q rotated (RoPE, rotate_half) at step[STEP_POS] as the
 //     block loads it, the rope launch fused away (NULL, or a position outside the table: q used as given);
 //     k_cache, v_cache (n_kv, max_ctx, hd) fp32 | fp16.
@@ -11,8 +12,8 @@
 //     exp(score - m), part_acc (n_heads, n_chunks, hd) sum of exp(score - m) v. Chunks at or past L write nothing;
 //     chunks wholly before lo (sliding window) write m = -inf, l = 0, acc = 0.
 //     Dynamic shared memory: 4 * group * (hd + chunk) bytes.
-//   attn_combine: grid (n_heads,), block >= 32. out (n_heads, hd) fp32 = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M)
-//     over the chunks below L.
+//   attn_combine: grid (n_heads,), block >= 32. out (n_heads, hd) fp32
+//     = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M) over the chunks below L.
 #include "common.cuh"
 
 __device__ __forceinline__ float load_f(const float* p) { return *p; }

@@ -317,7 +317,8 @@ __device__ __forceinline__ float row_dot(const void* __restrict__ w, const __hal
             float part = 0.f;
 #pragma unroll
             for (int j = 0; j < 16; ++j)
-                part += float(int(b[j] & 0xF) - 8) * xs[(2 * j) * C + c] + float(int(b[j] >> 4) - 8) * xs[(2 * j + 1) * C + c];
+                part += float(int(b[j] & 0xF) - 8) * xs[(2 * j) * C + c]
+                      + float(int(b[j] >> 4) - 8) * xs[(2 * j + 1) * C + c];
             acc += part * __half2float(srow[(c * 32) / group]);
         }
         return warp_sum(acc);

@@ -2,8 +2,8 @@
 // Numpy twin: CpuBackend.embed_tokens (PackedTensor.dequantize of one row).
 //   w (N, K) in ENC (fp16 | int8 + scale | int4 + group scales, rows of Kp); step (STEP_SIZE,) int32: the row is
 //   step[slot] + offset (slot STEP_TOKEN for tokens; STEP_POS with offset pos_offset for OPT's positions);
-//   accumulate: 0 -> out = scale * row, 1 -> out += scale * row (scale: Gemma's embedding scale, else 1). out (K,) fp32 (a row outside [0, N) writes NaN: visible, no stray
-//   read). Grid (ceil(K / blockDim.x),).
+//   accumulate: 0 -> out = scale * row, 1 -> out += scale * row (scale: Gemma's embedding scale, else 1).
+//   out (K,) fp32 (a row outside [0, N) writes NaN: visible, no stray read). Grid (ceil(K / blockDim.x),).
 #include "common.cuh"
 
 template <int ENC>

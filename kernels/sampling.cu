@@ -1,5 +1,6 @@
 // Next-token sampling on the device: one block, so that a captured decode graph ends with the next token id in the
-// step buffer (the position is the step's to advance: elementwise.cu advance_pos). Semantics of edge_runtime/model/sampling.py Sampler:
+// step buffer (the position is the step's to advance: elementwise.cu advance_pos).
+// Semantics of edge_runtime/model/sampling.py Sampler:
 //   1. repetition penalty (HF): for tokens in the history, positive logits divided by it, others multiplied
 //   2. temperature 0 (or any value that is not > 0): greedy, argmax with ties to the lowest index (numpy)
 //   3. top-k (0 = off): logits below the k-th largest are dropped (ties with it kept)
