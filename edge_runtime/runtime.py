@@ -2,7 +2,9 @@
 
 One generation runs at a time (one KV cache); calls from several threads queue on a lock in arrival
 order of the lock (not strictly FIFO). `stream` holds the lock while its iterator is alive; closing
-the iterator (or leaving a `for` loop early) releases it.
+the iterator (or leaving a `for` loop early) releases it. A second generation on the thread whose stream
+is still open is refused (waiting for that lock would never end); close() there ends the stream at its
+next token and releases the model when the stream ends.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from edge_runtime.errors import EdgeRuntimeError, install_extra
 from edge_runtime.model.chat import DEFAULT_STOP, render_chat
 from edge_runtime.model.decoder import Decoder
 from edge_runtime.model.generate import GenerationConfig, GenerationResult, Piece, generate_stream
-from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.sampling import SamplingParams, finite, is_int
 from edge_runtime.model.tokenizer import Tokenizer
 from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
 from edge_runtime.pack.loader import PackedModel, load_packed
@@ -53,6 +56,7 @@ class Runtime:
         path = model.tokenizer_path
         self.tokenizer = Tokenizer(path) if path else None
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread holding _lock for a generation or warm-up
         self._closed = False
         self.last_result: GenerationResult | None = None
         calibrated = read_calibration(model.path)
@@ -94,10 +98,11 @@ class Runtime:
         """A fixed setting chosen by the caller (per-layer alphas or rules, one alpha, or None for dense),
         applied between two tokens; power-mode changes no longer touch it until follow_policy(). None also
         drops the attention thresholds a sparse setting carried (a TEAL setting from set_teal stays)."""
+        decoder = self._live_decoder()
         self._policy_drives_sparsity = False
-        if alphas is None and self.decoder.rules is not None:
-            self.decoder.set_teal(None)
-        self.decoder.set_sparsity(alphas, measure_recall)
+        if alphas is None and decoder.rules is not None:
+            decoder.set_teal(None)
+        decoder.set_sparsity(alphas, measure_recall)
 
     def follow_policy(self, measure_recall: bool = False) -> bool:
         """Let the profile policy drive sparse decode (now and on every power-mode change). False when
@@ -110,25 +115,33 @@ class Runtime:
 
     def _apply(self, selection: Selection, measure_recall: bool) -> None:
         """A selection's predictor rules and attention TEAL thresholds into the decoder (next token on)."""
-        self.decoder.set_teal(self.teal_for(selection), self.attention_criterion(selection))
-        self.decoder.set_sparsity(self.rules_for(selection), measure_recall)
+        decoder = self._live_decoder()
+        decoder.set_teal(self.teal_for(selection), self.attention_criterion(selection))
+        decoder.set_sparsity(self.rules_for(selection), measure_recall)
 
     def set_teal(self, target: float | None) -> None:
         """TEAL magnitude sparsity at a calibrated target (0.25, 0.4, 0.5 ...); None turns it off."""
+        decoder = self._live_decoder()
         self._policy_drives_sparsity = False  # a power-mode change no longer replaces this setting
         if target is None:
-            self.decoder.set_teal(None)
+            decoder.set_teal(None)
             return
         from edge_runtime.sparsity.teal import criterion_of, thresholds_for
 
         if self.calibration is None or "teal" not in self.calibration:
             raise EdgeRuntimeError(f"{self.model.path} has no TEAL calibration; run 'edge-runtime calibrate' first")
-        self.decoder.set_sparsity(None)
+        decoder.set_sparsity(None)
         teal = self.calibration["teal"]
-        self.decoder.set_teal(thresholds_for(teal, target), criterion_of(teal, target))
+        decoder.set_teal(thresholds_for(teal, target), criterion_of(teal, target))
 
     def ffn_stats(self) -> dict:
-        return self.decoder.stats.summary()
+        return self._live_decoder().stats.summary()
+
+    def _live_decoder(self) -> Decoder:
+        decoder = self.decoder
+        if decoder is None:
+            raise EdgeRuntimeError("this runtime is closed")
+        return decoder
 
     # ---- device policy -----------------------------------------------------------------------------
     def use_profile(self, profile: DeviceProfile, power_mode: str | None = None,
@@ -236,9 +249,11 @@ class Runtime:
         """Token ids and the stop strings the prompt form implies (the default chat template's)."""
         if isinstance(prompt, str):
             return self.encode(prompt), ()
+        if isinstance(prompt, (bytes, bytearray)):  # list(b"hi") would be the ids [104, 105]
+            raise EdgeRuntimeError("prompt is bytes; decode it to str first")
         items = list(prompt)
-        if items and all(isinstance(t, int) for t in items):
-            return items, ()
+        if items and all(is_int(t) for t in items):
+            return [int(t) for t in items], ()
         if items and all(isinstance(m, dict) for m in items):
             template = self.model.manifest.get("chat_template")
             text = render_chat(items, template, self._special_tokens())
@@ -265,18 +280,24 @@ class Runtime:
         text comes whole at the end (generate_stream), for callers that want only the result."""
         if self._closed:
             raise EdgeRuntimeError("this runtime is closed")
+        if isinstance(stop, str):  # one stop string, not its characters
+            stop = (stop,)
         ids, implied_stop = self.prepare_prompt(prompt)
         cfg = GenerationConfig(max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
                                tuple(stop) + implied_stop)
+        if deadline_s is not None and finite("deadline_s", deadline_s) < 0:
+            raise EdgeRuntimeError(f"deadline_s must be >= 0 seconds, got {deadline_s}")
         t_end = None if deadline_s is None else time.monotonic() + deadline_s
 
         def stop_check() -> str | None:
+            if self._closed:  # close() from this stream's own thread: end here, release when the stream ends
+                return "cancelled"
             if t_end is not None and time.monotonic() >= t_end:
                 return "deadline"
             return should_stop() if should_stop else None
 
-        with self._lock:
-            for item in generate_stream(self.decoder, self.tokenizer, ids, cfg, stop_check, text_per_token):
+        with self._holding() as decoder:
+            for item in generate_stream(decoder, self.tokenizer, ids, cfg, stop_check, text_per_token):
                 if isinstance(item, GenerationResult):
                     self.last_result = item
                 elif self.token_listeners and item.new_token:
@@ -334,25 +355,51 @@ class Runtime:
         kernels are loaded (numba's cache; CUDA modules in the first step, the step's graph captured in the
         second) here rather than inside a caller's first deadline. No listener hears these tokens; statistics
         and position start from zero."""
+        with self._holding() as decoder:
+            bos = self.config.bos_token_id or 0
+            decoder.start([bos, bos], SamplingParams())
+            decoder.decode_step()
+            decoder.decode_step()
+            decoder.reset()
+
+    @contextmanager
+    def _holding(self) -> Iterator[Decoder]:
+        """The lock for one generation or warm-up, and the decoder it may use. The thread that already holds
+        it (its stream suspended between two pieces) would wait for itself forever: refused instead."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise EdgeRuntimeError("a stream from this runtime is still open on this thread; finish it or call "
+                                   "its close() before starting another generation")
         with self._lock:
             if self._closed:
                 raise EdgeRuntimeError("this runtime is closed")
-            bos = self.config.bos_token_id or 0
-            self.decoder.start([bos, bos], SamplingParams())
-            self.decoder.decode_step()
-            self.decoder.decode_step()
-            self.decoder.reset()
+            self._owner = me
+            try:
+                yield self.decoder
+            finally:
+                self._owner = None
+                if self._closed:  # close() came from this thread while the stream was open
+                    self._release()
 
     def close(self) -> None:
-        """Release the weights and the KV cache; later calls raise."""
+        """Release the weights and the KV cache; later calls raise. From another thread, waits for the
+        generation in progress; from the thread of a stream still open, ends that stream at its next token
+        and releases when it ends (waiting here would never end)."""
         self.stop_watching()
+        if self._owner == threading.get_ident():
+            self._closed = True
+            return
+        with self._lock:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        """Under the lock: drop the model's device state and close the token log a listener writes to."""
+        self.backend = None
+        self.decoder = None
         if self._token_log is not None:
             self._token_log.close()
             self._token_log = None
-        with self._lock:
-            self._closed = True
-            self.backend = None
-            self.decoder = None
 
     def __enter__(self) -> Runtime:
         return self

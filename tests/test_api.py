@@ -90,6 +90,75 @@ def test_closed_runtime_refuses(model_dir):
         rt.generate("x")
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda rt: rt.generate([1, 10**6]), "outside the vocabulary"),
+    (lambda rt: rt.generate(b"the door"), "bytes"),
+    (lambda rt: rt.generate("\udcff door"), "not valid UTF-8"),
+    (lambda rt: rt.generate("x", stop=[""]), "non-empty"),
+    (lambda rt: rt.generate("x", deadline_s=float("nan")), "deadline_s"),
+    (lambda rt: rt.generate("x", max_new_tokens=2.5), "max_new_tokens"),
+    (lambda rt: rt.set_sparsity(float("nan")), "alpha"),
+    (lambda rt: rt.set_sparsity(0.0), "alpha"),
+    (lambda rt: rt.set_sparsity([-1.0] * rt.config.n_layers), "alpha"),
+])
+def test_bad_arguments_are_refused_and_lose_nothing(rt, call, message):
+    before = rt.generate("the door", max_new_tokens=6).token_ids
+    with pytest.raises(EdgeRuntimeError, match=message):
+        call(rt)
+    assert rt.generate("the door", max_new_tokens=6).token_ids == before
+
+
+def test_one_stop_string_is_not_split_into_characters(rt):
+    full = rt.generate("the door", max_new_tokens=20)
+    stop = full.text[:3] + "\x00"  # its characters occur in the output, the string does not
+    assert rt.generate("the door", max_new_tokens=20, stop=stop).text == full.text
+
+
+def test_generation_on_the_thread_of_an_open_stream_is_refused(rt):
+    """The open stream holds the runtime's lock: waiting for it on the same thread would hang forever."""
+    full = rt.generate("the door", max_new_tokens=12).text
+    it = rt.stream("the door", max_new_tokens=12)
+    first = next(it)
+    with pytest.raises(EdgeRuntimeError, match="still open"):
+        rt.generate("x")
+    assert first + "".join(it) == full  # the stream itself is unharmed
+    assert rt.generate("the door", max_new_tokens=12).text == full
+
+
+def test_close_on_the_thread_of_an_open_stream_ends_it(model_dir):
+    rt = edge_runtime.load(model_dir, backend="cpu")
+    it = rt.stream("the door", max_new_tokens=50)
+    next(it)
+    rt.close()  # returns: it must not wait for the lock this thread's stream holds
+    assert len(list(it)) <= 1  # at most the held-back text; no new token is decoded
+    assert rt.decoder is None
+    with pytest.raises(EdgeRuntimeError, match="closed"):
+        rt.generate("x")
+
+
+def test_close_from_another_thread_waits_for_the_generation(model_dir):
+    rt = edge_runtime.load(model_dir, backend="cpu")
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def robot_loop():
+        try:
+            for _ in range(10**6):
+                rt.generate("the door", max_new_tokens=8)
+                done.set()
+        except Exception as e:  # the first call after close() must say so, nothing else
+            errors.append(e)
+
+    worker = threading.Thread(target=robot_loop)
+    worker.start()
+    assert done.wait(60)
+    rt.close()
+    worker.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], EdgeRuntimeError) and "closed" in str(errors[0])
+    with pytest.raises(EdgeRuntimeError, match="closed"):
+        rt.ffn_stats()
+
+
 def test_warm_up_leaves_no_trace(model_dir):
     """load() warms the kernels up by default; what it ran is forgotten: the same generation and statistics as
     a runtime that was not warmed, and no token listener hears the warm-up."""

@@ -9,6 +9,7 @@ sampled id; FFN statistics stay in the state until someone asks for them (`stats
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -48,10 +49,15 @@ class Decoder:
         if setting is not None and not self.cfg.relu_family:
             raise EdgeRuntimeError(f"sparse decode predicts exact zeros of a ReLU-family FFN; this model's "
                                    f"activation is {self.cfg.activation}")
-        if isinstance(setting, (int, float)):
-            setting = [float(setting)] * self.cfg.n_layers
+        if isinstance(setting, (int, float, np.number)):
+            setting = [setting] * self.cfg.n_layers
         if setting is not None and len(setting) != self.cfg.n_layers:
             raise EdgeRuntimeError(f"got {len(setting)} per-layer settings for {self.cfg.n_layers} layers")
+        for r in setting or ():  # alpha scales the sign vote: 0, negative or NaN predicts nonsense silently
+            alpha = r.alpha if isinstance(r, Rule) else r
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) \
+                    or not math.isfinite(alpha) or alpha <= 0:
+                raise EdgeRuntimeError(f"a SparseInfer alpha must be a finite number > 0, got {alpha!r}")
         self.rules = None if setting is None else [
             r if isinstance(r, Rule) else Rule("sparseinfer", alpha=float(r), knob=float(r)) for r in setting]
         self.measure_recall = measure_recall
@@ -115,6 +121,7 @@ class Decoder:
     def start(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> int:
         """A new sequence: prefill the prompt and sample the first new token (returned)."""
         self.reset()
+        self._check_ids(prompt_ids)  # before begin(): it indexes the embedding with the last id
         self.ops.begin(prompt_ids, sampling)
         if self.external_prefill is not None and self.observer is None:
             logits = self._external(prompt_ids)

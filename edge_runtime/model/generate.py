@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.model.decoder import Decoder
-from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.sampling import SamplingParams, is_int
 from edge_runtime.model.tokenizer import IncrementalDecoder, Tokenizer
 
 
@@ -20,8 +20,11 @@ class GenerationConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise EdgeRuntimeError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise EdgeRuntimeError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        for s in self.stop:  # an empty stop string would match at once, ending every generation at one token
+            if not isinstance(s, str) or not s:
+                raise EdgeRuntimeError(f"stop strings must be non-empty strings, got {s!r}")
 
 
 @dataclass

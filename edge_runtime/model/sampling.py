@@ -18,13 +18,13 @@ from edge_runtime.errors import EdgeRuntimeError
 MAX_SEED = 2**63 - 1
 
 
-def _finite(name: str, value: float) -> float:
+def finite(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise EdgeRuntimeError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
@@ -37,15 +37,15 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if _finite("temperature", self.temperature) < 0:
+        if finite("temperature", self.temperature) < 0:
             raise EdgeRuntimeError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < _finite("top_p", self.top_p) <= 1:
+        if not 0 < finite("top_p", self.top_p) <= 1:
             raise EdgeRuntimeError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise EdgeRuntimeError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if _finite("repetition_penalty", self.repetition_penalty) <= 0:
+        if finite("repetition_penalty", self.repetition_penalty) <= 0:
             raise EdgeRuntimeError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise EdgeRuntimeError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from edge_runtime.errors import ModelFormatError
+from edge_runtime.errors import EdgeRuntimeError, ModelFormatError
 
 
 class Tokenizer:
@@ -21,7 +21,14 @@ class Tokenizer:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """The tokenizer's own post-processor decides about BOS, as in transformers."""
+        """The tokenizer's own post-processor decides about BOS, as in transformers. Text that cannot be
+        UTF-8 (a lone surrogate: how Python carries undecodable bytes of argv or stdin) is refused here,
+        where the tokenizer would raise a bare TypeError."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise EdgeRuntimeError(f"the text is not valid UTF-8: undecodable byte or lone surrogate at character "
+                                   f"{e.start}") from None
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
