@@ -507,30 +507,11 @@ def _listen(host: str, port: int):
 
 
 def cmd_chat(args) -> int:
+    from edge_runtime.chat_repl import run_chat
+
     rt = _load(args, watch_power=True)
     _apply_sparsity(args, rt)
-    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    print("edge-runtime chat: empty line or Ctrl-D to quit, /reset to forget the conversation", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if not line:
-            return 0
-        if line == "/reset":
-            history = history[:1] if args.system else []
-            continue
-        history.append({"role": "user", "content": line})
-        print("model> ", end="", flush=True)
-        reply = []
-        for piece in rt.stream(history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               top_p=args.top_p):
-            reply.append(piece)
-            print(piece, end="", flush=True)
-        print()
-        history.append({"role": "assistant", "content": "".join(reply).strip()})
+    return run_chat(rt, args.system, args.max_new_tokens, args.temperature, args.top_p)
 
 
 def cmd_calibrate(args) -> int:

@@ -26,9 +26,8 @@ class Tokenizer:
         where the tokenizer would raise a bare TypeError."""
         try:
             text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise EdgeRuntimeError(f"the text is not valid UTF-8: undecodable byte or lone surrogate at character "
-                                   f"{e.start}") from None
+        except UnicodeEncodeError:
+            raise EdgeRuntimeError("the text is not valid UTF-8 (an undecodable byte, or a lone surrogate)") from None
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
