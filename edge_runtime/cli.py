@@ -337,6 +337,9 @@ def cmd_convert(args) -> int:
     ws = f", weight sparsity {sparsity:g}" if sparsity else ""
     print(f"packed {m['model']['arch']} ({m['model']['n_layers']} layers, {dtype}{ws}) into {args.out_dir}: "
           f"{size / 1e6:.2f} MB")
+    if m["tokenizer"] is None:
+        print(f"edge-runtime: note: {args.hf_dir} has no tokenizer.json; the packed model takes token ids, not text",
+              file=sys.stderr)
     return 0
 
 

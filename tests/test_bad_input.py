@@ -129,6 +129,29 @@ def test_failed_convert_midway_leaves_nothing(capsys, packed, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+@pytest.mark.parametrize("key", ["hidden_size", "intermediate_size", "num_key_value_heads", "vocab_size"])
+def test_config_that_disagrees_with_its_tensors_replaces_nothing(capsys, packed, tmp_path, key):
+    """convert --overwrite with a config.json from another model must not swap a good pack for one that
+    cannot load: the mismatch is found while converting and the old pack stays."""
+    hf = copy_model(packed / "hf", tmp_path / "hf")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg[key] = cfg[key] * 2
+    (hf / "config.json").write_text(json.dumps(cfg))
+    out = copy_model(packed / "packed", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(capsys, "convert", str(hf), str(out), "--overwrite")
+    assert_one_line_error(code, err, "config.json implies")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]
+
+
+def test_convert_without_a_tokenizer_says_text_will_not_work(capsys, packed, tmp_path):
+    hf = copy_model(packed / "hf", tmp_path / "hf")
+    (hf / "tokenizer.json").unlink()
+    code, _, err = run_cli(capsys, "convert", str(hf), str(tmp_path / "out"))
+    assert code == 0 and "no tokenizer.json" in err and "token ids" in err
+
+
 def test_convert_refuses_to_clobber(capsys, packed, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -27,6 +27,7 @@ from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import DEFAULT_INT4_GROUP, ENCODINGS, PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.pack.sparse_weights import compress, prune_mask
+from edge_runtime.pack.validate import logical_shape
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -78,6 +79,17 @@ def _encode(src: TensorSource, w: np.ndarray, encoding: str, group: int, mask: n
     if encoding == "int4":
         entry["group_size"] = group
     return pt.arrays, entry
+
+
+def _check_shape(hf_dir: Path, src: TensorSource, w: np.ndarray, cfg) -> None:
+    """A config.json that disagrees with its tensors would pack a model that cannot load: refuse it here,
+    before the output directory replaces anything."""
+    want = logical_shape(cfg, src.name)
+    if src.kind == "matrix_t":
+        want = want[::-1]  # the HF orientation (stored transposed)
+    if tuple(w.shape) != tuple(want):
+        raise ModelFormatError(f"{hf_dir}: tensor {src.hf_name} has shape {list(w.shape)} but config.json implies "
+                               f"{list(want)}; the config does not belong to these weights")
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -148,6 +160,7 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
         by_file: dict[str, dict[str, np.ndarray]] = {}
         for src in tqdm(plan, desc="convert", unit="tensor", disable=not progress, leave=False):
             w = src.read(reader)
+            _check_shape(hf_dir, src, w, cfg)
             mask = None
             if weight_sparsity and src.name.split(".", 2)[-1] in PRUNABLE:
                 # kept-weight mask in the HF orientation: per output row, as magnitude and Wanda define
