@@ -1,39 +1,76 @@
 """Files replaced whole: written under a temporary name in the same directory, then os.replace'd over the
-target, so a reader (or a crash) sees the old file or the new one, never half of one."""
+target, so a reader (or a crash) sees the old file or the new one, never half of one. Several files that
+must change together (a calibration and the manifest that checksums it) are all written first, then
+renamed in one short stretch that Ctrl-C and SIGTERM wait for."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o644) -> None:
-    """write(tmp_path) fills a temporary file beside `path`, which then replaces `path`; on any error the
-    temporary file is removed and `path` is untouched. mode: mkstemp (and safetensors) make files private."""
+def staged(path: str | Path, write: Callable[[str], None], mode: int = 0o644) -> Path:
+    """write(tmp_path) fills a temporary file beside `path` (returned, for the caller to os.replace over `path`
+    or remove); on any error it is removed. mode: mkstemp (and safetensors) make files private."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o644) -> None:
+    """`path` replaced by what write(tmp_path) writes; on any error `path` is untouched."""
+    tmp = staged(path, write, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive inside the block are delivered when it ends, with the handlers that were
+    in force (only the main thread receives signals; elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def atomic_write_yaml(path: str | Path, data) -> None:
+def yaml_text(data) -> str:
     """YAML in the layout the model directory's files use (keys in insertion order, 110 columns)."""
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, width=110))
+    return yaml.safe_dump(data, sort_keys=False, width=110)
+
+
+def atomic_write_yaml(path: str | Path, data) -> None:
+    atomic_write_text(path, yaml_text(data))
 
 
 def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:

@@ -520,11 +520,15 @@ def cmd_chat(args) -> int:
 def cmd_calibrate(args) -> int:
     from edge_runtime.paths import resolve_model
     from edge_runtime.runtime import load
-    from edge_runtime.sparsity.calibrate import ATTN_LEVELS, calibrate, write_calibration
+    from edge_runtime.sparsity.calibrate import ATTN_LEVELS, calibrate
+    from edge_runtime.sparsity.calibration_files import set_aside_broken_calibration, write_calibration
 
     path = Path(args.text)
     text = _read_text(path)
     model_dir = resolve_model(args.model)
+    for name in set_aside_broken_calibration(model_dir):
+        print(f"edge-runtime: note: {model_dir / name} did not match the manifest (an interrupted calibrate, or an "
+              f"edited file); removed, this run writes a new calibration", file=sys.stderr)
     rt = load(model_dir, profile=None, backend="cpu")
     from tqdm import tqdm
 
@@ -602,7 +606,7 @@ def _profile_select(args) -> int:
     from edge_runtime.devices.profile import load_profile
     from edge_runtime.pack.loader import load_packed
     from edge_runtime.paths import resolve_model
-    from edge_runtime.sparsity.calibrate import read_calibration
+    from edge_runtime.sparsity.calibration_files import read_calibration
     from edge_runtime.sparsity.policy import select
 
     model_dir = resolve_model(args.model)

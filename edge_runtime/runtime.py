@@ -31,7 +31,8 @@ from edge_runtime.model.tokenizer import Tokenizer
 from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
 from edge_runtime.pack.loader import PackedModel, load_packed
 from edge_runtime.paths import resolve_model
-from edge_runtime.sparsity.calibrate import attention_criterion, attention_teal, read_calibration, rules_for
+from edge_runtime.sparsity.calibrate import attention_criterion, attention_teal, rules_for
+from edge_runtime.sparsity.calibration_files import read_calibration
 from edge_runtime.sparsity.policy import Objective, Selection, choose_predictor, quality_cap, select
 
 DEFAULT_CONTEXT = 2048

@@ -33,7 +33,7 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.quant import quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.paths import resolve_model
-from edge_runtime.sparsity.calibrate import read_calibration
+from edge_runtime.sparsity.calibration_files import read_calibration
 from edge_runtime.sparsity.predictor import alpha_for_density, predict_active, projection_scores
 
 SHAPES = {"7b": (4096, 11008), "13b": (5120, 13824), "tiny": (64, 256)}  # (d, N); tiny: --smoke

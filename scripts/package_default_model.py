@@ -18,7 +18,8 @@ from edge_runtime.pack.convert import convert
 from edge_runtime.pack.format import atomic_directory
 from edge_runtime.paths import DEFAULT_MODEL_DIR
 from edge_runtime.runtime import load
-from edge_runtime.sparsity.calibrate import calibrate, write_calibration
+from edge_runtime.sparsity.calibrate import calibrate
+from edge_runtime.sparsity.calibration_files import write_calibration
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ from edge_runtime.sparsity.calibrate import (
     attention_teal,
     attention_thresholds,
     calibrate,
-    write_calibration,
 )
+from edge_runtime.sparsity.calibration_files import write_calibration
 from edge_runtime.sparsity.policy import Objective, select_knobs
 from tests.helpers import CORPUS, packed_llama, rel_err
 

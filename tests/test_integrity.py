@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from edge_runtime.cli import main
-from edge_runtime.sparsity.calibrate import CALIBRATION_FILE, THRESHOLDS_FILE, write_calibration
+from edge_runtime.sparsity.calibration_files import CALIBRATION_FILE, THRESHOLDS_FILE, write_calibration
 from tests.helpers import packed_llama
 
 # a calibration the runtime reads (no predictor sections: nothing for the policy to select)

@@ -13,7 +13,8 @@ from edge_runtime.devices.profile import list_profiles, load_profile
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS, decode_bytes_per_token
 from edge_runtime.paths import DEFAULT_MODEL_DIR
-from edge_runtime.sparsity.calibrate import calibrate, greedy_path, read_calibration, write_calibration
+from edge_runtime.sparsity.calibrate import calibrate, greedy_path
+from edge_runtime.sparsity.calibration_files import read_calibration, write_calibration
 from edge_runtime.sparsity.policy import Objective, projected_ms, select, select_knobs
 from tests.helpers import CORPUS, packed_llama
 

@@ -44,7 +44,7 @@ REQUIRED_KEYS = ("format", "format_version", "model", "encoding", "tokenizer", "
 TENSOR_KEYS = ("file", "encoding", "shape", "keys")
 TENSOR_ENCODINGS = STORED_ENCODINGS + ("signbits",)
 LAYOUTS = ("row", "transposed", "vector")
-CALIBRATION_FILES = ("calibration.yaml", "predictor_thresholds.safetensors")  # sparsity/calibrate.py writes them
+CALIBRATION_FILES = ("calibration.yaml", "predictor_thresholds.safetensors")  # sparsity/calibration_files.py
 MAX_MANIFEST_BYTES = 64 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # libyaml's safe loader when PyYAML has it (as safe, ~10x faster on a 7B model's manifest)
@@ -159,7 +159,7 @@ def check_files(model_dir: Path, manifest: dict[str, Any]) -> dict[str, Path]:
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise ModelFormatError(f"{model_dir / name} has {size} bytes, the manifest says {entry['bytes']}: "
-                                   f"truncated or replaced; convert the model again")
+                                   f"truncated or replaced; {_remedy(name)}")
         out[name] = path
     return out
 
@@ -170,8 +170,12 @@ def verify_files(model_dir: Path, manifest: dict[str, Any]) -> dict[str, Path]:
     for name, path in paths.items():
         if sha256_file(path) != manifest["files"][name]["sha256"]:
             raise ModelFormatError(f"{model_dir / name} fails its sha256 checksum: the file is corrupt or was "
-                                   f"modified")
+                                   f"modified; {_remedy(name)}")
     return paths
+
+
+def _remedy(name: str) -> str:
+    return "run 'edge-runtime calibrate' again" if name in CALIBRATION_FILES else "convert the model again"
 
 
 def check_calibration_files(model_dir: Path, manifest: dict[str, Any], verify: bool) -> None:

@@ -26,14 +26,12 @@ from __future__ import annotations
 import datetime
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-import yaml
 
-from edge_runtime.atomic_write import atomic_write, atomic_write_yaml
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.scoring import windowed
+from edge_runtime.sparsity.calibration_files import CALIBRATION_VERSION, THRESHOLDS_FILE
 from edge_runtime.sparsity.perplexity import perplexity
 from edge_runtime.sparsity.predictor import Rule, negative_counts_batch, projection_scores
 from edge_runtime.sparsity.wina import check_criterion
@@ -46,9 +44,7 @@ ATTN_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 # One threshold and level per group. Earlier calibrations had q, k, v in one group ("qkv"): a calibration's
 # attention section names its groups, and reading follows it.
 ATTN_GROUPS = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",)}
-CALIBRATION_FILE = "calibration.yaml"
-THRESHOLDS_FILE = "predictor_thresholds.safetensors"
-CALIBRATION_VERSION = 2
+MIN_TOKENS = 128  # fewer calibration tokens than this fit thresholds to noise (and leave windows to judge them)
 
 
 def attention_input(group: tuple[str, ...]) -> str:
@@ -313,10 +309,14 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
         predictors = ()
     if teal_targets is None:
         teal_targets = () if cfg.relu_family else TARGETS
+    if window < 2:  # one-token windows run as decode steps, which record no statistics
+        raise EdgeRuntimeError(f"the calibration window must be at least 2 tokens, got {window}")
     ids = rt.encode(text)
     wins = windowed(ids, min(window, rt.decoder.max_context - 1), max_tokens)
-    if not wins:
-        raise EdgeRuntimeError("the calibration text is too short")
+    scored = int(sum(len(w) - 1 for w in wins))
+    if scored < MIN_TOKENS:
+        raise EdgeRuntimeError(f"the calibration text gives {scored} tokens; calibration needs at least {MIN_TOKENS} "
+                               f"(a few thousand for perplexity figures worth comparing)")
     # Even windows fit the tables and thresholds, odd windows judge every setting's perplexity: a setting
     # is never scored on the text its thresholds were fitted to (that flattered the projection predictor).
     fit, judge = (wins[0::2], wins[1::2]) if len(wins) > 1 else (wins, wins)
@@ -332,7 +332,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     finally:
         dec.observer = None
     ppl_dense = perplexity(rt, judge, None)
-    n = int(sum(len(w) - 1 for w in wins))
+    n = scored
     wins = judge
     data = [LayerData(rt, i, *(np.concatenate(seen[p][i]) for p in ("ffn_in", "ffn_act", "ffn_hidden")))
             for i in range(cfg.n_layers)]
@@ -372,44 +372,4 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     }
     if teal_targets:
         calib["teal"] = teal
-    return calib, thresholds
-
-
-def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
-    """Thresholds first, then the YAML that refers to them, then their checksums into the manifest;
-    each file replaced atomically."""
-    from safetensors.numpy import save_file
-
-    from edge_runtime.pack.format import record_files
-
-    model_dir = Path(model_dir)
-    if thresholds:
-        atomic_write(model_dir / THRESHOLDS_FILE, lambda tmp: save_file(thresholds, tmp))
-    atomic_write_yaml(model_dir / CALIBRATION_FILE, calib)
-    record_files(model_dir, [n for n in (THRESHOLDS_FILE, CALIBRATION_FILE) if (model_dir / n).is_file()])
-    return model_dir / CALIBRATION_FILE
-
-
-def read_calibration(model_dir: Path) -> tuple[dict, dict] | None:
-    """(calibration, thresholds) or None when the model is not calibrated."""
-    path = Path(model_dir) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    again = "run 'edge-runtime calibrate' again"
-    try:
-        calib = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise EdgeRuntimeError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(calib, dict) or calib.get("calibration_version") != CALIBRATION_VERSION:
-        raise EdgeRuntimeError(f"{path} is not a version-{CALIBRATION_VERSION} calibration; {again}")
-    for key in ("ppl_dense", "predictors"):
-        if key not in calib:
-            raise EdgeRuntimeError(f"{path} is missing '{key}'; {again}")
-    thresholds = {}
-    if "projection" in (calib["predictors"] or {}):
-        tpath = Path(model_dir) / THRESHOLDS_FILE
-        from edge_runtime.pack.safetensors_mmap import SafetensorsFile
-
-        f = SafetensorsFile(str(tpath))
-        thresholds = {k: np.asarray(f.tensor(k)) for k in f.keys()}  # noqa: SIM118 (not a dict)
     return calib, thresholds
