@@ -154,6 +154,26 @@ def test_report_from_tegrastats(tmp_path, capsys):
     assert (tmp_path / "r" / "power.png").stat().st_size > 1000
 
 
+def test_report_skips_jsonl_lines_it_cannot_use(tmp_path, capsys):
+    """Good samples and token events are summarised; lines of another shape are counted, never a traceback."""
+    good = [{"t": 10.0 + i, "power_mw": 5000.0 + 100 * i, "rails_mw": {"VDD_IN": 5000.0 + 100 * i}}
+            for i in range(4)]
+    tokens = [{"event": "token", "t": 10.5 + 0.25 * i} for i in range(5)]
+    junk = ["[1, 2]", '{"t": "abc"}', '{"t": 11.0, "rails_mw": "high"}', '{"t": 12.0, "power_mw": [1]}',
+            '{"event": "token", "t": null}', "not json", "[" * 100000, '"just a string"']
+    log = tmp_path / "m.jsonl"
+    log.write_text("\n".join([json.dumps(r) for r in good + tokens] + junk) + "\n")
+    assert main(["report", str(log), "--out", str(tmp_path / "r"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["samples"] == 4 and s["unparseable_lines"] == len(junk) and s["tokens"] == 5
+    assert s["total_mw"] == {"mean": pytest.approx(5150.0), "peak": 5300.0}
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(bytes(range(256)) * 8)
+    assert main(["report", str(binary), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds no samples" in err
+
+
 def test_report_without_matplotlib_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     import importlib.util
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,28 @@ from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.monitor.summary import summarize
 from edge_runtime.monitor.tegrastats import parse_log
 
+NUMBERS = ("power_mw", "ram_used_mb", "ram_total_mb", "cpu_load_pct", "gpu_load_pct", "gpu_mhz")  # or null
+PER_NAME = ("rails_mw", "temps_c")  # {name: number} or null
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _sample(rec) -> bool:
+    """A sample the summary and plots can use: a numeric time, and each known field of the right type."""
+    return (isinstance(rec, dict) and _number(rec.get("t"))
+            and all(rec.get(k) is None or _number(rec[k]) for k in NUMBERS)
+            and all(rec.get(k) is None or (isinstance(rec[k], dict) and all(map(_number, rec[k].values())))
+                    for k in PER_NAME))
+
 
 def load_jsonl(path: Path) -> tuple[list[dict], list[float], int]:
-    """(samples, token times, unparseable lines). Token events are {"event": "token", "t": ...}."""
+    """(samples, token times, unusable lines: not JSON, or not a sample or token event of the recorder's
+    shape). Token events are {"event": "token", "t": ...}."""
     records, tokens, bad = [], [], 0
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(errors="replace").splitlines()
     except OSError as e:
         raise EdgeRuntimeError(f"cannot read {path}: {e.strerror}") from None
     for line in lines:
@@ -26,16 +43,16 @@ def load_jsonl(path: Path) -> tuple[list[dict], list[float], int]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             bad += 1
             continue
-        if rec.get("event") == "token":
+        if isinstance(rec, dict) and rec.get("event") == "token" and _number(rec.get("t")):
             tokens.append(float(rec["t"]))
-        elif isinstance(rec, dict) and "t" in rec:
+        elif _sample(rec):
             records.append(rec)
         else:
             bad += 1
-    return records, tokens, bad
+    return records, sorted(tokens), bad
 
 
 def load_tegrastats(path: Path, interval_s: float = 1.0) -> tuple[list[dict], int]:

@@ -49,7 +49,7 @@ def summarize(records: list[dict], token_times: list[float] | None = None) -> di
         "temps_c_peak": {k: float(np.max(v)) for k, v in temps.items()},
         "power_modes": sorted({str(r["power_mode"]) for r in records if r.get("power_mode")}),
     }
-    if token_times and len(token_times) >= 2:
+    if token_times and len(token_times) >= 2 and token_times[-1] > token_times[0]:
         gaps = np.diff(np.asarray(token_times)) * 1000
         out["tokens"] = len(token_times)
         out["tokens_per_s"] = float((len(token_times) - 1) / (token_times[-1] - token_times[0]))
