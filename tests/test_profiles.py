@@ -32,6 +32,11 @@ def test_every_profile_loads():
     (lambda d: d["performance"].update(bandwidth_efficiency=1.7), "bandwidth_efficiency"),
     (lambda d: d.update(kind="toaster"), "kind"),
     (lambda d: d.update(default_power_mode="TURBO"), "TURBO"),
+    (lambda d: d.update(memory_total_gb=float("nan")), "memory_total_gb"),
+    (lambda d: d["memory"].update(reserve_gb=float("nan")), "reserve_gb"),
+    (lambda d: d["power_modes"][0].update(memory_bandwidth_gbs=float("inf")), "memory_bandwidth_gbs"),
+    (lambda d: d["memory"].update(reserve_gb=-1.0), "reserve_gb"),
+    (lambda d: d["memory"].update(reserve_gb=100.0), "leaves nothing"),
 ])
 def test_bad_profile_names_the_field(tmp_path, mutate, field):
     data = yaml.safe_load((load_profile_path("jetson-orin-nano-8gb")).read_text())

@@ -7,6 +7,7 @@ package), then <prefix>/share/edge-runtime/profiles (where a wheel installs them
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -127,12 +128,20 @@ def _get(d: dict, key: str, types: type | tuple, where: str, optional: bool = Fa
     if not isinstance(value, types) or isinstance(value, bool) and types is not bool:
         name = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
         raise ProfileError(f"{where}: field '{key}' must be {name}, got {value!r}")
+    if types is float and not math.isfinite(value):  # YAML's .nan and .inf are floats
+        raise ProfileError(f"{where}: field '{key}' must be a finite number, got {value!r}")
     return value
 
 
 def _positive(value: float, where: str, key: str) -> float:
     if value <= 0:
         raise ProfileError(f"{where}: field '{key}' must be > 0, got {value}")
+    return value
+
+
+def _not_negative(value: float, where: str, key: str) -> float:
+    if value < 0:
+        raise ProfileError(f"{where}: field '{key}' must be >= 0, got {value}")
     return value
 
 
@@ -168,14 +177,15 @@ def parse_profile(data: Any, source: str) -> DeviceProfile:
     eff = _get(perf_raw, "bandwidth_efficiency", float, pw)
     if not 0 < eff <= 1:
         raise ProfileError(f"{pw}: field 'bandwidth_efficiency' must be in (0, 1], got {eff}")
-    perf = Performance(eff, _get(perf_raw, "launch_overhead_us", float, pw),
+    perf = Performance(eff, _not_negative(_get(perf_raw, "launch_overhead_us", float, pw), pw, "launch_overhead_us"),
                        _get(perf_raw, "kernels_per_layer", int, pw, optional=True, default=8),
                        _get(perf_raw, "measured", bool, pw, optional=True, default=False),
                        _get(perf_raw, "saturating_gpu_mhz", float, pw, optional=True, default=0.0))
     mem_raw = _get(data, "memory", dict, w)
     mwhere = f"{w}: memory"
-    mem = MemoryPolicy(_get(mem_raw, "reserve_gb", float, mwhere), _get(mem_raw, "runtime_overhead_gb", float, mwhere),
-                       _get(mem_raw, "shared_with_cpu", bool, mwhere, optional=True, default=True))
+    reserve, overhead = (_not_negative(_get(mem_raw, key, float, mwhere), mwhere, key)
+                         for key in ("reserve_gb", "runtime_overhead_gb"))
+    mem = MemoryPolicy(reserve, overhead, _get(mem_raw, "shared_with_cpu", bool, mwhere, optional=True, default=True))
     target = _decode_target(_get(data, "decode_target", dict, w, optional=True, default={}), f"{w}: decode_target")
     profile = DeviceProfile(
         name=_get(data, "name", str, w), description=_get(data, "description", str, w, optional=True, default=""),
@@ -186,6 +196,9 @@ def parse_profile(data: Any, source: str) -> DeviceProfile:
         performance=perf, memory=mem, gpu_names=tuple(_get(data, "gpu_names", list, w, optional=True, default=[])),
         decode_target=target)
     profile.mode(profile.default_power_mode)  # the default must name a mode
+    if profile.usable_memory_gb() <= 0:
+        raise ProfileError(f"{w}: memory_total_gb {profile.memory_total_gb:g} leaves nothing after reserve_gb "
+                           f"{mem.reserve_gb:g} and runtime_overhead_gb {mem.runtime_overhead_gb:g}")
     return profile
 
 
