@@ -25,7 +25,11 @@ def decode_rate(rt, prompt: str, tokens: int, repeats: int = 3) -> tuple[float, 
 
 def bench(rt, setting, prompt: str, tokens: int = 128, repeats: int = 3) -> dict:
     """Dense, then `setting` (left applied to the runtime afterwards) with the attention TEAL thresholds the
-    decoder holds (a policy selection's); None measures dense only."""
+    decoder holds (a policy selection's); None measures dense only. `tokens` beyond what the context holds
+    after the prompt is cut to that (reported as tokens_asked): generation stops there, and the bytes per
+    token must be those of a KV cache the runtime can hold."""
+    asked = tokens
+    tokens = min(tokens, rt.decoder.max_context - len(rt.prepare_prompt(prompt)[0]))
     teal, criterion = rt.decoder.teal, rt.decoder.teal_criterion
     rt.decoder.set_teal(None)
     rt.set_sparsity(None)
@@ -33,6 +37,8 @@ def bench(rt, setting, prompt: str, tokens: int = 128, repeats: int = 3) -> dict
     enc = rt.model.manifest["encoding"]
     out = {"backend": rt.backend.name, "encoding": enc, "tokens": tokens, "dense_tokens_per_s": dense,
            "dense_bytes_per_token": decode_bytes_per_token(rt.config, enc, 1.0, tokens)}
+    if tokens != asked:
+        out["tokens_asked"] = asked
     if setting is not None:
         rt.decoder.set_teal(teal, criterion)
         rt.set_sparsity(setting)

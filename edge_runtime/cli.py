@@ -688,6 +688,9 @@ def cmd_bench(args) -> int:
     rt = _load(args)
     setting = _sparse_setting(args, rt) if (args.sparsity == "on" and rt.config.relu_family) else None
     res = bench(rt, setting, args.prompt, args.tokens, args.repeats)
+    if "tokens_asked" in res:
+        print(f"edge-runtime: note: --tokens {args.tokens} is more than the {rt.decoder.max_context}-token context "
+              f"holds after the prompt; measured {res['tokens']}", file=sys.stderr)
     if args.json:
         print(json.dumps(res))
         return 0

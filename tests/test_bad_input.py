@@ -213,3 +213,12 @@ def test_eval_on_a_short_text_says_the_figure_is_noise(capsys, tmp_path):
     code, out, err = run_cli(capsys, "eval", "--text", str(text), "--backend", "cpu", "--json")
     assert code == 0 and json.loads(out)["tokens"] < 1000
     assert "tokens scored; a perplexity change" in err
+
+
+def test_bench_tokens_beyond_the_context_are_cut_to_it(capsys):
+    """The bytes per token (and the projection) must be those of a KV cache the runtime can hold."""
+    code, out, err = run_cli(capsys, "bench", "--tokens", "100000", "--repeats", "1", "--backend", "cpu",
+                             "--max-context", "64", "--profile", "cpu-generic", "--json")
+    res = json.loads(out)
+    assert code == 0 and res["tokens_asked"] == 100000 and 0 < res["tokens"] < 64
+    assert "more than the 64-token context holds" in err
