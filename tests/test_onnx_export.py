@@ -220,5 +220,10 @@ def test_cli_export_onnx(models, tmp_path, capsys):
     assert info["options"]["opset"] == 21 and list(info["files"]) == ["model.onnx"]
     sess = ort.InferenceSession(str(out), providers=CPU)
     assert sess.get_outputs()[0].shape == [1, 1, 300]
+    assert out.stat().st_mode & 0o777 == 0o644  # readable by the service that loads it, as the model is
     assert main(["export-onnx", str(models["gqa"]), str(out), "--max-context", "100000"]) == 2
     assert "exceeds" in capsys.readouterr().err
+    assert main(["export-onnx", str(models["gqa"]), str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "is a directory; give the file to write" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]

@@ -39,6 +39,7 @@ def estimated_weight_bytes(model: PackedModel, dtype: str) -> int:
 def _tmp_path(out: Path) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp makes it private; the exported graph is shared like the model it comes from
     return Path(name)
 
 
@@ -49,6 +50,8 @@ def export_onnx(model: PackedModel, out: str | Path, opts: ExportOptions, extern
     Returns {"files": {file name: {sha256, bytes}}, "external": bool, "seconds": wall time}."""
     t0 = time.perf_counter()
     out = Path(out)
+    if out.is_dir():
+        raise EdgeRuntimeError(f"{out} is a directory; give the file to write, such as {out / 'model.onnx'}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if external is None:
         external = estimated_weight_bytes(model, opts.dtype) > EXTERNAL_MIN_BYTES
