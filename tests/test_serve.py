@@ -259,6 +259,19 @@ def test_lone_surrogate_is_422(server, where):
     assert r.status_code == 422 and r.json()["error"]["param"].startswith(where if where != "content" else "messages")
 
 
+@pytest.mark.parametrize("stop, param, message", [
+    ("", "stop.0", "at least 1 character"), (["ok", ""], "stop.1", "at least 1 character"),
+    ("x" * 65, "stop.0", "at most 64 characters"), (["a"] * 5, "stop", "at most 4 items"),
+    (5, "stop", "must be a string or a list of strings"),
+])
+def test_bad_stop_is_422_in_the_request_terms(server, stop, param, message):
+    """The error names the request's field, not pydantic's internals (validator reprs, union member tags)."""
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "the", "max_tokens": 2, "stop": stop})
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["param"] == param and message in err["message"]
+    assert "[" not in err["message"] and "0x" not in err["message"] and "Value error" not in err["message"]
+
+
 def test_metric_labels_are_bounded(server):
     """Random paths are all counted as "other": the exposition does not grow with them."""
     with httpx.Client() as h:

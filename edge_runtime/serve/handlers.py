@@ -48,8 +48,10 @@ def install_handlers(app: FastAPI) -> None:
             why = (first.get("ctx") or {}).get("error")
             msg = "the request body is not valid JSON" + (f" (at character {at})" if at is not None else "")
             return JSONResponse(error_body(msg + (f": {why}" if why else "")), 400)
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        # a union's member tags ("function-after[...]", "list[...]") are pydantic's notation, not the request's
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not (isinstance(p, str) and "[" in p))
+        why = first.get("msg", "invalid request").removeprefix("Value error, ")
+        msg = f"{where}: {why}" if where else why
         return JSONResponse(error_body(msg, param=where or None), 422)
 
     @app.exception_handler(StarletteHTTPException)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 
 def _utf8(s: str) -> str:
@@ -20,8 +20,21 @@ def _utf8(s: str) -> str:
     return s
 
 
+def _one_or_list(v):
+    """OpenAI's stop is a string or a list of them."""
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list):
+        raise ValueError("must be a string or a list of strings")
+    return v
+
+
 Text = Annotated[str, AfterValidator(_utf8)]
-StopStr = Annotated[Text, Field(min_length=1, max_length=64)]
+StopStr = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_utf8)]
+# One list type, not a union of str and list: a union's errors name its members in pydantic's own notation
+# (validator reprs with memory addresses) where the client should read "stop.0".
+Stops = Annotated[list[StopStr], BeforeValidator(_one_or_list, json_schema_input_type=StopStr | list[StopStr]),
+                  Field(max_length=4)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
@@ -33,15 +46,13 @@ class _Sampling(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: StopStr | list[StopStr] | None = Field(None, max_length=4)
+    stop: Stops | None = None
     seed: Seed | None = None
     stream: bool = False
     n: Literal[1] = 1
 
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return list(self.stop or ())
 
 
 class ChatMessage(BaseModel):
