@@ -117,10 +117,12 @@ class ModelConfig:
         for name in ("tie_embeddings", "attn_bias", "mlp_bias", "qkv_bias", "post_norms"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.bos_token_id is not None:
-            _int("bos_token_id", self.bos_token_id, 0)
-        for t in self.eos_token_ids:
-            _int("eos_token_ids[]", t, 0)
+        # ids the decoder feeds (BOS: warm-up, prompts) or waits for (EOS: a stop that could never come)
+        for name, t in [("bos_token_id", self.bos_token_id)] + [("eos_token_ids[]", t) for t in self.eos_token_ids]:
+            if t is not None:
+                _int(name, t, 0)
+                if t >= self.vocab_size:
+                    raise _bad(f"{name} {t} is outside the vocabulary of {self.vocab_size} tokens")
 
     @property
     def gated(self) -> bool:

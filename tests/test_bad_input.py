@@ -105,6 +105,16 @@ def test_manifest_model_missing_field(capsys, packed, tmp_path):
     assert_one_line_error(code, err, "n_layers")
 
 
+@pytest.mark.parametrize("field, value", [("bos_token_id", 10**5), ("eos_token_ids", [2, 10**5])])
+def test_special_token_outside_the_vocabulary(capsys, packed, tmp_path, field, value):
+    m = copy_model(packed / "packed", tmp_path / "m")
+    manifest = yaml.safe_load((m / "manifest.yaml").read_text())
+    manifest["model"][field] = value
+    (m / "manifest.yaml").write_text(yaml.safe_dump(manifest))
+    code, _, err = run_cli(capsys, "generate", "--model", str(m), "--prompt", "hi", "--no-verify")
+    assert_one_line_error(code, err, field, "outside the vocabulary")
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "mistral"])
 def test_unsupported_architecture_leaves_nothing(capsys, packed, tmp_path, model_type):
     hf = copy_model(packed / "hf", tmp_path / "hf")
