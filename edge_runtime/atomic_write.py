@@ -1,17 +1,13 @@
 """Files replaced whole: written under a temporary name in the same directory, then os.replace'd over the
 target, so a reader (or a crash) sees the old file or the new one, never half of one. Several files that
-must change together (a calibration and the manifest that checksums it) are all written first, then
-renamed in one short stretch that Ctrl-C and SIGTERM wait for."""
+must change together are staged first and renamed together (sparsity/calibration_files.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
-import signal
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -40,24 +36,6 @@ def atomic_write(path: str | Path, write: Callable[[str], None], mode: int = 0o6
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-@contextlib.contextmanager
-def signals_deferred(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
-    """Ctrl-C and SIGTERM that arrive inside the block are delivered when it ends, with the handlers that were
-    in force (only the main thread receives signals; elsewhere this does nothing)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in signums}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        for s in dict.fromkeys(caught):
-            signal.raise_signal(s)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

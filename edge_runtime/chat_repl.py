@@ -49,20 +49,19 @@ def run_chat(rt, system: str | None, max_new_tokens: int, temperature: float, to
         if line == "/reset":
             history = history[:1] if system else []
             continue
-        try:
-            history, dropped = fit_history(prompt_tokens, history + [{"role": "user", "content": line}],
-                                           context - 1 - reserve)
-            if dropped:
-                print(f"(forgot the {dropped} oldest messages to fit the {context}-token context)", file=sys.stderr)
-            stream = rt.stream(history, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        try:  # on a copy: a message that fails leaves the conversation before it as it was
+            asked, dropped = fit_history(prompt_tokens, history + [{"role": "user", "content": line}],
+                                         context - 1 - reserve)
+            stream = rt.stream(asked, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
             reply = [next(stream, "")]  # a prompt that cannot run fails here, before the reply is begun
-            print("model> " + reply[0], end="", flush=True)
-            for piece in stream:
-                reply.append(piece)
-                print(piece, end="", flush=True)
-            print()
-        except EdgeRuntimeError as e:  # this message only: the conversation before it is kept
+        except EdgeRuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
-            history = history[:-1]
             continue
-        history.append({"role": "assistant", "content": "".join(reply).strip()})
+        if dropped:
+            print(f"(forgot the {dropped} oldest messages to fit the {context}-token context)", file=sys.stderr)
+        print("model> " + reply[0], end="", flush=True)
+        for piece in stream:
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history = asked + [{"role": "assistant", "content": "".join(reply).strip()}]

@@ -183,15 +183,16 @@ class Runtime:
         return self._select(self.power_mode)
 
     def _select(self, mode: str | None) -> Selection | None:
+        decoder = self._live_decoder()
         if (self.profile is None or self.calibration is None or not self.config.relu_family
                 or not self.calibration["predictors"]):
             return None
         selection = select(self.calibration, self.config, self.model.manifest["encoding"], self.profile, mode,
                            self.objective, self.predictor_in_use or self.predictor,
-                           kv_tokens=min(DEFAULT_KV_TOKENS, self.decoder.max_context))
+                           kv_tokens=min(DEFAULT_KV_TOKENS, decoder.max_context))
         self.selection = selection
         if self._policy_drives_sparsity:
-            self._apply(selection, self.decoder.measure_recall)
+            self._apply(selection, decoder.measure_recall)
         return selection
 
     def health_info(self) -> dict:
@@ -306,6 +307,7 @@ class Runtime:
                     for listener in self.token_listeners:
                         listener(now)
                 yield item
+                self._owner = threading.get_ident()  # the thread that resumed the stream holds the lock now
 
     def generate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
         """Blocking generation; keyword arguments as stream_events (max_new_tokens, temperature, top_k,

@@ -108,6 +108,18 @@ def test_bad_arguments_are_refused_and_lose_nothing(rt, call, message):
     assert rt.generate("the door", max_new_tokens=6).token_ids == before
 
 
+def test_numpy_values_are_accepted(rt):
+    """A robot's code carries numpy scalars and arrays: they are numbers like any other."""
+    import numpy as np
+
+    rt.set_sparsity(np.full(rt.config.n_layers, 1.05))
+    assert rt.decoder.alphas == [1.05] * rt.config.n_layers
+    rt.set_sparsity(None)
+    res = rt.generate(np.array([1, 5, 6]), max_new_tokens=np.int64(4), deadline_s=np.float32(5.0),
+                      temperature=np.float32(0.0))
+    assert res.token_ids == rt.generate([1, 5, 6], max_new_tokens=4).token_ids
+
+
 def test_one_stop_string_is_not_split_into_characters(rt):
     full = rt.generate("the door", max_new_tokens=20)
     stop = full.text[:3] + "\x00"  # its characters occur in the output, the string does not
@@ -123,6 +135,31 @@ def test_generation_on_the_thread_of_an_open_stream_is_refused(rt):
         rt.generate("x")
     assert first + "".join(it) == full  # the stream itself is unharmed
     assert rt.generate("the door", max_new_tokens=12).text == full
+
+
+def test_a_stream_handed_to_another_thread_is_waited_for(rt):
+    """The lock belongs to whichever thread resumed the stream last: once a worker has taken it over, the
+    thread that started it waits for it like any other (waiting ends, so it must not be refused)."""
+    import time
+
+    full = rt.generate("the door", max_new_tokens=12).text
+    it = rt.stream("the door", max_new_tokens=12)
+    first = next(it)
+    rest: list[str] = []
+    resumed = threading.Event()
+
+    def finish_on_worker():
+        rest.append(next(it))
+        resumed.set()
+        time.sleep(0.2)  # the starting thread is asking for the lock meanwhile
+        rest.extend(it)
+
+    worker = threading.Thread(target=finish_on_worker)
+    worker.start()
+    assert resumed.wait(60)
+    assert rt.generate("the door", max_new_tokens=12).text == full
+    worker.join(60)
+    assert first + "".join(rest) == full
 
 
 def test_close_on_the_thread_of_an_open_stream_ends_it(model_dir):

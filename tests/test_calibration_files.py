@@ -80,6 +80,7 @@ def test_calibrate_sets_aside_a_calibration_that_fails_its_checksum(model, tmp_p
                  "--attention-levels", "none"]) == 0
     err = capsys.readouterr().err
     assert "did not match the manifest" in err and CALIBRATION_FILE in err
+    assert (model / (CALIBRATION_FILE + ".set-aside")).read_bytes() == bytes(data)  # kept, not deleted
     assert main(generate) == 0
     assert read_calibration(model)[0]["predictors"]  # the new calibration, with its predictor tables
 

@@ -39,11 +39,15 @@ def rt():
         yield runtime
 
 
-def test_chat_outlives_its_context_and_survives_a_bad_message(rt, capsys):
+def test_chat_outlives_its_context_and_survives_a_bad_message(rt, capsys, monkeypatch):
     lines = [f"tell me about the sea and the ship number {i}" for i in range(10)]
     lines.insert(3, "the sea " * 200)  # too long on its own for a 128-token context
     lines.insert(5, "\udcff broken bytes")  # what Python makes of undecodable stdin bytes
     feed = iter(lines)
+    sent = []  # the conversation each generation was asked to continue
+    real_stream = rt.stream
+    monkeypatch.setattr(rt, "stream", lambda messages, **kw: (sent.append(list(messages)), real_stream(messages,
+                                                                                                     **kw))[1])
 
     def read_line(_prompt):
         try:
@@ -58,3 +62,9 @@ def test_chat_outlives_its_context_and_survives_a_bad_message(rt, capsys):
     assert "oldest messages to fit the 128-token context" in err
     assert err.count("error: ") == 2 and "context holds 128" in err and "not valid UTF-8" in err
     assert len(out.rsplit("model> ", 1)[1].strip()) > 0  # the last question, after both errors, got a reply
+    after_long = next(m for m in sent if m[-1]["content"] == lines[4])
+    before_long = next(m for m in sent if m[-1]["content"] == lines[2])
+    # the failed message is not in the conversation, and what came before it is (trimmed only to fit)
+    assert all(m["content"] != lines[3] for m in after_long)
+    assert after_long[-3]["content"] == lines[2] and after_long[-2]["role"] == "assistant"
+    assert after_long[0] == before_long[0] == {"role": "system", "content": "You are a sailor."}

@@ -259,6 +259,19 @@ def test_lone_surrogate_is_422(server, where):
     assert r.status_code == 422 and r.json()["error"]["param"].startswith(where if where != "content" else "messages")
 
 
+def test_stop_as_one_string_or_a_list(server):
+    """OpenAI clients send stop as a string or a list; a stop the text reaches ends it there."""
+    body = {"prompt": "the", "max_tokens": 24, "temperature": 0}
+    full = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = full.strip()[:2]
+    assert len(stop) == 2  # the model says something to stop at
+    for value in (stop, [stop, "zzzq"]):
+        r = httpx.post(server.url + "/v1/completions", json={**body, "stop": value})
+        choice = r.json()["choices"][0]
+        assert r.status_code == 200 and choice["finish_reason"] == "stop"
+        assert choice["text"] == full[:full.index(stop)]
+
+
 @pytest.mark.parametrize("stop, param, message", [
     ("", "stop.0", "at least 1 character"), (["ok", ""], "stop.1", "at least 1 character"),
     ("x" * 65, "stop.0", "at most 64 characters"), (["a"] * 5, "stop", "at most 4 items"),

@@ -53,7 +53,8 @@ class Decoder:
             setting = [setting] * self.cfg.n_layers
         if setting is not None and len(setting) != self.cfg.n_layers:
             raise EdgeRuntimeError(f"got {len(setting)} per-layer settings for {self.cfg.n_layers} layers")
-        for r in setting or ():  # alpha scales the sign vote: 0, negative or NaN predicts nonsense silently
+        # alpha scales the sign vote: 0, negative or NaN would predict nonsense silently
+        for r in () if setting is None else setting:
             alpha = r.alpha if isinstance(r, Rule) else r
             if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) \
                     or not math.isfinite(alpha) or alpha <= 0:

@@ -19,7 +19,7 @@ MAX_SEED = 2**63 - 1
 
 
 def finite(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
         raise EdgeRuntimeError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 

@@ -3,7 +3,8 @@ predictor_thresholds.safetensors (the projection predictor's per-neuron threshol
 manifest's checksums. Writing stages both files whole, then swaps them in and records their checksums in one
 stretch that Ctrl-C waits for, so an interrupted calibrate leaves the old calibration or the new one. A pair
 that no longer matches the manifest anyway (power lost mid-swap, a file edited by hand) makes the model
-refuse to load; `calibrate` sets such a pair aside before it loads the model, and writes a new one."""
+refuse to load; `calibrate` sets such a pair aside (renamed NAME.set-aside, kept for whoever wants it back)
+before it loads the model, and writes a new one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from edge_runtime.atomic_write import signals_deferred, staged, yaml_text
+from edge_runtime.atomic_write import staged, yaml_text
+from edge_runtime.deferred_signals import signals_deferred
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.format import (
     CALIBRATION_FILES,
@@ -49,9 +51,13 @@ def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
     return model_dir / CALIBRATION_FILE
 
 
+SET_ASIDE = ".set-aside"
+
+
 def set_aside_broken_calibration(model_dir: Path) -> list[str]:
-    """Remove calibration files that do not match the manifest (and their entries), which would make the
-    model refuse to load; returns the names removed. A calibration that matches is left alone."""
+    """Calibration files that do not match the manifest, which would make the model refuse to load: their
+    entries dropped and the files renamed NAME.set-aside (replacing an older one). Returns the names set
+    aside. A calibration that matches is left alone."""
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
     recorded = manifest["files"]
@@ -72,7 +78,8 @@ def set_aside_broken_calibration(model_dir: Path) -> list[str]:
             recorded.pop(name, None)
         write_manifest(model_dir, manifest)
         for name in present:
-            Path(model_dir / name).unlink(missing_ok=True)
+            if os.path.lexists(model_dir / name):
+                os.replace(model_dir / name, model_dir / (name + SET_ASIDE))
     return present
 
 
