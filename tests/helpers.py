@@ -76,6 +76,18 @@ def packed_llama(root: Path, dtype: str = "int8", **kw) -> Path:
     return root / "p"
 
 
+def calibrated_llama(root: Path, calibration: dict, seed: int) -> Path:
+    """packed_llama (relu) with `calibration` and a projection-thresholds file written by write_calibration, as
+    calibrate would leave it (checksums recorded): for tests of the calibration files, not of calibration."""
+    import numpy as np
+
+    from edge_runtime.sparsity.calibration_files import write_calibration
+
+    path = packed_llama(root, act="relu", seed=seed)
+    write_calibration(path, calibration, {"layers.0.q": np.linspace(0.1, 0.9, 160, dtype=np.float32)})
+    return path
+
+
 def make_opt(out: Path, seed: int = 0, with_tokenizer: bool = True):
     import torch
     from transformers import OPTConfig, OPTForCausalLM

@@ -18,7 +18,7 @@ from edge_runtime.sparsity.calibration_files import (
     read_calibration,
     write_calibration,
 )
-from tests.helpers import CORPUS, packed_llama
+from tests.helpers import CORPUS, calibrated_llama
 
 OLD = {"calibration_version": 2, "ppl_dense": 12.5, "predictors": {}}
 NEW = {"calibration_version": 2, "ppl_dense": 13.0, "predictors": {}}
@@ -27,9 +27,7 @@ NEW = {"calibration_version": 2, "ppl_dense": 13.0, "predictors": {}}
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     pytest.importorskip("torch")
-    path = packed_llama(tmp_path_factory.mktemp("calibration-files"), act="relu", seed=62)
-    write_calibration(path, OLD, {"layers.0.q": np.linspace(0.1, 0.9, 160, dtype=np.float32)})
-    return path
+    return calibrated_llama(tmp_path_factory.mktemp("calibration-files"), OLD, seed=62)
 
 
 @pytest.fixture()

@@ -8,13 +8,12 @@ import json
 import shutil
 import socket
 
-import numpy as np
 import pytest
 import yaml
 
 from edge_runtime.cli import main
-from edge_runtime.sparsity.calibration_files import CALIBRATION_FILE, THRESHOLDS_FILE, write_calibration
-from tests.helpers import packed_llama
+from edge_runtime.sparsity.calibration_files import CALIBRATION_FILE, THRESHOLDS_FILE
+from tests.helpers import calibrated_llama
 
 # a calibration the runtime reads (no predictor sections: nothing for the policy to select)
 CALIB = {"calibration_version": 2, "ppl_dense": 12.5, "predictors": {}}
@@ -23,9 +22,7 @@ CALIB = {"calibration_version": 2, "ppl_dense": 12.5, "predictors": {}}
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     pytest.importorskip("torch")
-    path = packed_llama(tmp_path_factory.mktemp("integrity"), act="relu", seed=61)
-    write_calibration(path, CALIB, {"layers.0.q": np.linspace(0.1, 0.9, 160, dtype=np.float32)})
-    return path
+    return calibrated_llama(tmp_path_factory.mktemp("integrity"), CALIB, seed=61)
 
 
 def digest(path) -> str:

@@ -9,13 +9,12 @@ sampled id; FFN statistics stay in the state until someone asks for them (`stats
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.model.sampling import SamplingParams
+from edge_runtime.model.sampling import SamplingParams, finite
 from edge_runtime.sparsity.predictor import Rule
 from edge_runtime.sparsity.stats import FFNStats
 from edge_runtime.sparsity.wina import check_criterion
@@ -56,9 +55,8 @@ class Decoder:
         # alpha scales the sign vote: 0, negative or NaN would predict nonsense silently
         for r in () if setting is None else setting:
             alpha = r.alpha if isinstance(r, Rule) else r
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) \
-                    or not math.isfinite(alpha) or alpha <= 0:
-                raise EdgeRuntimeError(f"a SparseInfer alpha must be a finite number > 0, got {alpha!r}")
+            if finite("a SparseInfer alpha", alpha) <= 0:
+                raise EdgeRuntimeError(f"a SparseInfer alpha must be > 0, got {alpha!r}")
         self.rules = None if setting is None else [
             r if isinstance(r, Rule) else Rule("sparseinfer", alpha=float(r), knob=float(r)) for r in setting]
         self.measure_recall = measure_recall
@@ -163,8 +161,8 @@ class Decoder:
             raise EdgeRuntimeError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
 
     def _external(self, ids: Sequence[int]):
-        """The prompt through the external engine at position 0; its K/V written into the backend's cache."""
-        self._check_ids(ids)
+        """The prompt through the external engine at position 0 (ids checked by start, its only caller); its K/V
+        written into the backend's cache."""
         if len(ids) > self.max_context:
             raise EdgeRuntimeError(f"context full: {len(ids)} tokens exceed the context of {self.max_context}")
         last, kv = self.external_prefill.run(list(ids))
