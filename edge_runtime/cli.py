@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4 group along K")
     p.add_argument("--default-alpha", type=argtypes.alpha, default=None,
                    help="the alpha this model decodes with unless told otherwise (stored in the manifest)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing packed model at OUT_DIR (never the input or a folder of other files)")
     p.add_argument("--weight-sparsity", type=argtypes.float_range(0.0, 1.0, high_open=True), default=0.0,
                    help="prune this fraction of every attention and FFN row; stored compressed (fp16/int8)")
     p.add_argument("--prune", default="magnitude", choices=("magnitude", "wanda"))

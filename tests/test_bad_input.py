@@ -171,6 +171,32 @@ def test_convert_refuses_to_clobber(capsys, packed, tmp_path):
     assert (out / "keep.txt").read_text() == "precious"
 
 
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_convert_overwrite_never_deletes_its_input(capsys, packed, tmp_path, where):
+    hf = copy_model(packed / "hf", tmp_path / "models" / "hf")
+    (tmp_path / "models" / "other-robot-model.bin").write_bytes(b"precious")
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    out = hf if where == "same" else tmp_path / "models"
+    code, _, err = run_cli(capsys, "convert", str(hf), str(out), "--overwrite")
+    assert_one_line_error(code, err, "is or contains the input")
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+    assert (tmp_path / "models" / "other-robot-model.bin").read_bytes() == b"precious"
+
+
+def test_convert_overwrite_replaces_only_a_packed_model(capsys, packed, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = run_cli(capsys, "convert", str(packed / "hf"), str(out), "--overwrite")
+    assert_one_line_error(code, err, "only replaces a packed model")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    old = copy_model(packed / "packed", tmp_path / "old")
+    (old / "stale.txt").write_text("from the old pack")
+    code, _, err = run_cli(capsys, "convert", str(packed / "hf"), str(old), "--overwrite")
+    assert code == 0, err
+    assert not (old / "stale.txt").exists() and (old / "manifest.yaml").is_file()
+
+
 def test_prompt_longer_than_context(capsys, packed):
     code, _, err = run_cli(capsys, "generate", "--model", str(packed / "packed"), "--prompt", "the lazy dog " * 80,
                            "--max-context", "64")

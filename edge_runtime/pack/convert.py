@@ -154,7 +154,7 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
         raise ModelFormatError(f"checkpoint in {hf_dir} lacks {len(missing)} tensor(s) the {cfg.arch} "
                                f"architecture needs, first {missing[0]}")
     norms = input_norms if (weight_sparsity and prune == "wanda") else None
-    with atomic_directory(out_dir, overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite, sources=(hf_dir,)) as tmp:
         tensors: dict[str, dict] = {}
         files: dict[str, dict] = {}
         by_file: dict[str, dict[str, np.ndarray]] = {}

@@ -209,12 +209,29 @@ def record_files(model_dir: Path, names: list[str]) -> str:
     return load_manifest(model_dir)[1]
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces out_dir, on failure it is removed."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+def check_replaceable(out_dir: Path, overwrite: bool, sources: tuple[Path, ...] = ()) -> None:
+    """Refuse an output that would destroy what it is made from (out_dir is, or holds, a source) or what is
+    not ours to delete: overwrite replaces an empty directory or a packed model, never a folder of other files."""
+    out = out_dir.resolve()
+    for src in sources:
+        if out == Path(src).resolve() or out in Path(src).resolve().parents:
+            raise ModelFormatError(f"the output {out_dir} is or contains the input {src}: choose another output "
+                                   "directory")
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    if not overwrite:
         raise ModelFormatError(f"{out_dir} already exists and is not empty (pass --overwrite to replace it)")
+    if not (out_dir / MANIFEST).is_file():
+        raise ModelFormatError(f"{out_dir} is not a packed model (no {MANIFEST}), and --overwrite only replaces "
+                               "a packed model: choose another output directory")
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: Path, overwrite: bool = False, sources: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces out_dir, on failure it is removed.
+    sources: what the contents are made from (check_replaceable)."""
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, overwrite, sources)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
