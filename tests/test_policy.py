@@ -138,20 +138,24 @@ def test_quality_budget_uses_measured_points(calibrated):
     assert tighter.ffn_bytes_fraction >= sel.ffn_bytes_fraction
 
 
+def _target_between_25w_and_15w(path, calib, prof):
+    """A latency target between the two modes' times at the most conservative setting: 25W meets it as is,
+    15W needs more sparsity."""
+    from edge_runtime.devices.sizes import decode_bytes_per_token
+
+    probe = edge_runtime.load(path, profile=None, backend="cpu")
+    cfg, kv = probe.config, min(DEFAULT_KV_TOKENS, probe.decoder.max_context)  # the runtime plans with this KV length
+    path0 = calib["predictors"]["sparseinfer"]["path"][0]
+    bytes0 = decode_bytes_per_token(cfg, "int8", path0["ffn_bytes_fraction"], kv)
+    return (projected_ms(prof, "25W", cfg, bytes0) + projected_ms(prof, "15W", cfg, bytes0)) / 2
+
+
 def test_live_power_mode_change_between_tokens(calibrated, tmp_path):
     """A fake nvpmodel status file flips from 25W to 15W mid-session: the watcher re-selects, the next
     tokens decode with the new alphas, and nothing is reloaded."""
     path, calib = calibrated
     prof = load_profile("jetson-orin-nano-8gb-super")
-    probe = edge_runtime.load(path, profile=None, backend="cpu")
-    cfg, kv = probe.config, min(DEFAULT_KV_TOKENS, probe.decoder.max_context)  # the runtime plans with this KV length
-    from edge_runtime.devices.sizes import decode_bytes_per_token
-
-    # a target between the two modes' times at the most conservative setting: 25W meets it as is,
-    # 15W needs more sparsity
-    path0 = calib["predictors"]["sparseinfer"]["path"][0]
-    bytes0 = decode_bytes_per_token(cfg, "int8", path0["ffn_bytes_fraction"], kv)
-    target = (projected_ms(prof, "25W", cfg, bytes0) + projected_ms(prof, "15W", cfg, bytes0)) / 2
+    target = _target_between_25w_and_15w(path, calib, prof)
     rt = edge_runtime.load(path, profile=str(load_profile_path("jetson-orin-nano-8gb-super")), backend="cpu",
                            power_mode="25W", objective=Objective(latency_ms=target), predictor="sparseinfer")
     before = list(rt.selection.knobs)
@@ -169,6 +173,44 @@ def test_live_power_mode_change_between_tokens(calibrated, tmp_path):
     after = rt.selection.knobs
     assert all(a <= b for a, b in zip(after, before, strict=True)) and after != before
     assert rt.decoder.alphas == after and rt.backend is backend
+    rt.close()
+
+
+def test_unknown_power_mode_keeps_watching(calibrated):
+    """A custom nvpmodel mode the profile lacks is warned about and leaves the selection alone; the watcher
+    lives on and re-selects when the board returns to a known mode (it used to die on the first unknown one)."""
+    from edge_runtime.devices.power import PowerModeWarning
+
+    path, calib = calibrated
+    target = _target_between_25w_and_15w(path, calib, load_profile("jetson-orin-nano-8gb-super"))
+    rt = edge_runtime.load(path, profile=str(load_profile_path("jetson-orin-nano-8gb-super")), backend="cpu",
+                           power_mode="25W", objective=Objective(latency_ms=target), predictor="sparseinfer",
+                           warm_up=False)
+    knobs_25w = list(rt.selection.knobs)
+    board = {"mode": "25W"}
+    rt.watch_power_mode(lambda: board["mode"], interval_s=0.02)
+
+    def wait_for(mode):
+        deadline = time.time() + 5
+        while rt.power_mode != mode:
+            assert time.time() < deadline
+            time.sleep(0.01)
+
+    board["mode"] = "15W"
+    wait_for("15W")
+    knobs_15w = list(rt.selection.knobs)
+    assert knobs_15w != knobs_25w
+    with pytest.warns(PowerModeWarning, match="MODE_CUSTOM"):
+        board["mode"] = "MODE_CUSTOM"
+        deadline = time.time() + 5
+        while rt._watcher.current != "MODE_CUSTOM":
+            assert time.time() < deadline
+            time.sleep(0.01)
+        time.sleep(0.1)
+    assert rt.power_mode == "15W" and list(rt.selection.knobs) == knobs_15w
+    board["mode"] = "25W"
+    wait_for("25W")
+    assert list(rt.selection.knobs) == knobs_25w and rt._watcher._thread.is_alive()
     rt.close()
 
 

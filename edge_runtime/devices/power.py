@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
+
+
+class PowerModeWarning(UserWarning):
+    """A power-mode change the runtime could not act on (a custom nvpmodel mode the profile lacks): the previous
+    selection stays in place and watching goes on."""
 
 
 class PowerModeWatcher:
     """Polls `read_mode()` every `interval_s`; calls `on_change(new_mode)` when the value changes.
-    Paired start/stop; a reader that raises is treated as "unknown" (None) for that poll."""
+    Paired start/stop; a reader that raises is treated as "unknown" (None) for that poll, and a callback that
+    raises is reported as a PowerModeWarning: the thread must outlive a mode it cannot act on, to act on the next."""
 
     def __init__(self, read_mode: Callable[[], str | None], on_change: Callable[[str | None], None],
                  interval_s: float = 1.0):
@@ -34,7 +41,11 @@ class PowerModeWatcher:
             mode = self._read()
             if mode is not None and mode != self.current:
                 self.current = mode
-                self.on_change(mode)
+                try:
+                    self.on_change(mode)
+                except Exception as e:  # whatever it was, the next change must still be seen
+                    warnings.warn(f"power mode {mode!r} not applied ({e}); the previous selection stays",
+                                  PowerModeWarning, stacklevel=1)
 
     def stop(self) -> None:
         self._stop.set()
