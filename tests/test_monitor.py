@@ -63,6 +63,20 @@ def test_unparseable_lines_are_counted_and_skipped():
         parse_line("CPU [1%@729]")
 
 
+def test_impossible_dates_and_overlong_numbers_are_unparseable_lines():
+    """A cut-and-merged or corrupted line is counted and skipped: it used to raise ValueError (strptime) or reach
+    the plots as inf (400 digits) or exceed int()'s digit limit (5,000)."""
+    lines = [NANO.replace("05-07-2026", "02-30-2026"), NANO.replace("6673mW/", "9" * 400 + "mW/"),
+             NANO.replace("RAM 2272/", "RAM " + "9" * 5000 + "/"), NANO.replace("tj@56.656C", "tj@" + "9" * 400 + "C")]
+    samples, bad = parse_log([NANO, *lines, AGX])
+    assert len(samples) == 2 and bad == len(lines)
+
+
+def test_sensor_that_is_off_is_not_a_temperature():
+    s = parse_line(AGX.replace("tj@48.75C", "CV0@-256C CV1@-256C tj@48.75C"))
+    assert "CV0" not in s.temps_c and "CV1" not in s.temps_c and s.temps_c["tj"] == 48.75
+
+
 def fake_ina3221(root, rails):
     """rails: {label: (mV, mA)} on one INA3221 at i2c address 1-0040, plus an NC and a sum channel."""
     dev = root / "sys/bus/i2c/devices/1-0040"
@@ -144,7 +158,8 @@ def test_recorder_is_bounded():
 
 def test_report_from_tegrastats(tmp_path, capsys):
     log = tmp_path / "tegra.log"
-    log.write_text("\n".join([AGX, "not a tegrastats line", AGX.replace("3192mW/", "4192mW/"), NX_TWO_GPC]) + "\n")
+    log.write_text("\n".join([AGX, "not a tegrastats line", AGX.replace("3192mW/", "4192mW/"),
+                              "01-30-2026 18:09:57 " + NX_TWO_GPC]) + "\n")
     assert main(["report", "--tegrastats", str(log), "--out", str(tmp_path / "r"), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["unparseable_lines"] == 1 and s["samples"] == 3
@@ -152,6 +167,37 @@ def test_report_from_tegrastats(tmp_path, capsys):
     assert s["ram_used_mb_peak"] == 14384 and s["temps_c_peak"]["tj"] == 52.0
     assert s["gpu_load_pct_mean"] == pytest.approx(87 / 3)
     assert (tmp_path / "r" / "power.png").stat().st_size > 1000
+
+
+def test_report_skips_an_untimed_line_in_a_timed_log(tmp_path, capsys):
+    """tegrastats killed mid-line and restarted into the same --logfile leaves a line whose timestamp is merged
+    with the next one's: it has no time of its own, and an index time beside epoch times stretched the plot."""
+    base = NANO[len("05-07-2026 21:21:53 "):]
+    lines = [f"05-07-2026 21:21:{s:02d} {base}" for s in range(4)]
+    lines.append("05-07-2026 21:21:0" + f"05-07-2026 21:21:10 {base}")
+    lines += [f"05-07-2026 21:21:{s} {base}" for s in (11, 12)]
+    log = tmp_path / "merged.log"
+    log.write_text("\n".join(lines) + "\n")
+    assert main(["report", "--tegrastats", str(log), "--out", str(tmp_path / "r"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["samples"] == 6 and s["unparseable_lines"] == 1
+    from edge_runtime.monitor.report import load_tegrastats
+
+    records, _ = load_tegrastats(log)
+    assert max(r["t"] for r in records) - min(r["t"] for r in records) == 12
+
+
+def test_report_refuses_readings_too_large_to_plot(tmp_path, capsys):
+    """1e308 is finite JSON but overflows matplotlib's axis and the summary's sums: such lines are unusable,
+    not a traceback after an empty output directory was made."""
+    rows = [{"t": float(i), "power_mw": 1e308} for i in range(5)] + [{"t": 1e308, "power_mw": 5000.0}]
+    good = [{"t": 10.0 + i, "power_mw": 5000.0 + i} for i in range(3)]
+    log = tmp_path / "p.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows + good) + "\n")
+    assert main(["report", str(log), "--out", str(tmp_path / "r"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["samples"] == 3 and s["unparseable_lines"] == len(rows)
+    assert json.loads((tmp_path / "r" / "summary.json").read_text(), parse_constant=pytest.fail)["samples"] == 3
 
 
 def test_report_skips_jsonl_lines_it_cannot_use(tmp_path, capsys):

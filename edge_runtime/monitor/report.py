@@ -16,10 +16,11 @@ from edge_runtime.monitor.tegrastats import parse_log
 
 NUMBERS = ("power_mw", "ram_used_mb", "ram_total_mb", "cpu_load_pct", "gpu_load_pct", "gpu_mhz")  # or null
 PER_NAME = ("rails_mw", "temps_c")  # {name: number} or null
+MAX_MAGNITUDE = 1e12  # past any reading or epoch time; 1e308 is finite but overflows the plots' axes and the sums
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= MAX_MAGNITUDE
 
 
 def _sample(rec) -> bool:
@@ -56,15 +57,22 @@ def load_jsonl(path: Path) -> tuple[list[dict], list[float], int]:
 
 
 def load_tegrastats(path: Path, interval_s: float = 1.0) -> tuple[list[dict], int]:
+    """(samples, unusable lines). Times are the lines' timestamps, or, in a log without any, tegrastats' interval.
+    In a log with timestamps a line without one (cut off and merged with the next when tegrastats restarted
+    into the same --logfile) is unusable: index time next to epoch time would stretch the plots over 55 years."""
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError as e:
         raise EdgeRuntimeError(f"cannot read {path}: {e.strerror}") from None
     samples, bad = parse_log(lines)
+    timed = [s for s in samples if s.timestamp is not None]
+    if timed:
+        bad += len(samples) - len(timed)
+        samples = timed
     records = []
     for i, s in enumerate(samples):
         rec = s.to_record()
-        rec["t"] = rec["ts"] if rec["ts"] is not None else i * interval_s  # no timestamps: tegrastats' interval
+        rec["t"] = rec["ts"] if rec["ts"] is not None else i * interval_s
         records.append(rec)
     return records, bad
 

@@ -5,7 +5,9 @@
   RAIL currentmW/averagemW ...
 The average is cumulative since tegrastats started, so only the current value is used. Orin Nano and
 NX report VDD_IN (the module input) as the total; AGX Orin has no VDD_IN, so the total is the sum of
-its rails. A line that cannot be parsed raises TegrastatsParseError; readers count and skip those.
+its rails. A sensor that is off reads -256C (AGX Orin's CV0..CV2 when the DLAs sleep) and is left out. A line
+that cannot be parsed raises TegrastatsParseError (an impossible date, a number longer than any reading: a line
+cut and merged with the next when tegrastats restarts into the same log); readers count and skip those.
 """
 
 from __future__ import annotations
@@ -24,8 +26,24 @@ _TEMP = re.compile(r"\b([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b")
 _RAIL = re.compile(r"\b([A-Z][A-Z0-9_]+) (\d+)mW/(\d+)mW")
 
 
+_MAX_DIGITS = 7  # 9,999,999: more than any MB, MHz, mW or % reading; 400 digits would reach the plots as inf
+_SENSOR_OFF_C = -256.0
+
+
 class TegrastatsParseError(ValueError):
     pass
+
+
+def _int(text: str) -> int:
+    if len(text) > _MAX_DIGITS:
+        raise TegrastatsParseError(f"implausible reading {text[:12]}... ({len(text)} digits)")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    """A reading such as 48.5 or -256, its integer part bounded as _int's."""
+    _int(text.lstrip("-").split(".")[0])
+    return float(text)
 
 
 @dataclass
@@ -65,7 +83,10 @@ def parse_line(line: str) -> TegrastatsSample:
     ts = None
     m = _TS.match(text)
     if m:
-        ts = datetime.datetime.strptime(m.group(1), "%m-%d-%Y %H:%M:%S")
+        try:
+            ts = datetime.datetime.strptime(m.group(1), "%m-%d-%Y %H:%M:%S")
+        except ValueError:  # 02-30-2025, 25:00:00
+            raise TegrastatsParseError(f"impossible timestamp {m.group(1)!r}") from None
         text = text[m.end():]
     ram = _RAM.search(text)
     if not ram:
@@ -84,21 +105,22 @@ def parse_line(line: str) -> TegrastatsSample:
             cm = re.fullmatch(r"(\d+)%(?:@(\d+))?", core)
             if not cm:
                 raise TegrastatsParseError(f"bad CPU entry {core!r}")
-            loads.append(float(cm.group(1)))
-            mhz.append(int(cm.group(2)) if cm.group(2) else None)
+            loads.append(_float(cm.group(1)))
+            mhz.append(_int(cm.group(2)) if cm.group(2) else None)
     emc = _EMC.search(text)
     gr3d = _GR3D.search(text)
     gpu_mhz: list[int] = []
     if gr3d and gr3d.group(2):
-        gpu_mhz = [int(v) for v in gr3d.group(2).split(",") if v.strip()]
+        gpu_mhz = [_int(v.strip()) for v in gr3d.group(2).split(",") if v.strip()]
     elif gr3d and gr3d.group(3):
-        gpu_mhz = [int(gr3d.group(3))]
-    rails = {name: int(cur) for name, cur, _avg in _RAIL.findall(text)}
-    temps = {name: float(v) for name, v in _TEMP.findall(text) if name not in ("EMC_FREQ", "GR3D_FREQ")}
+        gpu_mhz = [_int(gr3d.group(3))]
+    rails = {name: _int(cur) for name, cur, _avg in _RAIL.findall(text)}
+    temps = {name: _float(v) for name, v in _TEMP.findall(text) if name not in ("EMC_FREQ", "GR3D_FREQ")}
+    temps = {name: v for name, v in temps.items() if v > _SENSOR_OFF_C}
     return TegrastatsSample(
-        timestamp=ts, ram_used_mb=int(ram.group(1)), ram_total_mb=int(ram.group(2)),
-        swap_used_mb=int(swap.group(1)) if swap else None, cpu_load_pct=loads, cpu_mhz=mhz,
-        emc_load_pct=float(emc.group(1)) if emc else None, gpu_load_pct=float(gr3d.group(1)) if gr3d else None,
+        timestamp=ts, ram_used_mb=_int(ram.group(1)), ram_total_mb=_int(ram.group(2)),
+        swap_used_mb=_int(swap.group(1)) if swap else None, cpu_load_pct=loads, cpu_mhz=mhz,
+        emc_load_pct=_float(emc.group(1)) if emc else None, gpu_load_pct=_float(gr3d.group(1)) if gr3d else None,
         gpu_mhz=gpu_mhz, temps_c=temps, rails_mw=rails)
 
 
