@@ -142,6 +142,12 @@ def spread(xs: list[float]) -> dict:
 
 
 def synthetic(args) -> dict:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise SystemExit("bench_cpu.py: error: --synthetic builds its model with transformers and times a PyTorch "
+                         "loop: pip install '.[train]' (--model and --hf need neither)") from None
     workdir = args.workdir or Path(tempfile.gettempdir()) / "edge-runtime-bench"
     hf, packed = build_synthetic(args.synthetic, args.dtype, workdir)
     threads = args.threads or 1

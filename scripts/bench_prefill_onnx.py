@@ -36,8 +36,12 @@ def build_model(work: Path, dtype: str, seed: int) -> Path:
     packed = work / f"packed-{dtype}"
     if (packed / "manifest.yaml").is_file():
         return packed
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    try:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        raise SystemExit("bench_prefill_onnx.py: error: builds its random model with transformers: "
+                         "pip install '.[train]'") from None
 
     from edge_runtime.pack.convert import convert
 

@@ -1,0 +1,27 @@
+"""Benchmark scripts that build a random model need torch and transformers, which a run-time install lacks: without
+them they exit with one line naming the extra, not a ModuleNotFoundError traceback. A torch that fails to import
+is put first on the path to stand for a missing one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("argv", [["scripts/bench_cpu.py", "--synthetic", "110m"],
+                                  ["scripts/bench_prefill_onnx.py", "--rounds", "1"]])
+def test_missing_torch_is_one_line_naming_the_extra(tmp_path, argv):
+    shadow = tmp_path / "shadow" / "torch"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('torch is not installed here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), str(ROOT)])}
+    res = subprocess.run([sys.executable, *argv, "--workdir", str(tmp_path / "work")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "pip install '.[train]'" in res.stderr
