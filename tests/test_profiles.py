@@ -37,6 +37,17 @@ def test_every_profile_loads():
     (lambda d: d["power_modes"][0].update(memory_bandwidth_gbs=float("inf")), "memory_bandwidth_gbs"),
     (lambda d: d["memory"].update(reserve_gb=-1.0), "reserve_gb"),
     (lambda d: d["memory"].update(reserve_gb=100.0), "leaves nothing"),
+    # a misspelt optional field was ignored and its default used: quality_cap 0.2 ran at the +1 % cap
+    (lambda d: d["decode_target"].update(quality_cap=0.2), "did you mean 'quality_cap_pct'"),
+    (lambda d: d["performance"].update(kernel_per_layer=12), "did you mean 'kernels_per_layer'"),
+    (lambda d: d["power_modes"][0].update(gpu_mhz=900), "unknown field 'gpu_mhz'"),
+    (lambda d: d["memory"].update(swap_gb=4), "unknown field 'swap_gb'"),
+    (lambda d: d.update(memory_gb=16), "unknown field 'memory_gb'"),
+    # accepted before and projected negative milliseconds per token
+    (lambda d: d["performance"].update(kernels_per_layer=-100), "kernels_per_layer"),
+    (lambda d: d["power_modes"][0].update(cpu_cores_online=-3), "cpu_cores_online"),
+    (lambda d: d["power_modes"][0].update(emc_max_mhz=-1.0), "emc_max_mhz"),
+    (lambda d: d["power_modes"][0].update(watts=-15.0), "watts"),
 ])
 def test_bad_profile_names_the_field(tmp_path, mutate, field):
     data = yaml.safe_load((load_profile_path("jetson-orin-nano-8gb")).read_text())

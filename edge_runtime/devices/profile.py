@@ -7,6 +7,8 @@ package), then <prefix>/share/edge-runtime/profiles (where a wheel installs them
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -109,8 +111,6 @@ class DeviceProfile:
         return self.memory_total_gb - self.memory.reserve_gb - self.memory.runtime_overhead_gb
 
     def to_dict(self) -> dict[str, Any]:
-        import dataclasses
-
         d = dataclasses.asdict(self)
         d["module_skus"], d["gpu_names"] = list(self.module_skus), list(self.gpu_names)
         d["power_modes"] = [dataclasses.asdict(m) for m in self.power_modes]
@@ -133,10 +133,26 @@ def _get(d: dict, key: str, types: type | tuple, where: str, optional: bool = Fa
     return value
 
 
+def _known_fields(d: dict, cls: type, where: str, extra: tuple[str, ...] = ()) -> dict:
+    """Refuse a key the dataclass does not have: a misspelt optional field (quality_cap for quality_cap_pct)
+    would otherwise be ignored and its default used without a word."""
+    known = [f.name for f in dataclasses.fields(cls)] + list(extra)
+    for key in d:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known)}"
+            raise ProfileError(f"{where}: unknown field {key!r}{hint}")
+    return d
+
+
 def _positive(value: float, where: str, key: str) -> float:
     if value <= 0:
         raise ProfileError(f"{where}: field '{key}' must be > 0, got {value}")
     return value
+
+
+def _optional_positive(value: float | None, where: str, key: str) -> float | None:
+    return None if value is None else _positive(value, where, key)
 
 
 def _not_negative(value: float, where: str, key: str) -> float:
@@ -149,6 +165,7 @@ def parse_profile(data: Any, source: str) -> DeviceProfile:
     if not isinstance(data, dict):
         raise ProfileError(f"{source}: a profile is a YAML mapping")
     w = source
+    _known_fields(data, DeviceProfile, w, extra=("measurements",))  # measurements: generate_profile.py's record
     kind = _get(data, "kind", str, w)
     if kind not in KINDS:
         raise ProfileError(f"{w}: field 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -160,13 +177,14 @@ def parse_profile(data: Any, source: str) -> DeviceProfile:
         mw = f"{w}: power_modes[{i}]"
         if not isinstance(m, dict):
             raise ProfileError(f"{mw} must be a mapping")
+        _known_fields(m, PowerMode, mw)
         modes.append(PowerMode(
-            id=_get(m, "id", int, mw), name=_get(m, "name", str, mw),
-            watts=_get(m, "watts", float, mw, optional=True),
+            id=_not_negative(_get(m, "id", int, mw), mw, "id"), name=_get(m, "name", str, mw),
+            watts=_optional_positive(_get(m, "watts", float, mw, optional=True), mw, "watts"),
             gpu_max_mhz=_positive(_get(m, "gpu_max_mhz", float, mw), mw, "gpu_max_mhz"),
-            cpu_cores_online=_get(m, "cpu_cores_online", int, mw),
+            cpu_cores_online=_positive(_get(m, "cpu_cores_online", int, mw), mw, "cpu_cores_online"),
             cpu_max_mhz=_positive(_get(m, "cpu_max_mhz", float, mw), mw, "cpu_max_mhz"),
-            emc_max_mhz=_get(m, "emc_max_mhz", float, mw),
+            emc_max_mhz=_not_negative(_get(m, "emc_max_mhz", float, mw), mw, "emc_max_mhz"),  # 0: the SKU's top
             memory_bandwidth_gbs=_positive(_get(m, "memory_bandwidth_gbs", float, mw), mw, "memory_bandwidth_gbs"),
         ))
     names = [m.name.upper() for m in modes]
@@ -174,15 +192,19 @@ def parse_profile(data: Any, source: str) -> DeviceProfile:
         raise ProfileError(f"{w}: power mode names repeat")
     perf_raw = _get(data, "performance", dict, w)
     pw = f"{w}: performance"
+    _known_fields(perf_raw, Performance, pw)
     eff = _get(perf_raw, "bandwidth_efficiency", float, pw)
     if not 0 < eff <= 1:
         raise ProfileError(f"{pw}: field 'bandwidth_efficiency' must be in (0, 1], got {eff}")
     perf = Performance(eff, _not_negative(_get(perf_raw, "launch_overhead_us", float, pw), pw, "launch_overhead_us"),
-                       _get(perf_raw, "kernels_per_layer", int, pw, optional=True, default=8),
+                       _positive(_get(perf_raw, "kernels_per_layer", int, pw, optional=True, default=8), pw,
+                                 "kernels_per_layer"),
                        _get(perf_raw, "measured", bool, pw, optional=True, default=False),
-                       _get(perf_raw, "saturating_gpu_mhz", float, pw, optional=True, default=0.0))
+                       _not_negative(_get(perf_raw, "saturating_gpu_mhz", float, pw, optional=True, default=0.0), pw,
+                                     "saturating_gpu_mhz"))
     mem_raw = _get(data, "memory", dict, w)
     mwhere = f"{w}: memory"
+    _known_fields(mem_raw, MemoryPolicy, mwhere)
     reserve, overhead = (_not_negative(_get(mem_raw, key, float, mwhere), mwhere, key)
                          for key in ("reserve_gb", "runtime_overhead_gb"))
     mem = MemoryPolicy(reserve, overhead, _get(mem_raw, "shared_with_cpu", bool, mwhere, optional=True, default=True))
@@ -204,6 +226,7 @@ def parse_profile(data: Any, source: str) -> DeviceProfile:
 
 def _decode_target(raw: dict, where: str) -> DecodeTarget:
     """Optional in the YAML (profiles written before it hold the top mode's speed within +1 %)."""
+    _known_fields(raw, DecodeTarget, where)
     tps = _get(raw, "tokens_per_s", float, where, optional=True)
     hold = _get(raw, "hold_top_mode", bool, where, optional=True, default=tps is None)
     if hold == (tps is not None):
