@@ -7,7 +7,10 @@ Measures: a large copy's bandwidth (bytes read + written), GEMV bandwidth by mat
 launch (one numpy call on the CPU; one kernel launch on a GPU), the sparse FFN block's time against
 density, and power where a sampler can read it (INA3221 on Jetson, NVML on desktop GPUs). With --base,
 identity, power modes and memory policy come from that profile and the measured bandwidth becomes the
-current mode's figure; otherwise a one-mode profile of this machine is written.
+current mode's figure; otherwise a one-mode profile of this machine is written. --base must be the board this
+runs on (detected), in the mode named (read from nvpmodel when --power-mode is left out), measured on the
+backend that profile decodes with: a VM's CPU figures written as a measured Jetson profile would mislead
+every projection made from it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import yaml
 from edge_runtime.atomic_write import atomic_write_text
 from edge_runtime.backends import create_backend, require_cuda, resolve_backend
 from edge_runtime.bench import copies_past_l2, cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes, rotated
+from edge_runtime.devices.detect import detect
 from edge_runtime.devices.profile import load_profile, parse_profile
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.errors import EdgeRuntimeError
@@ -164,6 +168,22 @@ def base_mode(name: str, mode: str | None) -> tuple[dict, dict]:
                            f"{', '.join(pm['name'] for pm in data['power_modes'])}")
 
 
+def check_base_is_here(base: str, power_mode: str | None, backend: str) -> str | None:
+    """The power mode to measure in, after checking that this machine is the --base board, in that mode, measured
+    on the backend the profile decodes with (its GPU unless it is a cpu profile)."""
+    found = detect()
+    if found.profile != base:
+        raise EdgeRuntimeError(f"this machine is detected as {found.profile} ({found.source}), not {base}: --base "
+                               "takes identity and power modes from the board it is measured on (leave --base out "
+                               "to profile this machine as it is)")
+    if power_mode and found.power_mode and power_mode.upper() != found.power_mode.upper():
+        raise EdgeRuntimeError(f"the board is in power mode {found.power_mode}, not {power_mode}: switch with "
+                               f"nvpmodel first, or name {found.power_mode}")
+    if load_profile(base).kind != "cpu" and resolve_backend(backend) != "cuda":
+        raise EdgeRuntimeError(f"{base} decodes on its GPU: measure with --backend cuda (needs CuPy on the board)")
+    return power_mode or found.power_mode
+
+
 def this_machine(name: str, cp, copy_bw: float, best_gemv: float) -> dict:
     """A one-mode profile of this machine (cp: CuPy where the GPU was measured, else None)."""
     data = {"name": name, "description": f"measured by generate_profile.py on {os.uname().nodename}",
@@ -187,7 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--base", default=None, help="profile to take identity and power modes from")
     ap.add_argument("--power-mode", default=None, help="the mode the board is in now (with --base)")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, measures nothing real")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes, and --base taken without checking this is that board: checks the script, "
+                         "measures nothing real")
     args = ap.parse_args(argv)
     try:
         write_profile(args)
@@ -197,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_profile(args) -> None:
     base = base_mode(args.base, args.power_mode) if args.base else None  # bad names fail before measuring
+    if base is not None and not args.smoke:
+        base = base_mode(args.base, check_base_is_here(args.base, args.power_mode, args.backend))
     if not args.out.parent.is_dir():
         raise EdgeRuntimeError(f"{args.out.parent} is not a directory")
     cp = require_cuda("--backend cuda", "use --backend cpu") if resolve_backend(args.backend) == "cuda" else None

@@ -48,6 +48,33 @@ def test_base_profile_keeps_its_modes_and_takes_the_measured_efficiency(tmp_path
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--base", "jetson-orin-nano-8gb", "--backend", "cpu"], "this machine is detected as cpu-generic"),
+    (["--base", "jetson-orin-nano-8gb", "--power-mode", "7W", "--backend", "cuda"], "the board is in power mode 15W"),
+    (["--base", "jetson-orin-nano-8gb", "--backend", "cpu"], "measure with --backend cuda"),
+])
+def test_base_is_refused_unless_measured_on_that_board_mode_and_backend(tmp_path, monkeypatch, argv, message):
+    """This VM's CPU figures were written as a measured Orin Nano profile (measured: true) without a word."""
+    from edge_runtime.devices.detect import Detection
+
+    if "cpu-generic" not in message:
+        monkeypatch.setattr(gen, "detect", lambda: Detection("jetson-orin-nano-8gb", "15W", "device tree", {}))
+    else:
+        monkeypatch.setattr(gen, "detect", lambda: Detection("cpu-generic", None, "no Jetson device tree", {}))
+    out = tmp_path / "nano.yaml"
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--name", "my-nano", "--out", str(out), *argv])
+    assert message in str(e.value) and not out.exists()
+
+
+def test_base_mode_defaults_to_the_one_the_board_is_in(monkeypatch):
+    from edge_runtime.devices.detect import Detection
+
+    monkeypatch.setattr(gen, "detect", lambda: Detection("jetson-orin-nano-8gb", "7W", "device tree", {}))
+    assert gen.check_base_is_here("jetson-orin-nano-8gb", None, "cuda") == "7W"
+    assert gen.check_base_is_here("jetson-orin-nano-8gb", "7w", "cuda") == "7w"
+
+
+@pytest.mark.parametrize("argv, message", [
     (["--base", "no-such-board"], "no device profile 'no-such-board'"),
     (["--base", "jetson-orin-nano-8gb", "--power-mode", "99W"], "has no power mode '99W'"),
     pytest.param(["--backend", "cuda"], "needs CuPy and a CUDA GPU",
