@@ -251,3 +251,25 @@ def test_monitor_wraps_a_generation(tmp_path, capsys):
     assert main(["report", str(jsonl), "--out", str(tmp_path / "rep"), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["tokens"] == 40 and "tokens.png" in rep["plots"]
+
+
+def _token_files():
+    import glob
+    import tempfile
+
+    return set(glob.glob(f"{tempfile.gettempdir()}/edge-runtime-tokens-*"))
+
+
+def test_monitor_reports_a_killed_command_as_a_shell_does(capsys):
+    before = _token_files()
+    code = main(["monitor", "--interval", "20", "--", sys.executable, "-c", "import os, signal; os.kill(os.getpid(), "
+                 "signal.SIGKILL)"])
+    assert code == 128 + 9  # was 247: sys.exit(-9)
+    assert _token_files() == before
+
+
+def test_monitor_setup_failure_leaves_no_token_file(capsys):
+    before = _token_files()
+    assert main(["monitor", "--duration", "1", "--", "no-such-command-edge-runtime"]) == 2
+    assert "no-such-command-edge-runtime" in capsys.readouterr().err
+    assert _token_files() == before

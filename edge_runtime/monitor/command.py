@@ -64,45 +64,53 @@ def _read_tokens(path: Path, offset: int, recorder: Recorder, jsonl) -> int:
     return offset + len(complete)
 
 
+def _exit_status(returncode: int) -> int:
+    """Popen's -N for a child killed by signal N is 128 + N in a shell's terms (sys.exit(-9) would be 247)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int | None, duration_s: float | None,
                 command: list[str]) -> int:
+    """Sample until the wrapped command ends (its exit status is returned, 128 + N for a command killed by signal
+    N, as a shell reports it), the duration passes or Ctrl-C. Whatever fails in setup (a command that does not
+    exist, a busy port) still stops the sampler and removes the token file."""
     recorder = Recorder(default_samplers(), interval_s=interval_ms / 1000.0, power_mode=_power_mode,
                         jsonl_path=jsonl_path).start()
     fd, name = tempfile.mkstemp(prefix="edge-runtime-tokens-")
     os.close(fd)
     token_file = Path(name)
-    tokens_jsonl = open(jsonl_path, "a") if jsonl_path else None  # noqa: SIM115 (closed below)
-    if prometheus_port is not None:
-        from prometheus_client import start_http_server
-
-        from edge_runtime.monitor.prometheus import registry_for
-
-        start_http_server(prometheus_port, addr="127.0.0.1", registry=registry_for(recorder))
-    proc = None
-    if command:
-        proc = subprocess.Popen(command, env={**os.environ, TOKEN_LOG_ENV: str(token_file)})
-    live = None
-    if sys.stdout.isatty():
-        from rich.live import Live
-
-        live = Live(_table({}, {}), refresh_per_second=4)
-        live.start()
+    tokens_jsonl = live = proc = None
     offset, t_end, code = 0, (time.monotonic() + duration_s) if duration_s else None, 0
     try:
-        while True:
-            time.sleep(min(0.25, interval_ms / 1000.0))
-            offset = _read_tokens(token_file, offset, recorder, tokens_jsonl)
-            if live is not None:
-                live.update(_table(recorder.latest(), live_rates(recorder)))
-            if proc is not None and proc.poll() is not None:
-                code = proc.returncode
-                break
-            if t_end is not None and time.monotonic() >= t_end:
-                break
-    except KeyboardInterrupt:
-        if proc is not None:
-            proc.terminate()
-            code = proc.wait()
+        tokens_jsonl = open(jsonl_path, "a") if jsonl_path else None  # noqa: SIM115 (closed below)
+        if prometheus_port is not None:
+            from prometheus_client import start_http_server
+
+            from edge_runtime.monitor.prometheus import registry_for
+
+            start_http_server(prometheus_port, addr="127.0.0.1", registry=registry_for(recorder))
+        if command:
+            proc = subprocess.Popen(command, env={**os.environ, TOKEN_LOG_ENV: str(token_file)})
+        if sys.stdout.isatty():
+            from rich.live import Live
+
+            live = Live(_table({}, {}), refresh_per_second=4)
+            live.start()
+        try:
+            while True:
+                time.sleep(min(0.25, interval_ms / 1000.0))
+                offset = _read_tokens(token_file, offset, recorder, tokens_jsonl)
+                if live is not None:
+                    live.update(_table(recorder.latest(), live_rates(recorder)))
+                if proc is not None and proc.poll() is not None:
+                    code = _exit_status(proc.returncode)
+                    break
+                if t_end is not None and time.monotonic() >= t_end:
+                    break
+        except KeyboardInterrupt:
+            if proc is not None:
+                proc.terminate()
+                code = _exit_status(proc.wait())
     finally:
         if live is not None:
             live.stop()
