@@ -522,11 +522,17 @@ def cmd_calibrate(args) -> int:
     from edge_runtime.paths import resolve_model
     from edge_runtime.runtime import load
     from edge_runtime.sparsity.calibrate import ATTN_LEVELS, calibrate
-    from edge_runtime.sparsity.calibration_files import SET_ASIDE, set_aside_broken_calibration, write_calibration
+    from edge_runtime.sparsity.calibration_files import (
+        SET_ASIDE,
+        check_writable,
+        set_aside_broken_calibration,
+        write_calibration,
+    )
 
     path = Path(args.text)
     text = _read_text(path)
     model_dir = resolve_model(args.model)
+    check_writable(model_dir)  # before the minutes calibrating takes, not after
     for name in set_aside_broken_calibration(model_dir):
         print(f"edge-runtime: note: {model_dir / name} did not match the manifest (an interrupted calibrate, or an "
               f"edited file); moved to {name}{SET_ASIDE}, this run writes a new calibration", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,26 @@ def test_calibrate_refuses_what_would_fit_noise(model, tmp_path, capsys, text, e
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
     assert {n: (model / n).read_bytes() for n in before} == before
+
+
+def test_calibrate_into_a_read_only_model_fails_before_calibrating(model, tmp_path, capsys, monkeypatch):
+    """It ran the whole calibration (minutes with attention levels) and only then said it could not write. The
+    read-only directory is simulated (root, which runs the tests here, writes through chmod 0555)."""
+    import tempfile
+
+    from edge_runtime.sparsity import calibrate as calibrate_module
+
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kw):
+        if dir is not None and Path(dir) == model:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(calibration_files.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(calibrate_module, "calibrate", lambda *a, **k: pytest.fail("calibrated before checking"))
+    text = tmp_path / "calib.txt"
+    text.write_text(CORPUS * 3)
+    assert main(["calibrate", "--model", str(model), "--text", str(text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write calibration.yaml" in err and "Permission denied" in err

@@ -9,6 +9,7 @@ before it loads the model, and writes a new one."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,18 @@ def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)  # only those not swapped in: an error or Ctrl-C before the swap
     return model_dir / CALIBRATION_FILE
+
+
+def check_writable(model_dir: Path) -> None:
+    """Before minutes of calibration: can a file be made in model_dir (a read-only mount, another user's
+    install)? Tried by making one, which also answers for root and for ACLs, where os.access would not."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".calibrate-check-", dir=model_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise EdgeRuntimeError(f"cannot write calibration.yaml into {model_dir}: {e.strerror}; copy the model "
+                               "somewhere writable and calibrate the copy") from None
 
 
 SET_ASIDE = ".set-aside"
