@@ -210,6 +210,10 @@ def test_sparsity_on_silu_model_is_refused(capsys, tmp_path):
     capsys.readouterr()
     code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "p"), "--prompt", "hi", "--sparsity", "on")
     assert_one_line_error(code, err, "silu")
+    text = tmp_path / "held-out.txt"
+    text.write_text("the robot opens the door and looks at the sea. " * 40)
+    code, _, err = run_cli(capsys, "eval", "--model", str(tmp_path / "p"), "--text", str(text))  # sparsity on
+    assert_one_line_error(code, err, "--sparsity teal")
 
 
 def test_not_a_model_directory(capsys, tmp_path):

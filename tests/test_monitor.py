@@ -220,6 +220,14 @@ def test_report_skips_jsonl_lines_it_cannot_use(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and "holds no samples" in err
 
 
+def test_report_of_a_tegrastats_log_without_the_flag_says_to_add_it(tmp_path, capsys):
+    log = tmp_path / "nano.log"
+    log.write_text(NANO + "\n" + NANO + "\n")
+    assert main(["report", str(log), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "add --tegrastats" in err
+
+
 def test_report_without_matplotlib_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     import importlib.util
 

@@ -47,7 +47,8 @@ class Decoder:
         None for dense decode. Takes effect at the next token."""
         if setting is not None and not self.cfg.relu_family:
             raise EdgeRuntimeError(f"sparse decode predicts exact zeros of a ReLU-family FFN; this model's "
-                                   f"activation is {self.cfg.activation}")
+                                   f"activation is {self.cfg.activation} (TEAL serves it: --sparsity teal on the "
+                                   "command line, set_teal in Python; or --sparsity off)")
         if isinstance(setting, (int, float, np.number)):
             setting = [setting] * self.cfg.n_layers
         if setting is not None and len(setting) != self.cfg.n_layers:

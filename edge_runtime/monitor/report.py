@@ -134,7 +134,9 @@ def make_report(source: Path, out_dir: Path, tegrastats: bool = False) -> dict:
     else:
         records, tokens, bad = load_jsonl(source)
     if not records:
-        raise EdgeRuntimeError(f"{source} holds no samples ({bad} unparseable lines)")
+        as_tegrastats = not tegrastats and load_tegrastats(source)[0]
+        hint = "; it reads as a tegrastats log: add --tegrastats" if as_tegrastats else ""
+        raise EdgeRuntimeError(f"{source} holds no samples ({bad} unparseable lines){hint}")
     if importlib.util.find_spec("matplotlib") is None:  # checked before anything is written
         raise EdgeRuntimeError("report draws its plots with matplotlib: pip install matplotlib (in a checkout, "
                                "pip install '.[monitor]' installs it with the other monitoring extras)")
