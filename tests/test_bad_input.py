@@ -197,6 +197,34 @@ def test_convert_overwrite_replaces_only_a_packed_model(capsys, packed, tmp_path
     assert not (old / "stale.txt").exists() and (old / "manifest.yaml").is_file()
 
 
+def _sharded(packed, dst):
+    """The HF checkpoint split into two safetensors shards with its index, as save_pretrained shards it."""
+    from safetensors.numpy import load_file, save_file
+
+    hf = copy_model(packed / "hf", dst)
+    tensors = load_file(hf / "model.safetensors")
+    (hf / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, part in shards.items():
+        save_file({n: tensors[n] for n in part}, hf / shard, metadata={"format": "pt"})
+    weight_map = {n: shard for shard, part in shards.items() for n in part}
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return hf, weight_map
+
+
+@pytest.mark.parametrize("weight_map", [[], {"model.embed_tokens.weight": 3},
+                                        {"model.embed_tokens.weight": "../elsewhere.safetensors"}])
+def test_malformed_shard_index_is_one_line(capsys, packed, tmp_path, weight_map):
+    hf, good = _sharded(packed, tmp_path / "hf")
+    assert run_cli(capsys, "convert", str(hf), str(tmp_path / "ok"))[0] == 0  # the index as written converts
+    bad = weight_map if isinstance(weight_map, list) else {**good, **weight_map}
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": bad}))
+    code, _, err = run_cli(capsys, "convert", str(hf), str(tmp_path / "out"))
+    assert_one_line_error(code, err, "weight_map")
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompt_longer_than_context(capsys, packed):
     code, _, err = run_cli(capsys, "generate", "--model", str(packed / "packed"), "--prompt", "the lazy dog " * 80,
                            "--max-context", "64")

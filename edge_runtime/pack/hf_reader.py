@@ -35,6 +35,9 @@ class CheckpointReader:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ModelFormatError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v and Path(v).name == v for k, v in weight_map.items()):
+            raise ModelFormatError(f"{index}: weight_map must map tensor names to shard file names in {self.hf_dir}")
         shards: dict[str, SafetensorsFile] = {}
         for name, shard in weight_map.items():
             if shard not in shards:
