@@ -168,18 +168,27 @@ def base_mode(name: str, mode: str | None) -> tuple[dict, dict]:
                            f"{', '.join(pm['name'] for pm in data['power_modes'])}")
 
 
+def _board(profile) -> tuple:
+    """What makes two profiles one board: kind, module SKUs, power-mode names (a Super release's differ) and GPU
+    names. A profile written with --base keeps its base's, and a path names the same board as a name does."""
+    return (profile.kind, frozenset(profile.module_skus), frozenset(m.name.upper() for m in profile.power_modes),
+            frozenset(g.lower() for g in profile.gpu_names))
+
+
 def check_base_is_here(base: str, power_mode: str | None, backend: str) -> str | None:
     """The power mode to measure in, after checking that this machine is the --base board, in that mode, measured
     on the backend the profile decodes with (its GPU unless it is a cpu profile)."""
-    found = detect()
-    if found.profile != base:
+    found, want = detect(), load_profile(base)
+    if found.profile != base and _board(load_profile(found.profile)) != _board(want):
         raise EdgeRuntimeError(f"this machine is detected as {found.profile} ({found.source}), not {base}: --base "
                                "takes identity and power modes from the board it is measured on (leave --base out "
                                "to profile this machine as it is)")
     if power_mode and found.power_mode and power_mode.upper() != found.power_mode.upper():
         raise EdgeRuntimeError(f"the board is in power mode {found.power_mode}, not {power_mode}: switch with "
                                f"nvpmodel first, or name {found.power_mode}")
-    if load_profile(base).kind != "cpu" and resolve_backend(backend) != "cuda":
+    if not power_mode and not found.power_mode and want.kind == "jetson":
+        raise EdgeRuntimeError("the board's power mode could not be read (nvpmodel): name it with --power-mode")
+    if want.kind != "cpu" and resolve_backend(backend) != "cuda":
         raise EdgeRuntimeError(f"{base} decodes on its GPU: measure with --backend cuda (needs CuPy on the board)")
     return power_mode or found.power_mode
 

@@ -119,3 +119,11 @@ def test_calibrate_into_a_read_only_model_fails_before_calibrating(model, tmp_pa
     assert main(["calibrate", "--model", str(model), "--text", str(text)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot write calibration.yaml" in err and "Permission denied" in err
+
+
+def test_calibrate_with_a_mistyped_model_says_it_does_not_exist(tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text(CORPUS * 3)
+    assert main(["calibrate", "--model", str(tmp_path / "no-such-model"), "--text", str(text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err and "cannot write" not in err

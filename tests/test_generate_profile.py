@@ -74,6 +74,25 @@ def test_base_mode_defaults_to_the_one_the_board_is_in(monkeypatch):
     assert gen.check_base_is_here("jetson-orin-nano-8gb", "7w", "cuda") == "7w"
 
 
+def test_base_by_path_or_a_profile_made_from_it_is_the_same_board(tmp_path, monkeypatch):
+    """Names differ, the board does not: a --base given as a path, or detection finding the user's own profile
+    (written with --base, in EDGE_RUNTIME_PROFILES) before the shipped one."""
+    from edge_runtime.devices.detect import Detection
+
+    mine = tmp_path / "my-nano.yaml"
+    mine.write_text(yaml.safe_dump({**load_profile("jetson-orin-nano-8gb").to_dict(), "name": "my-nano"}))
+    monkeypatch.setattr(gen, "detect", lambda: Detection("jetson-orin-nano-8gb", "15W", "device tree", {}))
+    assert gen.check_base_is_here(str(mine), None, "cuda") == "15W"
+    monkeypatch.setenv("EDGE_RUNTIME_PROFILES", str(tmp_path))
+    monkeypatch.setattr(gen, "detect", lambda: Detection("my-nano", "15W", "device tree", {}))
+    assert gen.check_base_is_here("jetson-orin-nano-8gb", None, "cuda") == "15W"
+    with pytest.raises(gen.EdgeRuntimeError, match="detected as"):
+        gen.check_base_is_here("jetson-orin-nano-8gb-super", None, "cuda")
+    monkeypatch.setattr(gen, "detect", lambda: Detection("jetson-orin-nano-8gb", None, "device tree", {}))
+    with pytest.raises(gen.EdgeRuntimeError, match="name it with --power-mode"):
+        gen.check_base_is_here("jetson-orin-nano-8gb", None, "cuda")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--base", "no-such-board"], "no device profile 'no-such-board'"),
     (["--base", "jetson-orin-nano-8gb", "--power-mode", "99W"], "has no power mode '99W'"),

@@ -67,7 +67,8 @@ def test_impossible_dates_and_overlong_numbers_are_unparseable_lines():
     """A cut-and-merged or corrupted line is counted and skipped: it used to raise ValueError (strptime) or reach
     the plots as inf (400 digits) or exceed int()'s digit limit (5,000)."""
     lines = [NANO.replace("05-07-2026", "02-30-2026"), NANO.replace("6673mW/", "9" * 400 + "mW/"),
-             NANO.replace("RAM 2272/", "RAM " + "9" * 5000 + "/"), NANO.replace("tj@56.656C", "tj@" + "9" * 400 + "C")]
+             NANO.replace("RAM 2272/", "RAM " + "9" * 5000 + "/"), NANO.replace("tj@56.656C", "tj@" + "9" * 400 + "C"),
+             NANO.replace("05-07-2026", "01-01-0001"), NANO.replace("05-07-2026", "12-31-9999")]
     samples, bad = parse_log([NANO, *lines, AGX])
     assert len(samples) == 2 and bad == len(lines)
 
@@ -281,3 +282,33 @@ def test_monitor_setup_failure_leaves_no_token_file(capsys):
     assert main(["monitor", "--duration", "1", "--", "no-such-command-edge-runtime"]) == 2
     assert "no-such-command-edge-runtime" in capsys.readouterr().err
     assert _token_files() == before
+
+
+def test_a_failing_monitor_does_not_leave_its_command_running(monkeypatch):
+    import subprocess
+
+    from edge_runtime.monitor import command
+
+    started, real_popen, real_read = [], subprocess.Popen, command._read_tokens
+    monkeypatch.setattr(command.subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    calls = []
+
+    def read_tokens_once_broken(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the sampler broke")
+        return real_read(*args)
+
+    monkeypatch.setattr(command, "_read_tokens", read_tokens_once_broken)
+    with pytest.raises(RuntimeError, match="the sampler broke"):
+        main(["monitor", "--interval", "20", "--", sys.executable, "-c", "import time; time.sleep(30)"])
+    assert len(started) == 1 and started[0].poll() is not None  # terminated, not left sleeping
+
+
+def test_live_view_without_rich_is_a_note(monkeypatch, capsys):
+    from edge_runtime.monitor import command
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setitem(sys.modules, "rich.live", None)  # import fails as if rich were not installed
+    assert command._live_view() is None
+    assert "no live view without rich" in capsys.readouterr().err

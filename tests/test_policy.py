@@ -214,6 +214,33 @@ def test_unknown_power_mode_keeps_watching(calibrated):
     rt.close()
 
 
+def test_watcher_outlives_warnings_turned_into_errors(capsys):
+    """Under -W error (an application's test suite) the PowerModeWarning raised inside the watcher's thread and
+    ended it; the message goes to stderr instead and the next mode is still acted on."""
+    import warnings
+
+    from edge_runtime.devices.power import PowerModeWatcher
+
+    board, seen = {"mode": "15W"}, []
+
+    def on_change(mode):
+        if mode == "MODE_CUSTOM":
+            raise ValueError("no such mode in the profile")
+        seen.append(mode)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        watcher = PowerModeWatcher(lambda: board["mode"], on_change, interval_s=0.01).start()
+        for mode in ("MODE_CUSTOM", "7W"):
+            board["mode"] = mode
+            deadline = time.time() + 5
+            while watcher.current != mode or (mode == "7W" and not seen):
+                assert time.time() < deadline
+                time.sleep(0.01)
+        watcher.stop()
+    assert seen == ["7W"] and "MODE_CUSTOM" in capsys.readouterr().err
+
+
 def load_profile_path(name):
     from edge_runtime.devices.profile import profile_dirs
 

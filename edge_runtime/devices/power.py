@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -10,6 +11,15 @@ from collections.abc import Callable
 class PowerModeWarning(UserWarning):
     """A power-mode change the runtime could not act on (a custom nvpmodel mode the profile lacks): the previous
     selection stays in place and watching goes on."""
+
+
+def _report(message: str) -> None:
+    """A PowerModeWarning; under -W error (or a test suite's filterwarnings = error) the warning is an exception,
+    which must not end the watcher's thread either, so it is printed instead."""
+    try:
+        warnings.warn(message, PowerModeWarning, stacklevel=1)
+    except Warning:
+        print(f"edge-runtime: warning: {message}", file=sys.stderr)
 
 
 class PowerModeWatcher:
@@ -44,8 +54,7 @@ class PowerModeWatcher:
                 try:
                     self.on_change(mode)
                 except Exception as e:  # whatever it was, the next change must still be seen
-                    warnings.warn(f"power mode {mode!r} not applied ({e}); the previous selection stays",
-                                  PowerModeWarning, stacklevel=1)
+                    _report(f"power mode {mode!r} not applied ({e}); the previous selection stays")
 
     def stop(self) -> None:
         self._stop.set()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from edge_runtime.devices.detect import read_power_mode
+from edge_runtime.errors import install_extra
 from edge_runtime.monitor.recorder import Recorder
 from edge_runtime.monitor.samplers import Ina3221Sampler, NvmlSampler, SystemSampler
 from edge_runtime.monitor.summary import live_rates, summarize
@@ -64,6 +65,21 @@ def _read_tokens(path: Path, offset: int, recorder: Recorder, jsonl) -> int:
     return offset + len(complete)
 
 
+def _live_view():
+    """rich's live table on a terminal, started; None when stdout is not one, or rich (the monitor extra) is
+    missing: the samples and the summary need no live view."""
+    if not sys.stdout.isatty():
+        return None
+    try:
+        from rich.live import Live
+    except ImportError:
+        print(f"edge-runtime: note: no live view without rich ({install_extra('monitor')})", file=sys.stderr)
+        return None
+    live = Live(_table({}, {}), refresh_per_second=4)
+    live.start()
+    return live
+
+
 def _exit_status(returncode: int) -> int:
     """Popen's -N for a child killed by signal N is 128 + N in a shell's terms (sys.exit(-9) would be 247)."""
     return 128 - returncode if returncode < 0 else returncode
@@ -89,13 +105,9 @@ def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int
             from edge_runtime.monitor.prometheus import registry_for
 
             start_http_server(prometheus_port, addr="127.0.0.1", registry=registry_for(recorder))
+        live = _live_view()  # before the command starts: nothing after it may fail and leave it running
         if command:
             proc = subprocess.Popen(command, env={**os.environ, TOKEN_LOG_ENV: str(token_file)})
-        if sys.stdout.isatty():
-            from rich.live import Live
-
-            live = Live(_table({}, {}), refresh_per_second=4)
-            live.start()
         try:
             while True:
                 time.sleep(min(0.25, interval_ms / 1000.0))
@@ -111,6 +123,11 @@ def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int
             if proc is not None:
                 proc.terminate()
                 code = _exit_status(proc.wait())
+        except BaseException:  # the monitor failed: the command it watches does not outlive it unwatched
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            raise
     finally:
         if live is not None:
             live.stop()

@@ -28,6 +28,7 @@ _RAIL = re.compile(r"\b([A-Z][A-Z0-9_]+) (\d+)mW/(\d+)mW")
 
 _MAX_DIGITS = 7  # 9,999,999: more than any MB, MHz, mW or % reading; 400 digits would reach the plots as inf
 _SENSOR_OFF_C = -256.0
+_YEARS = (1970, 2100)  # a board without network time may log 1970; anything outside is a corrupted line
 
 
 class TegrastatsParseError(ValueError):
@@ -87,6 +88,8 @@ def parse_line(line: str) -> TegrastatsSample:
             ts = datetime.datetime.strptime(m.group(1), "%m-%d-%Y %H:%M:%S")
         except ValueError:  # 02-30-2025, 25:00:00
             raise TegrastatsParseError(f"impossible timestamp {m.group(1)!r}") from None
+        if not _YEARS[0] <= ts.year <= _YEARS[1]:  # year 1 has no epoch time; 9999 would stretch the plots
+            raise TegrastatsParseError(f"implausible timestamp {m.group(1)!r}")
         text = text[m.end():]
     ram = _RAM.search(text)
     if not ram:

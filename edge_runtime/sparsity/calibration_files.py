@@ -54,7 +54,10 @@ def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
 
 def check_writable(model_dir: Path) -> None:
     """Before minutes of calibration: can a file be made in model_dir (a read-only mount, another user's
-    install)? Tried by making one, which also answers for root and for ACLs, where os.access would not."""
+    install)? Tried by making one, which also answers for root and for ACLs, where os.access would not. A path
+    that is not a directory is left to the loader, whose message says what it is."""
+    if not Path(model_dir).is_dir():
+        return
     try:
         fd, name = tempfile.mkstemp(prefix=".calibrate-check-", dir=model_dir)
         os.close(fd)
