@@ -151,6 +151,22 @@ def test_concurrent_clients_complete_or_429(model_dir):
             assert text == reference.generate("the door", max_new_tokens=40, temperature=1.0, seed=seed).text
 
 
+def test_max_queue_zero_runs_one_and_refuses_the_rest(model_dir):
+    """--max-queue 0: no request waits, but the idle server still runs one (it answered 429 to every request)."""
+    rt = ScriptedRuntime(model_dir, max_context=1024)
+    with Server(create_app(rt, max_queue=0, max_tokens_limit=1000)) as s:
+        body = {"prompt": "the", "max_tokens": 2}
+        assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        held = threading.Thread(target=httpx.post, args=(s.url + "/v1/completions",),
+                                kwargs={"json": {**body, "seed": HOLD_SEED}, "timeout": 60})
+        held.start()
+        wait_until(lambda: s.engine.busy, 10, "the held job starting")
+        r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        rt.release.set()
+        held.join(30)
+
+
 def test_disconnect_cancels(server):
     engine = server.app.state.engine
     before = engine.cancelled

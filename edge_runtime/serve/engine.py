@@ -91,7 +91,9 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise Stopping("the server is shutting down")
-            if len(self._jobs) >= self.max_queue:
+            # max_queue counts requests waiting behind the running one; with nothing running, the first job in
+            # _jobs is the one about to run (the worker has not taken it yet), not a waiting one
+            if len(self._jobs) >= self.max_queue + (self._running is None):
                 # a rough wait: everything ahead of the caller at the last measured rate
                 rate = self.last_tokens_per_s or 50.0
                 ahead = sum(j.params.get("max_new_tokens", 128) for j in self._jobs)
