@@ -30,7 +30,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=argtypes.int_range(1, 1024), default=None,
-                   help="cpu backend compute threads (default: the cores numpy's BLAS would use)")
+                   help="cpu backend compute threads (default: the cores numpy's BLAS would use; one when a "
+                        "decode step reads under 16 MB)")
 
 
 def _add_sparsity_args(p: argparse.ArgumentParser, default: str) -> None:

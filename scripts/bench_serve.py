@@ -77,6 +77,23 @@ def in_process_rate(model, prompt: str, max_tokens: int) -> float:
     return statistics.median(rates)
 
 
+def wait_for_daemon(proc: subprocess.Popen, url: str, limit_s: float) -> None:
+    """Until /health answers. The first start after an install compiles the cpu kernels (about 40 s on 2 cores,
+    more on a board), so the limit is minutes; a daemon that exits or never answers ends the run with a message."""
+    t_end = time.monotonic() + limit_s
+    while time.monotonic() < t_end:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench_serve.py: error: the daemon exited with status {proc.returncode} before it "
+                             "answered (its message is above)")
+        try:
+            httpx.get(url + "/health", timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit(f"bench_serve.py: error: the daemon did not answer {url}/health within {limit_s:.0f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -99,12 +116,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--model", str(model), "--port",
                                  str(port), "--backend", "cpu", "--max-queue", str(args.clients * args.requests)])
-        for _ in range(300):
-            try:
-                httpx.get(url + "/health", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_for_daemon(proc, url, limit_s=300)
     try:
         # 1. overhead against the in-process API: same greedy request, warmed up, 5 runs each, medians.
         # The in-process figure comes from a child process of its own, and this client loads no model:

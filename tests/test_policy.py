@@ -200,6 +200,10 @@ def test_unknown_power_mode_keeps_watching(calibrated):
     wait_for("15W")
     knobs_15w = list(rt.selection.knobs)
     assert knobs_15w != knobs_25w
+    rt.stop_watching()
+    rt.set_power_mode("25W")
+    rt.watch_power_mode(lambda: board["mode"], interval_s=0.02)  # the board is in 15W, the runtime set to 25W
+    assert rt.power_mode == "15W" and list(rt.selection.knobs) == knobs_15w  # the first reading is acted on at once
     with pytest.warns(PowerModeWarning, match="MODE_CUSTOM"):
         board["mode"] = "MODE_CUSTOM"
         deadline = time.time() + 5
@@ -238,7 +242,7 @@ def test_watcher_outlives_warnings_turned_into_errors(capsys):
                 assert time.time() < deadline
                 time.sleep(0.01)
         watcher.stop()
-    assert seen == ["7W"] and "MODE_CUSTOM" in capsys.readouterr().err
+    assert seen == ["15W", "7W"] and "MODE_CUSTOM" in capsys.readouterr().err
 
 
 def load_profile_path(name):

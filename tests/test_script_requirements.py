@@ -25,3 +25,16 @@ def test_missing_torch_is_one_line_naming_the_extra(tmp_path, argv):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "pip install '.[train]'" in res.stderr
+
+
+def test_bench_serve_stops_when_its_daemon_exits_before_answering():
+    """It waited 30 s for /health, then went on and ended in a ConnectError traceback (the daemon was still
+    compiling its kernels); a daemon that dies is now named, and a slow one is waited for."""
+    pytest.importorskip("httpx")
+    from tests.helpers import load_script
+    from tests.serve_support import free_port
+
+    bench = load_script("bench_serve")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(SystemExit, match="exited with status 3"):
+        bench.wait_for_daemon(proc, f"http://127.0.0.1:{free_port()}", limit_s=30)

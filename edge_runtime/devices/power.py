@@ -23,7 +23,8 @@ def _report(message: str) -> None:
 
 
 class PowerModeWatcher:
-    """Polls `read_mode()` every `interval_s`; calls `on_change(new_mode)` when the value changes.
+    """Polls `read_mode()` every `interval_s`; calls `on_change(new_mode)` for the first reading and then whenever
+    the value changes.
     Paired start/stop; a reader that raises is treated as "unknown" (None) for that poll, and a callback that
     raises is reported as a PowerModeWarning: the thread must outlive a mode it cannot act on, to act on the next."""
 
@@ -32,7 +33,7 @@ class PowerModeWatcher:
         self.read_mode = read_mode
         self.on_change = on_change
         self.interval_s = interval_s
-        self.current = self._read()
+        self.current: str | None = None  # start() acts on the first reading: the runtime may be set to another
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-runtime-power-watch", daemon=True)
 
@@ -43,18 +44,23 @@ class PowerModeWatcher:
             return None
 
     def start(self) -> PowerModeWatcher:
+        """Act on the mode the board is in now, in the caller's thread, then poll for changes."""
+        self._poll()
         self._thread.start()
         return self
 
+    def _poll(self) -> None:
+        mode = self._read()
+        if mode is not None and mode != self.current:
+            self.current = mode
+            try:
+                self.on_change(mode)
+            except Exception as e:  # whatever it was, the next change must still be seen
+                _report(f"power mode {mode!r} not applied ({e}); the previous selection stays")
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            mode = self._read()
-            if mode is not None and mode != self.current:
-                self.current = mode
-                try:
-                    self.on_change(mode)
-                except Exception as e:  # whatever it was, the next change must still be seen
-                    _report(f"power mode {mode!r} not applied ({e}); the previous selection stays")
+            self._poll()
 
     def stop(self) -> None:
         self._stop.set()
