@@ -179,7 +179,7 @@ def check_base_is_here(base: str, power_mode: str | None, backend: str) -> str |
     """The power mode to measure in, after checking that this machine is the --base board, in that mode, measured
     on the backend the profile decodes with (its GPU unless it is a cpu profile)."""
     found, want = detect(), load_profile(base)
-    if found.profile != base and _board(load_profile(found.profile)) != _board(want):
+    if _board(load_profile(found.profile)) != _board(want):
         raise EdgeRuntimeError(f"this machine is detected as {found.profile} ({found.source}), not {base}: --base "
                                "takes identity and power modes from the board it is measured on (leave --base out "
                                "to profile this machine as it is)")
@@ -227,9 +227,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_profile(args) -> None:
-    base = base_mode(args.base, args.power_mode) if args.base else None  # bad names fail before measuring
-    if base is not None and not args.smoke:
-        base = base_mode(args.base, check_base_is_here(args.base, args.power_mode, args.backend))
+    mode = args.power_mode
+    if args.base and not args.smoke:
+        mode = check_base_is_here(args.base, mode, args.backend)
+    base = base_mode(args.base, mode) if args.base else None  # bad names fail before measuring
     if not args.out.parent.is_dir():
         raise EdgeRuntimeError(f"{args.out.parent} is not a directory")
     cp = require_cuda("--backend cuda", "use --backend cpu") if resolve_backend(args.backend) == "cuda" else None

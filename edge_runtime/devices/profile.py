@@ -133,7 +133,7 @@ def _get(d: dict, key: str, types: type | tuple, where: str, optional: bool = Fa
     return value
 
 
-def _known_fields(d: dict, cls: type, where: str, extra: tuple[str, ...] = ()) -> dict:
+def _known_fields(d: dict, cls: type, where: str, extra: tuple[str, ...] = ()) -> None:
     """Refuse a key the dataclass does not have: a misspelt optional field (quality_cap for quality_cap_pct)
     would otherwise be ignored and its default used without a word."""
     known = [f.name for f in dataclasses.fields(cls)] + list(extra)
@@ -142,7 +142,6 @@ def _known_fields(d: dict, cls: type, where: str, extra: tuple[str, ...] = ()) -
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known)}"
             raise ProfileError(f"{where}: unknown field {key!r}{hint}")
-    return d
 
 
 def _positive(value: float, where: str, key: str) -> float:

@@ -35,16 +35,20 @@ class TegrastatsParseError(ValueError):
     pass
 
 
+def _bounded(text: str, digits: str) -> str:
+    """text, when its integer part `digits` is no longer than any real reading's."""
+    if len(digits) > _MAX_DIGITS:
+        raise TegrastatsParseError(f"implausible reading {text[:12]}... ({len(digits)} digits)")
+    return text
+
+
 def _int(text: str) -> int:
-    if len(text) > _MAX_DIGITS:
-        raise TegrastatsParseError(f"implausible reading {text[:12]}... ({len(text)} digits)")
-    return int(text)
+    return int(_bounded(text, text))
 
 
 def _float(text: str) -> float:
-    """A reading such as 48.5 or -256, its integer part bounded as _int's."""
-    _int(text.lstrip("-").split(".")[0])
-    return float(text)
+    """A reading such as 48.5 or -256."""
+    return float(_bounded(text, text.lstrip("-").split(".")[0]))
 
 
 @dataclass

@@ -212,9 +212,9 @@ def record_files(model_dir: Path, names: list[str]) -> str:
 def check_replaceable(out_dir: Path, overwrite: bool, sources: tuple[Path, ...] = ()) -> None:
     """Refuse an output that would destroy what it is made from (out_dir is, or holds, a source) or what is
     not ours to delete: overwrite replaces an empty directory or a packed model, never a folder of other files."""
-    for src in sources:  # compared as files (os.path.samefile), so a symlink or bind mount is seen through
+    for src in sources if out_dir.exists() else ():  # compared as files (samefile): symlinks, bind mounts
         here = Path(src).resolve()
-        if out_dir.exists() and any(os.path.samefile(out_dir, d) for d in (here, *here.parents) if d.exists()):
+        if any(os.path.samefile(out_dir, d) for d in (here, *here.parents) if d.exists()):
             raise ModelFormatError(f"the output {out_dir} is or contains the input {src}: choose another output "
                                    "directory")
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):

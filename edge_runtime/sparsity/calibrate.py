@@ -332,7 +332,6 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     finally:
         dec.observer = None
     ppl_dense = perplexity(rt, judge, None)
-    n = scored
     wins = judge
     data = [LayerData(rt, i, *(np.concatenate(seen[p][i]) for p in ("ffn_in", "ffn_act", "ffn_hidden")))
             for i in range(cfg.n_layers)]
@@ -367,7 +366,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     calib = {
         "calibration_version": CALIBRATION_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "text": {"source": source, "tokens": n}, "ppl_dense": ppl_dense, "dense_ffn_bytes": dense_bytes,
+        "text": {"source": source, "tokens": scored}, "ppl_dense": ppl_dense, "dense_ffn_bytes": dense_bytes,
         "predictors": sections,
     }
     if teal_targets:
