@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prometheus", type=argtypes.port, default=None, metavar="PORT",
                    help="serve /metrics on 127.0.0.1:PORT")
     p.add_argument("--duration", type=argtypes.float_range(0.0, 1e7, low_open=True), default=None,
-                   help="stop after this many seconds")
+                   help="stop after this many seconds; a wrapped command still running then is stopped "
+                        "(exit status 124, as timeout(1))")
     p.add_argument("wrapped", nargs=argparse.REMAINDER, help="-- COMMAND ...: monitor while it runs")
 
     p = sub.add_parser("report", help="summary and PNG plots from a monitor JSONL file or a tegrastats log")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -284,14 +285,20 @@ def test_monitor_setup_failure_leaves_no_token_file(capsys):
     assert _token_files() == before
 
 
-def test_a_failing_monitor_does_not_leave_its_command_running(monkeypatch):
+def _popen_recorded(monkeypatch) -> list:
     import subprocess
 
     from edge_runtime.monitor import command
 
-    started, real_popen, real_read = [], subprocess.Popen, command._read_tokens
+    started, real_popen = [], subprocess.Popen
     monkeypatch.setattr(command.subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
-    calls = []
+    return started
+
+
+def test_a_failing_monitor_does_not_leave_its_command_running(monkeypatch):
+    from edge_runtime.monitor import command
+
+    started, real_read, calls = _popen_recorded(monkeypatch), command._read_tokens, []
 
     def read_tokens_once_broken(*args):
         calls.append(1)
@@ -303,6 +310,32 @@ def test_a_failing_monitor_does_not_leave_its_command_running(monkeypatch):
     with pytest.raises(RuntimeError, match="the sampler broke"):
         main(["monitor", "--interval", "20", "--", sys.executable, "-c", "import time; time.sleep(30)"])
     assert len(started) == 1 and started[0].poll() is not None  # terminated, not left sleeping
+
+
+def test_duration_stops_a_command_still_running(monkeypatch, capsys):
+    started, before, t0 = _popen_recorded(monkeypatch), _token_files(), time.monotonic()
+    code = main(["monitor", "--interval", "20", "--duration", "0.5", "--", sys.executable, "-c",
+                 "import time; time.sleep(60)"])
+    assert code == 124  # timeout(1)'s status; it was 0, with the command left running and writing a token file
+    assert started[0].poll() is not None and time.monotonic() - t0 < 20
+    assert "--duration 0.5 s passed; stopped" in capsys.readouterr().err
+    assert _token_files() == before
+
+
+def test_duration_kills_a_command_that_ignores_sigterm(monkeypatch, capsys):
+    from edge_runtime.monitor import command
+
+    monkeypatch.setattr(command, "GRACE_S", 0.5)
+    started = _popen_recorded(monkeypatch)
+    ignores_term = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                    "time.sleep(60)")
+    assert main(["monitor", "--interval", "20", "--duration", "1.5", "--", sys.executable, "-c", ignores_term]) == 124
+    assert started[0].returncode == -9
+
+
+def test_a_command_that_ends_within_the_duration_keeps_its_status(capsys):
+    code = main(["monitor", "--interval", "20", "--duration", "30", "--", sys.executable, "-c", "raise SystemExit(3)"])
+    assert code == 3
 
 
 def test_live_view_without_rich_is_a_note(monkeypatch, capsys):

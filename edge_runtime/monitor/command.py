@@ -85,11 +85,26 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+TIMED_OUT = 124  # timeout(1)'s status for a command stopped when its time ran out
+GRACE_S = 10.0  # SIGTERM's time to exit before SIGKILL
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    """Terminate the wrapped command, kill it if it ignores SIGTERM for GRACE_S; its Popen return code."""
+    proc.terminate()
+    try:
+        return proc.wait(GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int | None, duration_s: float | None,
                 command: list[str]) -> int:
     """Sample until the wrapped command ends (its exit status is returned, 128 + N for a command killed by signal
-    N, as a shell reports it), the duration passes or Ctrl-C. Whatever fails in setup (a command that does not
-    exist, a busy port) still stops the sampler and removes the token file."""
+    N, as a shell reports it), the duration passes or Ctrl-C. A command still running when the duration passes
+    is stopped, and the status is 124, as timeout(1) gives: it must not outlive its monitor. Whatever fails in
+    setup (a command that does not exist, a busy port) still stops the sampler and removes the token file."""
     recorder = Recorder(default_samplers(), interval_s=interval_ms / 1000.0, power_mode=_power_mode,
                         jsonl_path=jsonl_path).start()
     fd, name = tempfile.mkstemp(prefix="edge-runtime-tokens-")
@@ -118,15 +133,18 @@ def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int
                     code = _exit_status(proc.returncode)
                     break
                 if t_end is not None and time.monotonic() >= t_end:
+                    if proc is not None:
+                        _stop(proc)
+                        code = TIMED_OUT
+                        print(f"edge-runtime: monitor: --duration {duration_s:g} s passed; stopped {command[0]}",
+                              file=sys.stderr)
                     break
         except KeyboardInterrupt:
             if proc is not None:
-                proc.terminate()
-                code = _exit_status(proc.wait())
+                code = _exit_status(_stop(proc))
         except BaseException:  # the monitor failed: the command it watches does not outlive it unwatched
             if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait()
+                _stop(proc)
             raise
     finally:
         if live is not None:
