@@ -150,3 +150,17 @@ def test_calibration_compares_both_criteria_and_runtime_applies_the_kept_one(sil
     # perplexity under WINA thresholds leaves the decoder's setting as it found it
     perplexity(rt, judge, None, teal=setting, criterion="wina")
     assert rt.decoder.teal is None and rt.decoder.teal_criterion == "teal"
+
+
+def test_calibrating_teal_reports_progress_to_the_end(silu):
+    """A SiLU model's calibration is TEAL alone (minutes on a real model): every greedy walk and perplexity
+    ticks, so the counter reaches its total (it stayed at 0 of 0 for the whole run)."""
+    from edge_runtime.sparsity.calibrate import calibrate
+
+    root, _ = silu
+    rt = edge_runtime.load(root / "p", profile=None, backend="cpu")
+    calls = []
+    calibrate(rt, CORPUS, window=64, max_tokens=256, teal_targets=(0.25, 0.4), attention_levels=(),
+              progress=lambda done, total: calls.append((done, total)))
+    total = rt.config.n_layers * len(CRITERIA) + 2 * len(CRITERIA) + 1
+    assert [d for d, _ in calls] == list(range(1, total + 1)) and {t for _, t in calls} == {total}

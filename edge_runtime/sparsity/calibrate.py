@@ -302,7 +302,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
     predictors are calibrated for ReLU-family models only, their paths with TEAL moves on the attention
     inputs at `attention_levels` (() for FFN-only paths). TEAL targets: None means (0.25, 0.4, 0.5)
     for models that are not ReLU-family and none for those (they have exact zeros to exploit)."""
-    from edge_runtime.sparsity.teal import TARGETS, calibrate_teal
+    from edge_runtime.sparsity.teal import TARGETS, calibrate_teal, calibration_steps
 
     cfg = rt.config
     if not cfg.relu_family:
@@ -349,6 +349,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
                                     for i in range(cfg.n_layers)]}
     attn_steps = cfg.n_layers * len(ATTN_GROUPS) * (len(attention_levels) - 1) if attention else 0
     total = sum(cfg.n_layers * (len(GRIDS[p][1]) - 1) + attn_steps + len(GRIDS[p][1]) for p in predictors)
+    total += calibration_steps(cfg.n_layers, tuple(teal_targets)) if teal_targets else 0
     done = [0]
 
     def tick() -> None:
@@ -362,7 +363,7 @@ def calibrate(rt, text: str, source: str = "", window: int = 256, max_tokens: in
         thresholds.update(th)
     if teal_targets:
         rt.decoder.set_sparsity(None)
-        teal = calibrate_teal(rt, fit, tuple(teal_targets), judge=judge)
+        teal = calibrate_teal(rt, fit, tuple(teal_targets), judge=judge, tick=tick)
     calib = {
         "calibration_version": CALIBRATION_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

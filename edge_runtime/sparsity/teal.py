@@ -14,6 +14,8 @@ perplexity on held-out windows is kept for the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
@@ -61,8 +63,15 @@ def scores(rt, i: int, acts: dict[str, np.ndarray], criterion: str) -> dict[str,
     return out
 
 
+def calibration_steps(n_layers: int, targets: tuple[float, ...], criteria: tuple[str, ...] = CRITERIA) -> int:
+    """How many times calibrate_teal calls its tick: per criterion, one greedy walk per block and one perplexity
+    per target; and the dense perplexity."""
+    return len(criteria) * (n_layers + len(targets)) + 1
+
+
 def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], targets: tuple[float, ...],
-             criteria: tuple[str, ...] = ("teal",)) -> dict[str, dict[float, list[dict[str, float]]]]:
+             criteria: tuple[str, ...] = ("teal",), tick: Callable[[], None] = lambda: None
+             ) -> dict[str, dict[float, list[dict[str, float]]]]:
     """Per criterion and target, per-layer thresholds {projection: t} reaching that byte-weighted sparsity
     per block. The dense block outputs every trial is compared with are computed once for all criteria.
 
@@ -70,7 +79,8 @@ def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], ta
     whose step least increases the error of the block's output (the next block's normalised input, or
     the logits after the last block) per weight byte it saves, measured by running the model on the
     windows. One greedy walk serves every target: a target's setting is the point of the walk where the
-    block's byte-weighted sparsity equals it (the step that crosses it taken in part)."""
+    block's byte-weighted sparsity equals it (the step that crosses it taken in part). `tick` is called after
+    each block's walk (seconds to minutes each)."""
     for target in targets:
         if not 0 < target < 1:
             raise EdgeRuntimeError(f"TEAL target must be in (0, 1), got {target}")
@@ -82,13 +92,13 @@ def allocate(rt, inputs: list[dict[str, np.ndarray]], wins: list[np.ndarray], ta
     dec.set_sparsity(None)  # a predictor would take the FFN and ignore its trial thresholds
     try:
         dense_out = [_block_outputs(rt, wins, None, i, "teal") for i in range(n)]
-        return {c: _allocate(rt, inputs, wins, targets, c, dense_out) for c in criteria}
+        return {c: _allocate(rt, inputs, wins, targets, c, dense_out, tick) for c in criteria}
     finally:
         dec.set_teal(saved[1], saved[2])
         dec.set_sparsity(saved[0])
 
 
-def _allocate(rt, inputs, wins, targets, criterion, dense_out) -> dict[float, list[dict[str, float]]]:
+def _allocate(rt, inputs, wins, targets, criterion, dense_out, tick) -> dict[float, list[dict[str, float]]]:
     out: dict[float, list[dict[str, float]]] = {t: [] for t in targets}
     for i, acts in enumerate(inputs):
         mats = {p: m for p, m in _weights(rt, i).items() if m is not None}
@@ -133,6 +143,7 @@ def _allocate(rt, inputs, wins, targets, criterion, dense_out) -> dict[float, li
             level[best] += STEP
             moved = best
             current = best_err
+        tick()
     return out
 
 
@@ -162,11 +173,13 @@ def _relative_error(y: np.ndarray, ref: np.ndarray) -> float:
 
 
 def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARGETS, search_tokens: int = 512,
-                   judge: list[np.ndarray] | None = None, criteria: tuple[str, ...] = CRITERIA) -> dict:
+                   judge: list[np.ndarray] | None = None, criteria: tuple[str, ...] = CRITERIA,
+                   tick: Callable[[], None] = lambda: None) -> dict:
     """{"criteria": {"0.25": "wina", ...}, "targets": {"0.25": [per-layer {projection: t}], ...}, "compared"} for
     calibration.yaml. For each criterion, thresholds are quantiles over all of `wins` and the greedy search runs
     its trial forwards on their first search_tokens; at each target the criterion kept is the one with the lower
-    perplexity on `judge` (default: wins), and "compared" records every perplexity."""
+    perplexity on `judge` (default: wins), and "compared" records every perplexity. `tick` is called
+    calibration_steps(n_layers, targets, criteria) times, for a progress display."""
     judge = wins if judge is None else judge
     inputs = collect_inputs(rt, wins)
     search, n = [], 0
@@ -176,9 +189,13 @@ def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARG
         search.append(w)
         n += len(w) - 1
     ppl_dense = perplexity(rt, judge, None)
+    tick()
     found: dict[str, dict] = {}
-    for criterion, alloc in allocate(rt, inputs, search, tuple(targets), tuple(criteria)).items():
-        ppl = {f"{t:g}": perplexity(rt, judge, None, teal=alloc[t], criterion=criterion) for t in targets}
+    for criterion, alloc in allocate(rt, inputs, search, tuple(targets), tuple(criteria), tick).items():
+        ppl = {}
+        for t in targets:
+            ppl[f"{t:g}"] = perplexity(rt, judge, None, teal=alloc[t], criterion=criterion)
+            tick()
         found[criterion] = {"targets": {f"{t:g}": alloc[t] for t in targets}, "ppl": ppl}
     compared = {c: f["ppl"] for c, f in found.items()}
     best = better_criteria(compared)
