@@ -539,14 +539,9 @@ def cmd_calibrate(args) -> int:
         print(f"edge-runtime: note: {model_dir / name} did not match the manifest (an interrupted calibrate, or an "
               f"edited file); moved to {name}{SET_ASIDE}, this run writes a new calibration", file=sys.stderr)
     rt = load(model_dir, profile=None, backend="cpu")
-    from tqdm import tqdm
+    from edge_runtime.progress import Progress
 
-    with tqdm(total=1, desc="calibrate", unit="setting", disable=not sys.stderr.isatty(), leave=False) as bar:
-        def progress(done, total):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
+    with Progress("calibrate", "step") as progress:
         try:
             targets = None if args.teal_targets == "auto" else tuple(
                 float(t) for t in args.teal_targets.split(",") if t.strip())
@@ -568,6 +563,11 @@ def cmd_calibrate(args) -> int:
         raise EdgeRuntimeError(f"cannot write calibration.yaml into {model_dir}: {e.strerror}") from None
     summary = {"path": str(out), "tokens": calib["text"]["tokens"], "ppl_dense": calib["ppl_dense"],
                "uniform": {p: sec["uniform"] for p, sec in calib["predictors"].items()}}
+    teal = calib.get("teal")
+    if teal:  # per target, the criterion kept and its held-out perplexity
+        summary["teal"] = {t: {"criterion": c, "ppl": teal["compared"][c][t],
+                               "ppl_increase_pct": 100.0 * (teal["compared"][c][t] / teal["ppl_dense"] - 1.0)}
+                           for t, c in teal["criteria"].items()}
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -576,6 +576,8 @@ def cmd_calibrate(args) -> int:
         for u in sec["uniform"]:
             print(f"  {p} {sec['knob']} {u['knob']:g}: ppl {u['ppl_increase_pct']:+.2f} %, "
                   f"FFN bytes {u['ffn_bytes_fraction']:.3f}")
+    for t, r in summary.get("teal", {}).items():
+        print(f"  teal target {t} ({r['criterion']}): ppl {r['ppl_increase_pct']:+.2f} %")
     return 0
 
 

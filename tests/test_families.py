@@ -178,8 +178,10 @@ def test_teal_at_25_percent_end_to_end(packed, family, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text(CORPUS)
     assert main(["calibrate", "--model", str(path), "--text", str(text), "--teal-targets", "0.25",
-                 "--max-tokens", "256", "--window", "64"]) == 0
-    capsys.readouterr()
+                 "--max-tokens", "256", "--window", "64", "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)["teal"]  # the summary names what the TEAL calibration kept
+    assert set(kept) == {"0.25"} and kept["0.25"]["criterion"] in ("teal", "wina")
+    assert np.isfinite(kept["0.25"]["ppl"]) and kept["0.25"]["ppl_increase_pct"] > -50
     assert main(["eval", "--model", str(path), "--text", str(text), "--sparsity", "teal", "--teal-target", "0.25",
                  "--max-tokens", "128", "--window", "64", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
