@@ -53,6 +53,7 @@ def test_openai_client_chat_and_completions(server):
     again = c.completions.create(model="m", prompt="the quick brown", max_tokens=6, temperature=0.7, seed=4)
     assert again.choices[0].text == comp.choices[0].text
     assert [m.id for m in c.models.list().data] == ["p"]
+    assert chat.model == comp.model == "p"  # the request's "m" is ignored: one model is served, and named
 
 
 def test_openai_client_streaming_equals_non_streaming(server):
