@@ -58,6 +58,10 @@ class Runtime:
         self.tokenizer = Tokenizer(path) if path else None
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread holding _lock for a generation or warm-up
+        # Serialises changes of the sparse setting (the watcher's thread and the application's may race): the
+        # selection, the knobs in the decoder and power_mode must name one mode. Re-entrant: use_profile
+        # calls set_power_mode, which calls _apply.
+        self._configuring = threading.RLock()
         self._closed = False
         self.last_result: GenerationResult | None = None
         calibrated = read_calibration(model.path)
@@ -99,20 +103,22 @@ class Runtime:
         """A fixed setting chosen by the caller (per-layer alphas or rules, one alpha, or None for dense),
         applied between two tokens; power-mode changes no longer touch it until follow_policy(). None also
         drops the attention thresholds a sparse setting carried (a TEAL setting from set_teal stays)."""
-        decoder = self._live_decoder()
-        self._policy_drives_sparsity = False
-        if alphas is None and decoder.rules is not None:
-            decoder.set_teal(None)
-        decoder.set_sparsity(alphas, measure_recall)
+        with self._configuring:
+            decoder = self._live_decoder()
+            self._policy_drives_sparsity = False
+            if alphas is None and decoder.rules is not None:
+                decoder.set_teal(None)
+            decoder.set_sparsity(alphas, measure_recall)
 
     def follow_policy(self, measure_recall: bool = False) -> bool:
         """Let the profile policy drive sparse decode (now and on every power-mode change). False when
         there is no selection (no profile or no calibration): nothing changes then."""
-        if self.selection is None:
-            return False
-        self._policy_drives_sparsity = True
-        self._apply(self.selection, measure_recall)
-        return True
+        with self._configuring:
+            if self.selection is None:
+                return False
+            self._policy_drives_sparsity = True
+            self._apply(self.selection, measure_recall)
+            return True
 
     def _apply(self, selection: Selection, measure_recall: bool) -> None:
         """A selection's predictor rules and attention TEAL thresholds into the decoder (next token on)."""
@@ -122,18 +128,20 @@ class Runtime:
 
     def set_teal(self, target: float | None) -> None:
         """TEAL magnitude sparsity at a calibrated target (0.25, 0.4, 0.5 ...); None turns it off."""
-        decoder = self._live_decoder()
-        self._policy_drives_sparsity = False  # a power-mode change no longer replaces this setting
-        if target is None:
-            decoder.set_teal(None)
-            return
         from edge_runtime.sparsity.teal import criterion_of, thresholds_for
 
-        if self.calibration is None or "teal" not in self.calibration:
-            raise EdgeRuntimeError(f"{self.model.path} has no TEAL calibration; run 'edge-runtime calibrate' first")
-        decoder.set_sparsity(None)
-        teal = self.calibration["teal"]
-        decoder.set_teal(thresholds_for(teal, target), criterion_of(teal, target))
+        with self._configuring:
+            decoder = self._live_decoder()
+            self._policy_drives_sparsity = False  # a power-mode change no longer replaces this setting
+            if target is None:
+                decoder.set_teal(None)
+                return
+            if self.calibration is None or "teal" not in self.calibration:
+                raise EdgeRuntimeError(f"{self.model.path} has no TEAL calibration; run 'edge-runtime calibrate' "
+                                       f"first")
+            decoder.set_sparsity(None)
+            teal = self.calibration["teal"]
+            decoder.set_teal(thresholds_for(teal, target), criterion_of(teal, target))
 
     def ffn_stats(self) -> dict:
         return self._live_decoder().stats.summary()
@@ -148,14 +156,15 @@ class Runtime:
     def use_profile(self, profile: DeviceProfile, power_mode: str | None = None,
                     objective: Objective | None = None, predictor: str | None = None) -> Selection | None:
         """Adopt a device profile and objective; with a calibration, select per-layer knobs now."""
-        self.profile = profile
-        if objective is not None:
-            self.objective = objective
-        if predictor is not None:
-            self.predictor = predictor
-        self.predictor_in_use = self._resolve_predictor()
-        self._policy_drives_sparsity = True
-        return self.set_power_mode(profile.mode(power_mode).name)
+        with self._configuring:
+            self.profile = profile
+            if objective is not None:
+                self.objective = objective
+            if predictor is not None:
+                self.predictor = predictor
+            self.predictor_in_use = self._resolve_predictor()
+            self._policy_drives_sparsity = True
+            return self.set_power_mode(profile.mode(power_mode).name)
 
     def _resolve_predictor(self) -> str | None:
         """The predictor for every power mode from now on: the one asked for, or for "auto" the one the
@@ -169,18 +178,20 @@ class Runtime:
     def set_power_mode(self, mode: str) -> Selection | None:
         """The application (or the watcher) reports a new power mode: new alphas from the next token on,
         nothing reloaded, no graph recaptured. The mode is published after its alphas are in place."""
-        if self.profile is None:
-            raise EdgeRuntimeError("no device profile in use; call use_profile first")
-        name = self.profile.mode(mode).name
-        self._select(name)
-        self.power_mode = name
-        return self.selection
+        with self._configuring:
+            if self.profile is None:
+                raise EdgeRuntimeError("no device profile in use; call use_profile first")
+            name = self.profile.mode(mode).name
+            self._select(name)
+            self.power_mode = name
+            return self.selection
 
     def reselect(self) -> Selection | None:
         """Select again for the current mode (after a change of objective or predictor: the predictor is
         resolved again here, never on a power-mode change)."""
-        self.predictor_in_use = self._resolve_predictor()
-        return self._select(self.power_mode)
+        with self._configuring:
+            self.predictor_in_use = self._resolve_predictor()
+            return self._select(self.power_mode)
 
     def _select(self, mode: str | None) -> Selection | None:
         decoder = self._live_decoder()

@@ -245,6 +245,67 @@ def test_watcher_outlives_warnings_turned_into_errors(capsys):
     assert seen == ["15W", "7W"] and "MODE_CUSTOM" in capsys.readouterr().err
 
 
+def test_a_reader_that_raises_is_one_unknown_poll():
+    """A user's reader raising (a ValueError parsing a ROS message) ended the watcher's thread for good, silently;
+    now it is warned about, that poll counts as unknown and the next change is still acted on."""
+    from edge_runtime.devices.power import PowerModeWarning, PowerModeWatcher
+
+    board, seen = {"mode": "15W", "broken": False}, []
+
+    def reader():
+        if board["broken"]:
+            raise ValueError("transient read error")
+        return board["mode"]
+
+    watcher = PowerModeWatcher(reader, seen.append, interval_s=0.01).start()
+    with pytest.warns(PowerModeWarning, match="ValueError: transient read error"):
+        board["broken"] = True
+        time.sleep(0.1)
+    board.update(broken=False, mode="7W")
+    deadline = time.time() + 5
+    while seen != ["15W", "7W"]:
+        assert time.time() < deadline and watcher._thread.is_alive()
+        time.sleep(0.01)
+    watcher.stop()
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "calibration.yaml").is_file(), reason="no calibrated default model")
+def test_racing_power_mode_changes_leave_one_mode_in_force():
+    """The watcher and the application changing the mode at once: power_mode, the selection and the knobs the
+    decoder runs with must name the same mode afterwards (unserialised, a third of the races left the selection
+    naming the other mode, and some the decoder on the other mode's knobs)."""
+    import sys
+    import threading
+
+    rt = edge_runtime.load(None, profile="jetson-orin-nano-8gb", power_mode="15W", backend="cpu", warm_up=False)
+    knobs = {}
+    for mode in ("15W", "7W"):
+        rt.set_power_mode(mode)
+        knobs[mode] = list(rt.decoder.alphas)
+    assert knobs["15W"] != knobs["7W"]
+    interval, mixed = sys.getswitchinterval(), 0
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: the race shows within a few trials
+    try:
+        for _ in range(100):
+            barrier = threading.Barrier(2)
+
+            def change(mode, b=barrier):
+                b.wait()
+                rt.set_power_mode(mode)
+
+            threads = [threading.Thread(target=change, args=(m,)) for m in ("15W", "7W")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            mixed += (rt.selection.power_mode != rt.power_mode or list(rt.decoder.alphas) != knobs[rt.power_mode]
+                      or list(rt.selection.knobs) != knobs[rt.power_mode])
+    finally:
+        sys.setswitchinterval(interval)
+        rt.close()
+    assert mixed == 0
+
+
 def load_profile_path(name):
     from edge_runtime.devices.profile import profile_dirs
 

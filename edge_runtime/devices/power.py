@@ -40,7 +40,10 @@ class PowerModeWatcher:
     def _read(self) -> str | None:
         try:
             return self.read_mode()
-        except OSError:
+        except OSError:  # the built-in reader's files and nvpmodel come and go: not worth a warning
+            return None
+        except Exception as e:  # a user's reader (a ROS topic, a file it parses): one failed poll must not end
+            _report(f"the power-mode reader raised {type(e).__name__}: {e}; this poll counts as unknown")
             return None
 
     def start(self) -> PowerModeWatcher:
