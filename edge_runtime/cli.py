@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=argtypes.int_range(0, 4096), default=8,
                    help="requests waiting beyond the running one")
     p.add_argument("--max-tokens-limit", type=argtypes.count, default=512)
+    p.add_argument("--shutdown-grace", type=argtypes.float_range(0.0, 3600.0), default=5.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, how long the running generation may go on before it is stopped "
+                        "(queued requests get 503 at once)")
     _add_sparsity_args(p, "on")
 
     p = sub.add_parser("chat", help="interactive chat in the terminal, streamed")
@@ -480,6 +483,7 @@ def cmd_serve(args) -> int:
         import uvicorn
 
         from edge_runtime.serve.app import create_app
+        from edge_runtime.serve.server import Daemon
     except ImportError as e:
         raise EdgeRuntimeError(f"serve needs the serve extra: {install_extra('serve')} "
                                f"({e.name} is missing)") from None
@@ -487,8 +491,8 @@ def cmd_serve(args) -> int:
     rt = _load(args, watch_power=True)
     _apply_sparsity(args, rt)
     app = create_app(rt, api_key=args.api_key, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=30))
+    server = Daemon(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"), app.state.engine,
+                    grace_s=args.shutdown_grace)
     print(f"edge-runtime: serving {rt.name} on http://{args.host}:{args.port} ({rt.backend.name} backend)",
           file=sys.stderr)
     server.run(sockets=[sock])

@@ -387,6 +387,48 @@ def test_sigterm_finishes_stream_and_exits(model_dir):
             proc.kill()
 
 
+def test_stopping_ends_queued_requests_at_once_and_the_running_one_after_the_grace(model_dir):
+    """What SIGTERM or Ctrl-C does (uvicorn's should_exit, set here since a thread gets no signals): the queued
+    request gets a 503 at once, the running stream an error event after the grace, and the daemon is gone soon
+    after. Under plain uvicorn the queued request started after the signal and both ran to the end, or to
+    uvicorn's forced cancel 30 s later."""
+    from edge_runtime.serve.server import Daemon
+
+    app = create_app(ScriptedRuntime(model_dir, max_context=1024), max_queue=3, max_tokens_limit=1000)
+    port, engine = free_port(), app.state.engine
+    daemon = Daemon(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"), engine, grace_s=0.5)
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    wait_until(lambda: daemon.started, 20, "the daemon starting")
+    url, lines, queued = f"http://127.0.0.1:{port}/v1/completions", [], {}
+
+    def waiting():
+        queued["r"] = httpx.post(url, json={"prompt": "the", "max_tokens": 2}, timeout=60)
+        queued["t"] = time.monotonic()
+
+    body = {"prompt": "the door", "max_tokens": 1000, "temperature": 1.0, "seed": SLOW_SEEDS[0], "stream": True}
+    waiter = threading.Thread(target=waiting)
+    with httpx.Client(timeout=60) as h, h.stream("POST", url, json=body) as r:  # >= 5 s of generation
+        for line in r.iter_lines():
+            if line.startswith("data: {") and not lines:
+                waiter.start()
+                wait_until(lambda: engine.queued == 1, 10, "the second request queuing")
+                t0 = time.monotonic()
+                daemon.should_exit = True
+            if line:
+                lines.append(line)
+    stream_ended = time.monotonic() - t0
+    waiter.join(10)
+    thread.join(20)
+    assert queued["r"].status_code == 503 and queued["r"].json()["error"]["code"] == "shutting_down"
+    assert queued["t"] - t0 < 0.5  # at once, not after the running job
+    assert lines[-1] == "data: [DONE]"
+    err = json.loads(lines[-2][6:])["error"]
+    assert err["code"] == "shutting_down" and "stopped after" in err["message"]
+    assert 0.5 <= stream_ended < 3.0 and not thread.is_alive()
+    assert engine.completed == 0 and engine.cancelled == 2
+
+
 def test_health_shows_the_live_selection(tmp_path):
     """The default model on a fake Jetson profile: /health reports the policy's selection, and after a power-mode
     switch (nothing reloaded) the new mode and knobs."""

@@ -28,7 +28,10 @@ class QueueFull(Exception):
 
 
 class Stopping(Exception):
-    """The engine is shutting down (or has shut down) and takes no new jobs."""
+    """The engine is shutting down (or has shut down) and takes no new jobs; or a job ended because of it."""
+
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass
@@ -40,6 +43,11 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     result: GenerationResult | None = None
+    ended_by_shutdown: bool = False  # set before cancel when the server stops: the client is told so
+
+    def end_for_shutdown(self) -> None:
+        self.ended_by_shutdown = True
+        self.cancel.set()
 
     def _emit(self, item: Piece | GenerationResult | Exception) -> None:
         try:
@@ -90,7 +98,7 @@ class Engine:
     def submit(self, job: Job) -> Job:
         with self._cv:
             if self._stopping:
-                raise Stopping("the server is shutting down")
+                raise Stopping(SHUTTING_DOWN)
             # max_queue counts requests waiting behind the running one; with nothing running, the first job in
             # _jobs is the one about to run (the worker has not taken it yet), not a waiting one
             if len(self._jobs) >= self.max_queue + (self._running is None):
@@ -114,7 +122,8 @@ class Engine:
             try:
                 if job.cancel.is_set():  # its client left, or the server is stopping
                     self.cancelled += 1
-                    job._emit(EdgeRuntimeError("request cancelled before it started"))
+                    job._emit(Stopping(SHUTTING_DOWN) if job.ended_by_shutdown
+                              else EdgeRuntimeError("request cancelled before it started"))
                     continue
                 self._execute(job)
             except Exception as e:  # the job failed, not the worker: hand the error over, run the next job
@@ -141,11 +150,35 @@ class Engine:
                     dt = time.perf_counter() - t0
                     if item.token_ids and dt > 0:
                         self.last_tokens_per_s = len(item.token_ids) / dt
+                    if item.finish_reason == "cancelled" and job.ended_by_shutdown:
+                        job._emit(Stopping(f"{SHUTTING_DOWN}: the generation was stopped after "
+                                           f"{len(item.token_ids)} tokens"))
+                        continue
                 elif not job.stream:
                     continue
                 job._emit(item)
         finally:
             events.close()  # releases the runtime's lock now, even when this loop ended in an exception
+
+    def interrupt(self, grace_s: float) -> threading.Timer | None:
+        """SIGTERM or SIGINT: take no new job, end the queued ones now (their clients get a 503), and give the
+        running one grace_s to finish before it is stopped at its next token (its client told why). The timer
+        that stops it, if one runs."""
+        with self._cv:
+            self._stopping = True
+            for job in self._jobs:  # answered here: the worker would reach them only after the running job
+                job.end_for_shutdown()
+                job._emit(Stopping(SHUTTING_DOWN))
+            self.cancelled += len(self._jobs)
+            self._jobs.clear()
+            running = self._running
+            self._cv.notify()
+        if running is None:
+            return None
+        timer = threading.Timer(grace_s, running.end_for_shutdown)
+        timer.daemon = True
+        timer.start()
+        return timer
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new jobs, cancel queued ones, let the running one finish, stop the worker."""
