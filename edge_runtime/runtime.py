@@ -36,6 +36,7 @@ from edge_runtime.sparsity.calibration_files import read_calibration
 from edge_runtime.sparsity.policy import Objective, Selection, choose_predictor, quality_cap, select
 
 DEFAULT_CONTEXT = 2048
+LOCK_POLL_S = 0.005  # how often a generation waiting for another thread's asks its deadline and should_stop
 FALLBACK_ALPHA = 1.0  # SparseInfer's majority vote, for models converted without a default alpha
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
@@ -264,7 +265,11 @@ class Runtime:
             return self.encode(prompt), ()
         if isinstance(prompt, (bytes, bytearray)):  # list(b"hi") would be the ids [104, 105]
             raise EdgeRuntimeError("prompt is bytes; decode it to str first")
-        items = list(prompt)
+        try:
+            items = list(prompt)
+        except TypeError:  # None, a number: list() would name neither the argument nor what it takes
+            raise EdgeRuntimeError(f"prompt must be a string, a list of token ids, or a list of chat messages, "
+                                   f"got {type(prompt).__name__}") from None
         if items and all(is_int(t) for t in items):
             return [int(t) for t in items], ()
         if items and all(isinstance(m, dict) for m in items):
@@ -295,6 +300,8 @@ class Runtime:
             raise EdgeRuntimeError("this runtime is closed")
         if isinstance(stop, str):  # one stop string, not its characters
             stop = (stop,)
+        elif stop is None:  # OpenAI-style code passes None for "no stop strings"
+            stop = ()
         ids, implied_stop = self.prepare_prompt(prompt)
         cfg = GenerationConfig(max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
                                tuple(stop) + implied_stop)
@@ -309,7 +316,10 @@ class Runtime:
                 return "deadline"
             return should_stop() if should_stop else None
 
-        with self._holding() as decoder:
+        with self._holding(stop_check) as (decoder, gave_up):
+            if gave_up:  # the deadline passed, or should_stop said so, while another thread's generation ran
+                yield GenerationResult("", [], len(ids), gave_up, 0.0, 0.0)
+                return
             for item in generate_stream(decoder, self.tokenizer, ids, cfg, stop_check, text_per_token):
                 if isinstance(item, GenerationResult):
                     self.last_result = item
@@ -369,7 +379,7 @@ class Runtime:
         kernels are loaded (numba's cache; CUDA modules in the first step, the step's graph captured in the
         second) here rather than inside a caller's first deadline. No listener hears these tokens; statistics
         and position start from zero."""
-        with self._holding() as decoder:
+        with self._holding() as (decoder, _):
             bos = self.config.bos_token_id or 0
             decoder.start([bos, bos], SamplingParams())
             decoder.decode_step()
@@ -377,23 +387,34 @@ class Runtime:
             decoder.reset()
 
     @contextmanager
-    def _holding(self) -> Iterator[Decoder]:
-        """The lock for one generation or warm-up, and the decoder it may use. The thread that already holds
-        it (its stream suspended between two pieces) would wait for itself forever: refused instead."""
+    def _holding(self, stop_check: Callable[[], str | None] | None = None) -> Iterator[tuple[Decoder, str | None]]:
+        """The lock for one generation or warm-up, and the decoder it may use: (decoder, None). While another
+        thread's generation holds it, stop_check is asked every LOCK_POLL_S, so a caller's deadline or
+        should_stop counts the wait too: (None, its reason) when it says stop, without the lock. The thread that
+        already holds it (its stream suspended between two pieces) would wait for itself forever: refused."""
         me = threading.get_ident()
         if self._owner == me:
             raise EdgeRuntimeError("a stream from this runtime is still open on this thread; finish it or call "
                                    "its close() before starting another generation")
-        with self._lock:
+        while not self._lock.acquire(timeout=LOCK_POLL_S):
+            if self._closed:
+                raise EdgeRuntimeError("this runtime is closed")
+            reason = stop_check() if stop_check else None
+            if reason is not None:
+                yield None, reason
+                return
+        try:
             if self._closed:
                 raise EdgeRuntimeError("this runtime is closed")
             self._owner = me
             try:
-                yield self.decoder
+                yield self.decoder, None
             finally:
                 self._owner = None
                 if self._closed:  # close() came from this thread while the stream was open
                     self._release()
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         """Release the weights and the KV cache; later calls raise. From another thread, waits for the

@@ -95,6 +95,8 @@ def test_closed_runtime_refuses(model_dir):
     (lambda rt: rt.generate(b"the door"), "bytes"),
     (lambda rt: rt.generate("\udcff door"), "not valid UTF-8"),
     (lambda rt: rt.generate("x", stop=[""]), "non-empty"),
+    (lambda rt: rt.generate(None), "prompt must be a string.*got NoneType"),
+    (lambda rt: rt.generate(7), "prompt must be a string.*got int"),
     (lambda rt: rt.generate("x", deadline_s=float("nan")), "deadline_s"),
     (lambda rt: rt.generate("x", max_new_tokens=2.5), "max_new_tokens"),
     (lambda rt: rt.set_sparsity(float("nan")), "alpha"),
@@ -118,6 +120,11 @@ def test_numpy_values_are_accepted(rt):
     res = rt.generate(np.array([1, 5, 6]), max_new_tokens=np.int64(4), deadline_s=np.float32(5.0),
                       temperature=np.float32(0.0))
     assert res.token_ids == rt.generate([1, 5, 6], max_new_tokens=4).token_ids
+
+
+def test_stop_none_means_no_stop_strings(rt):
+    assert rt.generate("the door", max_new_tokens=8, stop=None).token_ids == rt.generate("the door",
+                                                                                         max_new_tokens=8).token_ids
 
 
 def test_one_stop_string_is_not_split_into_characters(rt):
@@ -160,6 +167,38 @@ def test_a_stream_handed_to_another_thread_is_waited_for(rt):
     assert rt.generate("the door", max_new_tokens=12).text == full
     worker.join(60)
     assert first + "".join(rest) == full
+
+
+def test_deadline_and_should_stop_count_the_wait_for_another_threads_generation(rt):
+    """A control loop's 0.2 s deadline behind another thread's long generation blocked for that whole
+    generation; now it returns when the deadline passes, with no token (none could be decoded in time)."""
+    import time
+
+    full = rt.generate("the door", max_new_tokens=12)
+    it = rt.stream("the door", max_new_tokens=12)
+    first = next(it)  # this thread's open stream holds the lock until it ends
+    results: dict = {}
+    estop = threading.Event()
+
+    def control_loop():
+        t0 = time.monotonic()
+        results["deadline"] = rt.generate("the door", max_new_tokens=12, deadline_s=0.2)
+        results["deadline_s"] = time.monotonic() - t0
+        results["stopped"] = rt.generate("the door", max_new_tokens=12,
+                                         should_stop=lambda: "cancelled" if estop.is_set() else None)
+
+    worker = threading.Thread(target=control_loop)
+    worker.start()
+    time.sleep(0.5)
+    estop.set()
+    worker.join(10)
+    assert not worker.is_alive(), "the waiting generation did not give up"
+    res = results["deadline"]
+    assert res.finish_reason == "deadline" and res.token_ids == [] and res.text == ""
+    assert 0.2 <= results["deadline_s"] < 1.5  # it waited for the whole stream (forever here)
+    assert results["stopped"].finish_reason == "cancelled" and results["stopped"].token_ids == []
+    assert first + "".join(it) == full.text  # the stream that held the lock is unharmed
+    assert rt.generate("the door", max_new_tokens=12, deadline_s=60).token_ids == full.token_ids
 
 
 def test_close_on_the_thread_of_an_open_stream_ends_it(model_dir):
