@@ -31,7 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=argtypes.int_range(1, 1024), default=None,
                    help="cpu backend compute threads (default: the cores numpy's BLAS would use; one when a "
-                        "decode step reads under 16 MB)")
+                        "decode step reads under 16 MB). With other busy processes, use fewer than the cores "
+                        "they leave free: two threads on two cores, one of them busy, decode at half the speed "
+                        "of one thread")
 
 
 def _add_sparsity_args(p: argparse.ArgumentParser, default: str) -> None:
