@@ -41,21 +41,32 @@ Chunk = Callable[[str, str | None, bool], dict]  # (text, finish_reason, first) 
 
 
 async def sse(job: Job, chunk: Chunk, finish: dict[str, str], metrics: Metrics) -> AsyncIterator[str]:
+    """The job's events as server-sent events. Events already waiting go out in one write: the event loop then
+    runs between two writes and sees a client that has gone after one write to its closed socket, not after a
+    backlog of them (asyncio logs "socket.send() raised exception." for each past the fifth)."""
     try:
-        first = True
-        while True:
+        first, done = True, False
+        while not done:
+            out: list[str] = []
             item = await job.events.get()
-            if isinstance(item, Exception):
-                yield f"data: {json.dumps(ServeError.from_job_error(item).body())}\n\n"
-                break
-            if isinstance(item, Piece):
-                if item.text or first:
-                    yield f"data: {json.dumps(chunk(item.text, None, first))}\n\n"
-                    first = False
-                continue
-            metrics.tokens.inc(len(item.token_ids))
-            yield f"data: {json.dumps(chunk('', finish[item.finish_reason], False))}\n\n"
-            break
-        yield "data: [DONE]\n\n"
+            while True:
+                if isinstance(item, Exception):
+                    out.append(f"data: {json.dumps(ServeError.from_job_error(item).body())}\n\n")
+                    done = True
+                elif isinstance(item, Piece):
+                    if item.text or first:
+                        out.append(f"data: {json.dumps(chunk(item.text, None, first))}\n\n")
+                        first = False
+                else:
+                    metrics.tokens.inc(len(item.token_ids))
+                    out.append(f"data: {json.dumps(chunk('', finish[item.finish_reason], False))}\n\n")
+                    done = True
+                if done or job.events.empty():
+                    break
+                item = job.events.get_nowait()
+            if done:
+                out.append("data: [DONE]\n\n")
+            if out:
+                yield "".join(out)
     finally:
         job.cancel.set()  # the client left early, or the stream ended: either way nothing more to do
