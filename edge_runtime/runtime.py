@@ -25,7 +25,7 @@ from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS
 from edge_runtime.errors import EdgeRuntimeError, install_extra
 from edge_runtime.model.chat import DEFAULT_STOP, render_chat
 from edge_runtime.model.decoder import Decoder
-from edge_runtime.model.generate import GenerationConfig, GenerationResult, Piece, generate_stream
+from edge_runtime.model.generate import GenerationConfig, GenerationResult, Piece, check_prompt, generate_stream
 from edge_runtime.model.sampling import SamplingParams, finite, is_int
 from edge_runtime.model.tokenizer import Tokenizer
 from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
@@ -36,7 +36,7 @@ from edge_runtime.sparsity.calibration_files import read_calibration
 from edge_runtime.sparsity.policy import Objective, Selection, choose_predictor, quality_cap, select
 
 DEFAULT_CONTEXT = 2048
-LOCK_POLL_S = 0.005  # how often a generation waiting for another thread's asks its deadline and should_stop
+LOCK_POLL_S = 0.005  # how often a generation waiting for another thread's generation asks its should_stop
 FALLBACK_ALPHA = 1.0  # SparseInfer's majority vote, for models converted without a default alpha
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
@@ -294,8 +294,10 @@ class Runtime:
                       stop: Sequence[str] = (), deadline_s: float | None = None,
                       should_stop: Callable[[], str | None] | None = None,
                       text_per_token: bool = True) -> Iterator[Piece | GenerationResult]:
-        """Pieces, then the GenerationResult. Holds the runtime's lock while alive. text_per_token=False: the
-        text comes whole at the end (generate_stream), for callers that want only the result."""
+        """Pieces, then the GenerationResult. Holds the runtime's lock from its first piece asked to its end
+        (deadline_s counts from there; a deadline or should_stop that says stop before this call's turn comes
+        gives a result with no token). text_per_token=False: the text comes whole at the end (generate_stream),
+        for callers that want only the result."""
         if self._closed:
             raise EdgeRuntimeError("this runtime is closed")
         if isinstance(stop, str):  # one stop string, not its characters
@@ -316,9 +318,11 @@ class Runtime:
                 return "deadline"
             return should_stop() if should_stop else None
 
-        with self._holding(stop_check) as (decoder, gave_up):
-            if gave_up:  # the deadline passed, or should_stop said so, while another thread's generation ran
-                yield GenerationResult("", [], len(ids), gave_up, 0.0, 0.0)
+        check_prompt(ids, self._live_decoder().max_context)  # before any wait: a bad prompt is refused, not late
+        with self._holding(stop_check if t_end is not None or should_stop else None) as (decoder, gave_up):
+            if gave_up:  # the deadline passed, or should_stop said so, before this call's turn came
+                self.last_result = GenerationResult("", [], len(ids), gave_up, 0.0, 0.0)
+                yield self.last_result
                 return
             for item in generate_stream(decoder, self.tokenizer, ids, cfg, stop_check, text_per_token):
                 if isinstance(item, GenerationResult):
@@ -387,20 +391,28 @@ class Runtime:
             decoder.reset()
 
     @contextmanager
-    def _holding(self, stop_check: Callable[[], str | None] | None = None) -> Iterator[tuple[Decoder, str | None]]:
-        """The lock for one generation or warm-up, and the decoder it may use: (decoder, None). While another
-        thread's generation holds it, stop_check is asked every LOCK_POLL_S, so a caller's deadline or
-        should_stop counts the wait too: (None, its reason) when it says stop, without the lock. The thread that
-        already holds it (its stream suspended between two pieces) would wait for itself forever: refused."""
+    def _holding(self, stop_check: Callable[[], str | None] | None = None
+                 ) -> Iterator[tuple[Decoder | None, str | None]]:
+        """The lock for one generation or warm-up, and the decoder it may use: (decoder, None). With a stop_check
+        (a deadline or should_stop), it is asked every LOCK_POLL_S while another thread's generation holds the
+        lock and once more when the lock is taken, so the wait counts too: (None, its reason) when it says stop,
+        the lock not held. The thread that already holds it (its stream suspended between two pieces) would wait
+        for itself forever: refused."""
         me = threading.get_ident()
         if self._owner == me:
             raise EdgeRuntimeError("a stream from this runtime is still open on this thread; finish it or call "
                                    "its close() before starting another generation")
-        while not self._lock.acquire(timeout=LOCK_POLL_S):
-            if self._closed:
-                raise EdgeRuntimeError("this runtime is closed")
-            reason = stop_check() if stop_check else None
-            if reason is not None:
+        if stop_check is None:
+            self._lock.acquire()
+        else:
+            while not self._lock.acquire(timeout=LOCK_POLL_S):
+                if self._closed:
+                    raise EdgeRuntimeError("this runtime is closed")
+                if (reason := stop_check()) is not None:
+                    yield None, reason
+                    return
+            if not self._closed and (reason := stop_check()) is not None:  # late when its turn came
+                self._lock.release()
                 yield None, reason
                 return
         try:

@@ -43,9 +43,22 @@ def test_bad_messages(rt):
 
 
 def test_deadline_returns_partial(rt):
-    res = rt.generate("the quick", max_new_tokens=1000, deadline_s=0.0)
-    assert res.finish_reason == "deadline"
-    assert len(res.token_ids) == 1  # the token from the prefill is always returned
+    import time
+
+    rt.token_listeners.append(lambda _t: time.sleep(0.002))  # a slow device: 1,000 tokens take over 2 s
+    res = rt.generate("the quick", max_new_tokens=1000, deadline_s=0.05)
+    rt.token_listeners.pop()
+    assert res.finish_reason == "deadline" and 1 <= len(res.token_ids) < 1000
+    assert res.token_ids == rt.generate("the quick", max_new_tokens=len(res.token_ids)).token_ids  # a prefix
+
+
+def test_a_deadline_already_passed_runs_nothing(rt):
+    """A call late before it starts (deadline 0) decodes nothing: its prefill could cost seconds on a long
+    prompt. A bad prompt is still refused as such."""
+    res = rt.generate("the quick", max_new_tokens=10, deadline_s=0.0)
+    assert res.finish_reason == "deadline" and res.token_ids == [] and rt.last_result is res
+    with pytest.raises(EdgeRuntimeError, match="context holds"):
+        rt.generate(list(range(1, rt.decoder.max_context + 5)), deadline_s=0.0)
 
 
 def test_async_variants(rt):

@@ -51,6 +51,14 @@ class Piece:
     new_token: bool = True  # False for the final flush of held-back text (no new token)
 
 
+def check_prompt(prompt_ids: Sequence[int], max_context: int) -> None:
+    if not prompt_ids:
+        raise EdgeRuntimeError("the prompt is empty after tokenisation")
+    if len(prompt_ids) >= max_context:
+        raise EdgeRuntimeError(f"prompt has {len(prompt_ids)} tokens; the context holds {max_context} "
+                               f"(one more is needed to generate)")
+
+
 def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: Sequence[int],
                     config: GenerationConfig, should_stop: Callable[[], str | None] | None = None,
                     text_per_token: bool = True) -> Iterator[Piece | GenerationResult]:
@@ -61,11 +69,7 @@ def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: S
     it. The tokenizer's calls between steps cost the default model's decode about 5 % of its tokens/s (its
     tables pushed the step's weights out of cache); the text is the same, built by the same pushes."""
     cfg = decoder.cfg
-    if not prompt_ids:
-        raise EdgeRuntimeError("the prompt is empty after tokenisation")
-    if len(prompt_ids) >= decoder.max_context:
-        raise EdgeRuntimeError(f"prompt has {len(prompt_ids)} tokens; the context holds {decoder.max_context} "
-                               f"(one more is needed to generate)")
+    check_prompt(prompt_ids, decoder.max_context)
     detok = IncrementalDecoder(tokenizer) if tokenizer else None
     incremental = detok is not None and (text_per_token or bool(config.stop))  # stops match the growing text
     out_ids: list[int] = []
