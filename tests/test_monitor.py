@@ -322,15 +322,31 @@ def test_duration_stops_a_command_still_running(monkeypatch, capsys):
     assert _token_files() == before
 
 
-def test_duration_kills_a_command_that_ignores_sigterm(monkeypatch, capsys):
+def test_duration_stops_what_the_command_started(tmp_path, capsys):
+    """`sh -c 'work & wait'`: the work is the shell's child, which outlived the shell's SIGTERM."""
+    import psutil
+
+    pid_file = tmp_path / "pid"
+    code = main(["monitor", "--interval", "20", "--duration", "1", "--", "sh", "-c",
+                 f"sleep 60 & echo $! > {pid_file}; wait"])
+    assert code == 124
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the command's child is still running"
+        time.sleep(0.05)
+
+
+def test_duration_kills_a_command_that_ignores_sigterm(monkeypatch, tmp_path, capsys):
     from edge_runtime.monitor import command
 
     monkeypatch.setattr(command, "GRACE_S", 0.5)
     started = _popen_recorded(monkeypatch)
-    ignores_term = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                    "time.sleep(60)")
-    assert main(["monitor", "--interval", "20", "--duration", "1.5", "--", sys.executable, "-c", ignores_term]) == 124
-    assert started[0].returncode == -9
+    ready = tmp_path / "ready"
+    ignores_term = (f"import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                    f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+    assert main(["monitor", "--interval", "20", "--duration", "3", "--", sys.executable, "-c", ignores_term]) == 124
+    assert ready.exists() and started[0].returncode == -9
 
 
 def test_a_command_that_ends_within_the_duration_keeps_its_status(capsys):

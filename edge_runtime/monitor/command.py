@@ -4,6 +4,7 @@ the EDGE_RUNTIME_TOKEN_LOG file (time.monotonic() is one clock for the whole mac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from edge_runtime.devices.detect import read_power_mode
 from edge_runtime.errors import install_extra
@@ -90,21 +93,37 @@ GRACE_S = 10.0  # SIGTERM's time to exit before SIGKILL
 
 
 def _stop(proc: subprocess.Popen) -> int:
-    """Terminate the wrapped command, kill it if it ignores SIGTERM for GRACE_S; its Popen return code."""
-    proc.terminate()
+    """Terminate the wrapped command and what it started (`sh -c 'a & b'`: the work is in its children), kill
+    whatever ignores SIGTERM for GRACE_S; the command's Popen return code. The children are found through psutil
+    rather than a process group of their own: a command in a background group stops at its first read of the
+    terminal (SIGTTIN), which an interactive `edge-runtime chat` does."""
     try:
-        return proc.wait(GRACE_S)
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:  # it has just exited
+        children = []
+    t_end = time.monotonic() + GRACE_S
+    for p in [proc, *children]:
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            p.terminate()
+    try:
+        code = proc.wait(GRACE_S)
     except subprocess.TimeoutExpired:
         proc.kill()
-        return proc.wait()
+        code = proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=max(0.0, t_end - time.monotonic()))
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return code
 
 
 def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int | None, duration_s: float | None,
                 command: list[str]) -> int:
     """Sample until the wrapped command ends (its exit status is returned, 128 + N for a command killed by signal
-    N, as a shell reports it), the duration passes or Ctrl-C. A command still running when the duration passes
-    is stopped, and the status is 124, as timeout(1) gives: it must not outlive its monitor. Whatever fails in
-    setup (a command that does not exist, a busy port) still stops the sampler and removes the token file."""
+    N, as a shell reports it), the duration passes or Ctrl-C. A command still running when the duration
+    passes is stopped with what it started, and the status is 124, as timeout(1) gives: it must not outlive
+    its monitor. Whatever fails in setup (a command that does not exist, a busy port) still stops the sampler
+    and removes the token file."""
     recorder = Recorder(default_samplers(), interval_s=interval_ms / 1000.0, power_mode=_power_mode,
                         jsonl_path=jsonl_path).start()
     fd, name = tempfile.mkstemp(prefix="edge-runtime-tokens-")
