@@ -34,17 +34,23 @@ class PowerModeWatcher:
         self.on_change = on_change
         self.interval_s = interval_s
         self.current: str | None = None  # start() acts on the first reading: the runtime may be set to another
+        self._reader_failing = False  # one warning per run of failed reads, not one per poll
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-runtime-power-watch", daemon=True)
 
     def _read(self) -> str | None:
         try:
-            return self.read_mode()
+            mode = self.read_mode()
         except OSError:  # the built-in reader's files and nvpmodel come and go: not worth a warning
             return None
         except Exception as e:  # a user's reader (a ROS topic, a file it parses): one failed poll must not end
-            _report(f"the power-mode reader raised {type(e).__name__}: {e}; this poll counts as unknown")
+            if not self._reader_failing:  # the watching, nor fill a journal with a line per poll
+                _report(f"the power-mode reader raised {type(e).__name__}: {e}; its polls count as unknown "
+                        f"until it reads again")
+            self._reader_failing = True
             return None
+        self._reader_failing = False
+        return mode
 
     def start(self) -> PowerModeWatcher:
         """Act on the mode the board is in now, in the caller's thread, then poll for changes."""
