@@ -184,6 +184,39 @@ def test_disconnect_cancels(server):
     assert engine.cancelled == before + 1
 
 
+def test_events_already_waiting_go_out_in_one_write():
+    """sse() drains what the engine has queued into one chunk: the event loop runs between two writes, so a
+    client that has gone is seen after one write, not after a backlog of them."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from edge_runtime.model.generate import GenerationResult, Piece
+    from edge_runtime.serve import stream
+    from edge_runtime.serve.engine import Job
+    from edge_runtime.serve.routes_generate import FINISH
+
+    counted: list[int] = []
+    metrics = SimpleNamespace(tokens=SimpleNamespace(inc=counted.append))
+
+    def chunk(text, finish, first):
+        return {"text": text, "finish": finish, "first": first}
+
+    async def run() -> list[str]:
+        job = Job([1], {}, asyncio.get_running_loop())
+        for i, text in enumerate(["a", "", "b", "c"]):
+            job.events.put_nowait(Piece(i, text))
+        job.events.put_nowait(GenerationResult("abc", [0, 1, 2, 3], 1, "length", 0.0, 0.0))
+        return [c async for c in stream.sse(job, chunk, FINISH, metrics)]
+
+    writes = asyncio.run(run())
+    assert len(writes) == 1 and counted == [4]
+    events = [e.removeprefix("data: ") for e in writes[0].split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    bodies = [json.loads(e) for e in events[:-1]]
+    assert [b["text"] for b in bodies] == ["a", "b", "c", ""] and bodies[0]["first"] and not bodies[1]["first"]
+    assert bodies[-1]["finish"] == "length"
+
+
 def test_clients_leaving_mid_stream_leave_no_log_noise(server, caplog):
     """A client gone mid-stream: its events were written one by one without the event loop running between
     them, so the socket's loss was noticed only after a backlog of writes, each past the fifth logged by asyncio
@@ -375,7 +408,8 @@ def test_api_key(model_dir):
 def test_sigterm_finishes_stream_and_exits(model_dir):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--model", str(model_dir),
-                             "--port", str(port), "--backend", "cpu", "--max-context", "512"],
+                             "--port", str(port), "--backend", "cpu", "--max-context", "512",
+                             "--shutdown-grace", "60"],  # the generation under way may finish
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -440,7 +474,7 @@ def test_stopping_ends_queued_requests_at_once_and_the_running_one_after_the_gra
     waiter.join(10)
     thread.join(20)
     assert queued["r"].status_code == 503 and queued["r"].json()["error"]["code"] == "shutting_down"
-    assert queued["t"] - t0 < 0.5  # at once, not after the running job
+    assert queued["t"] - t0 < 2.0  # at once, not after the running job (>= 5 s of generation)
     assert lines[-1] == "data: [DONE]"
     err = json.loads(lines[-2][6:])["error"]
     assert err["code"] == "shutting_down" and "stopped after" in err["message"]

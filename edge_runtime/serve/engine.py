@@ -185,6 +185,6 @@ class Engine:
         with self._cv:
             self._stopping = True
             for job in self._jobs:
-                job.cancel.set()
+                job.end_for_shutdown()
             self._cv.notify()
         self._worker.join(timeout)

@@ -1,8 +1,9 @@
 """uvicorn's server with the daemon's way of stopping. On SIGTERM or SIGINT uvicorn waits for every open
 response before it shuts the app down, and after its graceful timeout cancels them (asyncio tracebacks, a
-stream cut without an error). So at the signal the engine is told first: queued jobs end at once with a 503,
-the running generation gets a grace period and is then stopped at its next token with an error its client
-sees; every response ends within the grace, and the process exits."""
+stream cut without an error). So at the signal the engine is told first: queued jobs end at once (a 503, or
+an error event for a stream), the running generation gets a grace period and is then stopped at its next
+token with an error its client sees. Every response ends at the first token past the grace (a prefill under
+way finishes first), and the process exits."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class ServeState:
         try:
             return self.engine.submit(Job(ids, params, asyncio.get_running_loop(), stream))
         except Stopping as e:
-            raise ServeError(503, str(e), "shutting_down", {"Retry-After": "5"}) from None
+            raise ServeError.from_job_error(e) from None
         except QueueFull as e:
             raise ServeError(429, "the server is busy: queue full", "queue_full",
                              {"Retry-After": str(e.retry_after_s)}) from None
