@@ -536,6 +536,7 @@ def cmd_calibrate(args) -> int:
         set_aside_broken_calibration,
         write_calibration,
     )
+    from edge_runtime.sparsity.teal import teal_kept
 
     path = Path(args.text)
     text = _read_text(path)
@@ -569,11 +570,8 @@ def cmd_calibrate(args) -> int:
         raise EdgeRuntimeError(f"cannot write calibration.yaml into {model_dir}: {e.strerror}") from None
     summary = {"path": str(out), "tokens": calib["text"]["tokens"], "ppl_dense": calib["ppl_dense"],
                "uniform": {p: sec["uniform"] for p, sec in calib["predictors"].items()}}
-    teal = calib.get("teal")
-    if teal:  # per target, the criterion kept and its held-out perplexity
-        summary["teal"] = {t: {"criterion": c, "ppl": teal["compared"][c][t],
-                               "ppl_increase_pct": 100.0 * (teal["compared"][c][t] / teal["ppl_dense"] - 1.0)}
-                           for t, c in teal["criteria"].items()}
+    if "teal" in calib:
+        summary["teal"] = teal_kept(calib["teal"])
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -203,6 +203,15 @@ def calibrate_teal(rt, wins: list[np.ndarray], targets: tuple[float, ...] = TARG
             "ppl_dense": ppl_dense, "compared": compared}
 
 
+def teal_kept(teal: dict) -> dict[str, dict]:
+    """Per target key, what calibrate_teal kept: {"criterion", "ppl", "ppl_increase_pct"} (held-out)."""
+    out = {}
+    for t, c in teal["criteria"].items():
+        ppl = teal["compared"][c][t]
+        out[t] = {"criterion": c, "ppl": ppl, "ppl_increase_pct": 100.0 * (ppl / teal["ppl_dense"] - 1.0)}
+    return out
+
+
 def better_criteria(compared: dict[str, dict[str, float]]) -> dict[str, str]:
     """Per target key, the criterion with the lowest perplexity (compared: criterion -> {target: ppl})."""
     keys = next(iter(compared.values()))
