@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,21 @@ class Runtime:
         log = os.environ.get(TOKEN_LOG_ENV)
         if log:  # `edge-runtime monitor -- COMMAND` asks its child for token times this way
             self._token_log = open(log, "a", buffering=1)  # noqa: SIM115 (closed in close())
-            self.token_listeners.append(lambda t: self._token_log.write(f"{t:.6f}\n"))
+            self.token_listeners.append(self._log_token)
         else:
+            self._token_log = None
+
+    def _log_token(self, t: float) -> None:
+        """One token time for the monitor. A write that fails (its disk full) ends the log with one warning:
+        the monitor's view is lost, the generation is not."""
+        try:
+            self._token_log.write(f"{t:.6f}\n")
+        except (OSError, ValueError) as e:  # ValueError: the file was closed
+            print(f"edge-runtime: warning: cannot write token times to {self._token_log.name} "
+                  f"({getattr(e, 'strerror', None) or e}); the monitor gets no more of them", file=sys.stderr)
+            self.token_listeners.remove(self._log_token)
+            with suppress(OSError):  # its unwritten line would fail again
+                self._token_log.close()
             self._token_log = None
 
     # ---- configuration -----------------------------------------------------------------------------
@@ -329,7 +343,7 @@ class Runtime:
                     self.last_result = item
                 elif self.token_listeners and item.new_token:
                     now = time.monotonic()
-                    for listener in self.token_listeners:
+                    for listener in tuple(self.token_listeners):  # a listener may remove itself
                         listener(now)
                 yield item
                 self._owner = threading.get_ident()  # the thread that resumed the stream holds the lock now
@@ -445,7 +459,8 @@ class Runtime:
         self.backend = None
         self.decoder = None
         if self._token_log is not None:
-            self._token_log.close()
+            with suppress(OSError):  # a last line its disk has no room for: the generation stands
+                self._token_log.close()
             self._token_log = None
 
     def __enter__(self) -> Runtime:

@@ -361,3 +361,29 @@ def test_live_view_without_rich_is_a_note(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "rich.live", None)  # import fails as if rich were not installed
     assert command._live_view() is None
     assert "no live view without rich" in capsys.readouterr().err
+
+
+def test_a_full_disk_ends_the_jsonl_not_the_monitored_command(capsys):
+    """--jsonl on a full disk (/dev/full): the monitor stopped the command it wrapped (a daemon) and exited 2;
+    the JSONL now ends with one warning and the command runs to its end."""
+    code = main(["monitor", "--interval", "20", "--jsonl", "/dev/full", "--", sys.executable, "-c",
+                 "import time; time.sleep(0.5); raise SystemExit(5)"])
+    assert code == 5  # the command's own status: it was not stopped
+    err = capsys.readouterr().err
+    assert err.count("cannot write /dev/full") == 1 and "monitoring goes on" in err
+
+
+def test_token_times_on_a_full_disk_do_not_fail_the_generation(monkeypatch, tmp_path, capsys):
+    """A generation under `monitor` whose token log's disk is full failed (the daemon answered 500 to every
+    request); now the log ends with one warning and generation goes on."""
+    pytest.importorskip("torch")
+    import edge_runtime
+    from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
+    from tests.helpers import packed_llama
+
+    model = packed_llama(tmp_path, act="relu", seed=62)
+    monkeypatch.setenv(TOKEN_LOG_ENV, "/dev/full")
+    with edge_runtime.load(model, backend="cpu", warm_up=False) as rt:
+        first = rt.generate("the door", max_new_tokens=300)
+        assert len(first.token_ids) >= 2 and rt.generate("the door", max_new_tokens=300).token_ids == first.token_ids
+    assert capsys.readouterr().err.count("cannot write token times to /dev/full") == 1

@@ -52,7 +52,7 @@ def _table(rec: dict, rates: dict):
     return t
 
 
-def _read_tokens(path: Path, offset: int, recorder: Recorder, jsonl) -> int:
+def _read_tokens(path: Path, offset: int, recorder: Recorder) -> int:
     try:
         with open(path) as f:
             f.seek(offset)
@@ -63,8 +63,8 @@ def _read_tokens(path: Path, offset: int, recorder: Recorder, jsonl) -> int:
     for line in complete.splitlines():
         t = float(line)
         recorder.on_token(t)
-        if jsonl is not None:
-            jsonl.write(json.dumps({"event": "token", "t": t}) + "\n")
+        if recorder.jsonl is not None:
+            recorder.jsonl.write({"event": "token", "t": t})
     return offset + len(complete)
 
 
@@ -129,10 +129,9 @@ def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int
     fd, name = tempfile.mkstemp(prefix="edge-runtime-tokens-")
     os.close(fd)
     token_file = Path(name)
-    tokens_jsonl = live = proc = None
+    live = proc = None
     offset, t_end, code = 0, (time.monotonic() + duration_s) if duration_s else None, 0
     try:
-        tokens_jsonl = open(jsonl_path, "a") if jsonl_path else None  # noqa: SIM115 (closed below)
         if prometheus_port is not None:
             from prometheus_client import start_http_server
 
@@ -145,7 +144,7 @@ def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int
         try:
             while True:
                 time.sleep(min(0.25, interval_ms / 1000.0))
-                offset = _read_tokens(token_file, offset, recorder, tokens_jsonl)
+                offset = _read_tokens(token_file, offset, recorder)
                 if live is not None:
                     live.update(_table(recorder.latest(), live_rates(recorder)))
                 if proc is not None and proc.poll() is not None:
@@ -168,10 +167,8 @@ def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int
     finally:
         if live is not None:
             live.stop()
+        offset = _read_tokens(token_file, offset, recorder)  # the last tokens, into the JSONL before it closes
         recorder.stop()
-        offset = _read_tokens(token_file, offset, recorder, tokens_jsonl)
-        if tokens_jsonl is not None:
-            tokens_jsonl.close()
         token_file.unlink(missing_ok=True)
     summary = summarize(recorder.snapshot(), list(recorder.token_times))
     print(json.dumps(summary), file=sys.stderr if sys.stdout.isatty() else sys.stdout)

@@ -5,12 +5,46 @@ each token's interval (trapezoids over the samples, linear between them)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
+
+
+class JsonlSink:
+    """Appends JSON records to a file from several threads. A write that fails (a full disk) ends the file with
+    one warning, not the monitoring: the telemetry must never stop the command it watches."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "a")  # noqa: SIM115 (closed in close)
+        self._lock = threading.Lock()
+
+    def write(self, record: dict) -> None:
+        with self._lock:
+            if self._file is None:
+                return
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as e:
+                print(f"edge-runtime: warning: monitor: cannot write {self.path} ({e.strerror or e}); the JSONL "
+                      f"stops here, monitoring goes on", file=sys.stderr)
+                self._close()
+
+    def _close(self) -> None:
+        with contextlib.suppress(OSError):  # the data it could not flush is already reported lost
+            self._file.close()
+        self._file = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._close()
 
 
 class Recorder:
@@ -21,7 +55,7 @@ class Recorder:
         self.records: collections.deque[dict] = collections.deque(maxlen=capacity)
         self.token_times: collections.deque[float] = collections.deque(maxlen=capacity)
         self.power_mode = power_mode
-        self._jsonl = open(jsonl_path, "a") if jsonl_path else None  # noqa: SIM115 (closed in stop)
+        self.jsonl = JsonlSink(jsonl_path) if jsonl_path else None  # samples and token events; closed in stop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="edge-runtime-monitor", daemon=True)
         self._lock = threading.Lock()
@@ -38,9 +72,8 @@ class Recorder:
             rec["power_mode"] = self.power_mode()
         with self._lock:
             self.records.append(rec)
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(rec) + "\n")
-            self._jsonl.flush()
+        if self.jsonl is not None:
+            self.jsonl.write(rec)
         return rec
 
     def _run(self) -> None:
@@ -58,9 +91,9 @@ class Recorder:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
 
     def on_token(self, t: float | None = None) -> None:
         """The runtime calls this as each token is produced (time.monotonic())."""
