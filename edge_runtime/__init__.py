@@ -5,7 +5,10 @@
         print(rt.generate("The robot", max_new_tokens=32, deadline_s=0.5).text)
 """
 
-from edge_runtime import blas_spin  # noqa: F401  (first: before anything loads numpy and OpenBLAS)
+from edge_runtime import (
+    blas_spin,  # noqa: F401  (first: before anything loads numpy and OpenBLAS)
+    numba_cache,  # noqa: F401  (before numba reads NUMBA_CACHE_DIR)
+)
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.version import __version__
 
