@@ -61,3 +61,15 @@ def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
             w.writerows(rows)
 
     atomic_write(path, write)
+
+
+def save_arrays(arrays: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as OSError, which the CLI reports as one
+    line: SafetensorError is not an OSError, and a full disk ended convert or calibrate in a traceback."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(arrays, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"cannot write {path}: {e}") from None

@@ -139,6 +139,20 @@ def test_failed_convert_midway_leaves_nothing(capsys, packed, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def test_a_full_disk_during_convert_is_one_line_and_leaves_nothing(capsys, packed, tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError, which is no OSError: convert ended in a traceback."""
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    def disk_full(*_args, **_kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    code, _, err = run_cli(capsys, "convert", str(packed / "hf"), str(tmp_path / "out"))
+    assert_one_line_error(code, err, "cannot write", "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("key", ["hidden_size", "intermediate_size", "num_key_value_heads", "vocab_size"])
 def test_config_that_disagrees_with_its_tensors_replaces_nothing(capsys, packed, tmp_path, key):
     """convert --overwrite with a config.json from another model must not swap a good pack for one that

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from edge_runtime.atomic_write import save_arrays
 from edge_runtime.errors import ModelFormatError
 from edge_runtime.pack.colnorms import COLNORM_OF, column_norms
 from edge_runtime.pack.format import (
@@ -93,7 +93,7 @@ def _check_shape(hf_dir: Path, src: TensorSource, w: np.ndarray, cfg) -> None:
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata={"format": FORMAT_NAME})
+    save_arrays({k: np.ascontiguousarray(v) for k, v in arrays.items()}, path, metadata={"format": FORMAT_NAME})
     os.chmod(path, 0o644)  # safetensors writes files private; a model is meant to be shared read-only
     return file_entry(path)
 

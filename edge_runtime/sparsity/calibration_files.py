@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from edge_runtime.atomic_write import staged, yaml_text
+from edge_runtime.atomic_write import save_arrays, staged, yaml_text
 from edge_runtime.deferred_signals import signals_deferred
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.format import (
@@ -33,13 +33,11 @@ CALIBRATION_VERSION = 2
 def write_calibration(model_dir: Path, calib: dict, thresholds: dict) -> Path:
     """calib (the YAML's content) and thresholds ({"layers.i.qk": (N,) float32}, may be empty: the old
     thresholds file then stays, unread) into model_dir, and their checksums into its manifest."""
-    from safetensors.numpy import save_file
-
     model_dir = Path(model_dir)
     temps: dict[str, Path] = {}
     try:
         if thresholds:
-            temps[THRESHOLDS_FILE] = staged(model_dir / THRESHOLDS_FILE, lambda tmp: save_file(thresholds, tmp))
+            temps[THRESHOLDS_FILE] = staged(model_dir / THRESHOLDS_FILE, lambda tmp: save_arrays(thresholds, tmp))
         temps[CALIBRATION_FILE] = staged(model_dir / CALIBRATION_FILE,
                                          lambda tmp: Path(tmp).write_text(yaml_text(calib), encoding="utf-8"))
         with signals_deferred():
