@@ -771,10 +771,29 @@ COMMANDS = {"demo": cmd_demo, "convert": cmd_convert, "generate": cmd_generate, 
             "export-onnx": cmd_export_onnx}
 
 
+def check_numba_threads() -> None:
+    """numba reads NUMBA_NUM_THREADS when first imported and stops with a bare ValueError traceback for a
+    value of 0 or less (one it cannot parse it ignores, with a warning)."""
+    raw = os.environ.get("NUMBA_NUM_THREADS", "").strip()
+    try:
+        bad = int(raw) <= 0
+    except ValueError:
+        return
+    if bad:
+        raise EdgeRuntimeError(f"NUMBA_NUM_THREADS={raw}: give a number of threads above 0, or unset it to use "
+                               "every core (--threads sets how many a command uses)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        check_numba_threads()
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader gone away shows here, not as "Exception ignored" at interpreter exit
+        return status
+    except BrokenPipeError:  # the reader went away (`| head`): not an error worth a message
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter closes it at exit)
+        return 0
     except EdgeRuntimeError as e:
         print(f"edge-runtime: error: {e}", file=sys.stderr)
         return 2
@@ -786,9 +805,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edge-runtime: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`| head`): not an error worth a traceback
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (the interpreter closes it at exit)
-        return 0
 
 
 if __name__ == "__main__":

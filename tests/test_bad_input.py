@@ -304,3 +304,23 @@ def test_bench_tokens_beyond_the_context_are_cut_to_it(capsys):
     res = json.loads(out)
     assert code == 0 and res["tokens_asked"] == 100000 and 0 < res["tokens"] < 64
     assert "more than the 64-token context holds" in err
+
+
+def test_numba_threads_zero_is_one_line(capsys, monkeypatch):
+    """numba itself stops with a ValueError traceback when first imported under NUMBA_NUM_THREADS=0."""
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "0")
+    code, _, err = run_cli(capsys, "info")
+    assert_one_line_error(code, err, "NUMBA_NUM_THREADS=0")
+
+
+def test_reader_gone_away_is_silent():
+    """`edge-runtime info | true`: the pipe is closed before the first write; no message, exit 0 (BrokenPipeError
+    is an OSError, and was reported as 'error: Broken pipe', exit 2)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the interpreter has imported the package
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
