@@ -521,6 +521,9 @@ def _listen(host: str, port: int):
 def cmd_chat(args) -> int:
     from edge_runtime.chat_repl import run_chat
 
+    if sys.stdin is None:  # started with stdin closed (`<&-`): input() would raise "lost sys.stdin"
+        raise EdgeRuntimeError("chat reads its messages from standard input, which is closed; run it in a "
+                               "terminal or pipe the messages in, one per line")
     rt = _load(args, watch_power=True)
     _apply_sparsity(args, rt)
     return run_chat(rt, args.system, args.max_new_tokens, args.temperature, args.top_p)

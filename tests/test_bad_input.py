@@ -324,3 +324,10 @@ def test_reader_gone_away_is_silent():
     proc.stdout.close()  # long before the interpreter has imported the package
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and err == "", err
+
+
+def test_chat_with_stdin_closed(capsys, monkeypatch):
+    """`edge-runtime chat <&-`: Python sets sys.stdin to None, and input() raised RuntimeError after the load."""
+    monkeypatch.setattr("sys.stdin", None)
+    code, _, err = run_cli(capsys, "chat")
+    assert_one_line_error(code, err, "standard input, which is closed")
