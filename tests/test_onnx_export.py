@@ -204,6 +204,20 @@ def test_export_cache_next_to_model_reused_and_rebuilt(models, tmp_path):
     assert other.describe()["providers"] == CPU
 
 
+def test_export_cache_without_a_writable_folder_says_how_to_give_one(models, tmp_path, monkeypatch):
+    """A read-only model (os.access False, as for a non-root user) and a cache home that cannot be made:
+    one error naming the folder and XDG_CACHE_HOME, not a bare OSError."""
+    from edge_runtime.errors import EdgeRuntimeError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    with pytest.raises(EdgeRuntimeError, match=r"cannot keep the ONNX prefill export in .*not-a-folder.*XDG_CACHE"):
+        OnnxPrefill(load_packed(models["gqa"]), providers=CPU)
+    assert not list(models["gqa"].glob("prefill-*"))  # nothing written beside the model either
+
+
 def test_choose_providers_order_and_filter():
     offered = ["AzureExecutionProvider", "CPUExecutionProvider", "CUDAExecutionProvider"]
     assert choose_providers(None, offered) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.export.onnx_export import export_onnx, manifest_digest
 from edge_runtime.export.onnx_graph import ExportOptions
 from edge_runtime.pack.format import sha256_file
@@ -33,6 +34,21 @@ def default_cache_dir(model: PackedModel, digest: str) -> Path:
         return model.path
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "edge-runtime" / "onnx" / digest[:16]
+
+
+def _check_writable(folder: Path, model: PackedModel, chosen: bool) -> None:
+    """The export needs a folder it can write; say which and how to give one (a read-only install run by a
+    user without a writable home ended in a bare "Permission denied (/nonexistent)")."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return
+        why = "not writable"
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+    where = "" if chosen else (f": {model.path} is read-only, so the export goes under $XDG_CACHE_HOME (else "
+                               f"~/.cache); set XDG_CACHE_HOME to a writable folder")
+    raise EdgeRuntimeError(f"cannot keep the ONNX prefill export in {folder} ({why}){where}")
 
 
 def _stale_reason(record_path: Path, key: str, verify: bool) -> str | None:
@@ -66,6 +82,7 @@ def cached_export(model: PackedModel, opts: ExportOptions, cache_dir: str | Path
     reason = _stale_reason(record_path, key, verify)
     if reason is None:
         return onnx_path, "reused"
+    _check_writable(folder, model, chosen=cache_dir is not None)
     record_path.unlink(missing_ok=True)  # from here until the new record lands, the export is invalid
     info = export_onnx(model, onnx_path, opts)
     record = {"key": key, "options": opts.as_dict(), "manifest_sha256": digest, "files": info["files"]}
