@@ -133,3 +133,18 @@ def test_planner_offers_weight_sparsity_when_int4_does_not_fit():
     assert plan.encoding == "int8+ws0.7"
     assert plan.needed_gb["int4"] > plan.budget_gb >= plan.needed_gb["int8+ws0.7"]
     assert plan_memory(cfg, nano, 2048).encoding == "int4"  # the denser encoding wins when it fits
+
+
+def test_missing_profiles_folder_is_an_error_not_the_shipped_profile(tmp_path, monkeypatch, capsys):
+    """A mistyped EDGE_RUNTIME_PROFILES used to be skipped silently: the shipped profile of the same name
+    was used in place of the user's own."""
+    from edge_runtime.cli import main
+
+    monkeypatch.setenv("EDGE_RUNTIME_PROFILES", str(tmp_path / "typo"))
+    with pytest.raises(ProfileError, match="EDGE_RUNTIME_PROFILES=.*typo is not a folder"):
+        load_profile("jetson-orin-nano-8gb")
+    assert main(["profile", "list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a folder" in err
+    monkeypatch.setenv("EDGE_RUNTIME_PROFILES", str(tmp_path))  # an existing folder: searched first, as before
+    assert load_profile("jetson-orin-nano-8gb").name == "jetson-orin-nano-8gb"

@@ -239,7 +239,11 @@ def _decode_target(raw: dict, where: str) -> DecodeTarget:
 def profile_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("EDGE_RUNTIME_PROFILES"):
-        dirs.append(Path(os.environ["EDGE_RUNTIME_PROFILES"]))
+        own = Path(os.environ["EDGE_RUNTIME_PROFILES"])
+        if not own.is_dir():  # a mistyped folder would silently leave the shipped profile of the same name in use
+            raise ProfileError(f"EDGE_RUNTIME_PROFILES={own} is not a folder; name the folder holding your "
+                               f"<name>.yaml profiles, or unset it")
+        dirs.append(own)
     dirs.append(Path(__file__).resolve().parents[2] / "profiles")
     dirs.append(Path(sys.prefix) / "share" / "edge-runtime" / "profiles")
     return [d for d in dirs if d.is_dir()]
