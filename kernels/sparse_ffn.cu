@@ -129,6 +129,8 @@ __device__ void ffn_gate(const void* __restrict__ gate_w, const __half* __restri
             } else {  // the table does not fit in shared memory
                 for (int c = lane; c < W; c += WARP) {
                     uint32_t bits = __ldg(srow + c);
+                    // bits past K: zero in a valid pack (validate.py), and never an index past xs
+                    if (c == W - 1 && (K & (WARP - 1))) bits &= (1u << (K & (WARP - 1))) - 1u;
                     while (bits) {
                         neg += xs[xs_index<ENC>(c * WARP + __ffs(bits) - 1, Kp)];
                         bits &= bits - 1;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -331,3 +332,33 @@ def test_chat_with_stdin_closed(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", None)
     code, _, err = run_cli(capsys, "chat")
     assert_one_line_error(code, err, "standard input, which is closed")
+
+
+def test_sign_bits_past_the_last_column_are_refused(tmp_path):
+    """hidden 48: each gate sign row ends in a word with 16 padding bits, which must be 0 (pack_signs writes 0;
+    SparseInfer's popcount would count set ones as negative products)."""
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edge_runtime.errors import ModelFormatError
+    from edge_runtime.pack.loader import load_packed
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, hidden_act="relu")
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    m = convert(tmp_path / "hf", tmp_path / "p", "int8", progress=False)
+    load_packed(tmp_path / "p")  # as converted: valid
+    entry = m["tensors"]["layers.0.ffn.gate_signs"]
+    path = tmp_path / "p" / entry["file"]
+    with safe_open(path, "np") as f:
+        meta = f.metadata()
+    arrays = load_file(path)
+    bits = arrays[entry["keys"]["bits"]]
+    assert bits.shape[1] == 2 and (bits[:, -1] >> 16 == 0).all()
+    bits[3, -1] |= np.uint32(1 << 20)  # one padding bit, in one row
+    save_file(arrays, path, metadata=meta)  # the same bytes but one
+    with pytest.raises(ModelFormatError, match="sign bits set past column 48"):
+        load_packed(tmp_path / "p", verify=False)  # sizes unchanged; checksums would catch it first

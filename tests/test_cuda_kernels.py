@@ -236,6 +236,32 @@ def test_projection_scores_by_table_and_by_bit_walk(cp, ffn_k, enc, d, lut):
     assert np.array_equal(np.sort(idx.get()[: c[0]]), expected)
 
 
+@pytest.mark.parametrize("enc,d", [("fp16", 200), ("int8", 208)])
+def test_bit_walk_ignores_sign_bits_past_k(cp, ffn_k, enc, d):
+    """The last sign word holds d % 32 inputs and padding bits. Padding bits set (a pack that skipped
+    validation) must not be walked: they indexed xs past its Kp entries, and the numpy twin crops them."""
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+
+    n = 64
+    rng = np.random.default_rng(zlib.crc32(f"pad {enc}".encode()))
+    gate_f = rng.standard_normal((n, d)).astype(np.float32)
+    signs = pack_signs(gate_f)
+    xn = (rng.standard_normal(d) + 0.2).astype(np.float32)
+    z = projection_scores(xn[None], signs)[0]
+    theta = np.where(rng.random(n) < 0.5, z - 1.0, z + 1.0).astype(np.float32)  # margins of 1: no rounding flips
+    expected = np.flatnonzero(z >= theta)
+    dirty = signs.copy()
+    dirty[:, -1] |= np.uint32((0xFFFFFFFF << (d % 32)) & 0xFFFFFFFF)  # every padding bit of every row
+    idx, h, counters = cp.zeros(n, cp.int32), cp.zeros(n, cp.float32), cp.zeros(2, cp.int32)
+    x_sum = cp.asarray(np.array([xn.sum()], np.float32))
+    ffn_k.gate("projection", DeviceMatrix(_pack(gate_f * 1e-3, enc)), None, cp.full(n, 10.0, cp.float32), None,
+               cp.asarray(xn), cp.zeros(-(-d // 32), cp.uint32), x_sum, cp.asarray(dirty), cp.asarray(theta), 0.0,
+               idx, h, counters, lut=False)
+    c = counters.get()
+    assert 0 < c[1] < n and c[0] == c[1] == len(expected)
+    assert np.array_equal(np.sort(idx.get()[: c[0]]), expected)
+
+
 def test_sparse_ffn_grid_stride_and_alpha_in_device_memory(cp, ffn_k):
     """A few blocks serve every row (x loaded once per block); alpha is read from device memory each launch."""
     from edge_runtime.backends.cuda_ops.common import DeviceMatrix

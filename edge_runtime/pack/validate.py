@@ -126,6 +126,15 @@ def check_tensors(path: Path, cfg: ModelConfig, tensors: dict[str, Any], files: 
                                        f"needs {dtypes[0]} {list(part_shape)}")
         if t["encoding"].startswith("sparse-"):
             _check_sparse(f, name, t["keys"], shape)
+        if t["encoding"] == "signbits" and shape[1] % 32:
+            _check_sign_padding(f, name, t["keys"]["bits"], shape[1])
+
+
+def _check_sign_padding(f: SafetensorsFile, name: str, key: str, k: int) -> None:
+    """Bits past column k of a sign plane are 0, as pack_signs writes them: SparseInfer's popcount would count
+    them as negative products on every backend, and the projection predictor reads them on none."""
+    if (f.tensor(key)[:, -1] >> np.uint32(k % 32)).any():
+        raise ModelFormatError(f"{f.path}: tensor {name} has sign bits set past column {k}")
 
 
 def _check_sparse(f: SafetensorsFile, name: str, keys: dict[str, str], shape: tuple[int, int]) -> None:
