@@ -61,6 +61,14 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+# Two runs of the same step on a GPU agree to float rounding, not bit for bit: the sparse FFN's blocks add their
+# down-projection partials into y with float atomics and list active rows in arrival order, both in whatever order
+# the blocks run. The emulator runs blocks in a fixed order unless EMU_SEED shuffles them (each launch reads it),
+# so the tests that compare two runs give each its own seed. Measured under the emulator, relu-fp32, 16 steps:
+# 2.2e-7 between two block orders, 0 within one.
+FLOAT_ORDER = 1e-5
+
+
 @pytest.mark.parametrize("name", ["relu-fp32", "relu-int8", "relu-int4", "silu-fp16", "opt-fp32"])
 def test_dense_decode_equals_cpu(models, name):
     cpu, gpu = _pair(models[name])
@@ -169,15 +177,17 @@ def test_sparse_with_attention_teal_equals_cpu(models, criterion):
     assert _rel(masked[1], masked[0]) < 2e-3
 
 
-def test_graph_replay_equals_eager_and_knobs_need_no_recapture(models):
+def test_graph_replay_equals_eager_and_knobs_need_no_recapture(models, monkeypatch):
     eager = edge_runtime.load(models["relu-fp32"], profile=None, backend="cuda", max_context=64)
     assert len(eager.backend._graphs) == 1  # load's warm-up: one eager step, then the dense step captured
     eager.backend.use_graphs = False
     graph = edge_runtime.load(models["relu-fp32"], profile=None, backend="cuda", max_context=64, warm_up=False)
     rules = [Rule("sparseinfer", alpha=1.0)] * graph.config.n_layers
+    monkeypatch.setenv("EMU_SEED", "1")  # blocks in another order for each run: FLOAT_ORDER
     ids_e, lg_e = _run(eager, rules, n=16)
+    monkeypatch.setenv("EMU_SEED", "2")
     ids_g, lg_g = _run(graph, rules, n=16)
-    assert ids_g == ids_e and np.array_equal(lg_g, lg_e)
+    assert ids_g == ids_e and _rel(lg_g, lg_e) < FLOAT_ORDER
     assert len(graph.backend._graphs) == 1
     before = graph.decoder.stats.predicted.sum()
     _run(graph, [Rule("sparseinfer", alpha=0.9)] * graph.config.n_layers, n=16)  # new alphas, same graph
@@ -185,7 +195,7 @@ def test_graph_replay_equals_eager_and_knobs_need_no_recapture(models):
     assert graph.decoder.stats.predicted.sum() < before  # the replayed graph read the new alpha
 
 
-def test_a_step_kind_runs_eagerly_once_before_it_is_captured(models):
+def test_a_step_kind_runs_eagerly_once_before_it_is_captured(models, monkeypatch):
     """Modules compile and load in an eager first step, never inside a capture; the second step is captured and
     replayed from then on, with the same ids and logits as all-eager steps."""
     rt = edge_runtime.load(models["relu-int8"], profile=None, backend="cuda", max_context=64, warm_up=False)
@@ -196,10 +206,12 @@ def test_a_step_kind_runs_eagerly_once_before_it_is_captured(models):
     assert len(be._graphs) == 0 and len(be._ran_eagerly) == 1
     rt.decoder.decode_step()
     assert len(be._graphs) == 1
+    monkeypatch.setenv("EMU_SEED", "3")
     ids_g, lg_g = _run(rt, n=8)
     be.use_graphs = False
+    monkeypatch.setenv("EMU_SEED", "4")
     ids_e, lg_e = _run(rt, n=8)
-    assert ids_g == ids_e and np.array_equal(lg_g, lg_e)
+    assert ids_g == ids_e and _rel(lg_g, lg_e) < FLOAT_ORDER
 
 
 @pytest.mark.parametrize("name", ["relu-int8", "relu-int4"])
@@ -265,12 +277,15 @@ def test_every_family_decodes_as_on_cpu(families, family):
     assert _rel(gpu.decoder.prefill(long), cpu.decoder.prefill(long)) < 1e-4  # eager prefill, windowed
 
 
-def test_drelu_sparse_decode_equals_cpu_with_both_drops_counted(families):
+def test_drelu_sparse_decode_equals_cpu_with_both_drops_counted(families, monkeypatch):
     cpu, gpu = _pair(families["drelu"])
     every = [Rule("sparseinfer", alpha=1e9)] * cpu.config.n_layers
-    _, dense = _run(gpu)
-    _, all_rows = _run(gpu, every)
-    assert np.array_equal(all_rows, dense)  # every row predicted: the dense step's own kernels and rows
+    monkeypatch.setenv("EMU_SEED", "5")
+    ids_d, dense = _run(gpu)
+    monkeypatch.setenv("EMU_SEED", "6")
+    ids_a, all_rows = _run(gpu, every)
+    monkeypatch.delenv("EMU_SEED")
+    assert ids_a == ids_d and _rel(all_rows, dense) < FLOAT_ORDER  # every row predicted: the dense step's rows
     rules = [Rule("sparseinfer", alpha=1.0)] * cpu.config.n_layers
     ids_c, lg_c = _run(cpu, rules)
     sc = cpu.decoder.stats

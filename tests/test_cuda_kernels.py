@@ -892,10 +892,22 @@ class _TinyDecode:
         return self.ids.get(), self.step.get(), self.logits.get(), self.kc.get(), self.ffn.stats.get()
 
 
-def test_graph_replay_equals_eager_and_reads_knobs_from_device(cp):
+def _same_decode(a: _TinyDecode, b: _TinyDecode) -> None:
+    """ids, step and row counts equal; logits and the fp16 K cache equal to float rounding: on a GPU the sparse
+    FFN's float atomics add in the order blocks run (the emulator's order changes with EMU_SEED)."""
+    ids_a, step_a, logits_a, kc_a, stats_a = a.state()
+    ids_b, step_b, logits_b, kc_b, stats_b = b.state()
+    assert np.array_equal(ids_a, ids_b) and np.array_equal(step_a, step_b) and np.array_equal(stats_a, stats_b)
+    assert _rel(logits_b, logits_a) < 1e-5
+    assert _rel(kc_b.astype(np.float32), kc_a.astype(np.float32)) < 1e-3  # a value may round to the next fp16
+
+
+def test_graph_replay_equals_eager_and_reads_knobs_from_device(cp, monkeypatch):
     eager, graphed = _TinyDecode(cp, 1), _TinyDecode(cp, 1)
+    monkeypatch.setenv("EMU_SEED", "1")
     for _ in range(6):
         eager.run()
+    monkeypatch.setenv("EMU_SEED", "2")  # each replayed launch reads it: blocks in another order than eager's
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()
@@ -904,8 +916,7 @@ def test_graph_replay_equals_eager_and_reads_knobs_from_device(cp):
     for _ in range(6):
         graph.launch(stream)
     stream.synchronize()
-    for a, b in zip(eager.state(), graphed.state(), strict=True):
-        assert np.array_equal(a, b)
+    _same_decode(eager, graphed)
     ids = eager.ids.get()[:6]
     assert int(eager.step.get()[1]) == 6 and (ids >= 0).all() and len(set(ids.tolist())) > 1
     assert int(eager.ffn.stats.get()[0, 0]) > 0
@@ -917,8 +928,7 @@ def test_graph_replay_equals_eager_and_reads_knobs_from_device(cp):
     graph.launch(stream)
     eager.run()
     stream.synchronize()
-    for a, b in zip(eager.state(), graphed.state(), strict=True):
-        assert np.array_equal(a, b)
+    _same_decode(eager, graphed)
     per_step_before = before[0, 0] / 6
     assert graphed.ffn.stats.get()[0, 0] - before[0, 0] < per_step_before  # fewer rows predicted at alpha 0.5
 
