@@ -220,12 +220,14 @@ def _read_text(path: str | Path) -> str:
         raise EdgeRuntimeError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def _say_if_compiling(backend: str) -> None:
+def _say_if_compiling(backend: str, model: str | None) -> None:
     """One line on stderr when this command's cpu kernels are not compiled yet: the first command after an
-    install spends seconds compiling them (numba, cached beside the package) and would look hung."""
+    install spends seconds compiling them (numba, cached beside the package) and would look hung. Not for a
+    model path that holds no model: that fails before anything compiles, and its error is the only line."""
     from edge_runtime.backends import resolve_backend
+    from edge_runtime.paths import resolve_model
 
-    if resolve_backend(backend) == "cuda":
+    if resolve_backend(backend) == "cuda" or not (resolve_model(model) / "manifest.yaml").is_file():
         return
     from edge_runtime.backends.cpu_fused import fused_layer
     from edge_runtime.backends.jit import compile_pending
@@ -243,7 +245,7 @@ def _load(args, watch_power: bool = False):
     from edge_runtime.runtime import load
 
     pinned = _pinned_digest(args.manifest_sha256)
-    _say_if_compiling(args.backend)
+    _say_if_compiling(args.backend, args.model)
     _say_if_threads_capped(args.threads, args.backend)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", KVBudgetWarning)
@@ -403,7 +405,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from edge_runtime.runtime import load
 
-    _say_if_compiling("auto")
+    _say_if_compiling("auto", None)
     _say_if_threads_capped(args.threads, "auto")
     rt = load(None, backend="auto", threads=args.threads, warm_up=False)
     sel = rt.selection

@@ -57,6 +57,7 @@ def models(tmp_path_factory):
     """name -> packed directory: the default model (int8), stories260K (fp32, when present), an OPT and
     a GQA Llama with biases (fp32 and int8), an int4 Llama whose K pads to whole groups, a pruned one."""
     root = tmp_path_factory.mktemp("onnx-models")
+    pytest.importorskip("torch")  # builds the HF models below; an install with the onnx extra alone skips them
     out = {"default": DEFAULT_MODEL_DIR}
     make_opt(root / "opt-hf", with_tokenizer=False)
     make_llama(root / "gqa-hf", act="relu", n_kv_heads=2, bias=True, with_tokenizer=False)
