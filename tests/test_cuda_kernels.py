@@ -208,13 +208,27 @@ def test_sparse_ffn(cp, ffn_k, enc, predictor, variant):
     ffn.free()
 
 
+def _assert_projection_rows(cp, ffn_k, enc: str, gate_f, xn, signs, theta, expected, lut: bool) -> None:
+    """The projection gate kernel on gate_f (n, d) with the sign plane `signs` lists exactly the rows `expected`
+    (an always-positive gate, a bias of 10, so that every predicted row is kept and listed)."""
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
+
+    n, d = gate_f.shape
+    idx, h, counters = cp.zeros(n, cp.int32), cp.zeros(n, cp.float32), cp.zeros(2, cp.int32)
+    x_sum = cp.asarray(np.array([xn.sum()], np.float32))
+    ffn_k.gate("projection", DeviceMatrix(_pack(gate_f * 1e-3, enc)), None, cp.full(n, 10.0, cp.float32), None,
+               cp.asarray(xn), cp.zeros(-(-d // 32), cp.uint32), x_sum, cp.asarray(signs), cp.asarray(theta), 0.0,
+               idx, h, counters, lut=lut)
+    c = counters.get()
+    assert 0 < c[1] < n and c[0] == c[1] == len(expected)
+    assert np.array_equal(np.sort(idx.get()[: c[0]]), expected)
+
+
 @pytest.mark.parametrize("enc,d", [("int8", 208), ("fp16", 1024), ("int4", 200)])
 @pytest.mark.parametrize("lut", [True, False])
 def test_projection_scores_by_table_and_by_bit_walk(cp, ffn_k, enc, d, lut):
     """Both ways of scoring a row (the nibble table; the set-bit walk where the table does not fit) predict the
     numpy twin's rows. d = 208 and 200 leave the last sign word partly past K (200: int4 pads x to 256)."""
-    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
-
     n = 300
     rng = np.random.default_rng(zlib.crc32(f"lut {enc} {d} {lut}".encode()))
     gate_f = rng.standard_normal((n, d)).astype(np.float32)
@@ -224,24 +238,13 @@ def test_projection_scores_by_table_and_by_bit_walk(cp, ffn_k, enc, d, lut):
     theta = rng.permutation(np.linspace(z.min(), z.max(), n)).astype(np.float32)  # per-row thresholds
     keep = np.abs(z - theta) > 1e-3 * np.abs(z).max()  # rows whose decision rounding cannot flip
     theta = np.where(keep, theta, z + 0.5).astype(np.float32)  # the others: clearly inactive
-    expected = np.flatnonzero(z >= theta)
-    idx, h, counters = cp.zeros(n, cp.int32), cp.zeros(n, cp.float32), cp.zeros(2, cp.int32)
-    x_sum = cp.asarray(np.array([xn.sum()], np.float32))
-    # an always-positive gate (bias) so that every predicted row is kept and listed
-    ffn_k.gate("projection", DeviceMatrix(_pack(gate_f * 1e-3, enc)), None, cp.full(n, 10.0, cp.float32), None,
-               cp.asarray(xn), cp.zeros(-(-d // 32), cp.uint32), x_sum, cp.asarray(signs), cp.asarray(theta), 0.0,
-               idx, h, counters, lut=lut)
-    c = counters.get()
-    assert 0 < c[1] < n and c[0] == c[1] == len(expected)
-    assert np.array_equal(np.sort(idx.get()[: c[0]]), expected)
+    _assert_projection_rows(cp, ffn_k, enc, gate_f, xn, signs, theta, np.flatnonzero(z >= theta), lut)
 
 
 @pytest.mark.parametrize("enc,d", [("fp16", 200), ("int8", 208)])
 def test_bit_walk_ignores_sign_bits_past_k(cp, ffn_k, enc, d):
     """The last sign word holds d % 32 inputs and padding bits. Padding bits set (a pack that skipped
     validation) must not be walked: they indexed xs past its Kp entries, and the numpy twin crops them."""
-    from edge_runtime.backends.cuda_ops.common import DeviceMatrix
-
     n = 64
     rng = np.random.default_rng(zlib.crc32(f"pad {enc}".encode()))
     gate_f = rng.standard_normal((n, d)).astype(np.float32)
@@ -249,17 +252,9 @@ def test_bit_walk_ignores_sign_bits_past_k(cp, ffn_k, enc, d):
     xn = (rng.standard_normal(d) + 0.2).astype(np.float32)
     z = projection_scores(xn[None], signs)[0]
     theta = np.where(rng.random(n) < 0.5, z - 1.0, z + 1.0).astype(np.float32)  # margins of 1: no rounding flips
-    expected = np.flatnonzero(z >= theta)
     dirty = signs.copy()
     dirty[:, -1] |= np.uint32((0xFFFFFFFF << (d % 32)) & 0xFFFFFFFF)  # every padding bit of every row
-    idx, h, counters = cp.zeros(n, cp.int32), cp.zeros(n, cp.float32), cp.zeros(2, cp.int32)
-    x_sum = cp.asarray(np.array([xn.sum()], np.float32))
-    ffn_k.gate("projection", DeviceMatrix(_pack(gate_f * 1e-3, enc)), None, cp.full(n, 10.0, cp.float32), None,
-               cp.asarray(xn), cp.zeros(-(-d // 32), cp.uint32), x_sum, cp.asarray(dirty), cp.asarray(theta), 0.0,
-               idx, h, counters, lut=False)
-    c = counters.get()
-    assert 0 < c[1] < n and c[0] == c[1] == len(expected)
-    assert np.array_equal(np.sort(idx.get()[: c[0]]), expected)
+    _assert_projection_rows(cp, ffn_k, enc, gate_f, xn, dirty, theta, np.flatnonzero(z >= theta), lut=False)
 
 
 def test_sparse_ffn_grid_stride_and_alpha_in_device_memory(cp, ffn_k):
