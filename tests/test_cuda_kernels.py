@@ -208,6 +208,16 @@ def test_sparse_ffn(cp, ffn_k, enc, predictor, variant):
     ffn.free()
 
 
+def _projection_case(n: int, d: int, name: str):
+    """Random gate (n, d), its sign plane, an input xn (d,) and the numpy twin's scores z (n,); the generator
+    (seeded by name) for the test's thresholds."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    gate_f = rng.standard_normal((n, d)).astype(np.float32)
+    signs = pack_signs(gate_f)
+    xn = (rng.standard_normal(d) + 0.2).astype(np.float32)
+    return rng, gate_f, signs, xn, projection_scores(xn[None], signs)[0]
+
+
 def _assert_projection_rows(cp, ffn_k, enc: str, gate_f, xn, signs, theta, expected, lut: bool) -> None:
     """The projection gate kernel on gate_f (n, d) with the sign plane `signs` lists exactly the rows `expected`
     (an always-positive gate, a bias of 10, so that every predicted row is kept and listed)."""
@@ -230,11 +240,7 @@ def test_projection_scores_by_table_and_by_bit_walk(cp, ffn_k, enc, d, lut):
     """Both ways of scoring a row (the nibble table; the set-bit walk where the table does not fit) predict the
     numpy twin's rows. d = 208 and 200 leave the last sign word partly past K (200: int4 pads x to 256)."""
     n = 300
-    rng = np.random.default_rng(zlib.crc32(f"lut {enc} {d} {lut}".encode()))
-    gate_f = rng.standard_normal((n, d)).astype(np.float32)
-    signs = pack_signs(gate_f)
-    xn = (rng.standard_normal(d) + 0.2).astype(np.float32)
-    z = projection_scores(xn[None], signs)[0]
+    rng, gate_f, signs, xn, z = _projection_case(n, d, f"lut {enc} {d} {lut}")
     theta = rng.permutation(np.linspace(z.min(), z.max(), n)).astype(np.float32)  # per-row thresholds
     keep = np.abs(z - theta) > 1e-3 * np.abs(z).max()  # rows whose decision rounding cannot flip
     theta = np.where(keep, theta, z + 0.5).astype(np.float32)  # the others: clearly inactive
@@ -246,11 +252,7 @@ def test_bit_walk_ignores_sign_bits_past_k(cp, ffn_k, enc, d):
     """The last sign word holds d % 32 inputs and padding bits. Padding bits set (a pack that skipped
     validation) must not be walked: they indexed xs past its Kp entries, and the numpy twin crops them."""
     n = 64
-    rng = np.random.default_rng(zlib.crc32(f"pad {enc}".encode()))
-    gate_f = rng.standard_normal((n, d)).astype(np.float32)
-    signs = pack_signs(gate_f)
-    xn = (rng.standard_normal(d) + 0.2).astype(np.float32)
-    z = projection_scores(xn[None], signs)[0]
+    rng, gate_f, signs, xn, z = _projection_case(n, d, f"pad {enc}")
     theta = np.where(rng.random(n) < 0.5, z - 1.0, z + 1.0).astype(np.float32)  # margins of 1: no rounding flips
     dirty = signs.copy()
     dirty[:, -1] |= np.uint32((0xFFFFFFFF << (d % 32)) & 0xFFFFFFFF)  # every padding bit of every row
