@@ -20,3 +20,7 @@ class ModelFormatError(EdgeRuntimeError):
 
 class UnsupportedModelError(EdgeRuntimeError):
     """An architecture or option this runtime does not implement."""
+
+
+class NumericalError(EdgeRuntimeError):
+    """The model computed NaN or inf (damaged or badly converted weights): the model's fault, not the request's."""

@@ -18,6 +18,8 @@
 //   uniform (1,) fp32 | NULL: a given draw instead of the RNG (tests); work (V,) fp32 scratch;
 //   step (STEP_SIZE,) int32: writes STEP_TOKEN = id, STEP_RNG += 1; ids (max_ctx,) int32: ids[n] = id, n the draw's
 //   counter (step[STEP_RNG] before the draw): the request's sampled ids in order.
+// A logit that is NaN or infinite (a model whose weights are not finite) gives id NO_TOKEN = -1 and nothing
+// marked in seen: the host stops the generation (edge_runtime/model/sampling.py NO_TOKEN).
 // One block of blockDim.x threads (a multiple of 32, at most 1024).
 #include "common.cuh"
 
@@ -90,12 +92,22 @@ extern "C" __global__ void sample(const float* __restrict__ logits, int V, const
 
     // 1. penalised logits into work; argmax (ties: lowest index)
     float best = -INFINITY;
-    int besti = V;
+    int besti = V, nonfinite = 0;
     for (int i = tid; i < V; i += nt) {
         float l = logits[i];
+        nonfinite |= !isfinite(l);
         if (rp != 1.f && seen[i]) l = l > 0.f ? l / rp : l * rp;
         work[i] = l;
         if (besti == V || l > best) best = l, besti = i;
+    }
+    if (__syncthreads_or(nonfinite)) {  // block-uniform
+        if (tid == 0) {
+            const uint32_t n = (uint32_t)step[STEP_RNG];
+            step[STEP_TOKEN] = -1;
+            if (n < (uint32_t)max_ctx) ids[n] = -1;
+            step[STEP_RNG] = (int)(n + 1u);
+        }
+        return;
     }
     for (int o = 16; o > 0; o >>= 1) {
         const float ob = __shfl_xor_sync(FULL_MASK, best, o);

@@ -332,3 +332,16 @@ def test_a_decode_step_launches_eight_kernels_a_layer(models, monkeypatch, mode)
     assert launched["gemv_int8"] == n + 1  # o per layer, and the LM head
     assert launched["rope"] == launched["norm_f32"] == 0
     assert sum(launched.values()) == 8 * n + 4  # + embed, LM head, sample, advance
+
+
+def test_a_nan_weight_stops_generation_as_on_cpu(tmp_path):
+    """The sample kernel writes NO_TOKEN for NaN logits; the decoder raises, as with the cpu backend."""
+    from edge_runtime.errors import NumericalError
+    from tests.test_numerical import poisoned_copy
+
+    model = poisoned_copy(tmp_path / "m", "layer_002.safetensors", "layers.2.ffn.up.scale", np.nan)
+    rt = edge_runtime.load(model, profile=None, backend="cuda", verify=False, warm_up=False, max_context=64)
+    rt.set_sparsity(None)
+    for sampling in ({}, {"temperature": 0.7, "top_p": 0.9, "seed": 3}):
+        with pytest.raises(NumericalError, match="NaN or infinite logit"):
+            rt.generate("The old man looked at the sea", max_new_tokens=4, **sampling)

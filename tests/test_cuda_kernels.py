@@ -704,6 +704,26 @@ def test_sampling_greedy_and_tiny_temperatures(cp, temperature):
     assert int(step.get()[0]) == expected
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_sampling_a_non_finite_logit_gives_no_token(cp, bad, temperature):
+    """One NaN or infinite logit anywhere (a model whose weights are not finite): id NO_TOKEN in the step and in
+    ids, the draw counted, nothing marked seen; the host stops the generation (the cpu backend does the same)."""
+    from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
+    from edge_runtime.model.sampling import NO_TOKEN, SamplingParams
+
+    rng = np.random.default_rng(12)
+    v = 777
+    logits = rng.standard_normal(v).astype(np.float32)
+    logits[rng.integers(v)] = bad
+    p_h, ip_h = param_arrays(SamplingParams(temperature=temperature, top_p=0.9), 1)
+    seen, step, ids = cp.zeros(v, cp.uint8), _step(cp, token=9, pos=4, rng_counter=2), cp.zeros(8, cp.int32)
+    SampleKernel()(cp.asarray(logits), cp.asarray(p_h), cp.asarray(ip_h), seen, cp.empty(v, cp.float32), step, ids,
+                   threads=256)
+    assert np.array_equal(step.get()[:3], [NO_TOKEN, 4, 3]) and int(ids.get()[2]) == NO_TOKEN
+    assert not seen.get().any()
+
+
 def test_sampling_counter_rng(cp):
     """Without a given uniform the kernel draws splitmix64(seed, step[STEP_RNG]); device_uniform is its twin."""
     from edge_runtime.backends.cuda_ops.sampling import SampleKernel, device_uniform, param_arrays

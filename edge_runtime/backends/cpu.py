@@ -46,7 +46,7 @@ from edge_runtime.backends.weights import (
 )
 from edge_runtime.blas_spin import EFFECTIVE as BLAS_SPIN_SET
 from edge_runtime.model.rope import rope_tables
-from edge_runtime.model.sampling import Sampler, SamplingParams
+from edge_runtime.model.sampling import NO_TOKEN, Sampler, SamplingParams
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.sparsity.predictor import Rule, keep_after_gate
 from edge_runtime.sparsity.stats import FIELDS, FFNStats
@@ -423,9 +423,13 @@ class CpuBackend:
 
     def sample(self, logits: np.ndarray) -> None:
         p = self._sampler.p
+        row = logits[0]
+        if not np.isfinite(row).all():  # (vocab,) checked every token: about 2 us at 4,096
+            self.state.token[0] = NO_TOKEN
+            return
         greedy = p.temperature == 0 and p.repetition_penalty == 1.0  # the sampler's argmax, without its copy
         # the history the repetition penalty needs is the state's `seen` set (prompt and sampled ids)
-        tok = int(np.argmax(logits[0])) if greedy else self._sampler(logits[0], np.flatnonzero(self.state.seen))
+        tok = int(np.argmax(row)) if greedy else self._sampler(row, np.flatnonzero(self.state.seen))
         self.state.token[0] = tok
         self.state.seen[tok] = 1
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.model.sampling import SamplingParams, finite
+from edge_runtime.errors import EdgeRuntimeError, NumericalError
+from edge_runtime.model.sampling import NO_TOKEN, SamplingParams, finite
 from edge_runtime.sparsity.predictor import Rule
 from edge_runtime.sparsity.stats import FFNStats
 from edge_runtime.sparsity.wina import check_criterion
@@ -128,7 +128,7 @@ class Decoder:
         else:
             logits = self._batched(prompt_ids, last_only=True, masked=False)
         self.ops.sample(logits)
-        return self.ops.read_token()
+        return self._sampled()
 
     def prefill(self, ids: Sequence[int], last_only: bool = False, masked: bool = False) -> np.ndarray:
         """Run tokens at the current position as one batch and advance; logits (T, vocab) float32 on the
@@ -142,7 +142,16 @@ class Decoder:
             raise EdgeRuntimeError(f"context full: {self.pos} + 1 tokens exceed the context of {self.max_context}")
         self.ops.run_step(self._step, self.mode)
         self.pos += 1
-        return self.ops.read_token()
+        return self._sampled()
+
+    def _sampled(self) -> int:
+        """The id the step sampled; a NumericalError where its logits held NaN or inf (the backend wrote NO_TOKEN)."""
+        token = self.ops.read_token()
+        if token == NO_TOKEN:
+            raise NumericalError(f"the model computed a NaN or infinite logit at position {self.pos}: its weights "
+                                 f"are damaged or were not finite when converted (check them with 'edge-runtime info "
+                                 f"--verify', convert the model again)")
+        return token
 
     def forward(self, ids: Sequence[int], last_only: bool = False, batched_sparse: bool = False) -> np.ndarray:
         """Logits (T, vocab) for tokens run at the current position. One token runs as a decode step (sparse

@@ -2,7 +2,8 @@
 
 Numerically safe for every valid parameter: logits are shifted so that their maximum is 0 before the
 division by the temperature, so a denormal temperature sends the others to -inf (exp 0) instead of
-computing inf - inf; NaN logits count as -inf and +inf logits share the mass between them.
+computing inf - inf; NaN logits count as -inf and +inf logits share the mass between them. The backends do not
+sample from such logits at all: their sample step writes NO_TOKEN, and the decoder stops with a NumericalError.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import numpy as np
 from edge_runtime.errors import EdgeRuntimeError
 
 MAX_SEED = 2**63 - 1
+# The id a backend's sample step writes when a logit is NaN or infinite: a model whose weights or activations are
+# not finite (damaged, or converted from a checkpoint that held NaN) would otherwise answer token 0 over and over
+# when greedy, or a plausible-looking random draw when sampling.
+NO_TOKEN = -1
 
 
 def finite(name: str, value: float) -> float:

@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, NumericalError
 from edge_runtime.serve.engine import Stopping
 from edge_runtime.serve.schemas import error_body
 
@@ -21,11 +21,13 @@ class ServeError(Exception):
 
     @classmethod
     def from_job_error(cls, e: Exception) -> ServeError:
-        """A job's exception: Stopping a 503 (the server is going down), EdgeRuntimeError the request's fault
-        (400), anything else the server's (500, naming the exception so that the log and the client see the same
-        thing)."""
+        """A job's exception: Stopping a 503 (the server is going down), NumericalError the model's fault (500),
+        EdgeRuntimeError the request's fault (400), anything else the server's (500, naming the exception so
+        that the log and the client see the same thing)."""
         if isinstance(e, Stopping):
             return cls(503, str(e), "shutting_down", {"Retry-After": "5"})
+        if isinstance(e, NumericalError):  # the served model is broken, whatever the request
+            return cls(500, str(e), "model_error")
         if isinstance(e, EdgeRuntimeError):
             return cls(400, str(e))
         return cls(500, f"internal error: {type(e).__name__}: {e}", "internal_error")

@@ -1,0 +1,80 @@
+"""A model whose weights are not finite: every path stops with a NumericalError instead of answering token 0
+over and over (greedy) or a plausible-looking random draw (sampling)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import edge_runtime
+from edge_runtime.backends.cpu import CpuBackend
+from edge_runtime.cli import main
+from edge_runtime.errors import NumericalError
+from edge_runtime.model.sampling import NO_TOKEN, SamplingParams
+from edge_runtime.paths import DEFAULT_MODEL_DIR
+from edge_runtime.serve.handlers import ServeError
+
+
+def poisoned_copy(dst, file: str, key: str, value: float):
+    """The default model with one element of one stored tensor set to value (its checksum now stale: load it
+    with verify=False, as a model damaged before its manifest was written would load)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(DEFAULT_MODEL_DIR, dst)
+    path = dst / file
+    with safe_open(path, "np") as f:
+        meta = f.metadata()
+    arrays = load_file(path)
+    arrays[key].reshape(-1)[arrays[key].size // 3] = value
+    save_file(arrays, path, metadata=meta)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def nan_scale(tmp_path_factory):
+    return poisoned_copy(tmp_path_factory.mktemp("nan") / "m", "layer_002.safetensors", "layers.2.ffn.up.scale",
+                         np.nan)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_p": 0.9, "seed": 3}])
+def test_generation_from_a_nan_weight_stops(nan_scale, sampling):
+    rt = edge_runtime.load(nan_scale, profile=None, backend="cpu", verify=False, warm_up=False)
+    rt.set_sparsity(None)
+    with pytest.raises(NumericalError, match="NaN or infinite logit at position"):
+        rt.generate("The old man looked at the sea", max_new_tokens=8, **sampling)
+
+
+def test_load_with_warm_up_refuses_the_model(nan_scale):
+    """The warm-up generation is the first to see the NaN: a daemon never starts serving such a model."""
+    with pytest.raises(NumericalError):
+        edge_runtime.load(nan_scale, profile=None, backend="cpu", verify=False)
+
+
+def test_cli_says_so_in_one_line(nan_scale, capsys):
+    code = main(["generate", "--model", str(nan_scale), "--no-verify", "--sparsity", "off", "--prompt", "Hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "NaN or infinite logit" in err[0]
+
+
+def test_daemon_answers_500_model_error():
+    e = ServeError.from_job_error(NumericalError("the model computed a NaN"))
+    assert e.status == 500 and e.code == "model_error" and e.body()["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("sampling", [SamplingParams(), SamplingParams(temperature=0.8, top_k=5, seed=1)])
+def test_cpu_sample_step_writes_no_token(bad, sampling):
+    rt = edge_runtime.load(None, profile=None, backend="cpu", warm_up=False)
+    be: CpuBackend = rt.backend
+    be.begin([1, 2], sampling)
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((1, rt.config.vocab_size)).astype(np.float32)
+    be.sample(logits)
+    assert be.read_token() >= 0  # finite: a real id
+    seen = be.state.seen.copy()
+    logits[0, rng.integers(rt.config.vocab_size)] = bad
+    be.sample(logits)
+    assert be.read_token() == NO_TOKEN and np.array_equal(be.state.seen, seen)
