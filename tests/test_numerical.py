@@ -4,6 +4,7 @@ over and over (greedy) or a plausible-looking random draw (sampling)."""
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -78,3 +79,73 @@ def test_cpu_sample_step_writes_no_token(bad, sampling):
     logits[0, rng.integers(rt.config.vocab_size)] = bad
     be.sample(logits)
     assert be.read_token() == NO_TOKEN and np.array_equal(be.state.seen, seen)
+
+
+# ---- conversion ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_relu(tmp_path_factory):
+    pytest.importorskip("torch")
+    from tests.helpers import make_llama
+
+    root = tmp_path_factory.mktemp("hf")
+    make_llama(root / "hf", act="relu")
+    return root / "hf"
+
+
+def edited_checkpoint(src, dst, key: str, edit):
+    """A copy of the HF checkpoint with tensor `key` replaced by edit(tensor)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    with safe_open(path, "np") as f:
+        meta = f.metadata()
+    arrays = load_file(path)
+    arrays[key] = edit(arrays[key].copy())
+    save_file(arrays, path, metadata=meta)
+    return dst
+
+
+def _poke(value):
+    def edit(a):
+        a.reshape(-1)[a.size // 2] = value
+        return a
+    return edit
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_convert_refuses_a_checkpoint_that_is_not_finite(hf_relu, tmp_path, value):
+    from edge_runtime.errors import ModelFormatError
+    from edge_runtime.pack.convert import convert
+
+    hf = edited_checkpoint(hf_relu, tmp_path / "hf", "model.layers.1.mlp.up_proj.weight", _poke(value))
+    with pytest.raises(ModelFormatError, match=r"up_proj.weight holds 1 NaN or infinite value\(s\) of 10240"):
+        convert(hf, tmp_path / "out", "int8", progress=False)
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "int8", "int4"])
+def test_convert_refuses_what_fp16_storage_overflows(hf_relu, tmp_path, encoding):
+    """A norm weight of 1e5: every encoding but fp32 stores norms in fp16 (65504 at most)."""
+    from edge_runtime.errors import ModelFormatError
+    from edge_runtime.pack.convert import convert
+
+    hf = edited_checkpoint(hf_relu, tmp_path / "hf", "model.norm.weight", _poke(1e5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's cast warning would come first, with no name
+        with pytest.raises(ModelFormatError, match="model.norm.weight has values up to 1e\\+05, past the 65504"):
+            convert(hf, tmp_path / "out", encoding, progress=False)
+    convert(hf, tmp_path / "fp32", "fp32", progress=False)  # what the message advises
+
+
+def test_convert_refuses_weights_fp16_scales_lose(hf_relu, tmp_path):
+    """up_proj times 1e-5 (and down_proj times 1e5: the same function): int8 row scales fall below fp16's
+    smallest value and the rows would be stored as zeros."""
+    from edge_runtime.errors import ModelFormatError
+    from edge_runtime.pack.convert import convert
+
+    hf = edited_checkpoint(hf_relu, tmp_path / "hf", "model.layers.0.mlp.up_proj.weight", lambda a: a * 1e-5)
+    with pytest.raises(ModelFormatError, match="up_proj.weight would be stored with 100% error"):
+        convert(hf, tmp_path / "out", "int8", progress=False)
+    convert(hf, tmp_path / "fp32", "fp32", progress=False)

@@ -27,6 +27,7 @@ from edge_runtime.pack.loader import PackedModel
 from edge_runtime.pack.quant import DEFAULT_INT4_GROUP, ENCODINGS, PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
 from edge_runtime.pack.sparse_weights import compress, prune_mask
+from edge_runtime.pack.storable import check_compressed, check_finite, check_stored
 from edge_runtime.pack.validate import logical_shape
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -79,6 +80,22 @@ def _encode(src: TensorSource, w: np.ndarray, encoding: str, group: int, mask: n
     if encoding == "int4":
         entry["group_size"] = group
     return pt.arrays, entry
+
+
+def _check_storable(hf_dir: Path, src: TensorSource, w: np.ndarray, arrays: dict[str, np.ndarray], entry: dict,
+                    encoding: str) -> None:
+    """The stored tensor still stands for w (HF orientation): nothing overflowed or underflowed fp16."""
+    enc = entry["encoding"]
+    if entry["layout"] == "vector":
+        stored = arrays["w"]
+    elif enc.startswith("sparse-"):
+        check_compressed(str(hf_dir), src.hf_name, arrays)
+        return
+    else:
+        stored = PackedTensor(enc, tuple(entry["shape"]), arrays, entry.get("group_size", 0))
+        if entry["layout"] == "transposed":
+            w = w.T
+    check_stored(str(hf_dir), src.hf_name, w, stored, encoding)
 
 
 def _check_shape(hf_dir: Path, src: TensorSource, w: np.ndarray, cfg) -> None:
@@ -161,12 +178,15 @@ def convert(hf_dir: Path, out_dir: Path, encoding: str = "int8", group_size: int
         for src in tqdm(plan, desc="convert", unit="tensor", disable=not progress, leave=False):
             w = src.read(reader)
             _check_shape(hf_dir, src, w, cfg)
+            check_finite(str(hf_dir), src.hf_name, w)
             mask = None
             if weight_sparsity and src.name.split(".", 2)[-1] in PRUNABLE:
                 # kept-weight mask in the HF orientation: per output row, as magnitude and Wanda define
                 mask = prune_mask(w, weight_sparsity, None if norms is None else norms[src.name])
                 w = np.where(mask, w, 0.0).astype(np.float32)  # the sign plane sees the pruned gate
-            arrays, entry = _encode(src, w, encoding, group_size, mask)
+            with np.errstate(over="ignore"):  # an overflow to fp16 inf is reported by _check_storable, by name
+                arrays, entry = _encode(src, w, encoding, group_size, mask)
+            _check_storable(hf_dir, src, w, arrays, entry, encoding)
             fname = _file_for(src.name)
             entry["file"] = fname
             entry["keys"] = {part: f"{src.name}.{part}" for part in arrays}
