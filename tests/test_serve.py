@@ -85,6 +85,40 @@ def test_bad_requests_get_openai_errors(server, body, status):
         assert err["message"].startswith("the request body is not valid JSON (at character 1)") and not err["param"]
 
 
+def _complete(server, **fields) -> httpx.Response:
+    return httpx.post(server.url + "/v1/completions", json={"prompt": "The lazy dog", "max_tokens": 12, **fields},
+                      timeout=60)
+
+
+def test_top_k_and_repetition_penalty_are_honoured(server, model_dir):
+    """vLLM's and llama.cpp's sampling extensions: top_k 1 is greedy whatever the temperature, and a repetition
+    penalty changes the text as Runtime.generate's does (both used to be dropped silently)."""
+    greedy = _complete(server, temperature=0).json()["choices"][0]["text"]
+    for seed in (1, 2):
+        r = _complete(server, temperature=1.0, top_k=1, seed=seed)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy
+    rt = edge_runtime.load(model_dir, backend="cpu", max_context=1024)
+    rt.set_sparsity(1.0)
+    expected = rt.generate("The lazy dog", max_new_tokens=12, repetition_penalty=0.05, stop=()).text
+    got = _complete(server, temperature=0, repetition_penalty=0.05).json()["choices"][0]["text"]
+    assert got == expected and got != greedy
+
+
+@pytest.mark.parametrize(("field", "value"), [("presence_penalty", 0.5), ("frequency_penalty", -1.0),
+                                              ("logprobs", 5), ("logit_bias", {"42": 10}), ("echo", True),
+                                              ("best_of", 3), ("top_k", -2), ("repetition_penalty", 0)])
+def test_fields_that_would_change_the_answer_are_refused(server, field, value):
+    r = _complete(server, **{field: value})
+    assert r.status_code == 422 and field in r.json()["error"]["message"]
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(server):
+    """What clients send by default (the openai package's defaults, or explicit neutral values)."""
+    r = _complete(server, presence_penalty=0, frequency_penalty=0.0, logprobs=None, logit_bias={}, echo=False,
+                  best_of=1, top_k=-1)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+
+
 def test_body_limit(server):
     r = httpx.post(server.url + "/v1/completions", content=b"x" * (2 << 20),
                    headers={"content-type": "application/json"})

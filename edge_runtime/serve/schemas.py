@@ -38,18 +38,37 @@ Stops = Annotated[list[StopStr], BeforeValidator(_one_or_list, json_schema_input
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
+def _unsupported(default):
+    """A field this server does not implement: its absent or neutral value only (clients send the neutral one by
+    default). Any other value would be silently ignored, and the answer would not be the one asked for."""
+    def check(v):
+        if v is not None and v != default:
+            raise ValueError(f"is not supported by this server (only {default!r}, or leave it out)")
+        return v
+    return AfterValidator(check)
+
+
 class _Sampling(BaseModel):
-    # Unknown OpenAI fields (presence_penalty, user, ...) are accepted and ignored, as clients send them.
+    # Other OpenAI fields that change nothing in the answer (user, metadata, ...) are accepted and ignored, as
+    # clients send them; those that would (penalties, logprobs, ...) are refused below unless neutral.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # extensions of vLLM and llama.cpp servers; top_k -1 or 0: off
+    top_k: int = Field(0, ge=-1)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
     stop: Stops | None = None
     seed: Seed | None = None
     stream: bool = False
     n: Literal[1] = 1
+    presence_penalty: Annotated[float | None, _unsupported(0.0)] = None
+    frequency_penalty: Annotated[float | None, _unsupported(0.0)] = None
+    logit_bias: Annotated[dict | None, _unsupported({})] = None
+    logprobs: Annotated[bool | int | None, _unsupported(False)] = None
+    top_logprobs: Annotated[int | None, _unsupported(0)] = None
 
     def stop_list(self) -> list[str]:
         return list(self.stop or ())
@@ -69,6 +88,9 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Text = Field(min_length=1)
+    echo: Annotated[bool | None, _unsupported(False)] = None
+    best_of: Annotated[int | None, _unsupported(1)] = None
+    suffix: Annotated[str | None, _unsupported(None)] = None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
