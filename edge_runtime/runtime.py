@@ -41,13 +41,36 @@ LOCK_POLL_S = 0.005  # how often a generation waiting for another thread's gener
 FALLBACK_ALPHA = 1.0  # SparseInfer's majority vote, for models converted without a default alpha
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
+MIN_CONTEXT = 2  # one prompt token and one to generate
+
+
+def check_max_context(asked: object) -> int | None:
+    """A max_context the caller gave: None (the default) or a whole number of positions >= MIN_CONTEXT. A negative
+    one used to fail inside numpy ("buffer size must be a multiple of element size"), and 0 meant the default."""
+    if asked is not None and (not is_int(asked) or asked < MIN_CONTEXT):
+        raise EdgeRuntimeError(f"max_context must be a whole number of positions, at least {MIN_CONTEXT} (one prompt "
+                               f"token and one to generate), got {asked!r}")
+    return asked
+
+
+def context_for(asked: int | None, positions: int) -> int:
+    """The KV positions to allocate: asked (default DEFAULT_CONTEXT), at most the model's trained positions; more
+    than those is said once, as a KVBudgetWarning (the CLI prints it as a warning line)."""
+    if asked is not None and asked > positions:
+        import warnings
+
+        from edge_runtime.devices.planner import KVBudgetWarning
+
+        warnings.warn(KVBudgetWarning(f"max_context {asked} is past the {positions} positions this model was "
+                                      f"trained for; the context holds {positions}"), stacklevel=3)
+    return min(asked or DEFAULT_CONTEXT, positions)
 
 
 class Runtime:
     def __init__(self, model: PackedModel, backend: str = "auto", max_context: int | None = None,
                  prefill: str = "native", threads: int | None = None):
         self.model = model
-        ctx = min(max_context or DEFAULT_CONTEXT, model.config.max_positions)
+        ctx = context_for(check_max_context(max_context), model.config.max_positions)
         self.backend = create_backend(backend, model, ctx, threads)
         self.decoder = Decoder(self.backend)
         self.prefill = None  # an OnnxPrefill when prompts run through ONNX Runtime
@@ -399,9 +422,10 @@ class Runtime:
         and position start from zero."""
         with self._holding() as (decoder, _):
             bos = self.config.bos_token_id or 0
-            decoder.start([bos, bos], SamplingParams())
-            decoder.decode_step()
-            decoder.decode_step()
+            prompt = min(2, decoder.max_context - 1)  # a context of 2 or 3 holds less (MIN_CONTEXT is 2)
+            decoder.start([bos] * prompt, SamplingParams())
+            for _ in range(min(2, decoder.max_context - prompt)):
+                decoder.decode_step()
             decoder.reset()
 
     @contextmanager
@@ -500,6 +524,7 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
     the backend. threads: the cpu backend's compute threads (None: the cores numpy's BLAS would use).
     warm_up runs Runtime.warm_up() before returning, so that the first request meets its deadline."""
     model_dir = resolve_model(path)
+    check_max_context(max_context)
     prof = None
     if profile is not None:
         from edge_runtime.devices.detect import detect

@@ -286,3 +286,36 @@ def test_robot_example_follows_the_device_policy(model_dir, which, capsys, monke
     first, cycle = capsys.readouterr().out.splitlines()[:2]
     assert ("policy" in first) == (which == "embedded") and "decode: sparse" in first
     assert cycle.startswith("cycle 0: 'The door ahead is closed.' -> ")
+
+
+@pytest.mark.parametrize("bad", [-5, 0, 1, 2.5, "64", True])
+def test_max_context_is_checked(bad):
+    """-5 failed inside numpy, 2.5 and "64" with TypeErrors, 0 meant the default; 1 holds no token to generate."""
+    with pytest.raises(EdgeRuntimeError, match="max_context must be a whole number of positions, at least 2"):
+        edge_runtime.load(None, profile=None, backend="cpu", max_context=bad)
+
+
+@pytest.mark.parametrize("ctx", [2, 3])
+def test_the_smallest_contexts_warm_up_and_generate(ctx, capsys):
+    """The warm-up (a two-token prompt and two steps) needs four positions: smaller contexts failed at load with
+    'context full', an error about the warm-up, not the user's prompt."""
+    from edge_runtime.cli import main
+
+    rt = edge_runtime.load(None, profile=None, backend="cpu", max_context=ctx)
+    res = rt.generate([1], max_new_tokens=10)
+    assert len(res.token_ids) == ctx and res.finish_reason == "context"  # the last one needs no KV position
+    code = main(["generate", "--max-context", str(ctx), "--prompt", "The", "--max-new-tokens", "5"])
+    err = capsys.readouterr().err
+    if ctx == 3:
+        assert code == 0 and "finish: context" in err
+    else:  # "The" is two tokens with BOS: no room left, and the error is about the prompt, not the warm-up
+        assert code == 2 and "prompt has 2 tokens; the context holds 2" in err
+
+
+def test_a_context_past_the_model_is_said_once():
+    """The default model has 512 positions: a larger max_context is cut to them with a warning, not silently."""
+    from edge_runtime.devices.planner import KVBudgetWarning
+
+    with pytest.warns(KVBudgetWarning, match="max_context 4096 is past the 512 positions"):
+        rt = edge_runtime.load(None, profile=None, backend="cpu", max_context=4096, warm_up=False)
+    assert rt.decoder.max_context == 512
