@@ -64,4 +64,6 @@ def run_chat(rt, system: str | None, max_new_tokens: int, temperature: float, to
             reply.append(piece)
             print(piece, end="", flush=True)
         print()
+        if rt.last_result is not None and rt.last_result.finish_reason == "context":  # else cut without a word
+            print(f"(the reply stopped at the end of the {context}-token context)", file=sys.stderr)
         history = asked + [{"role": "assistant", "content": "".join(reply).strip()}]

@@ -68,3 +68,18 @@ def test_chat_outlives_its_context_and_survives_a_bad_message(rt, capsys, monkey
     assert all(m["content"] != lines[3] for m in after_long)
     assert after_long[-3]["content"] == lines[2] and after_long[-2]["role"] == "assistant"
     assert after_long[0] == before_long[0] == {"role": "system", "content": "You are a sailor."}
+
+
+def test_a_reply_cut_by_the_context_says_so(rt, capsys):
+    """--max-new-tokens past what the context leaves: the reply ends mid-sentence, and chat says why."""
+    feed = iter(["tell me about the sea"])
+
+    def read_line(_prompt):
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    assert run_chat(rt, None, max_new_tokens=500, temperature=0.0, top_p=1.0, read_line=read_line) == 0
+    assert rt.last_result.finish_reason == "context"
+    assert "(the reply stopped at the end of the 128-token context)" in capsys.readouterr().err
