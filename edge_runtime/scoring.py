@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edge_runtime.errors import NumericalError
+
 
 def windowed(ids: Sequence[int], window: int, max_tokens: int) -> list[np.ndarray]:
     """The first max_tokens + 1 ids cut into windows of window + 1 (inputs and their next-token targets)."""
@@ -14,7 +16,13 @@ def windowed(ids: Sequence[int], window: int, max_tokens: int) -> list[np.ndarra
 
 
 def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Per-position negative log-likelihood (float64); logits (T, V), targets (T,) int."""
+    """Per-position negative log-likelihood (float64); logits (T, V), targets (T,) int. Logits with NaN or inf (a
+    model whose weights are not finite) stop with a NumericalError: a NaN perplexity would be printed as a result,
+    written into calibration.yaml, and is not even valid JSON."""
+    if not np.isfinite(logits).all():
+        raise NumericalError("the model computed NaN or infinite logits on the text: its weights are damaged or were "
+                             "not finite when converted (check them with 'edge-runtime info --verify', convert the "
+                             "model again)")
     z = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

@@ -149,3 +149,18 @@ def test_convert_refuses_weights_fp16_scales_lose(hf_relu, tmp_path):
     with pytest.raises(ModelFormatError, match="up_proj.weight would be stored with 100% error"):
         convert(hf, tmp_path / "out", "int8", progress=False)
     convert(hf, tmp_path / "fp32", "fp32", progress=False)
+
+
+def test_perplexity_of_a_nan_model_is_an_error_not_nan(nan_scale):
+    """eval printed "ppl_dense": NaN (not valid JSON) and calibrate wrote ppl_dense: .nan, both exiting 0."""
+    from edge_runtime.evaluate import evaluate_text
+    from edge_runtime.scoring import nll
+
+    rt = edge_runtime.load(nan_scale, profile=None, backend="cpu", verify=False, warm_up=False)
+    with pytest.raises(NumericalError, match="NaN or infinite logits on the text"):
+        evaluate_text(rt, "The old man looked at the sea. " * 20, None, window=64, max_tokens=128)
+    logits = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
+    assert np.isfinite(nll(logits, np.array([1, 2, 3]))).all()
+    logits[1, 4] = np.inf
+    with pytest.raises(NumericalError):
+        nll(logits, np.array([1, 2, 3]))
