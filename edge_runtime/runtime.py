@@ -545,7 +545,11 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
 
             rt.watch_power_mode(mode_reader(prof))
     if warm_up:
-        rt.warm_up()
+        try:
+            rt.warm_up()
+        except BaseException:  # a NumericalError, say: the watcher and the backend's memory go with the runtime
+            rt.close()
+            raise
     return rt
 
 
@@ -569,7 +573,7 @@ def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | Non
     # what will be mapped: the files on disk (the loader refuses any whose size differs from the manifest's)
     weights = sum(min(int(f["bytes"]), _size_on_disk(model_dir / name, int(f["bytes"])))
                   for name, f in manifest["files"].items())
-    context = min(max_context or DEFAULT_CONTEXT, cfg.max_positions)
+    context = context_for(max_context, cfg.max_positions)  # warns here when past the model: Runtime gets it cut
     on_cpu = resolve_backend(backend) == "cpu"
     try:
         return plan_load(cfg, manifest["encoding"], weights, profile, context, available_memory_gb(),

@@ -10,10 +10,12 @@ import time
 
 import uvicorn
 
+from edge_runtime.errors import NumericalError
 from edge_runtime.pack.loader import load_packed
 from edge_runtime.runtime import Runtime
 
 FAULT_SEED = 4242  # the job raises RuntimeError("injected fault") inside the engine's worker
+NAN_SEED = 4444  # the job raises NumericalError, as a model whose weights are not finite does
 HOLD_SEED = 4343  # the job waits until ScriptedRuntime.release is set (at most 30 s), then generates
 SLOW_SEEDS = range(5000, 6000)  # every token takes 5 ms more
 
@@ -26,6 +28,8 @@ class ScriptedRuntime(Runtime):
     def stream_events(self, prompt, **kw):
         if kw.get("seed") == FAULT_SEED:
             raise RuntimeError("injected fault")
+        if kw.get("seed") == NAN_SEED:
+            raise NumericalError("the model computed a NaN or infinite logit at position 3")
         if kw.get("seed") == HOLD_SEED:
             self.release.wait(30)
         for item in super().stream_events(prompt, **kw):

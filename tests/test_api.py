@@ -316,6 +316,7 @@ def test_a_context_past_the_model_is_said_once():
     """The default model has 512 positions: a larger max_context is cut to them with a warning, not silently."""
     from edge_runtime.devices.planner import KVBudgetWarning
 
-    with pytest.warns(KVBudgetWarning, match="max_context 4096 is past the 512 positions"):
-        rt = edge_runtime.load(None, profile=None, backend="cpu", max_context=4096, warm_up=False)
-    assert rt.decoder.max_context == 512
+    for profile in (None, "auto"):  # "auto" (the default) plans memory first, with the context cut there
+        with pytest.warns(KVBudgetWarning, match="max_context 4096 is past the 512 positions"):
+            rt = edge_runtime.load(None, profile=profile, backend="cpu", max_context=4096, warm_up=False)
+        assert rt.decoder.max_context == 512

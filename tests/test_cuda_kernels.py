@@ -632,6 +632,7 @@ def _numpy_sample(logits, history, params, u):
 SAMPLE_CASES = [  # temperature, top_k, top_p, repetition_penalty, tied logits
     (1.0, 0, 1.0, 1.0, False), (0.7, 50, 1.0, 1.0, False), (1.3, 0, 0.9, 1.3, False), (1.0, 20, 0.5, 1.0, True),
     (0.8, 7, 0.95, 0.7, True), (2.0, 0, 0.3, 1.1, False),
+    (1.0, 2**40, 0.9, 1.0, False),  # past the vocabulary (and int32): off; param_arrays raised OverflowError
 ]
 
 

@@ -3,6 +3,7 @@ over and over (greedy) or a plausible-looking random draw (sampling)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 
@@ -48,10 +49,17 @@ def test_generation_from_a_nan_weight_stops(nan_scale, sampling):
         rt.generate("The old man looked at the sea", max_new_tokens=8, **sampling)
 
 
-def test_load_with_warm_up_refuses_the_model(nan_scale):
-    """The warm-up generation is the first to see the NaN: a daemon never starts serving such a model."""
+def test_load_with_warm_up_refuses_the_model(nan_scale, monkeypatch):
+    """The warm-up generation is the first to see the NaN: a daemon never starts serving such a model. The
+    runtime it built is closed (its watcher and its backend's memory), not left to the garbage collector."""
+    from edge_runtime.runtime import Runtime
+
+    closed = []
+    real_close = Runtime.close
+    monkeypatch.setattr(Runtime, "close", lambda self: (closed.append(self), real_close(self))[1])
     with pytest.raises(NumericalError):
         edge_runtime.load(nan_scale, profile=None, backend="cpu", verify=False)
+    assert len(closed) == 1 and closed[0].decoder is None
 
 
 def test_cli_says_so_in_one_line(nan_scale, capsys):
@@ -126,15 +134,17 @@ def test_convert_refuses_a_checkpoint_that_is_not_finite(hf_relu, tmp_path, valu
 
 
 @pytest.mark.parametrize("encoding", ["fp16", "int8", "int4"])
-def test_convert_refuses_what_fp16_storage_overflows(hf_relu, tmp_path, encoding):
-    """A norm weight of 1e5: every encoding but fp32 stores norms in fp16 (65504 at most)."""
+@pytest.mark.parametrize("key, value", [("model.norm.weight", 1e5), ("model.layers.0.mlp.up_proj.weight", 1e7)])
+def test_convert_refuses_what_fp16_storage_overflows(hf_relu, tmp_path, encoding, key, value):
+    """A norm weight of 1e5: every encoding but fp32 stores norms in fp16 (65504 at most). A matrix weight of 1e7:
+    fp16 weights overflow, and so do int8 and int4 scales (1e7 / 127, 1e7 / 7)."""
     from edge_runtime.errors import ModelFormatError
     from edge_runtime.pack.convert import convert
 
-    hf = edited_checkpoint(hf_relu, tmp_path / "hf", "model.norm.weight", _poke(1e5))
+    hf = edited_checkpoint(hf_relu, tmp_path / "hf", key, _poke(value))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # numpy's cast warning would come first, with no name
-        with pytest.raises(ModelFormatError, match="model.norm.weight has values up to 1e\\+05, past the 65504"):
+        with pytest.raises(ModelFormatError, match=re.escape(f"{key} has values up to {value:.3g}, past the 65504")):
             convert(hf, tmp_path / "out", encoding, progress=False)
     convert(hf, tmp_path / "fp32", "fp32", progress=False)  # what the message advises
 

@@ -21,7 +21,16 @@ uvicorn = pytest.importorskip("uvicorn")
 import edge_runtime  # noqa: E402
 from edge_runtime.serve.app import create_app  # noqa: E402
 from tests.helpers import packed_llama  # noqa: E402
-from tests.serve_support import FAULT_SEED, HOLD_SEED, SLOW_SEEDS, ScriptedRuntime, Server, free_port, wait_until  # noqa: E402
+from tests.serve_support import (  # noqa: E402
+    FAULT_SEED,
+    HOLD_SEED,
+    NAN_SEED,
+    SLOW_SEEDS,
+    ScriptedRuntime,
+    Server,
+    free_port,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +115,22 @@ def test_top_k_and_repetition_penalty_are_honoured(server, model_dir):
 
 @pytest.mark.parametrize(("field", "value"), [("presence_penalty", 0.5), ("frequency_penalty", -1.0),
                                               ("logprobs", 5), ("logit_bias", {"42": 10}), ("echo", True),
-                                              ("best_of", 3), ("top_k", -2), ("repetition_penalty", 0)])
+                                              ("best_of", 3), ("top_k", -2), ("top_k", 2**40), ("min_p", 0.1),
+                                              ("response_format", {"type": "json_object"}),
+                                              ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                              ("repetition_penalty", 0)])
 def test_fields_that_would_change_the_answer_are_refused(server, field, value):
     r = _complete(server, **{field: value})
     assert r.status_code == 422 and field in r.json()["error"]["message"]
 
 
 def test_neutral_values_of_unsupported_fields_are_accepted(server):
-    """What clients send by default (the openai package's defaults, or explicit neutral values)."""
-    r = _complete(server, presence_penalty=0, frequency_penalty=0.0, logprobs=None, logit_bias={}, echo=False,
-                  best_of=1, top_k=-1)
+    """What clients send by default (the openai package's defaults, explicit neutral values, or null)."""
+    r = _complete(server, presence_penalty=0, frequency_penalty=0.0, logprobs=None, logit_bias={"42": 0}, echo=False,
+                  best_of=1, top_k=-1, suffix="")
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    r = _complete(server, top_k=None, repetition_penalty=None, logprobs=0, top_logprobs=None, min_p=0,
+                  response_format={"type": "text"}, tools=[])
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
 
 
@@ -326,6 +341,20 @@ def test_injected_fault_fails_only_its_request(scripted):
     ok = httpx.post(url, json={"prompt": "the", "max_tokens": 4, "seed": 1}, timeout=10)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
     assert scripted.engine.worker_alive and scripted.engine.failed >= 2
+
+
+def test_a_model_error_is_a_500_and_counted(scripted):
+    """A NumericalError (weights not finite): 500 model_error, or for a stream an error event with that code
+    after the 200; counted in edge_runtime_failed_jobs (it is the model's fault, not the request's)."""
+    url = scripted.url + "/v1/completions"
+    failed = scripted.engine.failed
+    bad = httpx.post(url, json={"prompt": "the", "max_tokens": 4, "seed": NAN_SEED}, timeout=10)
+    assert bad.status_code == 500 and bad.json()["error"]["code"] == "model_error"
+    with httpx.stream("POST", url, json={"prompt": "the", "max_tokens": 4, "seed": NAN_SEED, "stream": True},
+                      timeout=10) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert r.status_code == 200 and json.loads(lines[0][6:])["error"]["code"] == "model_error"
+    assert scripted.engine.failed == failed + 2
 
 
 @pytest.mark.parametrize("sampling", [

@@ -182,7 +182,8 @@ class Backend(Protocol):
         advanced) or "teal" (dense FFN with layer i's TEAL input thresholds)."""
 
     def sample(self, logits) -> None:
-        """logits (1, vocab) -> state.token (sampled with the parameters given to begin), state.seen marked."""
+        """logits (1, vocab) -> state.token (sampled with the parameters given to begin), state.seen marked; any
+        logit NaN or infinite -> state.token = NO_TOKEN (model/sampling.py), nothing marked."""
 
     def advance(self) -> None:
         """state.pos += 1 (the last op of a step)."""

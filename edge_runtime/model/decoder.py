@@ -149,8 +149,8 @@ class Decoder:
         token = self.ops.read_token()
         if token == NO_TOKEN:
             raise NumericalError(f"the model computed a NaN or infinite logit at position {self.pos}: its weights "
-                                 f"are damaged or were not finite when converted (check them with 'edge-runtime info "
-                                 f"--verify', convert the model again)")
+                                 f"are damaged or not finite (check the files with 'edge-runtime info --verify'), or "
+                                 f"its activations overflow (fp16 on the GPU)")
         return token
 
     def forward(self, ids: Sequence[int], last_only: bool = False, batched_sparse: bool = False) -> np.ndarray:

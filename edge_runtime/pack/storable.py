@@ -30,8 +30,9 @@ def check_stored(where: str, name: str, w: np.ndarray, stored: PackedTensor | np
     sq_err = 0.0
     for r0 in range(0, max(len(w), 1), ROWS):
         rows = slice(r0, r0 + ROWS)
-        back = stored.dequantize(rows) if isinstance(stored, PackedTensor) else np.asarray(stored[rows], np.float32)
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # an inf scale times a 0 weight: said below, by name
+            back = stored.dequantize(rows) if isinstance(stored, PackedTensor) else np.asarray(stored[rows],
+                                                                                                np.float32)
             if not np.isfinite(back).all():
                 raise ModelFormatError(f"{where}: tensor {name} has values up to {float(np.abs(w).max()):.3g}, past "
                                        f"the 65504 that fp16 holds, and --dtype {encoding} stores them in fp16 "

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.errors import EdgeRuntimeError, NumericalError
 from edge_runtime.model.generate import GenerationResult, Piece
 from edge_runtime.runtime import Runtime
 
@@ -66,7 +66,7 @@ class Engine:
         self._stopping = False
         self.completed = 0
         self.cancelled = 0
-        self.failed = 0  # jobs that ended in an exception other than EdgeRuntimeError
+        self.failed = 0  # jobs that ended in an internal error or a model error (NumericalError): a 500
         self.tokens_generated = 0
         self.last_tokens_per_s = 0.0
         self._worker: threading.Thread | None = None
@@ -127,7 +127,7 @@ class Engine:
                     continue
                 self._execute(job)
             except Exception as e:  # the job failed, not the worker: hand the error over, run the next job
-                if not isinstance(e, EdgeRuntimeError):
+                if not isinstance(e, EdgeRuntimeError) or isinstance(e, NumericalError):
                     self.failed += 1
                 job._emit(e)
             finally:

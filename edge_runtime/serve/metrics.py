@@ -27,7 +27,7 @@ class Metrics:
         g = Gauge("edge_runtime_cancelled_jobs", "jobs cancelled because their client left (or at shutdown)",
                   registry=self.registry)
         g.set_function(lambda: engine.cancelled)
-        g = Gauge("edge_runtime_failed_jobs", "jobs that ended in an internal error", registry=self.registry)
+        g = Gauge("edge_runtime_failed_jobs", "jobs that ended in an internal or model error", registry=self.registry)
         g.set_function(lambda: engine.failed)
 
     def count_request(self, path: str, status: int) -> None:

@@ -38,14 +38,18 @@ Stops = Annotated[list[StopStr], BeforeValidator(_one_or_list, json_schema_input
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
-def _unsupported(default):
-    """A field this server does not implement: its absent or neutral value only (clients send the neutral one by
-    default). Any other value would be silently ignored, and the answer would not be the one asked for."""
+def _unsupported(neutral):
+    """A field this server does not implement: null or a neutral value only (neutral(v) says which; clients send
+    one by default). Any other value would be silently ignored, and the answer would not be the one asked for."""
     def check(v):
-        if v is not None and v != default:
-            raise ValueError(f"is not supported by this server (only {default!r}, or leave it out)")
+        if v is not None and not neutral(v):
+            raise ValueError("is not supported by this server (leave it out, or send its neutral value)")
         return v
     return AfterValidator(check)
+
+
+def _zero(v) -> bool:
+    return v == 0
 
 
 class _Sampling(BaseModel):
@@ -58,17 +62,20 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     # extensions of vLLM and llama.cpp servers; top_k -1 or 0: off
-    top_k: int = Field(0, ge=-1)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
     stop: Stops | None = None
     seed: Seed | None = None
     stream: bool = False
     n: Literal[1] = 1
-    presence_penalty: Annotated[float | None, _unsupported(0.0)] = None
-    frequency_penalty: Annotated[float | None, _unsupported(0.0)] = None
-    logit_bias: Annotated[dict | None, _unsupported({})] = None
-    logprobs: Annotated[bool | int | None, _unsupported(False)] = None
-    top_logprobs: Annotated[int | None, _unsupported(0)] = None
+    presence_penalty: Annotated[float | None, _unsupported(_zero)] = None
+    frequency_penalty: Annotated[float | None, _unsupported(_zero)] = None
+    logit_bias: Annotated[dict[str, float] | None, _unsupported(lambda d: all(b == 0 for b in d.values()))] = None
+    logprobs: Annotated[bool | int | None, _unsupported(_zero)] = None  # chat: a bool; completions: a count
+    top_logprobs: Annotated[int | None, _unsupported(_zero)] = None
+    min_p: Annotated[float | None, _unsupported(_zero)] = None
+    response_format: Annotated[dict | None, _unsupported(lambda f: f.get("type") == "text")] = None
+    tools: Annotated[list | None, _unsupported(lambda t: not t)] = None
 
     def stop_list(self) -> list[str]:
         return list(self.stop or ())
@@ -88,9 +95,9 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Text = Field(min_length=1)
-    echo: Annotated[bool | None, _unsupported(False)] = None
-    best_of: Annotated[int | None, _unsupported(1)] = None
-    suffix: Annotated[str | None, _unsupported(None)] = None
+    echo: Annotated[bool | None, _unsupported(_zero)] = None
+    best_of: Annotated[int | None, _unsupported(lambda n: n == 1)] = None
+    suffix: Annotated[str | None, _unsupported(lambda t: t == "")] = None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,

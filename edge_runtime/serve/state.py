@@ -35,7 +35,7 @@ class ServeState:
             raise ServeError(400, f"max_tokens {n} is over this server's limit of {self.max_tokens_limit}",
                              "max_tokens_too_large")
         return {"max_new_tokens": n, "temperature": req.temperature, "top_p": req.top_p,
-                "top_k": max(req.top_k, 0), "repetition_penalty": req.repetition_penalty, "seed": req.seed,
+                "top_k": max(req.top_k or 0, 0), "repetition_penalty": req.repetition_penalty or 1.0, "seed": req.seed,
                 "stop": req.stop_list()}
 
     async def submit(self, prompt: str | Sequence[dict[str, str]], params: dict, stream: bool) -> Job:

@@ -19,7 +19,8 @@ def input_norms(hf_dir: Path, text: str, max_tokens: int = 2048, window: int = 2
     from edge_runtime.pack.convert import checkpoint_model
     from edge_runtime.runtime import Runtime
 
-    rt = Runtime(checkpoint_model(hf_dir), backend="cpu", max_context=window + 1)
+    model = checkpoint_model(hf_dir)
+    rt = Runtime(model, backend="cpu", max_context=min(window + 1, model.config.max_positions))
     try:
         ids = rt.encode(text)[: max_tokens]
         if len(ids) < 2:

@@ -31,7 +31,8 @@ def param_arrays(p: SamplingParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
     A temperature below fp32's range becomes 0, i.e. greedy, its limit."""
     params = np.array([p.temperature, p.top_p, p.repetition_penalty, 0.0], dtype=np.float32)
     seed &= _M64
-    iparams = np.array([p.top_k, seed & 0xFFFFFFFF, seed >> 32, 0], dtype=np.uint32).view(np.int32)
+    top_k = min(p.top_k, 2**31 - 1)  # past the vocabulary: off, as 0 is; larger would not fit the int32
+    iparams = np.array([top_k, seed & 0xFFFFFFFF, seed >> 32, 0], dtype=np.uint32).view(np.int32)
     return params, iparams
 
 
