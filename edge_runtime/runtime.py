@@ -449,7 +449,12 @@ class Runtime:
                 if (reason := stop_check()) is not None:
                     yield None, reason
                     return
-            if not self._closed and (reason := stop_check()) is not None:  # late when its turn came
+            try:  # late when its turn came? (a should_stop that raises must not leave the lock held)
+                reason = None if self._closed else stop_check()
+            except BaseException:
+                self._lock.release()
+                raise
+            if reason is not None:
                 self._lock.release()
                 yield None, reason
                 return

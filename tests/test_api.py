@@ -320,3 +320,30 @@ def test_a_context_past_the_model_is_said_once():
         with pytest.warns(KVBudgetWarning, match="max_context 4096 is past the 512 positions"):
             rt = edge_runtime.load(None, profile=profile, backend="cpu", max_context=4096, warm_up=False)
         assert rt.decoder.max_context == 512
+
+
+def _in_thread(fn, timeout: float = 30.0) -> list:
+    """fn's result in a list, [] when it did not return within timeout (the thread is left behind: daemon)."""
+    done = []
+    t = threading.Thread(target=lambda: done.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    return done
+
+
+def test_a_should_stop_that_raises_leaves_the_runtime_usable(model_dir):
+    """The host's e-stop callback raising (its topic gone) used to leave the lock held for good: every later call
+    without a deadline, and close(), blocked forever. (Its own runtime: a wedged one is never closed here.)"""
+    rt = edge_runtime.load(model_dir, backend="cpu")
+    calls = []
+
+    def estop():
+        calls.append(1)
+        raise ConnectionError("e-stop topic unavailable")
+
+    with pytest.raises(ConnectionError):
+        rt.generate("the lazy dog", max_new_tokens=8, should_stop=estop)
+    assert calls and not rt._lock.locked()
+    done = _in_thread(lambda: rt.generate("the lazy dog", max_new_tokens=4))
+    assert done and len(done[0].token_ids) == 4
+    assert _in_thread(rt.close) == [None]
