@@ -347,13 +347,18 @@ class Runtime:
         if deadline_s is not None and finite("deadline_s", deadline_s) < 0:
             raise EdgeRuntimeError(f"deadline_s must be >= 0 seconds, got {deadline_s}")
         t_end = None if deadline_s is None else time.monotonic() + deadline_s
+        if should_stop is not None and not callable(should_stop):
+            raise EdgeRuntimeError(f"should_stop must be a function (returning a reason, True, or None to go on), got "
+                                   f"{type(should_stop).__name__}; for a threading.Event pass its is_set")
 
         def stop_check() -> str | None:
             if self._closed:  # close() from this stream's own thread: end here, release when the stream ends
                 return "cancelled"
             if t_end is not None and time.monotonic() >= t_end:
                 return "deadline"
-            return should_stop() if should_stop else None
+            if should_stop is None or not (reason := should_stop()):  # None, False, "": go on (event.is_set)
+                return None
+            return reason if isinstance(reason, str) else "cancelled"
 
         check_prompt(ids, self._live_decoder().max_context)  # before any wait: a bad prompt is refused, not late
         with self._holding(stop_check if t_end is not None or should_stop else None) as (decoder, gave_up):

@@ -347,3 +347,18 @@ def test_a_should_stop_that_raises_leaves_the_runtime_usable(model_dir):
     done = _in_thread(lambda: rt.generate("the lazy dog", max_new_tokens=4))
     assert done and len(done[0].token_ids) == 4
     assert _in_thread(rt.close) == [None]
+
+
+def test_should_stop_may_be_an_events_is_set(rt):
+    """estop.is_set returns False: it crashed every call ('NoneType' object has no attribute 'cfg'), and True gave
+    the finish reason True; a threading.Event itself (not callable) is a clear error."""
+    estop = threading.Event()
+    res = rt.generate("the lazy dog", max_new_tokens=5, should_stop=estop.is_set)
+    assert len(res.token_ids) == 5 and res.finish_reason == "length"
+    pieces = list(rt.stream("the lazy dog", max_new_tokens=5, should_stop=estop.is_set))
+    assert "".join(pieces) == res.text
+    estop.set()
+    assert rt.generate("the lazy dog", max_new_tokens=5, should_stop=estop.is_set).finish_reason == "cancelled"
+    assert rt.generate("the lazy dog", max_new_tokens=5, should_stop=lambda: "e-stop").finish_reason == "e-stop"
+    with pytest.raises(EdgeRuntimeError, match="should_stop must be a function.*pass its is_set"):
+        rt.generate("the lazy dog", max_new_tokens=5, should_stop=estop)
