@@ -391,7 +391,16 @@ class Runtime:
                 yield item.text
 
     async def agenerate(self, prompt: Prompt, **kwargs: Any) -> GenerationResult:
-        return await asyncio.to_thread(self.generate, prompt, **kwargs)
+        """generate() in a worker thread. Cancelling the task (asyncio.wait_for's timeout, say) stops the generation
+        at its next token: it used to run on to its end, and the next call waited for it."""
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(self.generate, prompt,
+                                           should_stop=_or_cancelled(kwargs.pop("should_stop", None), cancelled),
+                                           **kwargs)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     async def astream(self, prompt: Prompt, **kwargs: Any) -> AsyncIterator[str]:
         """Text pieces for asyncio; decoding runs in a worker thread. Leaving the loop early cancels."""
@@ -399,11 +408,11 @@ class Runtime:
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
         done = object()
+        should_stop = _or_cancelled(kwargs.pop("should_stop", None), cancelled)
 
         def work() -> None:
             try:
-                for piece in self.stream(prompt, should_stop=lambda: "cancelled" if cancelled.is_set() else None,
-                                         **kwargs):
+                for piece in self.stream(prompt, should_stop=should_stop, **kwargs):
                     loop.call_soon_threadsafe(queue.put_nowait, piece)
             except Exception as e:  # handed to the consumer, raised there
                 loop.call_soon_threadsafe(queue.put_nowait, e)
@@ -511,6 +520,13 @@ def onnx_prefill(model: PackedModel, max_context: int):
     except ImportError:
         raise EdgeRuntimeError(f"--prefill onnx needs onnx and onnxruntime: {install_extra('onnx')}") from None
     return OnnxPrefill(model, max_context=max_context)
+
+
+def _or_cancelled(should_stop: Callable[[], object] | None, cancelled: threading.Event) -> Callable[[], object]:
+    """A should_stop that also says "cancelled" once the asyncio side has given up on the call."""
+    if should_stop is not None and not callable(should_stop):
+        return should_stop  # refused by stream_events, with its message
+    return lambda: "cancelled" if cancelled.is_set() else (should_stop() if should_stop else None)
 
 
 def load(path: str | Path | None = None, profile: str | None = "auto", backend: str = "auto",

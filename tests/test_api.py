@@ -362,3 +362,25 @@ def test_should_stop_may_be_an_events_is_set(rt):
     assert rt.generate("the lazy dog", max_new_tokens=5, should_stop=lambda: "e-stop").finish_reason == "e-stop"
     with pytest.raises(EdgeRuntimeError, match="should_stop must be a function.*pass its is_set"):
         rt.generate("the lazy dog", max_new_tokens=5, should_stop=estop)
+
+
+def test_cancelling_agenerate_stops_its_generation(rt):
+    """asyncio.wait_for's timeout cancels the task; the generation in the worker thread used to run on to its end
+    (900 tokens here) and the next call waited for it. astream takes a should_stop too (it was a TypeError)."""
+    import time
+
+    def slow():  # 2 ms a token: 900 tokens take about 2 s
+        time.sleep(0.002)
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(rt.agenerate("a robot walks", max_new_tokens=900, stop=(), should_stop=slow), 0.1)
+        t0 = time.perf_counter()
+        nxt = await rt.agenerate("a robot walks", max_new_tokens=1)
+        waited = time.perf_counter() - t0
+        pieces = [p async for p in rt.astream("a robot walks", max_new_tokens=50, should_stop=lambda: True)]
+        return nxt, waited, pieces
+
+    nxt, waited, pieces = asyncio.run(main())
+    assert len(nxt.token_ids) == 1 and waited < 1.0, waited
+    assert pieces == [] and rt.last_result.finish_reason == "cancelled"
