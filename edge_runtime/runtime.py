@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.backends import create_backend
+from edge_runtime.backends.fork_guard import check_not_forked
 from edge_runtime.devices.planner import LoadPlan
 from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS
@@ -361,6 +362,7 @@ class Runtime:
             return reason if isinstance(reason, str) else "cancelled"
 
         check_prompt(ids, self._live_decoder().max_context)  # before any wait: a bad prompt is refused, not late
+        self._check_not_forked()  # before the lock, which a fork may have copied held
         with self._holding(stop_check if t_end is not None or should_stop else None) as (decoder, gave_up):
             if gave_up:  # the deadline passed, or should_stop said so, before this call's turn came
                 self.last_result = GenerationResult("", [], len(ids), gave_up, 0.0, 0.0)
@@ -429,11 +431,16 @@ class Runtime:
             await worker
 
     # ---- lifetime ----------------------------------------------------------------------------------
+    def _check_not_forked(self) -> None:
+        if self.backend is not None and self.backend.name == "cpu":
+            check_not_forked()
+
     def warm_up(self) -> None:
         """Run a two-token prefill and two decode steps in the decode mode in force, then forget them: compiled
         kernels are loaded (numba's cache; CUDA modules in the first step, the step's graph captured in the
         second) here rather than inside a caller's first deadline. No listener hears these tokens; statistics
         and position start from zero."""
+        self._check_not_forked()
         with self._holding() as (decoder, _):
             bos = self.config.bos_token_id or 0
             prompt = min(2, decoder.max_context - 1)  # a context of 2 or 3 holds less (MIN_CONTEXT is 2)

@@ -384,3 +384,35 @@ def test_cancelling_agenerate_stops_its_generation(rt):
     nxt, waited, pieces = asyncio.run(main())
     assert len(nxt.token_ids) == 1 and waited < 1.0, waited
     assert pieces == [] and rt.last_result.finish_reason == "cancelled"
+
+
+def test_a_child_forked_after_the_kernels_ran_gets_a_clear_error():
+    """numba ended such a child at its first parallel kernel ("fork() called from a process already using GNU
+    OpenMP"): a multiprocessing Pool's workers died and its map waited forever. Now one EdgeRuntimeError."""
+    import os
+
+    import numba
+
+    rt = edge_runtime.load(None, profile=None, backend="cpu", threads=2)
+    rt.generate("the lazy dog", max_new_tokens=4)
+    if numba.threading_layer() != "omp":
+        pytest.skip(f"numba's {numba.threading_layer()} threading layer survives fork")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what generate does, then leave without running pytest's cleanup
+        try:
+            rt.generate("the lazy dog", max_new_tokens=4)
+            msg = "generated"
+        except EdgeRuntimeError as e:
+            msg = f"EdgeRuntimeError: {e}"
+        except BaseException as e:  # noqa: BLE001 (reported to the parent, whatever it is)
+            msg = f"{type(e).__name__}: {e}"
+        os.write(write, msg.encode()[:4000])
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        msg = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, msg
+    assert msg.startswith("EdgeRuntimeError: this process was forked after edge-runtime ran") and "'spawn'" in msg
+    assert len(rt.generate("the lazy dog", max_new_tokens=4).token_ids) == 4  # the parent is unaffected
