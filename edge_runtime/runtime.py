@@ -505,9 +505,13 @@ class Runtime:
             self._release()
 
     def _release(self) -> None:
-        """Under the lock: drop the model's device state and close the token log a listener writes to."""
-        self.backend = None
-        self.decoder = None
+        """Under the lock: free the backend (host or device memory) and the model's arrays, drop the ONNX session,
+        and close the token log a listener writes to. A closed runtime the application still refers to holds none
+        of them (ten such held 168 MiB and 60 file mappings, a review measured)."""
+        backend, self.backend, self.decoder, self.prefill = self.backend, None, None, None
+        if backend is not None:
+            backend.free()
+        self.model.release()
         if self._token_log is not None:
             with suppress(OSError):  # a last line its disk has no room for: the generation stands
                 self._token_log.close()

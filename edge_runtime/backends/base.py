@@ -224,3 +224,6 @@ class Backend(Protocol):
 
     def reset_stats(self) -> None:
         """Zero the counters."""
+
+    def free(self) -> None:
+        """Release the weights, the KV cache and any device memory; the backend is unusable after (Runtime.close)."""

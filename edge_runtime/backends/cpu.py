@@ -133,6 +133,15 @@ class CpuBackend:
         # the token in one compiled call, where it covers the model (None: the decoder's op-by-op step)
         self.fused = FusedStep(self, STEP_COUNTERS, ATTN_COUNTERS) if FusedStep.supports(self) else None
 
+    def free(self) -> None:
+        """Drop the weights' kernels, the KV cache and the fused step, which points back at this backend: left as a
+        cycle, a closed runtime's memory waited for the garbage collector."""
+        self.fused = None
+        self.kernels.clear()
+        self.columns.clear()
+        self.weights = self.embed = self.layers = self.final_norm = None
+        self.k_cache = self.v_cache = None
+
     # ---- ops shared by prefill and the decode step ----------------------------------------------------
     def embed_tokens(self, ids: np.ndarray, positions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty((len(ids), self.config.dim), np.float32) if out is None else out

@@ -47,6 +47,11 @@ class PackedModel:
     def layer(self, i: int, name: str) -> PackedTensor:
         return self.matrices[f"layers.{i}.{name}"]
 
+    def release(self) -> None:
+        """Drop the arrays (views of the mapped files, and the cpu backend's fp32 copies): the files are unmapped
+        once nothing else holds them. The model is unusable after."""
+        self.matrices, self.vectors, self.sign_planes = {}, {}, {}
+
 
 def model_config(path: Path, manifest: dict[str, Any]) -> ModelConfig:
     try:
