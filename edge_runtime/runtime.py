@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -342,6 +342,8 @@ class Runtime:
             stop = (stop,)
         elif stop is None:  # OpenAI-style code passes None for "no stop strings"
             stop = ()
+        elif isinstance(stop, (bytes, bytearray)) or not isinstance(stop, Iterable):  # b"." iterated as ints
+            raise EdgeRuntimeError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         ids, implied_stop = self.prepare_prompt(prompt)
         cfg = GenerationConfig(max_new_tokens, SamplingParams(temperature, top_k, top_p, repetition_penalty, seed),
                                tuple(stop) + implied_stop)
