@@ -444,6 +444,6 @@ def test_close_gives_back_the_mappings_without_the_garbage_collector(model_dir):
 @pytest.mark.parametrize("stop", [b".", 123, 1.5])
 def test_a_stop_that_is_not_text_is_named(rt, stop):
     """b"." gave "stop strings must be non-empty strings, got 46" (its first byte), 123 a bare TypeError."""
-    with pytest.raises(EdgeRuntimeError, match=f"stop must be a string or a list of strings, got {type(stop).__name__}"
-                       ):
+    expected = f"stop must be a string or a list of strings, got {type(stop).__name__}"
+    with pytest.raises(EdgeRuntimeError, match=expected):
         rt.generate("the lazy dog", max_new_tokens=4, stop=stop)
