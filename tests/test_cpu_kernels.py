@@ -10,7 +10,7 @@ import pytest
 import edge_runtime.backends.cpu_gemv as cpu_gemv
 import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
-from edge_runtime.backends.cpu_dispatch import MatrixKernels
+from edge_runtime.backends.cpu_dispatch import SMALL_BATCH, MatrixKernels
 from edge_runtime.backends.jit import exp_nonpositive, kernel, per_thread, view_at
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.signbits import pack_signs
@@ -77,8 +77,9 @@ def test_gemv_and_axpy_match_the_dequantised_reference(enc, threads):
     assert rel(out, ref @ x) < TOL[enc]
 
 
+@pytest.mark.parametrize("tokens", [5, SMALL_BATCH + 3])  # per-token kernels on the stored weights; fp32 BLAS
 @pytest.mark.parametrize("enc", ENCODINGS)
-def test_rows_and_blocked_matmul_match_the_reference(enc):
+def test_rows_and_blocked_matmul_match_the_reference(enc, tokens):
     rng = np.random.default_rng(7)
     t = packed(enc, rng)
     k = MatrixKernels(t, 2)
@@ -86,9 +87,9 @@ def test_rows_and_blocked_matmul_match_the_reference(enc):
     out = np.full((4, K), np.nan, np.float32)
     k.rows(ids, out)
     assert np.array_equal(out, t.dequantize(ids))
-    x = rng.standard_normal((5, K)).astype(np.float32)
+    x = rng.standard_normal((tokens, K)).astype(np.float32)
     assert rel(k.matmul(x), x @ t.dequantize().T) < 1e-5
-    h = rng.standard_normal((5, N)).astype(np.float32)
+    h = rng.standard_normal((tokens, N)).astype(np.float32)
     assert rel(k.matmul_t(h), h @ t.dequantize()) < 1e-5
 
 
