@@ -30,6 +30,11 @@ def _thread_safe_layer() -> bool:
         return False  # the user chose another layer (workqueue, forksafe): keep the GIL
     import importlib
 
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized:  # the application ran parallel numba code first: its layer is chosen
+        return parallel.threading_layer() in ("omp", "tbb")
+
     for layer in ("omppool", "tbbpool"):
         try:
             importlib.import_module(f"numba.np.ufunc.{layer}")
