@@ -502,7 +502,7 @@ class Runtime:
         if self._owner == threading.get_ident():
             self._closed = True
             return
-        with self._lock:
+        with self._lock, self._configuring:  # a setting changed on another thread meets "closed", not a freed backend
             self._closed = True
             self._release()
 

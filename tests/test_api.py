@@ -414,7 +414,7 @@ def test_a_child_forked_after_the_kernels_ran_gets_a_clear_error():
         msg = f.read()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, msg
-    assert msg.startswith("EdgeRuntimeError: this process was forked after edge-runtime ran") and "'spawn'" in msg
+    assert msg.startswith("EdgeRuntimeError: this process was forked after edge-runtime started") and "'spawn'" in msg
     assert len(rt.generate("the lazy dog", max_new_tokens=4).token_ids) == 4  # the parent is unaffected
 
 
@@ -447,3 +447,30 @@ def test_a_stop_that_is_not_text_is_named(rt, stop):
     expected = f"stop must be a string or a list of strings, got {type(stop).__name__}"
     with pytest.raises(EdgeRuntimeError, match=expected):
         rt.generate("the lazy dog", max_new_tokens=4, stop=stop)
+
+
+def test_a_setting_changed_from_another_thread_waits_for_the_running_token(rt):
+    """The kernels run without the GIL: a knob written mid-token would reach some layers and not others. The
+    backend's step lock (held through each token, here by the test) makes the change wait for the token's end."""
+    be = rt.backend
+    rt.set_sparsity(1.0)
+    with be._between_steps:  # as a running token holds it
+        t = threading.Thread(target=rt.set_sparsity, args=(0.5,), daemon=True)
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and float(be.state.alpha[0]) == 1.0  # waiting: nothing written inside the token
+    t.join(10)
+    assert not t.is_alive() and float(be.state.alpha[0]) == 0.5  # applied once the token ended
+
+
+def test_close_while_another_thread_changes_a_setting_says_closed(model_dir):
+    """close() takes the settings lock too: a set_sparsity racing it meets 'closed', not a freed backend."""
+    rt = edge_runtime.load(model_dir, backend="cpu")
+    with rt._configuring:  # a setting being changed on another thread
+        closing = threading.Thread(target=rt.close, daemon=True)
+        closing.start()
+        closing.join(0.2)
+        assert closing.is_alive() and rt.backend is not None  # close waits for the setting
+    closing.join(10)
+    with pytest.raises(EdgeRuntimeError, match="closed"):
+        rt.set_sparsity(0.5)

@@ -13,6 +13,7 @@ the kernel tests compare against.
 from __future__ import annotations
 
 import mmap
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -130,6 +131,10 @@ class CpuBackend:
         self._sampler = Sampler(SamplingParams())
         self._teal_criterion = "teal"  # what state.teal_scale holds (allocated as ones)
         self.stats_reads = 0  # how often the counters were copied out (tests: never per token)
+        # Held through a decode step and while knobs change: the kernels run without the GIL, so a knob written by
+        # another thread (the power-mode watcher) would otherwise land inside a token, some layers seeing the old
+        # setting and some the new, and the fused step's address table could be rebuilt under a running step.
+        self._between_steps = threading.RLock()
         # the token in one compiled call, where it covers the model (None: the decoder's op-by-op step)
         self.fused = FusedStep(self, STEP_COUNTERS, ATTN_COUNTERS) if FusedStep.supports(self) else None
 
@@ -448,10 +453,11 @@ class CpuBackend:
     def run_step(self, body: Callable[[], None], mode: str) -> None:
         """One token: the fused step (cpu_fused.py) where it covers the model and mode, else body's ops."""
         use_threads(self.threads)  # numba's thread count is per calling thread (serve runs steps elsewhere)
-        if self.fused is not None and self.fused.covers(mode):
-            self.fused.run(mode)
-        else:
-            body()
+        with self._between_steps:
+            if self.fused is not None and self.fused.covers(mode):
+                self.fused.run(mode)
+            else:
+                body()
 
     # ---- host interface ------------------------------------------------------------------------------
     def from_host(self, a, dtype) -> np.ndarray:
@@ -480,6 +486,11 @@ class CpuBackend:
 
     def set_knobs(self, rules: Sequence[Rule] | None, teal: Sequence[dict[str, float]] | None,
                   measure_recall: bool = False, teal_criterion: str = "teal") -> None:
+        with self._between_steps:  # the power watcher's thread: never inside a token the kernels are running
+            self._set_knobs(rules, teal, measure_recall, teal_criterion)
+
+    def _set_knobs(self, rules: Sequence[Rule] | None, teal: Sequence[dict[str, float]] | None,
+                   measure_recall: bool, teal_criterion: str) -> None:
         cfg = self.config
         self.state.predictor[:], self.state.alpha[:], self.state.theta[:] = knob_arrays(rules, cfg.n_layers,
                                                                                         cfg.ffn_dim)
