@@ -1,5 +1,7 @@
 """The one exception type that user-facing code turns into a one-line message and a non-zero exit."""
 
+from __future__ import annotations
+
 
 def install_extra(extra: str) -> str:
     """The command that adds an optional extra (setup.cfg's extras_require). edge-runtime is installed from its
@@ -24,3 +26,9 @@ class UnsupportedModelError(EdgeRuntimeError):
 
 class NumericalError(EdgeRuntimeError):
     """The model computed NaN or inf (damaged or badly converted weights): the model's fault, not the request's."""
+
+    @classmethod
+    def logits(cls, where: str) -> NumericalError:
+        return cls(f"the model computed a NaN or infinite logit {where}: its weights are damaged or not finite "
+                   f"(check the files with 'edge-runtime info --verify'), or its activations overflow (fp16 on the "
+                   f"GPU)")

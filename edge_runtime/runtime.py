@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 from edge_runtime.backends import create_backend
 from edge_runtime.backends.fork_guard import check_not_forked
-from edge_runtime.devices.planner import LoadPlan
+from edge_runtime.devices.planner import KVBudgetWarning, LoadPlan
 from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS
 from edge_runtime.errors import EdgeRuntimeError, install_extra
@@ -58,10 +59,6 @@ def context_for(asked: int | None, positions: int) -> int:
     """The KV positions to allocate: asked (default DEFAULT_CONTEXT), at most the model's trained positions; more
     than those is said once, as a KVBudgetWarning (the CLI prints it as a warning line)."""
     if asked is not None and asked > positions:
-        import warnings
-
-        from edge_runtime.devices.planner import KVBudgetWarning
-
         warnings.warn(KVBudgetWarning(f"max_context {asked} is past the {positions} positions this model was "
                                       f"trained for; the context holds {positions}"), stacklevel=3)
     return min(asked or DEFAULT_CONTEXT, positions)

@@ -20,9 +20,7 @@ def nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     model whose weights are not finite) stop with a NumericalError: a NaN perplexity would be printed as a result,
     written into calibration.yaml, and is not even valid JSON."""
     if not np.isfinite(logits).all():
-        raise NumericalError("the model computed NaN or infinite logits on the text: its weights are damaged or were "
-                             "not finite when converted (check them with 'edge-runtime info --verify', convert the "
-                             "model again)")
+        raise NumericalError.logits("on the text")
     z = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

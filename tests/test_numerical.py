@@ -167,7 +167,7 @@ def test_perplexity_of_a_nan_model_is_an_error_not_nan(nan_scale):
     from edge_runtime.scoring import nll
 
     rt = edge_runtime.load(nan_scale, profile=None, backend="cpu", verify=False, warm_up=False)
-    with pytest.raises(NumericalError, match="NaN or infinite logits on the text"):
+    with pytest.raises(NumericalError, match="NaN or infinite logit on the text"):
         evaluate_text(rt, "The old man looked at the sea. " * 20, None, window=64, max_tokens=128)
     logits = np.random.default_rng(0).standard_normal((3, 10)).astype(np.float32)
     assert np.isfinite(nll(logits, np.array([1, 2, 3]))).all()

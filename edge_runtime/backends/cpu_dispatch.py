@@ -89,10 +89,7 @@ class MatrixKernels:
     def matmul(self, x: np.ndarray) -> np.ndarray:
         """(T, K) -> (T, N) = x W^T, for several tokens: BLAS over fp32 row blocks."""
         if self.t.f32 is None and len(x) <= SMALL_BATCH:
-            out = np.empty((len(x), self.shape[0]), np.float32)
-            for i, row in enumerate(np.ascontiguousarray(x, np.float32)):
-                self.gemv(row, out[i])
-            return out
+            return _per_token(self.gemv, x, self.shape[0])
         with blas_threads(self.blas_threads):
             if self.t.f32 is not None:
                 return x @ self.t.f32.T
@@ -106,10 +103,7 @@ class MatrixKernels:
     def matmul_t(self, h: np.ndarray) -> np.ndarray:
         """(T, N) -> (T, K) = h W (the down projection over rows of W_down^T), for several tokens."""
         if self.t.f32 is None and len(h) <= SMALL_BATCH:
-            out = np.empty((len(h), self.shape[1]), np.float32)
-            for i, row in enumerate(np.ascontiguousarray(h, np.float32)):
-                self.axpy(row, out[i])
-            return out
+            return _per_token(self.axpy, h, self.shape[1])
         with blas_threads(self.blas_threads):
             if self.t.f32 is not None:
                 return h @ self.t.f32
@@ -119,6 +113,14 @@ class MatrixKernels:
             for r in range(0, n, step):
                 out += h[:, r:r + step] @ self.t.dequantize(slice(r, r + step))
             return out
+
+
+def _per_token(kernel, x: np.ndarray, width: int) -> np.ndarray:
+    """(T, width) float32: kernel(x[t], out[t]) for each of the T rows of x (one-token gemv or axpy)."""
+    out = np.empty((len(x), width), np.float32)
+    for i, row in enumerate(np.ascontiguousarray(x, np.float32)):
+        kernel(row, out[i])
+    return out
 
 
 class ColumnKernels:

@@ -23,18 +23,14 @@ from numba.extending import intrinsic, overload
 FASTMATH = frozenset({"reassoc", "contract", "nsz", "arcp"})
 
 
-# The kernels release the GIL while they run, so that the robot's other Python threads (a control loop, ROS
-# callbacks) keep running during a decode step: holding it stalled them for a whole token (19-21 ms p99 on a
-# 110M-shaped int8 model, against 0.15 ms idle). Nothing is lost: the kernels touch no Python object, each
-# backend's buffers are used under its runtime's lock, and numba already released the GIL inside its parallel
-# loops, so two runtimes on two threads need a thread-safe threading layer (tbb or omp, numba's first choices
-# before workqueue) whether or not the rest of a kernel holds it.
-NOGIL = True
-
-
 def kernel(parallel: bool = False, inline: bool = False, reassociate: bool = True):
-    """@njit(parallel, fastmath=FASTMATH, nogil=NOGIL, cache=True), or without the disk cache where none is
+    """@njit(parallel, fastmath=FASTMATH, nogil=True, cache=True), or without the disk cache where none is
     writable.
+    nogil: the robot's other Python threads (a control loop, ROS callbacks) keep running during a decode step;
+    holding the GIL stalled them for a whole token (19-21 ms p99 on a 110M-shaped int8 model, against 0.15 ms
+    idle). The kernels touch no Python object, each backend's buffers are used under its runtime's lock, and
+    numba released the GIL inside its parallel loops already, so two runtimes on two threads needed a thread-safe
+    threading layer (tbb or omp, numba's first choices before workqueue) before this too.
     inline: numba inlines the function into its callers' IR (a block helper shared by several kernels).
     error_model "numpy": a division by zero gives inf/nan instead of raising, so numba emits no zero check
     on integer divisions; with the checks, a loop bounded by a quotient (heads = width // head_dim) measured
@@ -43,7 +39,7 @@ def kernel(parallel: bool = False, inline: bool = False, reassociate: bool = Tru
     into gathers (vgatherqps), which on this Xeon were 1.2 x slower than the scalar loads they replace."""
     fastmath = set(FASTMATH) if reassociate else set(FASTMATH) - {"reassoc"}
     opts = {"parallel": parallel, "fastmath": fastmath, "inline": "always" if inline else "never",
-            "error_model": "numpy", "nogil": NOGIL}
+            "error_model": "numpy", "nogil": True}
 
     def wrap(fn):
         try:

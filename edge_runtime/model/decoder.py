@@ -148,9 +148,7 @@ class Decoder:
         """The id the step sampled; a NumericalError where its logits held NaN or inf (the backend wrote NO_TOKEN)."""
         token = self.ops.read_token()
         if token == NO_TOKEN:
-            raise NumericalError(f"the model computed a NaN or infinite logit at position {self.pos}: its weights "
-                                 f"are damaged or not finite (check the files with 'edge-runtime info --verify'), or "
-                                 f"its activations overflow (fp16 on the GPU)")
+            raise NumericalError.logits(f"at position {self.pos}")
         return token
 
     def forward(self, ids: Sequence[int], last_only: bool = False, batched_sparse: bool = False) -> np.ndarray:
