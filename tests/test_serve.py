@@ -76,6 +76,26 @@ def test_openai_client_streaming_equals_non_streaming(server):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_stream_options_include_usage(server):
+    """As OpenAI streams with include_usage: "usage" null on every chunk, then one with no choices and the counts
+    of the same request answered whole; without it, no usage at all; with stream false, a 422."""
+    c = client(server)
+    kw = {"model": "m", "messages": [{"role": "user", "content": "a robot"}], "max_tokens": 7, "seed": 5}
+    whole = c.chat.completions.create(**kw)
+    chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert all(ch.usage is None for ch in chunks[:-1]) and chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks[:-1]) == whole.choices[0].message.content
+    plain = list(c.completions.create(model="m", prompt="the door", max_tokens=5, seed=5, stream=True,
+                                      stream_options={"include_usage": False}))
+    assert plain[-1].choices[0].finish_reason and all(ch.usage is None for ch in plain)
+    counted = list(c.completions.create(model="m", prompt="the door", max_tokens=5, seed=5, stream=True,
+                                        stream_options={"include_usage": True}))
+    assert counted[-1].usage.completion_tokens == 5 and counted[-1].choices == []
+    r = _complete(server, stream_options={"include_usage": True})
+    assert r.status_code == 422 and "stream_options" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(("body", "status"), [
     (b"{not json", 400),
     (json.dumps({"messages": "hello"}).encode(), 422),

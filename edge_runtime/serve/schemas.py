@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 
 def _utf8(s: str) -> str:
@@ -52,7 +52,13 @@ def _zero(v) -> bool:
     return v == 0
 
 
-class _Sampling(BaseModel):
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False  # one more chunk before [DONE]: no choices, the request's token counts
+
+
+class SamplingRequest(BaseModel):
     # Other OpenAI fields that change nothing in the answer (user, metadata, ...) are accepted and ignored, as
     # clients send them; those that would (penalties, logprobs, ...) are refused below unless neutral.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
@@ -67,6 +73,7 @@ class _Sampling(BaseModel):
     stop: Stops | None = None
     seed: Seed | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     presence_penalty: Annotated[float | None, _unsupported(_zero)] = None
     frequency_penalty: Annotated[float | None, _unsupported(_zero)] = None
@@ -77,8 +84,17 @@ class _Sampling(BaseModel):
     response_format: Annotated[dict | None, _unsupported(lambda f: f.get("type") == "text")] = None
     tools: Annotated[list | None, _unsupported(lambda t: not t)] = None
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:  # as OpenAI: said, not silently ignored
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
     def stop_list(self) -> list[str]:
         return list(self.stop or ())
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class ChatMessage(BaseModel):
@@ -88,12 +104,12 @@ class ChatMessage(BaseModel):
     content: Text
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: Text = Field(min_length=1)
     echo: Annotated[bool | None, _unsupported(_zero)] = None
     best_of: Annotated[int | None, _unsupported(lambda n: n == 1)] = None

@@ -12,7 +12,7 @@ from edge_runtime.serve.engine import Engine, Job, QueueFull, Stopping
 from edge_runtime.serve.handlers import ServeError
 from edge_runtime.serve.metrics import Metrics
 from edge_runtime.serve.prompts import PromptPreparer
-from edge_runtime.serve.schemas import _Sampling
+from edge_runtime.serve.schemas import SamplingRequest
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ServeState:
     def model_id(self) -> str:
         return self.runtime.name
 
-    def params(self, req: _Sampling, max_tokens: int | None) -> dict:
+    def params(self, req: SamplingRequest, max_tokens: int | None) -> dict:
         """Keyword arguments of Runtime.stream_events (the sampling values are validated by the schema)."""
         n = max_tokens or min(self.default_max_tokens, self.max_tokens_limit)  # no max_tokens: never refused
         if n > self.max_tokens_limit:

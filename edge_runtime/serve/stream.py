@@ -38,12 +38,16 @@ async def result(job: Job, request: Request, metrics: Metrics) -> GenerationResu
 
 
 Chunk = Callable[[str, str | None, bool], dict]  # (text, finish_reason, first) -> one chunk body
+UsageChunk = Callable[[GenerationResult], dict]  # the result -> the chunk that carries its token counts
 
 
-async def sse(job: Job, chunk: Chunk, finish: dict[str, str], metrics: Metrics) -> AsyncIterator[str]:
-    """The job's events as server-sent events. Events already waiting go out in one write: the event loop then
-    runs between two writes and sees a client that has gone after one write to its closed socket, not after a
-    backlog of them (asyncio logs "socket.send() raised exception." for each past the fifth)."""
+async def sse(job: Job, chunk: Chunk, finish: dict[str, str], metrics: Metrics,
+              usage: UsageChunk | None = None) -> AsyncIterator[str]:
+    """The job's events as server-sent events; with usage (stream_options.include_usage), one more chunk after
+    the finish_reason chunk, before [DONE], carries the token counts. Events already waiting go out in one
+    write: the event loop then runs between two writes and sees a client that has gone after one write to its
+    closed socket, not after a backlog of them (asyncio logs "socket.send() raised exception." for each past
+    the fifth)."""
     try:
         first, done = True, False
         while not done:
@@ -60,6 +64,8 @@ async def sse(job: Job, chunk: Chunk, finish: dict[str, str], metrics: Metrics) 
                 else:
                     metrics.tokens.inc(len(item.token_ids))
                     out.append(f"data: {json.dumps(chunk('', finish[item.finish_reason], False))}\n\n")
+                    if usage is not None:
+                        out.append(f"data: {json.dumps(usage(item))}\n\n")
                     done = True
                 if done or job.events.empty():
                     break
