@@ -83,6 +83,11 @@ class Engine:
         self._worker = threading.Thread(target=self._run, name="edge-runtime-engine", daemon=True)
         self._worker.start()
 
+    def _count(self, counter: str, n: int = 1) -> None:
+        """Counters change from the worker and from interrupt() (a signal's thread): += under the lock."""
+        with self._cv:
+            setattr(self, counter, getattr(self, counter) + n)
+
     @property
     def busy(self) -> bool:
         return self._running is not None
@@ -121,14 +126,14 @@ class Engine:
                 self._running = job
             try:
                 if job.cancel.is_set():  # its client left, or the server is stopping
-                    self.cancelled += 1
+                    self._count("cancelled")
                     job._emit(Stopping(SHUTTING_DOWN) if job.ended_by_shutdown
                               else EdgeRuntimeError("request cancelled before it started"))
                     continue
                 self._execute(job)
             except Exception as e:  # the job failed, not the worker: hand the error over, run the next job
                 if not isinstance(e, EdgeRuntimeError) or isinstance(e, NumericalError):
-                    self.failed += 1
+                    self._count("failed")
                 job._emit(e)
             finally:
                 self._running = None
@@ -142,11 +147,8 @@ class Engine:
             for item in events:
                 if isinstance(item, GenerationResult):
                     job.result = item
-                    self.tokens_generated += len(item.token_ids)
-                    if item.finish_reason == "cancelled":
-                        self.cancelled += 1
-                    else:
-                        self.completed += 1
+                    self._count("tokens_generated", len(item.token_ids))
+                    self._count("cancelled" if item.finish_reason == "cancelled" else "completed")
                     dt = time.perf_counter() - t0
                     if item.token_ids and dt > 0:
                         self.last_tokens_per_s = len(item.token_ids) / dt
