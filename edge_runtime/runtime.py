@@ -67,6 +67,7 @@ def context_for(asked: int | None, positions: int) -> int:
 class Runtime:
     def __init__(self, model: PackedModel, backend: str = "auto", max_context: int | None = None,
                  prefill: str = "native", threads: int | None = None):
+        model.check_not_released()
         self.model = model
         ctx = context_for(check_max_context(max_context), model.config.max_positions)
         self.backend = create_backend(backend, model, ctx, threads)
@@ -106,6 +107,7 @@ class Runtime:
             self.token_listeners.append(self._log_token)
         else:
             self._token_log = None
+        model.acquire()  # last: a runtime that failed to build does not hold the model's arrays
 
     def _log_token(self, t: float) -> None:
         """One token time for the monitor. A write that fails (its disk full) ends the log with one warning:

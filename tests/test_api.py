@@ -441,6 +441,25 @@ def test_close_gives_back_the_mappings_without_the_garbage_collector(model_dir):
         gc.enable()
 
 
+def test_two_runtimes_on_one_model_each_keep_the_weights_until_the_last_closes(model_dir):
+    """Closing one of two runtimes built on one PackedModel emptied the other's model.matrices; and a runtime
+    built on a model whose last runtime was closed failed inside the backend instead of saying why."""
+    from edge_runtime.pack.loader import load_packed
+    from edge_runtime.runtime import Runtime
+
+    model = load_packed(model_dir)
+    first, second = Runtime(model, backend="cpu"), Runtime(model, backend="cpu")
+    want = first.generate("the lazy dog", max_new_tokens=6, temperature=0).token_ids
+    first.close()
+    assert model.matrices and second.generate("the lazy dog", max_new_tokens=6, temperature=0).token_ids == want
+    with pytest.raises(EdgeRuntimeError, match="unknown prefill"):
+        Runtime(model, backend="cpu", prefill="bogus")  # a runtime that failed to build holds nothing
+    second.close()
+    assert not model.matrices
+    with pytest.raises(EdgeRuntimeError, match="released when the last runtime using it was closed"):
+        Runtime(model, backend="cpu")
+
+
 @pytest.mark.parametrize("stop", [b".", 123, 1.5])
 def test_a_stop_that_is_not_text_is_named(rt, stop):
     """b"." gave "stop strings must be non-empty strings, got 46" (its first byte), 123 a bare TypeError."""

@@ -7,14 +7,14 @@ config. Nothing outside the directory is opened and nothing is sized by an unche
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edge_runtime.config import ModelConfig
-from edge_runtime.errors import ModelFormatError
+from edge_runtime.errors import EdgeRuntimeError, ModelFormatError
 from edge_runtime.pack.format import check_calibration_files, check_files, load_manifest, verify_files
 from edge_runtime.pack.quant import PackedTensor
 from edge_runtime.pack.safetensors_mmap import SafetensorsFile
@@ -33,6 +33,10 @@ class PackedModel:
     vectors: dict[str, np.ndarray]  # norms and biases, fp16 or fp32
     sign_planes: dict[str, np.ndarray]  # "layers.{i}.ffn.gate_signs" -> (N, ceil(K/32)) uint32
     manifest_sha256: str = ""  # sha256 of the manifest.yaml bytes this model was read from
+    # Runtimes built on this object and not yet closed: the arrays go with the last one (two runtimes may
+    # share one model's weights, e.g. with different settings)
+    users: int = field(default=0, repr=False, compare=False)
+    released: bool = field(default=False, repr=False, compare=False)
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -47,10 +51,23 @@ class PackedModel:
     def layer(self, i: int, name: str) -> PackedTensor:
         return self.matrices[f"layers.{i}.{name}"]
 
+    def check_not_released(self) -> None:
+        if self.released:
+            raise EdgeRuntimeError(f"{self.path}: this model's weights were released when the last runtime using "
+                                   "it was closed; load it again")
+
+    def acquire(self) -> None:
+        """A runtime starts using these arrays."""
+        self.check_not_released()
+        self.users += 1
+
     def release(self) -> None:
-        """Drop the arrays (views of the mapped files, and the cpu backend's fp32 copies): the files are unmapped
-        once nothing else holds them. The model is unusable after."""
-        self.matrices, self.vectors, self.sign_planes = {}, {}, {}
+        """A runtime stops using these arrays. With the last, drop them (views of the mapped files, and the cpu
+        backend's fp32 copies): the files are unmapped once nothing else holds them. The model is unusable after."""
+        self.users = max(0, self.users - 1)
+        if self.users == 0:
+            self.matrices, self.vectors, self.sign_planes = {}, {}, {}
+            self.released = True
 
 
 def model_config(path: Path, manifest: dict[str, Any]) -> ModelConfig:
