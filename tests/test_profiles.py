@@ -11,7 +11,8 @@ from edge_runtime.devices.profile import ProfileError, list_profiles, load_profi
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.errors import EdgeRuntimeError
 
-JETSONS = ["jetson-agx-orin-64gb", "jetson-agx-orin-32gb", "jetson-orin-nx-16gb", "jetson-orin-nx-8gb",
+JETSONS = ["jetson-agx-orin-64gb", "jetson-agx-orin-32gb", "jetson-agx-orin-devkit-32gb", "jetson-orin-nx-16gb",
+           "jetson-orin-nx-8gb",
            "jetson-orin-nano-8gb", "jetson-orin-nano-8gb-super", "jetson-orin-nano-4gb", "jetson-orin-nano-4gb-super"]
 
 
@@ -62,9 +63,15 @@ def load_profile_path(name):
     return next(d / f"{name}.yaml" for d in profile_dirs() if (d / f"{name}.yaml").is_file())
 
 
-def fake_jetson(root, sku, model, mode_id=None, conf=None):
+CARRIER = {"p3701": "p3737-0000", "p3767": "p3768-0000"}  # the developer kits' carrier boards
+
+
+def fake_jetson(root, sku, model, mode_id=None, conf=None, compatible=None):
+    """A developer kit's device tree names its carrier board first, as real ones do."""
     (root / "proc/device-tree").mkdir(parents=True)
-    (root / "proc/device-tree/compatible").write_bytes(f"nvidia,{sku}\x00nvidia,tegra234\x00".encode())
+    carrier = f"nvidia,{CARRIER[sku[:5]]}+{sku}\0" if sku[:5] in CARRIER else ""
+    compatible = compatible or f"{carrier}nvidia,{sku}\0nvidia,tegra234\0"
+    (root / "proc/device-tree/compatible").write_bytes(compatible.encode())
     (root / "proc/device-tree/model").write_bytes(model.encode() + b"\x00")
     (root / "etc").mkdir()
     (root / "etc/nv_tegra_release").write_text("# R36 (release), REVISION: 4.3, GCID: 0, BOARD: generic\n")
@@ -81,6 +88,7 @@ SUPER_CONF = "< POWER_MODEL ID=0 NAME=15W >\n< POWER_MODEL ID=1 NAME=25W >\n< PO
 
 @pytest.mark.parametrize(("sku", "conf", "mode_id", "profile", "mode"), [
     ("p3701-0005", None, 3, "jetson-agx-orin-64gb", "MODE_50W"),
+    ("p3701-0000", None, 0, "jetson-agx-orin-devkit-32gb", "MAXN"),
     ("p3701-0004", None, 1, "jetson-agx-orin-32gb", "MODE_15W"),
     ("p3767-0000", None, 2, "jetson-orin-nx-16gb", "15W"),
     ("p3767-0001", None, 3, "jetson-orin-nx-8gb", "20W"),
@@ -94,6 +102,28 @@ def test_detect_fake_boards(tmp_path, sku, conf, mode_id, profile, mode):
     d = detect(root, use_nvml=False)
     assert (d.profile, d.power_mode) == (profile, mode)
     assert d.details["module_sku"] == sku
+
+
+# Real compatible strings (NUL-separated, most specific first): the module is the part after "+" when a
+# developer kit names its carrier board, and "-super" marks a board flashed for the Super modes.
+@pytest.mark.parametrize(("compatible", "sku", "profile"), [
+    # AGX Orin 64GB developer kit (NVIDIA/jetson-gpio issue 125)
+    ("nvidia,p3737-0000+p3701-0005\0nvidia,p3701-0005\0nvidia,tegra234\0nvidia,tegra23x\0", "p3701-0005",
+     "jetson-agx-orin-64gb"),
+    # Orin Nano developer kit, JetPack 5.1.1: one device tree for two modules (rbonghi/jetson_stats issue 400)
+    ("nvidia,p3768-0000+p3767-0003\0nvidia,p3768-0000+p3767-0005\0nvidia,p3767-0003\0nvidia,p3767-0005\0"
+     "nvidia,tegra234\0nvidia,tegra23x\0", "p3767-0003", "jetson-orin-nano-8gb"),
+    # Orin Nano Super, JetPack 6.2, in a container without /etc/nvpmodel.conf (adafruit PlatformDetect PR 393)
+    ("nvidia,p3768-0000+p3767-0003-super\0nvidia,p3767-0003\0nvidia,tegra234\0", "p3767-0003",
+     "jetson-orin-nano-8gb-super"),
+    ("nvidia,p3768-0000+p3767-0000\0nvidia,p3767-0000\0nvidia,tegra234\0", "p3767-0000", "jetson-orin-nx-16gb"),
+    ("nvidia,p3767-0004\0nvidia,tegra234\0", "p3767-0004", "jetson-orin-nano-4gb"),  # a module named alone
+    ("nvidia,p3737-0000\0nvidia,p3701-0004\0nvidia,tegra234\0", "p3701-0004", "jetson-agx-orin-32gb"),
+])
+def test_detect_real_device_trees(tmp_path, compatible, sku, profile):
+    """The carrier board came first and was taken for the module: every developer kit ran as cpu-generic."""
+    d = detect(fake_jetson(tmp_path, sku, "NVIDIA Jetson", compatible=compatible), use_nvml=False)
+    assert (d.profile, d.details["module_sku"]) == (profile, sku)
 
 
 def test_detect_mode_id_ambiguous_without_conf_is_unknown(tmp_path):

@@ -1,7 +1,9 @@
 """Which device this is and which power mode it is in.
 
-Jetson: /proc/device-tree/compatible carries the module SKU (e.g. "nvidia,p3701-0005"; NUL-separated),
-/proc/device-tree/model a marketing name (not the RAM size), /etc/nv_tegra_release the L4T release.
+Jetson: /proc/device-tree/compatible carries the module SKU, NUL-separated and most specific first: a developer
+kit names its carrier board first ("nvidia,p3737-0000+p3701-0005\0nvidia,p3701-0005\0nvidia,tegra234"), a
+board flashed for the Super modes adds "-super" ("nvidia,p3768-0000+p3767-0005-super").
+/proc/device-tree/model is a marketing name (not the RAM size), /etc/nv_tegra_release the L4T release.
 The power mode comes from `nvpmodel -q` ("NV Power Mode: NAME" then the id) or, without root, from
 /var/lib/nvpmodel/status ("pmode:000N"). Desktop GPUs: NVML. Otherwise the CPU profile. `root` lets
 tests point all file reads at a fake tree.
@@ -37,12 +39,27 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def module_sku(root: Path) -> str | None:
-    text = _read(root / "proc/device-tree/compatible")
-    if not text:
-        return None
-    m = re.search(r"p\d{4}-\d{4}", text.replace("\x00", " "))
-    return m.group(0) if m else None
+_MODULE = re.compile(r"(p\d{4}-\d{4})(-super)?")
+
+
+def _compatible(root: Path) -> list[str]:
+    text = _read(root / "proc/device-tree/compatible") or ""
+    return [e.strip().removeprefix("nvidia,") for e in text.split("\x00") if e.strip()]
+
+
+def module_skus(root: Path) -> list[str]:
+    """The module SKUs the compatible list names, in its order: of "CARRIER+MODULE" the module."""
+    skus = []
+    for entry in _compatible(root):
+        m = _MODULE.fullmatch(entry.rsplit("+", 1)[-1])
+        if m and m.group(1) not in skus:
+            skus.append(m.group(1))
+    return skus
+
+
+def flashed_super(root: Path) -> bool:
+    """The device tree of a board flashed for the Super modes (JetPack 6.2) ends its module SKU in "-super"."""
+    return any(e.endswith("-super") for e in _compatible(root))
 
 
 def read_power_mode(root: Path = Path("/"), use_nvpmodel: bool = True) -> tuple[str | None, int | None]:
@@ -63,10 +80,10 @@ def read_power_mode(root: Path = Path("/"), use_nvpmodel: bool = True) -> tuple[
     return None, None
 
 
-def _jetson_profile_for(sku: str, conf_text: str | None) -> str | None:
-    """The profile whose module_skus list the SKU; Super variants when the board's nvpmodel config
-    has Super modes."""
-    super_modes = bool(conf_text) and any(n in conf_text for n in SUPER_MODE_NAMES)
+def _jetson_profile_for(sku: str, conf_text: str | None, super_board: bool) -> str | None:
+    """The profile whose module_skus list the SKU; Super variants when the device tree says so or the board's
+    nvpmodel config has Super modes (a container often cannot read that config)."""
+    super_modes = super_board or (bool(conf_text) and any(n in conf_text for n in SUPER_MODE_NAMES))
     candidates = []
     for name in list_profiles():
         try:
@@ -112,10 +129,11 @@ def _nvml_gpu() -> str | None:
 
 def detect(root: str | Path = "/", use_nvml: bool = True) -> Detection:
     root = Path(root)
-    sku = module_sku(root)
-    if sku:
-        conf = _read(root / "etc/nvpmodel.conf")
-        name = _jetson_profile_for(sku, conf)
+    skus = module_skus(root)
+    if skus:
+        conf, super_board = _read(root / "etc/nvpmodel.conf"), flashed_super(root)
+        # the first SKU a profile knows: a carrier board named alone, or an unknown module, is passed over
+        sku, name = next(((s, n) for s in skus if (n := _jetson_profile_for(s, conf, super_board))), (skus[0], None))
         details = {"module_sku": sku, "model": (_read(root / "proc/device-tree/model") or "").strip("\x00\n "),
                    "l4t_release": (_read(root / "etc/nv_tegra_release") or "").splitlines()[0:1]}
         if name is None:
