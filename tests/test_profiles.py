@@ -12,8 +12,8 @@ from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.errors import EdgeRuntimeError
 
 JETSONS = ["jetson-agx-orin-64gb", "jetson-agx-orin-32gb", "jetson-agx-orin-devkit-32gb", "jetson-orin-nx-16gb",
-           "jetson-orin-nx-8gb",
-           "jetson-orin-nano-8gb", "jetson-orin-nano-8gb-super", "jetson-orin-nano-4gb", "jetson-orin-nano-4gb-super"]
+           "jetson-orin-nx-8gb", "jetson-orin-nano-8gb", "jetson-orin-nano-8gb-super", "jetson-orin-nano-4gb",
+           "jetson-orin-nano-4gb-super"]
 
 
 def test_every_profile_loads():
