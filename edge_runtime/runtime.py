@@ -23,6 +23,7 @@ from typing import Any
 from edge_runtime.backends import create_backend
 from edge_runtime.backends.fork_guard import check_not_forked
 from edge_runtime.devices.planner import KVBudgetWarning, LoadPlan
+from edge_runtime.devices.power import PowerModeWarning
 from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS
 from edge_runtime.errors import EdgeRuntimeError, install_extra
@@ -568,26 +569,36 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
         from edge_runtime.devices.detect import detect
         from edge_runtime.devices.profile import load_profile
 
+        detected_mode = None
         if profile == "auto":
             found = detect()
-            profile, power_mode = found.profile, power_mode or found.power_mode
+            profile = found.profile
+            if power_mode is None:
+                power_mode = detected_mode = found.power_mode
         prof = load_profile(profile)
+        if detected_mode is not None and not prof.has_mode(detected_mode):
+            power_mode = None  # a custom or vendor nvpmodel mode: plan for the default, as the watcher would keep
+            warnings.warn(PowerModeWarning(
+                f"the board is in power mode {detected_mode!r}, which profile {prof.name} does not describe "
+                f"(modes: {', '.join(m.name for m in prof.power_modes)}); selecting for its default mode "
+                f"{prof.default_power_mode} until the board is in one of those"), stacklevel=2)
+        prof.mode(power_mode)  # a mode the caller names that the profile lacks: refused before anything is read
     plan = None if prof is None else _plan_memory(model_dir, prof, max_context, backend)
     rt = Runtime(load_packed(model_dir, verify=verify), backend=backend,
                  max_context=plan.context if plan else max_context, prefill=prefill, threads=threads)
     rt.memory_plan = plan
-    if prof is not None:
-        rt.use_profile(prof, power_mode, objective, predictor)
-        if watch_power and prof.kind == "jetson":
-            from edge_runtime.devices.detect import mode_reader
+    try:
+        if prof is not None:
+            rt.use_profile(prof, power_mode, objective, predictor)
+            if watch_power and prof.kind == "jetson":
+                from edge_runtime.devices.detect import mode_reader
 
-            rt.watch_power_mode(mode_reader(prof))
-    if warm_up:
-        try:
+                rt.watch_power_mode(mode_reader(prof))
+        if warm_up:
             rt.warm_up()
-        except BaseException:  # a NumericalError, say: the watcher and the backend's memory go with the runtime
-            rt.close()
-            raise
+    except BaseException:  # a NumericalError, say: the watcher and the backend's memory go with the runtime
+        rt.close()
+        raise
     return rt
 
 

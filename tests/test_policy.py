@@ -218,6 +218,28 @@ def test_unknown_power_mode_keeps_watching(calibrated):
     rt.close()
 
 
+def test_load_on_a_board_in_a_mode_the_profile_lacks(monkeypatch):
+    """A vendor's or the user's own nvpmodel mode: load(profile="auto") refused to start (ProfileError) where
+    the watcher only warns. It now warns and selects for the profile's default mode; a mode the caller names
+    that the profile lacks is still refused."""
+    import edge_runtime.devices.detect as detect_module
+    from edge_runtime.devices.detect import Detection
+    from edge_runtime.devices.power import PowerModeWarning
+    from edge_runtime.devices.profile import ProfileError
+
+    profile = load_profile("jetson-orin-nano-8gb-super")
+    monkeypatch.setattr(detect_module, "detect", lambda: Detection(profile.name, "CUSTOM_12W", "device tree", {}))
+    with pytest.warns(PowerModeWarning, match=f"'CUSTOM_12W', which profile {profile.name} does not describe"):
+        rt = edge_runtime.load(profile="auto", backend="cpu", warm_up=False)
+    try:
+        assert (rt.profile.name, rt.power_mode) == (profile.name, profile.default_power_mode)
+        assert rt.selection is not None and len(rt.generate("the lazy dog", max_new_tokens=4).token_ids) == 4
+    finally:
+        rt.close()
+    with pytest.raises(ProfileError, match="has no power mode 'CUSTOM_12W'"):
+        edge_runtime.load(profile="auto", backend="cpu", power_mode="CUSTOM_12W", warm_up=False)
+
+
 def test_watcher_outlives_warnings_turned_into_errors(capsys):
     """Under -W error (an application's test suite) the PowerModeWarning raised inside the watcher's thread and
     ended it; the message goes to stderr instead and the next mode is still acted on."""

@@ -86,6 +86,9 @@ class DeviceProfile:
     gpu_names: tuple[str, ...] = field(default_factory=tuple)  # NVML names matched (desktop GPUs)
     decode_target: DecodeTarget = field(default_factory=DecodeTarget)
 
+    def has_mode(self, name: str) -> bool:
+        return any(m.name.upper() == name.upper() for m in self.power_modes)
+
     def mode(self, name: str | None = None) -> PowerMode:
         """The mode of that name (case-insensitive), or the default mode."""
         want = (name or self.default_power_mode).upper()
