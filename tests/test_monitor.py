@@ -52,6 +52,18 @@ def test_agx_has_no_vdd_in_total_is_sum_of_rails():
     assert s.total_mw == 3192 + 1596 + 5048 + 403
 
 
+def test_agx_idle_rails_nc_and_a_second_gpu_partition():
+    """From AGX Orin logs in the wild: "NC 0mW/0mW" (not connected) was kept as a rail, a rail reading below zero
+    at idle (JetPack 6) was dropped from the total, and JetPack 5's GR3D2_FREQ (a second GPU partition) was
+    ignored."""
+    s = parse_line(AGX.replace("VDD_CPU_CV 1596mW/1596mW", "VDD_CPU_CV -398mW/-398mW")
+                   .replace("VDDQ_VDD2_1V8AO", "NC 0mW/0mW VDDQ_VDD2_1V8AO") + " NC 0mW/0mW")
+    assert s.rails_mw == {"VDD_GPU_SOC": 3192, "VDD_CPU_CV": -398, "VIN_SYS_5V0": 5048, "VDDQ_VDD2_1V8AO": 403}
+    assert s.total_mw == 3192 - 398 + 5048 + 403
+    two = parse_line(NANO.replace("GR3D_FREQ 45%@[624]", "GR3D_FREQ 12%@305 GR3D2_FREQ 40%@306"))
+    assert two.gpu_load_pct == 40 and two.gpu_mhz == [305, 306]
+
+
 def test_old_gr3d_form():
     s = parse_line(OLD_GR3D)
     assert s.gpu_load_pct == 99 and s.gpu_mhz == []

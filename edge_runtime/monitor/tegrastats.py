@@ -1,13 +1,16 @@
 """Parse tegrastats lines (every Orin form; see DESIGN.md section 6).
 
   [MM-DD-YYYY HH:MM:SS] RAM used/totalMB (lfb NxZMB) SWAP used/totalMB (cached NMB)
-  CPU [load%@MHz,...|off,...] EMC_FREQ %@MHz GR3D_FREQ %[@MHz|@[MHz,MHz]] name@tempC ...
+  CPU [load%@MHz,...|off,...] EMC_FREQ %@MHz GR3D_FREQ %[@MHz|@[MHz,MHz]] [GR3D2_FREQ %@MHz] name@tempC ...
   RAIL currentmW/averagemW ...
 The average is cumulative since tegrastats started, so only the current value is used. Orin Nano and
 NX report VDD_IN (the module input) as the total; AGX Orin has no VDD_IN, so the total is the sum of
-its rails. A sensor that is off reads -256C (AGX Orin's CV0..CV2 when the DLAs sleep) and is left out. A line
-that cannot be parsed raises TegrastatsParseError (an impossible date, a number longer than any reading: a line
-cut and merged with the next when tegrastats restarts into the same log); readers count and skip those.
+its rails. Some JetPack 5 releases print a second GPU partition (GR3D2_FREQ): its clock joins the list and the
+load is the busier one. A rail can read a little below zero at idle (AGX's VDD_CPU_CV -398mW): kept, as the
+sysfs sampler keeps it; "NC" (not connected) is no rail. A sensor that is off reads -256C (AGX Orin's
+CV0..CV2 when the DLAs sleep) and is left out. A line that cannot be parsed raises TegrastatsParseError (an
+impossible date, a number longer than any reading: a line cut and merged with the next when tegrastats
+restarts into the same log); readers count and skip those.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ _RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
 _SWAP = re.compile(r"\bSWAP (\d+)/(\d+)MB")
 _CPU = re.compile(r"\bCPU \[([^\]]*)\]")
 _EMC = re.compile(r"\bEMC_FREQ (\d+)%(?:@(\d+))?")
-_GR3D = re.compile(r"\bGR3D_FREQ (\d+)%(?:@\[([\d,\s]+)\]|@(\d+))?")
+_GR3D = re.compile(r"\bGR3D2?_FREQ (\d+)%(?:@\[([\d,\s]+)\]|@(\d+))?")
 _TEMP = re.compile(r"\b([A-Za-z][\w]*)@(-?\d+(?:\.\d+)?)C\b")
-_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]+) (\d+)mW/(\d+)mW")
+_RAIL = re.compile(r"\b([A-Z][A-Z0-9_]+) (-?\d+)mW/(-?\d+)mW")
 
 
 _MAX_DIGITS = 7  # 9,999,999: more than any MB, MHz, mW or % reading; 400 digits would reach the plots as inf
@@ -115,19 +118,21 @@ def parse_line(line: str) -> TegrastatsSample:
             loads.append(_float(cm.group(1)))
             mhz.append(_int(cm.group(2)) if cm.group(2) else None)
     emc = _EMC.search(text)
-    gr3d = _GR3D.search(text)
+    gpu_loads: list[float] = []
     gpu_mhz: list[int] = []
-    if gr3d and gr3d.group(2):
-        gpu_mhz = [_int(v.strip()) for v in gr3d.group(2).split(",") if v.strip()]
-    elif gr3d and gr3d.group(3):
-        gpu_mhz = [_int(gr3d.group(3))]
-    rails = {name: _int(cur) for name, cur, _avg in _RAIL.findall(text)}
+    for gr3d in _GR3D.finditer(text):
+        gpu_loads.append(_float(gr3d.group(1)))
+        if gr3d.group(2):
+            gpu_mhz += [_int(v.strip()) for v in gr3d.group(2).split(",") if v.strip()]
+        elif gr3d.group(3):
+            gpu_mhz.append(_int(gr3d.group(3)))
+    rails = {name: int(_float(cur)) for name, cur, _avg in _RAIL.findall(text) if name != "NC"}
     temps = {name: _float(v) for name, v in _TEMP.findall(text) if name not in ("EMC_FREQ", "GR3D_FREQ")}
     temps = {name: v for name, v in temps.items() if v > _SENSOR_OFF_C}
     return TegrastatsSample(
         timestamp=ts, ram_used_mb=_int(ram.group(1)), ram_total_mb=_int(ram.group(2)),
         swap_used_mb=_int(swap.group(1)) if swap else None, cpu_load_pct=loads, cpu_mhz=mhz,
-        emc_load_pct=_float(emc.group(1)) if emc else None, gpu_load_pct=_float(gr3d.group(1)) if gr3d else None,
+        emc_load_pct=_float(emc.group(1)) if emc else None, gpu_load_pct=max(gpu_loads) if gpu_loads else None,
         gpu_mhz=gpu_mhz, temps_c=temps, rails_mw=rails)
 
 
