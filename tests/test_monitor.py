@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -120,6 +121,52 @@ def test_ina3221_agx_total_is_sum(tmp_path):
 
 def test_no_ina3221_is_unavailable(tmp_path):
     assert not Ina3221Sampler(tmp_path).available
+
+
+def fake_orin_sysfs(root, gpu_load_tenths=457, gpu_hz=624750000, zones=None):
+    """JetPack 6's layout: the GPU's devfreq node links to its platform device, which holds the load file."""
+    device = root / "sys/devices/platform/bus@0/17000000.gpu"
+    device.mkdir(parents=True)
+    (device / "load").write_text(f"{gpu_load_tenths}\n")
+    node = root / "sys/class/devfreq/17000000.gpu"
+    node.mkdir(parents=True)
+    (node / "cur_freq").write_text(f"{gpu_hz}\n")
+    (node / "device").symlink_to(device)
+    zones = zones or {"cpu-thermal": "48750", "gpu-thermal": "46312", "cv0-thermal": "-256000", "tj-thermal": "49125",
+                      "pmic-thermal": "n/a"}
+    for i, (kind, temp) in enumerate(zones.items()):
+        zone = root / f"sys/class/thermal/thermal_zone{i}"
+        zone.mkdir(parents=True)
+        (zone / "type").write_text(kind + "\n")
+        (zone / "temp").write_text(temp + "\n")
+    return root
+
+
+def test_orin_gpu_load_clock_and_temperatures_from_sysfs(tmp_path):
+    """NVML gives an Orin's integrated GPU no load, clock or temperature: monitor recorded none of them."""
+    from edge_runtime.monitor.sysfs_samplers import TegraGpuSampler, ThermalSampler
+
+    root = fake_orin_sysfs(tmp_path)
+    assert TegraGpuSampler(root).sample() == {"gpu_load_pct": pytest.approx(45.7), "gpu_mhz": pytest.approx(624.75)}
+    # millidegrees; an off sensor (-256 C) is left out, as is a reading that is not a number
+    assert ThermalSampler(root).sample() == {"temps_c": {"cpu": 48.75, "gpu": 46.312, "tj": 49.125}}
+    old = tmp_path / "jp5"
+    (old / "sys/devices/gpu.0").mkdir(parents=True)
+    (old / "sys/devices/gpu.0/load").write_text("1000\n")
+    assert TegraGpuSampler(old).sample() == {"gpu_load_pct": 100.0}
+    assert not TegraGpuSampler(tmp_path / "empty").available and not ThermalSampler(tmp_path / "empty").available
+
+
+def test_a_jetson_leaves_nvml_out(tmp_path, monkeypatch):
+    """NVML on a Jetson reads 0 mW for the integrated GPU; as a later sampler it overwrote the rails' total."""
+    from edge_runtime.monitor import command
+
+    built = []
+    monkeypatch.setattr(command, "NvmlSampler", lambda: built.append(1) or SimpleNamespace(available=True))
+    root = fake_orin_sysfs(fake_ina3221(tmp_path, {"VDD_IN": (5000, 1200)}))
+    names = [s.name for s in command.default_samplers(str(root))]
+    assert names == ["ina3221", "tegra-gpu", "thermal", "psutil"] and not built
+    assert len(command.default_samplers(str(tmp_path / "desktop"))) == 2 and built  # nvml, psutil
 
 
 def test_energy_integration_known_answers():

@@ -20,11 +20,16 @@ from edge_runtime.errors import install_extra
 from edge_runtime.monitor.recorder import Recorder
 from edge_runtime.monitor.samplers import Ina3221Sampler, NvmlSampler, SystemSampler
 from edge_runtime.monitor.summary import live_rates, summarize
+from edge_runtime.monitor.sysfs_samplers import TegraGpuSampler, ThermalSampler
 from edge_runtime.monitor.token_log import TOKEN_LOG_ENV
 
 
 def default_samplers(root: str = "/") -> list:
-    return [s for s in (Ina3221Sampler(root), NvmlSampler(), SystemSampler()) if s.available]
+    """On a Jetson (its INA3221 rails or its GPU's sysfs are there) NVML is left out: for the integrated GPU it
+    reads zeros or nothing, and a power of 0 mW would overwrite the rails' total (later samplers win)."""
+    jetson = [s for s in (Ina3221Sampler(root), TegraGpuSampler(root)) if s.available]
+    gpu = [] if jetson else [s for s in (NvmlSampler(),) if s.available]
+    return jetson + gpu + [s for s in (ThermalSampler(root), SystemSampler()) if s.available]
 
 
 def _power_mode() -> str | None:
