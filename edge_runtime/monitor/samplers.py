@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 
-def _read_int(path: Path) -> int | None:
+def read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
@@ -50,7 +50,7 @@ class Ina3221Sampler:
     def sample(self) -> dict:
         rails = {}
         for label, vfile, cfile in self.channels:
-            mv, ma = _read_int(vfile), _read_int(cfile)
+            mv, ma = read_int(vfile), read_int(cfile)
             if mv is not None and ma is not None:
                 rails[label] = mv * ma / 1000.0  # mW
         if not rails:

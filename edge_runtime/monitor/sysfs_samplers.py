@@ -3,7 +3,7 @@
 On a Jetson, NVML gives no temperature, load or power for the integrated GPU (zeros, or not supported), so
 these are where `monitor` gets them, as tegrastats does:
 - ThermalSampler: /sys/class/thermal/thermal_zone*/type ("cpu-thermal", "gpu-thermal", "tj-thermal", ...) and
-  temp in millidegrees C. A sensor that is off (Orin's CV0..CV2 while the DLAs sleep) reads -256 C or fails to
+  temp in integer millidegrees C. A sensor that is off (Orin's CV0..CV2 while the DLAs sleep) reads -256 C or fails to
   read: left out, as the tegrastats parser leaves it out.
 - TegraGpuSampler: the GPU's devfreq node (/sys/class/devfreq/17000000.gpu on Orin: cur_freq in Hz, and the
   device's load in tenths of a percent), or the older load files (/sys/devices/platform/gpu.0/load,
@@ -16,17 +16,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from edge_runtime.monitor.samplers import read_int
+
 _SENSOR_OFF_C = -256.0
 _ZONE_SUFFIX = re.compile(r"[-_]?therm(al)?$", re.IGNORECASE)
 _OLD_LOAD_FILES = ("sys/devices/platform/bus@0/17000000.gpu/load", "sys/devices/platform/17000000.gpu/load",
                    "sys/devices/platform/gpu.0/load", "sys/devices/gpu.0/load")
-
-
-def _read_number(path: Path) -> float | None:
-    try:
-        return float(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 class ThermalSampler:
@@ -50,7 +45,7 @@ class ThermalSampler:
     def sample(self) -> dict:
         temps = {}
         for name, path in self.zones:
-            milli = _read_number(path)
+            milli = read_int(path)
             if milli is not None and milli / 1000.0 > _SENSOR_OFF_C:
                 temps[name] = milli / 1000.0
         return {"temps_c": temps} if temps else {}
@@ -72,10 +67,10 @@ class TegraGpuSampler:
 
     def sample(self) -> dict:
         out = {}
-        load = _read_number(self.load_file) if self.load_file else None
+        load = read_int(self.load_file) if self.load_file else None
         if load is not None:
             out["gpu_load_pct"] = load / 10.0  # the file counts tenths of a percent, 0..1000
-        hz = _read_number(self.freq_file) if self.freq_file else None
+        hz = read_int(self.freq_file) if self.freq_file else None
         if hz is not None:
             out["gpu_mhz"] = hz / 1e6
         return out
