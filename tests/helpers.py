@@ -88,13 +88,14 @@ def calibrated_llama(root: Path, calibration: dict, seed: int) -> Path:
     return path
 
 
-def make_opt(out: Path, seed: int = 0, with_tokenizer: bool = True):
+def make_opt(out: Path, seed: int = 0, with_tokenizer: bool = True, tie: bool = True):
     import torch
     from transformers import OPTConfig, OPTForCausalLM
 
     torch.manual_seed(seed)
     cfg = OPTConfig(vocab_size=300, hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
-                    max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=True)
+                    max_position_embeddings=256, word_embed_proj_dim=64, do_layer_norm_before=True,
+                    tie_word_embeddings=tie)
     model = OPTForCausalLM(cfg).eval()
     _randomise(model, seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,80 @@ def test_refusals_name_the_feature_and_what_is_supported(extra, named):
     assert "supported: llama" in str(e.value) and "gemma2" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_keys_left_out_of_config_json_get_transformers_class_defaults():
+    """A stripped or hand-written config.json: Gemma-2 without soft-caps ran uncapped (transformers: 50 and 30),
+    Phi-3 without rms_norm_eps used 1e-6 (transformers: 1e-5), Mistral and Gemma-2 without sliding_window ran
+    without a window (transformers: 4096). Null still turns a cap or a window off."""
+    import transformers as tf
+
+    gemma2 = model_config_from_hf({**BASE, "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh"})
+    ref = tf.Gemma2Config()
+    assert (gemma2.attn_softcap, gemma2.logit_softcap) == (ref.attn_logit_softcapping, ref.final_logit_softcapping)
+    assert gemma2.sliding_window == ref.sliding_window
+    assert model_config_from_hf({**BASE}).norm_eps == tf.Phi3Config().rms_norm_eps
+    assert model_config_from_hf({**BASE, "model_type": "mistral"}).sliding_window == tf.MistralConfig().sliding_window
+    assert not model_config_from_hf({**BASE, "model_type": "mistral", "sliding_window": None}).sliding_window
+    uncapped = model_config_from_hf({**BASE, "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh",
+                                     "attn_logit_softcapping": None, "final_logit_softcapping": None})
+    assert (uncapped.attn_softcap, uncapped.logit_softcap) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("value", ["false", 0, "no"])
+def test_a_flag_that_is_not_a_boolean_is_refused(value):
+    """bool("false") is True: a string tie_word_embeddings was read as tied."""
+    from edge_runtime.errors import ModelFormatError
+
+    with pytest.raises(ModelFormatError, match=f"tie_word_embeddings must be true or false, not {value!r}"):
+        model_config_from_hf({**BASE, "model_type": "llama", "tie_word_embeddings": value})
+
+
+def test_pre_quantised_checkpoints_are_refused(tmp_path):
+    """A bitsandbytes or compressed-tensors int8 checkpoint converted without error, its int8 values read as the
+    weights (argmax agreement 0 %); a 4-bit one failed on a shape that did not say why."""
+    from safetensors.numpy import load_file, save_file
+
+    from edge_runtime.errors import ModelFormatError
+
+    quantised = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    with pytest.raises(UnsupportedModelError, match="pre-quantised checkpoint .* 'bitsandbytes'"):
+        model_config_from_hf({**BASE, "model_type": "llama", "quantization_config": quantised})
+    hf = tmp_path / "hf"
+    make_family(hf, "qwen2")
+    weights = load_file(hf / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weights[name] = np.clip(np.round(weights[name] * 400), -127, 127).astype(np.int8)  # no quantization_config
+    save_file(weights, hf / "model.safetensors")
+    with pytest.raises(ModelFormatError, match=f"tensor {name} .* stored as I8, not as floats: a pre-quantised"):
+        convert(hf, tmp_path / "p", "fp32", progress=False)
+    assert not (tmp_path / "p").exists()
+
+
+def test_sharded_pytorch_bin_checkpoint(tmp_path):
+    """pytorch_model-0000N-of-0000M.bin with its index (older checkpoints such as vicuna-7b-v1.5): it said the
+    directory had no pytorch_model.bin. Converted, it gives transformers' logits."""
+    import torch
+
+    hf = tmp_path / "hf"
+    model = make_family(hf, "mistral")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    (hf / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, keys in shards.items():
+        torch.save({k: state[k].to(torch.bfloat16) if k.endswith("proj.weight") else state[k] for k in keys},
+                   hf / shard)
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (hf / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with torch.no_grad():
+        for k, v in model.state_dict().items():  # the reference holds what the shards hold
+            if k.endswith("proj.weight"):
+                v.copy_(v.to(torch.bfloat16).float())
+    convert(hf, tmp_path / "p", "fp32", progress=False)
+    rt = edge_runtime.load(tmp_path / "p", profile=None, backend="cpu")
+    ids = _ids(PROMPT)
+    assert rel_err(rt.decoder.forward(ids), hf_logits(model, ids)) <= 1e-4
+
+
 def test_old_manifests_load_with_defaults():
     from edge_runtime.config import ModelConfig
 

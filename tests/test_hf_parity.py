@@ -44,10 +44,12 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     out = {name: (root / name, make_llama(root / name, **kw)) for name, kw in VARIANTS.items()}
     out["opt"] = (root / "opt", make_opt(root / "opt"))
+    # an untied OPT fine-tune: its own lm_head (the embedding was used in its place)
+    out["opt-untied"] = (root / "opt-untied", make_opt(root / "opt-untied", tie=False))
     return out
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, "opt"])
+@pytest.mark.parametrize("variant", [*VARIANTS, "opt", "opt-untied"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4"])
 def test_logits_match_transformers(checkpoints, tmp_path, variant, dtype):
     hf_dir, model = checkpoints[variant]

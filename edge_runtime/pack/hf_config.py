@@ -11,7 +11,7 @@ import numpy as np
 
 from edge_runtime.config import ModelConfig
 from edge_runtime.errors import ModelFormatError
-from edge_runtime.pack.hf_families import FAMILIES, LLAMA, SUPPORTED, HFLayout, eos_ids, need, unsupported
+from edge_runtime.pack.hf_families import FAMILIES, LLAMA, SUPPORTED, HFLayout, eos_ids, flag, need, unsupported
 
 __all__ = ["SUPPORTED", "HFLayout", "TensorSource", "hf_layout", "model_config_from_hf", "read_hf_config",
            "tensor_plan"]
@@ -46,13 +46,19 @@ def _opt(cfg: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         arch="opt", vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
         head_dim=dim // n_heads, ffn_dim=ffn, activation="relu",
-        max_positions=cfg.get("max_position_embeddings", 2048), norm_eps=1e-5, tie_embeddings=True,
+        max_positions=cfg.get("max_position_embeddings", 2048), norm_eps=1e-5,
+        tie_embeddings=flag(cfg, "tie_word_embeddings", True),
         attn_bias=True, mlp_bias=True, pos_offset=2, bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids(cfg))
 
 
 def model_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     model_type = cfg.get("model_type")
+    quant = cfg.get("quantization_config")
+    if quant:  # its integer tensors would be read as the weights themselves
+        method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else "unnamed"
+        raise unsupported(f"a pre-quantised checkpoint (quantization_config, method {method!r}); convert the "
+                          f"original fp16, bf16 or fp32 weights: --dtype int8 or int4 quantises them here")
     try:
         if model_type in FAMILIES:
             return FAMILIES[model_type][0](cfg)
@@ -149,4 +155,6 @@ def tensor_plan(cfg: ModelConfig, layout: HFLayout = LLAMA) -> list[TensorSource
         plan.append(TensorSource(q + "ffn.down_bias", lp + "fc2.bias", "vector"))
     plan.append(TensorSource("final_norm.weight", p + "final_layer_norm.weight", "vector"))
     plan.append(TensorSource("final_norm.bias", p + "final_layer_norm.bias", "vector"))
+    if not cfg.tie_embeddings:
+        plan.append(TensorSource("lm_head", "lm_head.weight", "matrix"))
     return plan

@@ -59,6 +59,16 @@ def need(cfg: dict[str, Any], *keys: str) -> list[Any]:
     return [cfg[k] for k in keys]
 
 
+def flag(cfg: dict[str, Any], key: str, default: bool) -> bool:
+    """A true/false field; bool("false") is True, so a string (or a number) is refused, not read as true."""
+    v = cfg.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ModelFormatError(f"config.json: {key} must be true or false, not {v!r}")
+    return v
+
+
 def eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
     eos = cfg.get("eos_token_id")
     if eos is None:
@@ -83,10 +93,12 @@ def _rope(cfg: dict[str, Any], family: str) -> tuple[float, dict[str, Any] | Non
     return theta, params
 
 
-def _sliding(cfg: dict[str, Any], n_layers: int, default_types: Callable[[int], bool] | None) -> dict[str, Any]:
+def _sliding(cfg: dict[str, Any], n_layers: int, default_types: Callable[[int], bool] | None,
+             default_window: int | None = None) -> dict[str, Any]:
     """sliding_window and the layers that use it, as transformers decides: layer_types when config.json has
-    them, else default_types(i) (None: every layer when a window is set)."""
-    window = cfg.get("sliding_window")
+    them, else default_types(i) (None: every layer when a window is set). A config without the key gets the
+    family's class default (Mistral, Gemma-2: 4096), as transformers gives it; null means no window."""
+    window = cfg.get("sliding_window", default_window)
     if not window:
         return {}
     types = cfg.get("layer_types")
@@ -107,7 +119,8 @@ def _dtype_round(x: float, cfg: dict[str, Any]) -> float:
     return float(np.float16(x) if dtype == "float16" else np.float32(x))
 
 
-def _base(cfg: dict[str, Any], family: str, act: str, **extra: Any) -> ModelConfig:
+def _base(cfg: dict[str, Any], family: str, act: str, eps_default: float = 1e-6, **extra: Any) -> ModelConfig:
+    """The fields every family shares; a key config.json leaves out gets the transformers class default."""
     dim, n_layers, n_heads, ffn, vocab = need(
         cfg, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
     threshold = float(cfg.get("hidden_act_param", cfg.get("fatrelu_threshold", 0.0))) if act == "fatrelu" else 0.0
@@ -117,9 +130,9 @@ def _base(cfg: dict[str, Any], family: str, act: str, **extra: Any) -> ModelConf
         n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
         head_dim=cfg.get("head_dim") or dim // n_heads, ffn_dim=ffn, activation=act,
         act_threshold=threshold, max_positions=cfg.get("max_position_embeddings", 2048),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        rope_theta=theta, rope_scaling=scaling, attn_bias=bool(cfg.get("attention_bias", False)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)), bos_token_id=cfg.get("bos_token_id"),
+        norm_eps=float(cfg.get("rms_norm_eps", eps_default)), tie_embeddings=flag(cfg, "tie_word_embeddings", False),
+        rope_theta=theta, rope_scaling=scaling, attn_bias=flag(cfg, "attention_bias", False),
+        mlp_bias=flag(cfg, "mlp_bias", False), bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids(cfg))
     fields.update(extra)
     return ModelConfig(**fields)
@@ -139,15 +152,15 @@ def llama(cfg: dict[str, Any]) -> ModelConfig:
 def mistral(cfg: dict[str, Any]) -> ModelConfig:
     """Every layer attends within sliding_window when config.json sets one (Mistral 7B v0.1: 4096)."""
     n = cfg.get("num_hidden_layers", 0)
-    return _base(cfg, "mistral", _act(cfg, "mistral", ("silu", "drelu")), **_sliding(cfg, n, None))
+    return _base(cfg, "mistral", _act(cfg, "mistral", ("silu", "drelu")), **_sliding(cfg, n, None, 4096))
 
 
 def qwen2(cfg: dict[str, Any]) -> ModelConfig:
     """q, k, v carry biases, o does not. Sliding only with use_sliding_window, on layers >= max_window_layers."""
     n = cfg.get("num_hidden_layers", 0)
     sliding = {}
-    if cfg.get("use_sliding_window", False):
-        start = cfg.get("max_window_layers", n)
+    if flag(cfg, "use_sliding_window", False):
+        start = cfg.get("max_window_layers", 28)  # transformers' default
         sliding = _sliding(cfg, n, lambda i: i >= start)
     return _base(cfg, "qwen2", _act(cfg, "qwen2", ("silu", "drelu")), qkv_bias=True, attn_bias=False, **sliding)
 
@@ -155,14 +168,14 @@ def qwen2(cfg: dict[str, Any]) -> ModelConfig:
 def phi3(cfg: dict[str, Any]) -> ModelConfig:
     """Fused qkv_proj and gate_up_proj (split at conversion); LongRoPE ("longrope", "su") is refused by name."""
     n = cfg.get("num_hidden_layers", 0)
-    return _base(cfg, "phi3", _act(cfg, "phi3", ("silu",)), **_sliding(cfg, n, None))
+    return _base(cfg, "phi3", _act(cfg, "phi3", ("silu",)), eps_default=1e-5, **_sliding(cfg, n, None))
 
 
 def gemma(cfg: dict[str, Any]) -> ModelConfig:
     """GeGLU with the tanh GELU (legacy "gelu" means it too, as transformers says), embeddings scaled by
     sqrt(hidden_size) in the model's dtype, (1 + w) norms (folded at conversion), tied embeddings."""
     return _base(cfg, "gemma", _act(cfg, "gemma", ("gelu_pytorch_tanh", "gelu"), key="hidden_activation"),
-                 tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+                 tie_embeddings=flag(cfg, "tie_word_embeddings", True),
                  embed_scale=_dtype_round(math.sqrt(cfg["hidden_size"]), cfg))
 
 
@@ -171,12 +184,13 @@ def gemma2(cfg: dict[str, Any]) -> ModelConfig:
     query_pre_attn_scalar ** -0.5, and a sliding window on alternate layers (even ones, by default)."""
     act = _act(cfg, "gemma2", ("gelu_pytorch_tanh",), key="hidden_activation")
     n = cfg.get("num_hidden_layers", 0)
-    return _base(cfg, "gemma2", act, tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+    # soft-caps left out of config.json are transformers' defaults (50 and 30); null turns one off
+    return _base(cfg, "gemma2", act, tie_embeddings=flag(cfg, "tie_word_embeddings", True),
                  embed_scale=_dtype_round(math.sqrt(cfg["hidden_size"]), cfg), post_norms=True,
                  query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
-                 attn_softcap=float(cfg.get("attn_logit_softcapping") or 0.0),
-                 logit_softcap=float(cfg.get("final_logit_softcapping") or 0.0),
-                 **_sliding(cfg, n, lambda i: (i + 1) % 2 == 1))
+                 attn_softcap=float(cfg.get("attn_logit_softcapping", 50.0) or 0.0),
+                 logit_softcap=float(cfg.get("final_logit_softcapping", 30.0) or 0.0),
+                 **_sliding(cfg, n, lambda i: (i + 1) % 2 == 1, 4096))
 
 
 # model_type -> (config builder, tensor layout)
