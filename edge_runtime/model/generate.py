@@ -70,7 +70,7 @@ def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: S
     tables pushed the step's weights out of cache); the text is the same, built by the same pushes."""
     cfg = decoder.cfg
     check_prompt(prompt_ids, decoder.max_context)
-    detok = IncrementalDecoder(tokenizer) if tokenizer else None
+    detok = IncrementalDecoder(tokenizer, prompt_ids) if tokenizer else None
     incremental = detok is not None and (text_per_token or bool(config.stop))  # stops match the growing text
     out_ids: list[int] = []
     text = ""
@@ -108,6 +108,8 @@ def generate_stream(decoder: Decoder, tokenizer: Tokenizer | None, prompt_ids: S
     decode_s = time.perf_counter() - t_decode
     if detok is not None and not incremental:
         text = "".join(detok.push(t) for t in out_ids)
+    if detok is not None and reason != "stop":
+        text += detok.flush()
     if emitted < len(text):
         yield Piece(out_ids[-1], text[emitted:], new_token=False)
     yield GenerationResult(text, out_ids, len(prompt_ids), reason, prefill_s, decode_s)

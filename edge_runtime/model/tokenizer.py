@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -39,13 +40,19 @@ class Tokenizer:
 
 class IncrementalDecoder:
     """Emits text as ids arrive, never a partial UTF-8 character; decodes a short window per token
-    (from `prefix` to the end), so the cost does not grow with the length of the output."""
+    (from `prefix` to the end), so the cost does not grow with the length of the output.
 
-    def __init__(self, tokenizer: Tokenizer):
+    `context`: the last few prompt ids, decoded in front of the first generated ones and never emitted. A
+    SentencePiece decoder strips the leading space of whatever it decodes first: without the prompt in front,
+    "Once upon a" + "▁time" came out as "Once upon atime"."""
+
+    CONTEXT = 5  # prompt ids enough for any tokenizer to place the first generated token's spaces
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()):
         self.tok = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context[-self.CONTEXT:])
         self.prefix = 0  # window start: context so that the tokenizer places spaces right
-        self.read = 0  # ids up to here have been emitted
+        self.read = len(self.ids)  # ids up to here have been emitted (or are the prompt's)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -55,3 +62,11 @@ class IncrementalDecoder:
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return full[len(done):]
+
+    def flush(self) -> str:
+        """At the end: what push still holds back, a character whose last bytes never came, as decode(ids)
+        shows it (U+FFFD)."""
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        full = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return full[len(done):] if len(full) > len(done) else ""

@@ -1,0 +1,88 @@
+"""Streamed text against the tokenizer's own decode of the whole sequence: the reference is
+decode(prompt + generated) minus decode(prompt), for a SentencePiece-style tokenizer (whose decoder strips
+the leading space of whatever it decodes first) and a byte-level one, on fresh random generated ids."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime.model.tokenizer import IncrementalDecoder, Tokenizer
+from tests.helpers import CORPUS, make_tokenizer
+
+STORIES_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/models/stories260K-hf/tokenizer.json"
+
+
+def _metaspace_tokenizer(out: Path) -> Path:
+    """Llama-2's arrangement: "▁" for spaces, prepended to the text, stripped again by the decoder."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.save(str(out / "tokenizer.json"))
+    return out / "tokenizer.json"
+
+
+@pytest.fixture(params=["metaspace", "bytelevel", "stories260k"])
+def tokenizer(request, tmp_path) -> Tokenizer:
+    if request.param == "metaspace":
+        return Tokenizer(_metaspace_tokenizer(tmp_path))
+    if request.param == "bytelevel":
+        make_tokenizer(tmp_path)
+        return Tokenizer(tmp_path / "tokenizer.json")
+    if not STORIES_TOKENIZER.is_file():
+        pytest.skip("../shared/models/stories260K-hf is absent")
+    return Tokenizer(STORIES_TOKENIZER)  # SentencePiece with byte fallback, as Llama-2's
+
+
+def _stream(tok: Tokenizer, prompt_ids: list[int], generated: list[int]) -> str:
+    detok = IncrementalDecoder(tok, prompt_ids)
+    return "".join(detok.push(t) for t in generated) + detok.flush()
+
+
+def _text_tokens(tok: Tokenizer) -> np.ndarray:
+    """Ids that are not special and not single bytes: random byte tokens make invalid UTF-8, which a byte
+    fallback decoder renders per run of bytes (a model emits whole characters; those are tested below)."""
+    return np.array([i for i in range(3, tok.vocab_size) if not re.fullmatch(r"<0x[0-9A-F]{2}>", tok.token_text(i))])
+
+
+@pytest.mark.parametrize("prompt", ["Once upon a", "the old man and the sea.", "said"])
+def test_streamed_text_continues_the_prompt(tokenizer, prompt):
+    """The first generated word kept its space: "Once upon a" + "▁time" streamed "time". Random text tokens,
+    with whole non-ASCII characters (byte tokens where the vocabulary lacks them) spliced in."""
+    rng = np.random.default_rng()
+    prompt_ids = tokenizer.encode(prompt)
+    whole = tokenizer.decode(prompt_ids)
+    pool, accents = _text_tokens(tokenizer), tokenizer.encode(" café 你好 😀", add_special_tokens=False)
+    for _ in range(20):
+        generated = rng.choice(pool, size=int(rng.integers(1, 12))).tolist()
+        at = int(rng.integers(0, len(generated) + 1))
+        generated[at:at] = accents if rng.random() < 0.5 else []
+        expected = tokenizer.decode(prompt_ids + generated)[len(whole):]
+        assert tokenizer.decode(prompt_ids + generated).startswith(whole)
+        assert _stream(tokenizer, prompt_ids, generated) == expected
+
+
+def test_a_word_after_the_prompt_keeps_its_space(tokenizer):
+    prompt_ids, whole = tokenizer.encode("Once upon a"), tokenizer.encode("Once upon a time")
+    assert whole[:len(prompt_ids)] == prompt_ids  # the prompt's tokens, then " time"'s
+    assert _stream(tokenizer, prompt_ids, whole[len(prompt_ids):]) == " time"
+
+
+def test_a_character_cut_off_at_the_end_is_shown_as_decode_shows_it(tmp_path):
+    """Generation ending inside a multi-byte character (the length limit) dropped the partial character; the
+    text now ends as decode(ids) does, with U+FFFD."""
+    if not STORIES_TOKENIZER.is_file():
+        pytest.skip("../shared/models/stories260K-hf is absent")
+    tok = Tokenizer(STORIES_TOKENIZER)
+    prompt_ids = tok.encode("hi")
+    cut = [tok._tok.token_to_id(b) for b in ("<0xE4>", "<0xBD>")]  # the first two of 你's three bytes
+    assert None not in cut
+    assert _stream(tok, prompt_ids, cut) == tok.decode(prompt_ids + cut)[len(tok.decode(prompt_ids)):]
+    assert _stream(tok, prompt_ids, cut).endswith("\ufffd")
