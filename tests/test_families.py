@@ -173,6 +173,22 @@ def test_pre_quantised_checkpoints_are_refused(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_end_of_turn_ids_in_generation_config_json_stop_generation(tmp_path):
+    """Phi-3-instruct lists <|end|> in generation_config.json only: converted from config.json alone, a reply
+    ran on past its turn into made-up ones (turn markers are special tokens, so nothing showed)."""
+    from edge_runtime.errors import ModelFormatError
+
+    hf = tmp_path / "hf"
+    make_family(hf, "qwen2")
+    (hf / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 13], "do_sample": True}))
+    convert(hf, tmp_path / "p", "fp32", progress=False)
+    rt = edge_runtime.load(tmp_path / "p", profile=None, backend="cpu")
+    assert rt.config.eos_token_ids == (2, 13)
+    (hf / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ModelFormatError, match="generation_config.json is not a valid JSON object"):
+        convert(hf, tmp_path / "q", "fp32", progress=False)
+
+
 def test_sharded_pytorch_bin_checkpoint(tmp_path):
     """pytorch_model-0000N-of-0000M.bin with its index (older checkpoints such as vicuna-7b-v1.5): it said the
     directory had no pytorch_model.bin. Converted, it gives transformers' logits."""

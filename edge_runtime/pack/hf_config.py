@@ -29,7 +29,25 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
         raise ModelFormatError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ModelFormatError(f"{path} is not a JSON object")
+    generation_eos = _generation_eos(hf_dir)
+    if generation_eos:  # an instruct model's end-of-turn token is often listed there only (Phi-3's <|end|>)
+        own = cfg.get("eos_token_id")
+        own = own if isinstance(own, list) else [] if own is None else [own]
+        cfg = {**cfg, "eos_token_id": list(dict.fromkeys([*own, *generation_eos]))}
     return cfg
+
+
+def _generation_eos(hf_dir: Path) -> list:
+    """generation_config.json's eos_token_id as a list (empty when absent); transformers' generate stops at
+    these as well as config.json's."""
+    path = hf_dir / "generation_config.json"
+    if not path.is_file():
+        return []
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ModelFormatError(f"{path} is not a valid JSON object: {e}") from None
+    return eos if isinstance(eos, list) else [] if eos is None else [eos]
 
 
 def _opt(cfg: dict[str, Any]) -> ModelConfig:
