@@ -297,6 +297,12 @@ class Runtime:
             raise EdgeRuntimeError(f"{self.model.path} has no tokenizer.json; text prompts need one")
         return self.tokenizer.encode(prompt, add_special_tokens)
 
+    def encode_chat(self, text: str, messages: Sequence[dict], add_special_tokens: bool) -> list[int]:
+        """A rendered chat's ids: special-token text inside a message stays text (Tokenizer.encode_chat)."""
+        if self.tokenizer is None:
+            raise EdgeRuntimeError(f"{self.model.path} has no tokenizer.json; text prompts need one")
+        return self.tokenizer.encode_chat(text, [m["content"] for m in messages], add_special_tokens)
+
     def prepare_prompt(self, prompt: Prompt) -> tuple[list[int], tuple[str, ...]]:
         """Token ids and the stop strings the prompt form implies (the default chat template's)."""
         if isinstance(prompt, str):
@@ -314,7 +320,7 @@ class Runtime:
             template = self.model.manifest.get("chat_template")
             text = render_chat(items, template, self._special_tokens())
             # a model's own template writes its BOS itself; the default relies on the tokenizer's
-            return self.encode(text, add_special_tokens=not template), (() if template else DEFAULT_STOP)
+            return self.encode_chat(text, items, add_special_tokens=not template), (() if template else DEFAULT_STOP)
         raise EdgeRuntimeError("prompt must be a string, a list of token ids, or a list of chat messages")
 
     def _special_tokens(self) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,26 +17,79 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             raise ModelFormatError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+        added = self._tok.get_added_tokens_decoder().values()
+        self._special_texts = frozenset(t.content for t in added if t.special and t.content)
+        # longest first, so that of two special tokens where one begins the other, the longer one is matched
+        alternatives = sorted(self._special_texts, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+        self._as_text: HFTokenizer | None = None  # a copy that reads special-token text as text (made on use)
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """The tokenizer's own post-processor decides about BOS, as in transformers. Text that cannot be
-        UTF-8 (a lone surrogate: how Python carries undecodable bytes of argv or stdin) is refused here,
-        where the tokenizer would raise a bare TypeError."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise EdgeRuntimeError("the text is not valid UTF-8 (an undecodable byte, or a lone surrogate)") from None
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """The tokenizer's own post-processor decides about BOS, as in transformers; a text that already begins
+        with the BOS it adds ("<s>[INST] ...", pasted) gets one, not two. Text that cannot be UTF-8 (a lone
+        surrogate: how Python carries undecodable bytes of argv or stdin) is refused here, where the tokenizer
+        would raise a bare TypeError."""
+        _check_utf8(text)
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and len(ids) >= 2 and ids[0] == ids[1] and self._is_special(ids[0]):
+            del ids[0]
+        return ids
+
+    def encode_chat(self, text: str, contents: Sequence[str], add_special_tokens: bool) -> list[int]:
+        """A rendered chat prompt: the template's special tokens stay control tokens, while special-token text
+        typed inside a message ("</s>", "<|end|>") is encoded as the text it is. Otherwise a user could end
+        their own turn and write the assistant's. Contents are found in the text in order, trimmed as
+        templates trim them; one that holds such text but cannot be found is refused."""
+        spans = self._typed_specials(text, contents)
+        if not spans:
+            return self.encode(text, add_special_tokens)
+        if self._as_text is None:  # a second tokenizer, so that no other thread sees the switch
+            self._as_text = HFTokenizer.from_str(self._tok.to_str())
+            self._as_text.encode_special_tokens = True
+        ids: list[int] = []
+        at = 0
+        for a, b in spans:
+            ids += self._tok.encode(text[at:a], add_special_tokens=add_special_tokens and at == 0).ids
+            ids += self._as_text.encode(text[a:b], add_special_tokens=False).ids
+            at = b
+        return ids + self._tok.encode(text[at:], add_special_tokens=False).ids
+
+    def _typed_specials(self, text: str, contents: Sequence[str]) -> list[tuple[int, int]]:
+        """[start, end) in text of each special token's text that lies inside a message's content."""
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for i, content in enumerate(contents):
+            core = content.strip()
+            hits = list(self._special_re.finditer(core)) if self._special_re else []
+            if not hits:
+                continue
+            where = text.find(core, cursor)
+            if where < 0:
+                raise EdgeRuntimeError(f"message {i} contains the special token {hits[0].group()!r}, which this "
+                                       f"model's chat template would read as a control token; remove it")
+            spans += [(where + m.start(), where + m.end()) for m in hits]
+            cursor = where + len(core)
+        return spans
+
+    def _is_special(self, token_id: int) -> bool:
+        return self._tok.id_to_token(token_id) in self._special_texts
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+
+def _check_utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise EdgeRuntimeError("the text is not valid UTF-8 (an undecodable byte, or a lone surrogate)") from None
 
 
 class IncrementalDecoder:
