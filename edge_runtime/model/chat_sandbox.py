@@ -18,11 +18,34 @@ class TemplateError(ValueError):
     """The template failed, or wrote more than its cap; the message is one line."""
 
 
+class _Refused(Exception):
+    """raise_exception(message) in a template: the template's own reason for refusing the messages."""
+
+
+def _raise_exception(message):
+    raise _Refused(str(message))
+
+
+def _tojson(value, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    import datetime
+
+    return datetime.datetime.now().strftime(fmt)
+
+
 def compile_template(template: str):
+    """The environment transformers gives chat templates: {% break %} / {% continue %}, raise_exception,
+    strftime_now, and a tojson that leaves non-ASCII text as it is."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     try:
-        return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+        return env.from_string(template)
     except Exception as e:  # jinja2's syntax errors and whatever the compiler raises
         raise TemplateError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
 
@@ -38,6 +61,8 @@ def render(compiled, messages: list[dict[str, str]], special: dict[str, str], ma
             parts.append(chunk)
     except TemplateError:
         raise
+    except _Refused as e:  # e.g. Gemma's "System role not supported"
+        raise TemplateError(f"the model's chat template refused these messages: {e}") from None
     except Exception as e:  # a template error names the template's problem; it is the model's, not ours
         raise TemplateError(f"the model's chat template failed: {type(e).__name__}: {e}") from None
     return "".join(parts)
