@@ -76,6 +76,16 @@ def test_openai_client_streaming_equals_non_streaming(server):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_an_empty_prompt_starts_from_bos_as_the_api_does(server, model_dir):
+    """The API generated from BOS for "" where the daemon answered 422."""
+    r = _complete(server, prompt="", max_tokens=5, temperature=0)
+    assert r.status_code == 200, r.text
+    with edge_runtime.load(model_dir, backend="cpu", max_context=1024) as rt:
+        rt.set_sparsity(1.0)
+        assert r.json()["choices"][0]["text"] == rt.generate("", max_new_tokens=5).text
+    assert r.json()["usage"]["prompt_tokens"] == 1
+
+
 def test_stream_options_include_usage(server):
     """As OpenAI streams with include_usage: "usage" null on every chunk, then one with no choices and the counts
     of the same request answered whole; without it, no usage at all; with stream false, a 422."""

@@ -110,7 +110,7 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Text = Field(min_length=1)
+    prompt: Text  # "" starts from the tokenizer's BOS, as the API does (400 when it adds none)
     echo: Annotated[bool | None, _unsupported(_zero)] = None
     best_of: Annotated[int | None, _unsupported(lambda n: n == 1)] = None
     suffix: Annotated[str | None, _unsupported(lambda t: t == "")] = None
