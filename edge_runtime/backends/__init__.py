@@ -29,8 +29,8 @@ def require_cuda(what: str = "backend 'cuda'", instead: str = "use --backend cpu
     """The cupy module, where CuPy and a CUDA GPU are there; else EdgeRuntimeError saying what is missing
     and, after installing the cuda extra, what else one could do."""
     if not cuda_available():
-        raise EdgeRuntimeError(f"{what} needs CuPy and a CUDA GPU; none was found "
-                               f"({install_extra('cuda')} on a machine with one, or {instead})")
+        raise EdgeRuntimeError(f"{what} needs CuPy and a CUDA GPU; none was found ({install_extra('cuda')} "
+                               f"for CUDA 12 or '.[cuda13]' for CUDA 13 on a machine with one, or {instead})")
     import cupy
 
     return cupy
