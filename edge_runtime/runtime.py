@@ -27,7 +27,8 @@ from edge_runtime.devices.power import PowerModeWarning
 from edge_runtime.devices.profile import DeviceProfile
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS
 from edge_runtime.errors import EdgeRuntimeError, install_extra
-from edge_runtime.model.chat import DEFAULT_STOP, render_chat
+from edge_runtime.model.chat import DEFAULT_STOP, check_messages, render_chat
+from edge_runtime.model.chat_encoding import encode_chat
 from edge_runtime.model.decoder import Decoder
 from edge_runtime.model.generate import GenerationConfig, GenerationResult, Piece, check_prompt, generate_stream
 from edge_runtime.model.sampling import SamplingParams, finite, is_int
@@ -109,6 +110,7 @@ class Runtime:
         else:
             self._token_log = None
         model.acquire()  # last: a runtime that failed to build does not hold the model's arrays
+        self._holds_model = True
 
     def _log_token(self, t: float) -> None:
         """One token time for the monitor. A write that fails (its disk full) ends the log with one warning:
@@ -297,11 +299,12 @@ class Runtime:
             raise EdgeRuntimeError(f"{self.model.path} has no tokenizer.json; text prompts need one")
         return self.tokenizer.encode(prompt, add_special_tokens)
 
-    def encode_chat(self, text: str, messages: Sequence[dict], add_special_tokens: bool) -> list[int]:
-        """A rendered chat's ids: special-token text inside a message stays text (Tokenizer.encode_chat)."""
+    def encode_chat(self, text: str, messages: Sequence[dict], render, add_special_tokens: bool) -> list[int]:
+        """A rendered chat's ids: special-token text inside a message stays text (model/chat_encoding.py);
+        render(messages) renders as text was rendered."""
         if self.tokenizer is None:
             raise EdgeRuntimeError(f"{self.model.path} has no tokenizer.json; text prompts need one")
-        return self.tokenizer.encode_chat(text, [m["content"] for m in messages], add_special_tokens)
+        return encode_chat(self.tokenizer, text, messages, render, add_special_tokens)
 
     def prepare_prompt(self, prompt: Prompt) -> tuple[list[int], tuple[str, ...]]:
         """Token ids and the stop strings the prompt form implies (the default chat template's)."""
@@ -317,10 +320,12 @@ class Runtime:
         if items and all(is_int(t) for t in items):
             return [int(t) for t in items], ()
         if items and all(isinstance(m, dict) for m in items):
-            template = self.model.manifest.get("chat_template")
-            text = render_chat(items, template, self._special_tokens())
+            template, special = self.model.manifest.get("chat_template"), self._special_tokens()
+            messages = check_messages(items)
+            text = render_chat(messages, template, special)
             # a model's own template writes its BOS itself; the default relies on the tokenizer's
-            return self.encode_chat(text, items, add_special_tokens=not template), (() if template else DEFAULT_STOP)
+            ids = self.encode_chat(text, messages, lambda m: render_chat(m, template, special), not template)
+            return ids, (() if template else DEFAULT_STOP)
         raise EdgeRuntimeError("prompt must be a string, a list of token ids, or a list of chat messages")
 
     def _special_tokens(self) -> dict[str, str]:
@@ -519,7 +524,9 @@ class Runtime:
         backend, self.backend, self.decoder, self.prefill = self.backend, None, None, None
         if backend is not None:
             backend.free()
-        self.model.release()
+        if self._holds_model:  # once: a second close() must not count this runtime out of the model twice
+            self._holds_model = False
+            self.model.release()
         if self._token_log is not None:
             with suppress(OSError):  # a last line its disk has no room for: the generation stands
                 self._token_log.close()

@@ -451,6 +451,7 @@ def test_two_runtimes_on_one_model_each_keep_the_weights_until_the_last_closes(m
     first, second = Runtime(model, backend="cpu"), Runtime(model, backend="cpu")
     want = first.generate("the lazy dog", max_new_tokens=6, temperature=0).token_ids
     first.close()
+    first.close()  # a second close (an explicit one, then the with-block's) counts it out once
     assert model.matrices and second.generate("the lazy dog", max_new_tokens=6, temperature=0).token_ids == want
     with pytest.raises(EdgeRuntimeError, match="unknown prefill"):
         Runtime(model, backend="cpu", prefill="bogus")  # a runtime that failed to build holds nothing

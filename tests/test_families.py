@@ -131,16 +131,35 @@ def test_keys_left_out_of_config_json_get_transformers_class_defaults():
     without a window (transformers: 4096). Null still turns a cap or a window off."""
     import transformers as tf
 
-    gemma2 = model_config_from_hf({**BASE, "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh"})
+    gqa = {**BASE, "num_key_value_heads": 4}  # Mistral's and Gemma-2's KV-head defaults do not divide BASE's 4
+    gemma2 = model_config_from_hf({**gqa, "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh"})
     ref = tf.Gemma2Config()
     assert (gemma2.attn_softcap, gemma2.logit_softcap) == (ref.attn_logit_softcapping, ref.final_logit_softcapping)
     assert gemma2.sliding_window == ref.sliding_window
     assert model_config_from_hf({**BASE}).norm_eps == tf.Phi3Config().rms_norm_eps
-    assert model_config_from_hf({**BASE, "model_type": "mistral"}).sliding_window == tf.MistralConfig().sliding_window
-    assert not model_config_from_hf({**BASE, "model_type": "mistral", "sliding_window": None}).sliding_window
-    uncapped = model_config_from_hf({**BASE, "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh",
+    assert model_config_from_hf({**gqa, "model_type": "mistral"}).sliding_window == tf.MistralConfig().sliding_window
+    assert not model_config_from_hf({**gqa, "model_type": "mistral", "sliding_window": None}).sliding_window
+    uncapped = model_config_from_hf({**gqa, "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh",
                                      "attn_logit_softcapping": None, "final_logit_softcapping": None})
     assert (uncapped.attn_softcap, uncapped.logit_softcap) == (0.0, 0.0)
+
+
+def test_family_defaults_are_transformers_own():
+    """Every default the conversion takes for a key config.json leaves out is the config class's."""
+    import transformers as tf
+
+    from edge_runtime.pack.hf_families import FAMILY_DEFAULTS
+
+    classes = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+               "phi3": tf.Phi3Config, "gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config}
+    assert set(classes) == set(FAMILY_DEFAULTS)
+    for family, defaults in FAMILY_DEFAULTS.items():
+        reference = classes[family](use_sliding_window=True) if family == "qwen2" else classes[family]()
+        for key, value in defaults.items():
+            assert getattr(reference, key) == value, (family, key)
+    gemma = model_config_from_hf({**BASE, "model_type": "gemma", "hidden_activation": "gelu_pytorch_tanh",
+                                  "num_attention_heads": 16})
+    assert (gemma.head_dim, gemma.n_kv_heads, gemma.max_positions) == (256, 16, 8192)
 
 
 @pytest.mark.parametrize("value", ["false", 0, "no"])

@@ -150,7 +150,14 @@ def test_orin_gpu_load_clock_and_temperatures_from_sysfs(tmp_path):
     assert TegraGpuSampler(root).sample() == {"gpu_load_pct": pytest.approx(45.7), "gpu_mhz": pytest.approx(624.75)}
     # millidegrees; an off sensor (-256 C) is left out, as is a reading that is not a number
     assert ThermalSampler(root).sample() == {"temps_c": {"cpu": 48.75, "gpu": 46.312, "tj": 49.125}}
-    old = tmp_path / "jp5"
+    jp5 = tmp_path / "jp5"  # JetPack 5 names Orin's GPU node after the chip, ga10b
+    (jp5 / "sys/devices/platform/17000000.ga10b").mkdir(parents=True)
+    (jp5 / "sys/devices/platform/17000000.ga10b/load").write_text("250\n")
+    (jp5 / "sys/class/devfreq/17000000.ga10b").mkdir(parents=True)
+    (jp5 / "sys/class/devfreq/17000000.ga10b/cur_freq").write_text("306000000\n")
+    (jp5 / "sys/class/devfreq/17000000.ga10b/device").symlink_to(jp5 / "sys/devices/platform/17000000.ga10b")
+    assert TegraGpuSampler(jp5).sample() == {"gpu_load_pct": 25.0, "gpu_mhz": 306.0}
+    old = tmp_path / "old"
     (old / "sys/devices/gpu.0").mkdir(parents=True)
     (old / "sys/devices/gpu.0/load").write_text("1000\n")
     assert TegraGpuSampler(old).sample() == {"gpu_load_pct": 100.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,78 +15,58 @@ from edge_runtime.errors import EdgeRuntimeError, ModelFormatError
 class Tokenizer:
     def __init__(self, path: Path):
         try:
-            self._tok = HFTokenizer.from_file(str(path))
+            self.raw = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             raise ModelFormatError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
-        added = self._tok.get_added_tokens_decoder().values()
+        added = self.raw.get_added_tokens_decoder().values()
         self._special_texts = frozenset(t.content for t in added if t.special and t.content)
         # longest first, so that of two special tokens where one begins the other, the longer one is matched
         alternatives = sorted(self._special_texts, key=len, reverse=True)
-        self._special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
-        self._as_text: HFTokenizer | None = None  # a copy that reads special-token text as text (made on use)
+        self.special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+        # what the post-processor adds around a text (Llama: [BOS] before, nothing after)
+        bare, full = self.raw.encode("a", add_special_tokens=False).ids, self.raw.encode("a").ids
+        at = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), 0)
+        self.added_prefix, self.added_suffix = full[:at], full[at + len(bare):]
+        self._as_text: HFTokenizer | None = None
+        self._as_text_lock = threading.Lock()
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
+        return self.raw.get_vocab_size()
+
+    @property
+    def as_text(self) -> HFTokenizer:
+        """A copy that reads special-token text as text (a second tokenizer: no other thread sees the switch)."""
+        with self._as_text_lock:
+            if self._as_text is None:
+                copy = HFTokenizer.from_str(self.raw.to_str())
+                copy.encode_special_tokens = True
+                self._as_text = copy
+            return self._as_text
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The tokenizer's own post-processor decides about BOS, as in transformers; a text that already begins
         with the BOS it adds ("<s>[INST] ...", pasted) gets one, not two. Text that cannot be UTF-8 (a lone
         surrogate: how Python carries undecodable bytes of argv or stdin) is refused here, where the tokenizer
         would raise a bare TypeError."""
-        _check_utf8(text)
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and len(ids) >= 2 and ids[0] == ids[1] and self._is_special(ids[0]):
-            del ids[0]
+        check_utf8(text)
+        return self.without_doubled_prefix(self.raw.encode(text, add_special_tokens=add_special_tokens).ids,
+                                           add_special_tokens)
+
+    def without_doubled_prefix(self, ids: list[int], add_special_tokens: bool) -> list[int]:
+        n = len(self.added_prefix)
+        if add_special_tokens and n and ids[:n] == ids[n:2 * n] == self.added_prefix:
+            del ids[:n]
         return ids
 
-    def encode_chat(self, text: str, contents: Sequence[str], add_special_tokens: bool) -> list[int]:
-        """A rendered chat prompt: the template's special tokens stay control tokens, while special-token text
-        typed inside a message ("</s>", "<|end|>") is encoded as the text it is. Otherwise a user could end
-        their own turn and write the assistant's. Contents are found in the text in order, trimmed as
-        templates trim them; one that holds such text but cannot be found is refused."""
-        spans = self._typed_specials(text, contents)
-        if not spans:
-            return self.encode(text, add_special_tokens)
-        if self._as_text is None:  # a second tokenizer, so that no other thread sees the switch
-            self._as_text = HFTokenizer.from_str(self._tok.to_str())
-            self._as_text.encode_special_tokens = True
-        ids: list[int] = []
-        at = 0
-        for a, b in spans:
-            ids += self._tok.encode(text[at:a], add_special_tokens=add_special_tokens and at == 0).ids
-            ids += self._as_text.encode(text[a:b], add_special_tokens=False).ids
-            at = b
-        return ids + self._tok.encode(text[at:], add_special_tokens=False).ids
-
-    def _typed_specials(self, text: str, contents: Sequence[str]) -> list[tuple[int, int]]:
-        """[start, end) in text of each special token's text that lies inside a message's content."""
-        spans: list[tuple[int, int]] = []
-        cursor = 0
-        for i, content in enumerate(contents):
-            core = content.strip()
-            hits = list(self._special_re.finditer(core)) if self._special_re else []
-            if not hits:
-                continue
-            where = text.find(core, cursor)
-            if where < 0:
-                raise EdgeRuntimeError(f"message {i} contains the special token {hits[0].group()!r}, which this "
-                                       f"model's chat template would read as a control token; remove it")
-            spans += [(where + m.start(), where + m.end()) for m in hits]
-            cursor = where + len(core)
-        return spans
-
-    def _is_special(self, token_id: int) -> bool:
-        return self._tok.id_to_token(token_id) in self._special_texts
-
     def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self.raw.decode(ids, skip_special_tokens=True)
 
     def token_text(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
+        return self.raw.id_to_token(token_id)
 
 
-def _check_utf8(text: str) -> None:
+def check_utf8(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -105,6 +86,10 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()):
         self.tok = tokenizer
         self.ids: list[int] = list(context[-self.CONTEXT:])
+        # a window that starts inside a character made of byte tokens: a byte-fallback decoder renders the whole
+        # run of bytes, generated ones included, as U+FFFD; start the window at a whole character instead
+        while self.ids and tokenizer.decode(self.ids).startswith("\ufffd"):
+            del self.ids[0]
         self.prefix = 0  # window start: context so that the tokenizer places spaces right
         self.read = len(self.ids)  # ids up to here have been emitted (or are the prompt's)
 

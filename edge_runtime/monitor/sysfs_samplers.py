@@ -3,11 +3,11 @@
 On a Jetson, NVML gives no temperature, load or power for the integrated GPU (zeros, or not supported), so
 these are where `monitor` gets them, as tegrastats does:
 - ThermalSampler: /sys/class/thermal/thermal_zone*/type ("cpu-thermal", "gpu-thermal", "tj-thermal", ...) and
-  temp in integer millidegrees C. A sensor that is off (Orin's CV0..CV2 while the DLAs sleep) reads -256 C or fails to
-  read: left out, as the tegrastats parser leaves it out.
-- TegraGpuSampler: the GPU's devfreq node (/sys/class/devfreq/17000000.gpu on Orin: cur_freq in Hz, and the
-  device's load in tenths of a percent), or the older load files (/sys/devices/platform/gpu.0/load,
-  /sys/devices/gpu.0/load) when devfreq is not there.
+  temp in integer millidegrees C. A sensor that is off (Orin's CV0..CV2 while the DLAs sleep) reads -256 C or
+  fails to read: left out, as the tegrastats parser leaves it out.
+- TegraGpuSampler: the GPU's devfreq node (/sys/class/devfreq/17000000.gpu on Orin with JetPack 6,
+  17000000.ga10b with JetPack 5: cur_freq in Hz, and the device's load in tenths of a percent), or the older
+  load files (/sys/devices/platform/gpu.0/load, /sys/devices/gpu.0/load) when devfreq is not there.
 `root` points the reads at a fake tree in tests.
 """
 
@@ -20,6 +20,7 @@ from edge_runtime.monitor.samplers import read_int
 
 _SENSOR_OFF_C = -256.0
 _ZONE_SUFFIX = re.compile(r"[-_]?therm(al)?$", re.IGNORECASE)
+_GPU_NAMES = (".ga10b", ".gv11b")  # the devfreq node of Orin's (JetPack 5: 17000000.ga10b) and Xavier's GPU
 _OLD_LOAD_FILES = ("sys/devices/platform/bus@0/17000000.gpu/load", "sys/devices/platform/17000000.gpu/load",
                    "sys/devices/platform/gpu.0/load", "sys/devices/gpu.0/load")
 
@@ -56,7 +57,7 @@ class TegraGpuSampler:
 
     def __init__(self, root: str | Path = "/"):
         root = Path(root)
-        nodes = sorted(d for d in root.glob("sys/class/devfreq/*") if "gpu" in d.name)
+        nodes = sorted(d for d in root.glob("sys/class/devfreq/*") if "gpu" in d.name or d.name.endswith(_GPU_NAMES))
         self.freq_file = next((d / "cur_freq" for d in nodes if (d / "cur_freq").exists()), None)
         loads = [d / "device/load" for d in nodes] + [root / p for p in _OLD_LOAD_FILES]
         self.load_file = next((p for p in loads if p.exists()), None)

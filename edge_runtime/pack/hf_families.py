@@ -93,12 +93,12 @@ def _rope(cfg: dict[str, Any], family: str) -> tuple[float, dict[str, Any] | Non
     return theta, params
 
 
-def _sliding(cfg: dict[str, Any], n_layers: int, default_types: Callable[[int], bool] | None,
-             default_window: int | None = None) -> dict[str, Any]:
+def _sliding(cfg: dict[str, Any], family: str, default_types: Callable[[int], bool] | None) -> dict[str, Any]:
     """sliding_window and the layers that use it, as transformers decides: layer_types when config.json has
     them, else default_types(i) (None: every layer when a window is set). A config without the key gets the
-    family's class default (Mistral, Gemma-2: 4096), as transformers gives it; null means no window."""
-    window = cfg.get("sliding_window", default_window)
+    family's class default (FAMILY_DEFAULTS); null means no window."""
+    n_layers = cfg.get("num_hidden_layers", 0)
+    window = setting(cfg, family, "sliding_window")
     if not window:
         return {}
     types = cfg.get("layer_types")
@@ -119,7 +119,30 @@ def _dtype_round(x: float, cfg: dict[str, Any]) -> float:
     return float(np.float16(x) if dtype == "float16" else np.float32(x))
 
 
-def _base(cfg: dict[str, Any], family: str, act: str, eps_default: float = 1e-6, **extra: Any) -> ModelConfig:
+# transformers' class defaults (5.x) for keys a config.json may leave out, where they are not derived from
+# other keys (head_dim, KV heads: from the attention heads) or the same everywhere (rope_theta 10000);
+# tests/test_families.py checks them against the config classes.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},
+    "mistral": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "num_key_value_heads": 8,
+                "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "num_key_value_heads": 32,
+              "sliding_window": 4096, "max_window_layers": 28},  # the window with use_sliding_window only
+    "phi3": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5},
+    "gemma": {"max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "num_key_value_heads": 16, "head_dim": 256},
+    "gemma2": {"max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "num_key_value_heads": 4, "head_dim": 256,
+               "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+               "final_logit_softcapping": 30.0},
+}
+
+
+def setting(cfg: dict[str, Any], family: str, key: str, fallback: Any = None) -> Any:
+    """config.json's value; when the key is left out, the family's transformers default, else fallback. An
+    explicit null stays null (a window or a soft-cap turned off)."""
+    return cfg[key] if key in cfg else FAMILY_DEFAULTS[family].get(key, fallback)
+
+
+def _base(cfg: dict[str, Any], family: str, act: str, **extra: Any) -> ModelConfig:
     """The fields every family shares; a key config.json leaves out gets the transformers class default."""
     dim, n_layers, n_heads, ffn, vocab = need(
         cfg, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -127,10 +150,10 @@ def _base(cfg: dict[str, Any], family: str, act: str, eps_default: float = 1e-6,
     theta, scaling = _rope(cfg, family)
     fields: dict[str, Any] = dict(
         arch="llama", vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=cfg.get("head_dim") or dim // n_heads, ffn_dim=ffn, activation=act,
-        act_threshold=threshold, max_positions=cfg.get("max_position_embeddings", 2048),
-        norm_eps=float(cfg.get("rms_norm_eps", eps_default)), tie_embeddings=flag(cfg, "tie_word_embeddings", False),
+        n_kv_heads=setting(cfg, family, "num_key_value_heads") or n_heads,
+        head_dim=setting(cfg, family, "head_dim") or dim // n_heads, ffn_dim=ffn, activation=act,
+        act_threshold=threshold, max_positions=setting(cfg, family, "max_position_embeddings"),
+        norm_eps=float(setting(cfg, family, "rms_norm_eps")), tie_embeddings=flag(cfg, "tie_word_embeddings", False),
         rope_theta=theta, rope_scaling=scaling, attn_bias=flag(cfg, "attention_bias", False),
         mlp_bias=flag(cfg, "mlp_bias", False), bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids(cfg))
@@ -151,24 +174,21 @@ def llama(cfg: dict[str, Any]) -> ModelConfig:
 
 def mistral(cfg: dict[str, Any]) -> ModelConfig:
     """Every layer attends within sliding_window when config.json sets one (Mistral 7B v0.1: 4096)."""
-    n = cfg.get("num_hidden_layers", 0)
-    return _base(cfg, "mistral", _act(cfg, "mistral", ("silu", "drelu")), **_sliding(cfg, n, None, 4096))
+    return _base(cfg, "mistral", _act(cfg, "mistral", ("silu", "drelu")), **_sliding(cfg, "mistral", None))
 
 
 def qwen2(cfg: dict[str, Any]) -> ModelConfig:
     """q, k, v carry biases, o does not. Sliding only with use_sliding_window, on layers >= max_window_layers."""
-    n = cfg.get("num_hidden_layers", 0)
     sliding = {}
     if flag(cfg, "use_sliding_window", False):
-        start = cfg.get("max_window_layers", 28)  # transformers' default
-        sliding = _sliding(cfg, n, lambda i: i >= start)
+        start = setting(cfg, "qwen2", "max_window_layers")
+        sliding = _sliding(cfg, "qwen2", lambda i: i >= start)
     return _base(cfg, "qwen2", _act(cfg, "qwen2", ("silu", "drelu")), qkv_bias=True, attn_bias=False, **sliding)
 
 
 def phi3(cfg: dict[str, Any]) -> ModelConfig:
     """Fused qkv_proj and gate_up_proj (split at conversion); LongRoPE ("longrope", "su") is refused by name."""
-    n = cfg.get("num_hidden_layers", 0)
-    return _base(cfg, "phi3", _act(cfg, "phi3", ("silu",)), eps_default=1e-5, **_sliding(cfg, n, None))
+    return _base(cfg, "phi3", _act(cfg, "phi3", ("silu",)), **_sliding(cfg, "phi3", None))
 
 
 def gemma(cfg: dict[str, Any]) -> ModelConfig:
@@ -183,14 +203,12 @@ def gemma2(cfg: dict[str, Any]) -> ModelConfig:
     """Gemma plus post-attention and post-FFN norms, attention and logit soft-capping, queries scaled by
     query_pre_attn_scalar ** -0.5, and a sliding window on alternate layers (even ones, by default)."""
     act = _act(cfg, "gemma2", ("gelu_pytorch_tanh",), key="hidden_activation")
-    n = cfg.get("num_hidden_layers", 0)
-    # soft-caps left out of config.json are transformers' defaults (50 and 30); null turns one off
     return _base(cfg, "gemma2", act, tie_embeddings=flag(cfg, "tie_word_embeddings", True),
                  embed_scale=_dtype_round(math.sqrt(cfg["hidden_size"]), cfg), post_norms=True,
-                 query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
-                 attn_softcap=float(cfg.get("attn_logit_softcapping", 50.0) or 0.0),
-                 logit_softcap=float(cfg.get("final_logit_softcapping", 30.0) or 0.0),
-                 **_sliding(cfg, n, lambda i: (i + 1) % 2 == 1, 4096))
+                 query_pre_attn_scalar=float(setting(cfg, "gemma2", "query_pre_attn_scalar")),
+                 attn_softcap=float(setting(cfg, "gemma2", "attn_logit_softcapping") or 0.0),
+                 logit_softcap=float(setting(cfg, "gemma2", "final_logit_softcapping") or 0.0),
+                 **_sliding(cfg, "gemma2", lambda i: (i + 1) % 2 == 1))
 
 
 # model_type -> (config builder, tensor layout)

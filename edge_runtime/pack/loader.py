@@ -7,6 +7,7 @@ config. Nothing outside the directory is opened and nothing is sized by an unche
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ class PackedModel:
     # share one model's weights, e.g. with different settings)
     users: int = field(default=0, repr=False, compare=False)
     released: bool = field(default=False, repr=False, compare=False)
+    _users_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -58,16 +60,19 @@ class PackedModel:
 
     def acquire(self) -> None:
         """A runtime starts using these arrays."""
-        self.check_not_released()
-        self.users += 1
+        with self._users_lock:
+            self.check_not_released()
+            self.users += 1
 
     def release(self) -> None:
-        """A runtime stops using these arrays. With the last, drop them (views of the mapped files, and the cpu
-        backend's fp32 copies): the files are unmapped once nothing else holds them. The model is unusable after."""
-        self.users = max(0, self.users - 1)
-        if self.users == 0:
-            self.matrices, self.vectors, self.sign_planes = {}, {}, {}
-            self.released = True
+        """A runtime stops using these arrays (once per acquire). With the last, drop them (views of the mapped
+        files, and the cpu backend's fp32 copies): the files are unmapped once nothing else holds them. The
+        model is unusable after."""
+        with self._users_lock:
+            self.users = max(0, self.users - 1)
+            if self.users == 0:
+                self.matrices, self.vectors, self.sign_planes = {}, {}, {}
+                self.released = True
 
 
 def model_config(path: Path, manifest: dict[str, Any]) -> ModelConfig:

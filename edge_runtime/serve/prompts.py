@@ -28,9 +28,10 @@ class PromptPreparer:
         if isinstance(prompt, str) or self.renderer is None:
             return self.runtime.prepare_prompt(prompt)
         # the same special tokens Runtime.prepare_prompt hands to an in-process render
-        messages = check_messages(prompt)
-        text = self.renderer.render(messages, self.runtime._special_tokens())
-        return self.runtime.encode_chat(text, messages, add_special_tokens=False), ()  # the template writes its BOS
+        messages, special = check_messages(prompt), self.runtime._special_tokens()
+        text = self.renderer.render(messages, special)
+        # the template writes its own BOS
+        return self.runtime.encode_chat(text, messages, lambda m: self.renderer.render(m, special), False), ()
 
     async def prepare(self, prompt: str | Sequence[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
         try:
