@@ -126,6 +126,26 @@ def test_detect_real_device_trees(tmp_path, compatible, sku, profile):
     assert (d.profile, d.details["module_sku"]) == (profile, sku)
 
 
+def test_the_watchers_reader_starts_nvpmodel_only_when_the_status_file_cannot_say(tmp_path, monkeypatch):
+    """It is polled every second for the runtime's life: `nvpmodel -q` was started every second."""
+    import edge_runtime.devices.detect as detect_module
+
+    asked = []
+    real = detect_module.read_power_mode
+
+    def spy(root, use_nvpmodel=True):
+        asked.append(use_nvpmodel)
+        return real(root, use_nvpmodel=use_nvpmodel)
+
+    monkeypatch.setattr(detect_module, "read_power_mode", spy)
+    read = detect_module.mode_reader(load_profile("jetson-orin-nano-8gb"), fake_jetson(tmp_path / "a", "p3767-0003",
+                                                                                        "Nano", mode_id=1))
+    assert read() == "7W" and asked == [False]
+    asked.clear()
+    assert detect_module.mode_reader(load_profile("jetson-orin-nano-8gb"), tmp_path / "none")() is None
+    assert asked == [False, True]
+
+
 def test_detect_mode_id_ambiguous_without_conf_is_unknown(tmp_path):
     """NX profiles hold MAXN and MAXN_SUPER under id 0: without the board's config the name is unknown."""
     d = detect(fake_jetson(tmp_path, "p3767-0000", "NX", 0), use_nvml=False)

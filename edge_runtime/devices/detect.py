@@ -159,13 +159,18 @@ def detect(root: str | Path = "/", use_nvml: bool = True) -> Detection:
 
 def mode_reader(profile: DeviceProfile, root: str | Path = "/"):
     """A no-argument callable giving the board's current power-mode name (None when unknown), for
-    Runtime.watch_power_mode."""
+    Runtime.watch_power_mode. It is called every second for as long as the runtime lives: nvpmodel's status file
+    (which `nvpmodel -m` rewrites) is read first, and nvpmodel itself started only when that file cannot name the
+    mode, rather than a process started on the robot every second."""
     root = Path(root)
 
     def read() -> str | None:
-        name, mode_id = read_power_mode(root)
-        if name is None and mode_id is not None:
-            name = mode_name_for_id(profile, mode_id, _read(root / "etc/nvpmodel.conf"))
-        return name
+        for use_nvpmodel in (False, True):
+            name, mode_id = read_power_mode(root, use_nvpmodel=use_nvpmodel)
+            if name is None and mode_id is not None:
+                name = mode_name_for_id(profile, mode_id, _read(root / "etc/nvpmodel.conf"))
+            if name is not None:
+                return name
+        return None
 
     return read
