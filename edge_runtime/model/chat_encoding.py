@@ -32,32 +32,47 @@ Render = Callable[[list[dict[str, str]]], str]  # messages -> the template's tex
 def encode_chat(tok: Tokenizer, text: str, messages: Sequence[dict[str, str]], render: Render,
                 add_special_tokens: bool) -> list[int]:
     check_utf8(text)
-    typed = [i for i, m in enumerate(messages) if tok.special_re and tok.special_re.search(m["content"])]
-    if not typed:
+    suspect = [i for i, m in enumerate(messages) if tok.may_form_special(m["content"])]
+    if not suspect:
         return tok.encode(text, add_special_tokens)
     spans = content_spans(text, messages, render)
     if spans is None:
-        found = tok.special_re.search(messages[typed[0]]["content"]).group()
-        raise EdgeRuntimeError(f"message {typed[0]} contains the special token {found!r}, which this model's chat "
-                               f"template would read as a control token; remove it")
-    own = [m.span() for m in tok.special_re.finditer(text) if not any(a <= m.start() < b for a, b in spans)]
+        raise EdgeRuntimeError(f"message {suspect[0]} contains special-token text (or part of one), which this "
+                               f"model's chat template would read as a control token; remove it")
     ids: list[int] = []
-    at = 0
-    for a, b in [*own, (len(text), len(text))]:
+    at, after_rstrip = 0, False
+    for own in [*_template_specials(tok, text, spans), None]:
+        a, b = own.span() if own else (len(text), len(text))
+        lstrip, rstrip = tok.strips.get(own.group(), (False, False)) if own else (False, False)
         piece = text[at:a]
-        encoder = tok.as_text if tok.special_re.search(piece) else tok.raw
+        piece = piece.lstrip() if after_rstrip else piece  # whitespace an AddedToken takes beside it
+        piece = piece.rstrip() if lstrip else piece
+        encoder = tok.as_text if tok.special_re.search(piece) else tok.raw  # a piece without any: the same ids
         ids += encoder.encode(piece, add_special_tokens=False).ids
         ids += tok.raw.encode(text[a:b], add_special_tokens=False).ids  # the template's control token
-        at = b
+        at, after_rstrip = b, rstrip
     if add_special_tokens:
         ids = tok.without_doubled_prefix(tok.added_prefix + ids + tok.added_suffix, True)
     return ids
 
 
+def _template_specials(tok: Tokenizer, text: str, spans: list[tuple[int, int]]) -> list[re.Match]:
+    """The special-token matches in text that touch no content: the template's own. One pass over both sorted
+    lists (a match per typed special and a span per message: quadratic would let one request stall)."""
+    own, j = [], 0
+    for m in tok.special_re.finditer(text):
+        while j < len(spans) and spans[j][1] <= m.start():
+            j += 1
+        if j == len(spans) or spans[j][0] >= m.end():
+            own.append(m)
+    return own
+
+
 def content_spans(text: str, messages: Sequence[dict[str, str]], render: Render) -> list[tuple[int, int]] | None:
-    """[start, end) of every place a message's content sits in text; None where the template did something
-    else with a content than write it whole or trimmed."""
-    marked = render([{**m, "content": _MARKER.format(i)} for i, m in enumerate(messages)])
+    """[start, end) of every place a message's content sits in text, in order; None where the template did
+    something else with a content than write it whole or trimmed. An empty content gets no marker: templates
+    skip empty messages ({% if message['content'] %})."""
+    marked = render([{**m, "content": _MARKER.format(i) if m["content"] else ""} for i, m in enumerate(messages)])
     parts = _MARKER_RE.split(marked)  # the template's text, a message index, the template's text, ...
     spans: list[tuple[int, int]] = []
     pos = 0
@@ -68,7 +83,7 @@ def content_spans(text: str, messages: Sequence[dict[str, str]], render: Render)
             pos += len(part)
             continue
         content, after = messages[int(part)]["content"], parts[k + 1]
-        form = next((f for f in (content, content.strip())
+        form = next((f for f in (content, content.strip(), content.rstrip(), content.lstrip())
                      if text.startswith(f, pos) and text.startswith(after, pos + len(f))), None)
         if form is None:
             return None

@@ -23,6 +23,12 @@ class Tokenizer:
         # longest first, so that of two special tokens where one begins the other, the longer one is matched
         alternatives = sorted(self._special_texts, key=len, reverse=True)
         self.special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
+        # the ends of special tokens, to see text that joins with its neighbour into one ("...</" + "s>...")
+        self._special_heads = {t[:k] for t in self._special_texts for k in range(1, len(t))}
+        self._special_tails = {t[k:] for t in self._special_texts for k in range(1, len(t))}
+        self._longest_special = max(map(len, self._special_texts), default=0)
+        # which special tokens take the whitespace beside them (AddedToken lstrip / rstrip)
+        self.strips = {t.content: (t.lstrip, t.rstrip) for t in added if t.special and t.content}
         # what the post-processor adds around a text (Llama: [BOS] before, nothing after)
         bare, full = self.raw.encode("a", add_special_tokens=False).ids, self.raw.encode("a").ids
         at = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), 0)
@@ -53,6 +59,21 @@ class Tokenizer:
         return self.without_doubled_prefix(self.raw.encode(text, add_special_tokens=add_special_tokens).ids,
                                            add_special_tokens)
 
+    def may_form_special(self, text: str) -> bool:
+        """Whether text holds a special token's text, or could make one with the text beside it: it ends with
+        the start of one, begins with the end of one, or lies inside one."""
+        if not self.special_re:
+            return False
+        for t in {text, text.strip()}:
+            if self.special_re.search(t):
+                return True
+            n = min(len(t), self._longest_special - 1)
+            if any(t[-k:] in self._special_heads or t[:k] in self._special_tails for k in range(1, n + 1)):
+                return True
+            if t and len(t) < self._longest_special and any(t in s for s in self._special_texts):
+                return True
+        return False
+
     def without_doubled_prefix(self, ids: list[int], add_special_tokens: bool) -> list[int]:
         n = len(self.added_prefix)
         if add_special_tokens and n and ids[:n] == ids[n:2 * n] == self.added_prefix:
@@ -73,6 +94,9 @@ def check_utf8(text: str) -> None:
         raise EdgeRuntimeError("the text is not valid UTF-8 (an undecodable byte, or a lone surrogate)") from None
 
 
+_CONTINUATION_BYTE = re.compile(r"<0x[89AB][0-9A-F]>")  # a byte-fallback token inside a UTF-8 character
+
+
 class IncrementalDecoder:
     """Emits text as ids arrive, never a partial UTF-8 character; decodes a short window per token
     (from `prefix` to the end), so the cost does not grow with the length of the output.
@@ -88,7 +112,7 @@ class IncrementalDecoder:
         self.ids: list[int] = list(context[-self.CONTEXT:])
         # a window that starts inside a character made of byte tokens: a byte-fallback decoder renders the whole
         # run of bytes, generated ones included, as U+FFFD; start the window at a whole character instead
-        while self.ids and tokenizer.decode(self.ids).startswith("\ufffd"):
+        while self.ids and _CONTINUATION_BYTE.fullmatch(tokenizer.token_text(self.ids[0]) or ""):
             del self.ids[0]
         self.prefix = 0  # window start: context so that the tokenizer places spaces right
         self.read = len(self.ids)  # ids up to here have been emitted (or are the prompt's)
