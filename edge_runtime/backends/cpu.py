@@ -55,6 +55,9 @@ from edge_runtime.sparsity.stats import FIELDS, FFNStats
 # Models whose matrices take at most this much as fp32 keep one fp32 copy for the batched (BLAS) path, which
 # otherwise dequantises a block of rows per call. Decode never reads it: the kernels read the stored encoding.
 KEEP_F32_BYTES = 64 << 20
+# Prompt attention scores a block of query rows at a time: (heads, rows, keys) fp32 per block, 32 MiB for a
+# 7B model's 32 heads at 2,048 keys, where the whole prompt at once took heads x T x T (1.6 GB at T = 2,048)
+PREFILL_QUERY_ROWS = 128
 C = {name: j for j, name in enumerate(FIELDS)}  # counter rows
 TEAL_SLOT = {p: j for j, p in enumerate(PROJECTIONS)}
 STEP_COUNTERS = np.array([C[f] for f in ("steps", "predicted", "kept", "bytes_read", "bytes_dense", "up_dropped")],
@@ -263,14 +266,25 @@ class CpuBackend:
         end = pos0 + t
         kc[:, pos0:end] = k.reshape(t, nkv, hd).transpose(1, 0, 2)
         vc[:, pos0:end] = v.reshape(t, nkv, hd).transpose(1, 0, 2)
+        out = np.empty_like(q) if out is None else out
+        for c in range(0, t, PREFILL_QUERY_ROWS):  # (heads, rows, keys) scores a block of rows at a time
+            rows = slice(c, min(t, c + PREFILL_QUERY_ROWS))
+            out[rows] = self._attend_rows(q[rows], kc, vc, pos0 + c, window)
+        return out
+
+    def _attend_rows(self, q: np.ndarray, kc: np.ndarray, vc: np.ndarray, p0: int, window: int) -> np.ndarray:
+        """Queries q (R, n_heads*hd) at positions p0.. against the cached keys up to their own (causal)."""
+        cfg = self.config
+        t, hd, nkv = q.shape[0], cfg.head_dim, cfg.n_kv_heads
+        end = p0 + t
         group = cfg.n_heads // nkv
         qh = q.reshape(t, nkv, group, hd).transpose(1, 2, 0, 3).reshape(nkv, group * t, hd)
         with blas_threads(self.threads):
-            scores = qh @ kc[:, :end].transpose(0, 2, 1)  # (n_kv, group*T, end)
+            scores = qh @ kc[:, :end].transpose(0, 2, 1)  # (n_kv, group*R, end)
         scores *= self.attn_scale
         if self.attn_softcap > 0:
             scores = self.attn_softcap * np.tanh(scores / self.attn_softcap)
-        qpos = np.tile(np.arange(pos0, end), group)
+        qpos = np.tile(np.arange(p0, end), group)
         hidden = np.arange(end)[None, :] > qpos[:, None]  # the future
         if window:  # and keys at or before p - window
             hidden |= np.arange(end)[None, :] <= qpos[:, None] - window
@@ -278,11 +292,7 @@ class CpuBackend:
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
         with blas_threads(self.threads):
-            a = (scores @ vc[:, :end]).reshape(nkv, group, t, hd).transpose(2, 0, 1, 3).reshape(t, cfg.n_heads * hd)
-        if out is None:
-            return a
-        out[...] = a
-        return out
+            return (scores @ vc[:, :end]).reshape(nkv, group, t, hd).transpose(2, 0, 1, 3).reshape(t, cfg.n_heads * hd)
 
     def add(self, x: np.ndarray, y: np.ndarray) -> None:
         x += y
