@@ -69,6 +69,28 @@ def _rel(a, b):
 FLOAT_ORDER = 1e-5
 
 
+@pytest.mark.parametrize("name", ["relu-fp32", "relu-int4"])
+def test_long_prompt_prefill_equals_cpu(models, name):
+    """A prompt past the batched attention's block of query rows (three blocks, the second prompt starting at
+    position 30), and the last token's logits from the head's GEMV (the batch path widened the whole head
+    to fp32 for one row)."""
+    from edge_runtime.backends.cuda_batched import ATTENTION_ROWS
+
+    ids = np.random.default_rng(7).integers(3, 300, 30 + 2 * ATTENTION_ROWS + 11).tolist()
+    cpu, gpu = (edge_runtime.load(models[name], profile=None, backend=b, max_context=320) for b in ("cpu", "cuda"))
+    tol = 1e-4 if name.endswith("fp32") else 2e-3
+    for rt in (cpu, gpu):
+        rt.decoder.reset()
+        rt.decoder.forward(ids[:30])
+    every = [rt.decoder.forward(ids[30:]) for rt in (cpu, gpu)]
+    assert _rel(cp.asnumpy(every[1]) if not isinstance(every[1], np.ndarray) else every[1], every[0]) < tol
+    for rt in (cpu, gpu):
+        rt.decoder.reset()
+    first = [rt.decoder.start(ids, SamplingParams()) for rt in (cpu, gpu)]
+    last = [rt.backend.read_logits()[0] for rt in (cpu, gpu)]
+    assert first[0] == first[1] and _rel(last[1], last[0]) < tol
+
+
 @pytest.mark.parametrize("name", ["relu-fp32", "relu-int8", "relu-int4", "silu-fp16", "opt-fp32"])
 def test_dense_decode_equals_cpu(models, name):
     cpu, gpu = _pair(models[name])

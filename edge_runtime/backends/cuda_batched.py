@@ -52,23 +52,39 @@ def rope(x, cos, sin, positions, n_heads: int, head_dim: int):
     return x
 
 
+ATTENTION_ROWS = 128  # query rows scored at once: (KV, group*rows, keys) fp32, not the whole prompt's T x T
+
+
 def causal_attention(q, k, v, k_cache, v_cache, pos0: int, n_heads: int, head_dim: int, scale: float,
                      softcap: float = 0.0, window: int = 0):
     """Write k, v (T, KV*hd) into one layer's caches (KV, ctx, hd) at pos0.., attend causally with GQA (query at p
     sees keys p - window < t <= p; window 0: all t <= p), scores scale q k^T bent to softcap * tanh(s / softcap)
-    when softcap > 0; q (T, H*hd) -> (T, H*hd) float32."""
+    when softcap > 0; q (T, H*hd) -> (T, H*hd) float32. A block of ATTENTION_ROWS queries at a time, each
+    against the keys up to its own positions."""
     cp = cupy()
     t, nkv = q.shape[0], k_cache.shape[0]
     end = pos0 + t
     k_cache[:, pos0:end] = k.reshape(t, nkv, head_dim).transpose(1, 0, 2).astype(k_cache.dtype)
     v_cache[:, pos0:end] = v.reshape(t, nkv, head_dim).transpose(1, 0, 2).astype(v_cache.dtype)
+    kc, vc = k_cache[:, :end].astype(cp.float32), v_cache[:, :end].astype(cp.float32)
+    out = cp.empty((t, n_heads * head_dim), dtype=cp.float32)
+    for c in range(0, t, ATTENTION_ROWS):
+        r = min(t, c + ATTENTION_ROWS) - c
+        out[c:c + r] = _attend_rows(q[c:c + r], kc, vc, pos0 + c, n_heads, head_dim, scale, softcap, window)
+    return out
+
+
+def _attend_rows(q, kc, vc, p0: int, n_heads: int, head_dim: int, scale: float, softcap: float, window: int):
+    """Queries q (R, H*hd) at positions p0.. against fp32 keys and values (KV, >= p0 + R, hd)."""
+    cp = cupy()
+    t, nkv = q.shape[0], kc.shape[0]
+    end = p0 + t
     group = n_heads // nkv
     qh = q.reshape(t, nkv, group, head_dim).transpose(1, 2, 0, 3).reshape(nkv, group * t, head_dim)
-    kc = k_cache[:, :end].astype(cp.float32)
-    scores = cp.matmul(qh, kc.transpose(0, 2, 1)) * np.float32(scale)  # (KV, group*T, end)
+    scores = cp.matmul(qh, kc[:, :end].transpose(0, 2, 1)) * np.float32(scale)  # (KV, group*R, end)
     if softcap > 0:
         scores = np.float32(softcap) * cp.tanh(scores / np.float32(softcap))
-    qpos = cp.tile(cp.arange(pos0, end), group)
+    qpos = cp.tile(cp.arange(p0, end), group)
     keys = cp.arange(end)[None, :]
     hidden = keys > qpos[:, None]
     if window:
@@ -76,7 +92,7 @@ def causal_attention(q, k, v, k_cache, v_cache, pos0: int, n_heads: int, head_di
     scores = cp.where(hidden, np.float32(-np.inf), scores)
     scores = cp.exp(scores - scores.max(axis=-1, keepdims=True))
     scores = scores / scores.sum(axis=-1, keepdims=True)
-    a = cp.matmul(scores.astype(cp.float32), v_cache[:, :end].astype(cp.float32))
+    a = cp.matmul(scores.astype(cp.float32), vc[:, :end])
     return a.reshape(nkv, group, t, head_dim).transpose(2, 0, 1, 3).reshape(t, n_heads * head_dim)
 
 
