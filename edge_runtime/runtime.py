@@ -596,7 +596,7 @@ def load(path: str | Path | None = None, profile: str | None = "auto", backend: 
                 f"(modes: {', '.join(m.name for m in prof.power_modes)}); selecting for its default mode "
                 f"{prof.default_power_mode} until the board is in one of those"), stacklevel=2)
         prof.mode(power_mode)  # a mode the caller names that the profile lacks: refused before anything is read
-    plan = None if prof is None else _plan_memory(model_dir, prof, max_context, backend)
+    plan = None if prof is None else _plan_memory(model_dir, prof, max_context, backend, prefill)
     rt = Runtime(load_packed(model_dir, verify=verify), backend=backend,
                  max_context=plan.context if plan else max_context, prefill=prefill, threads=threads)
     rt.memory_plan = plan
@@ -622,11 +622,15 @@ def _size_on_disk(path: Path, default: int) -> int:
         return default
 
 
-def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | None, backend: str) -> LoadPlan:
+def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | None, backend: str,
+                 prefill: str = "native") -> LoadPlan:
     """The load plan from the manifest alone (nothing mapped yet): stored file bytes, the KV cache in the
-    backend's dtype (the numpy backend keeps it in float32, the CUDA one in fp16 unless the weights are fp32)."""
+    backend's dtype (the numpy backend keeps it in float32, the CUDA one in fp16 unless the weights are fp32),
+    and what is built beside the weights: a small model's fp32 copies on the cpu backend, the fp32 ONNX
+    Runtime session of prefill "onnx"."""
     from edge_runtime.backends import resolve_backend
     from edge_runtime.devices.planner import available_memory_gb, plan_load
+    from edge_runtime.devices.sizes import cpu_f32_copy_bytes, model_bytes
     from edge_runtime.pack.format import load_manifest
     from edge_runtime.pack.loader import model_config
 
@@ -637,8 +641,11 @@ def _plan_memory(model_dir: Path, profile: DeviceProfile, max_context: int | Non
                   for name, f in manifest["files"].items())
     context = context_for(max_context, cfg.max_positions)  # warns here when past the model: Runtime gets it cut
     on_cpu = resolve_backend(backend) == "cpu"
+    extras = {"fp32 copies for prompts": cpu_f32_copy_bytes(cfg, manifest["encoding"]) if on_cpu else 0,
+              "the fp32 ONNX prefill session": model_bytes(cfg, "fp32")["total"] if prefill == "onnx" else 0}
     try:
         return plan_load(cfg, manifest["encoding"], weights, profile, context, available_memory_gb(),
-                         kv_dtype_bytes=4 if on_cpu or manifest["encoding"] == "fp32" else 2)
+                         kv_dtype_bytes=4 if on_cpu or manifest["encoding"] == "fp32" else 2,
+                         extras={k: v for k, v in extras.items() if v})
     except EdgeRuntimeError as e:  # the manifest's errors name their files; a refusal to fit names the model
         raise type(e)(f"{e} ({model_dir})") from None

@@ -15,7 +15,7 @@ from edge_runtime.config import ModelConfig
 from edge_runtime.devices.planner import KVBudgetWarning, plan_load, plan_memory, split_encoding
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.devices.shapes import SHAPES
-from edge_runtime.devices.sizes import kv_cache_bytes, model_bytes
+from edge_runtime.devices.sizes import cpu_f32_copy_bytes, kv_cache_bytes, model_bytes
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.format import read_manifest
 from edge_runtime.pack.hf_config import model_config_from_hf, read_hf_config
@@ -58,21 +58,24 @@ def test_load_refuses_7b_fp16_on_orin_nano_naming_what_fits(tmp_path, capsys):
     """Bar 4 (load): one line, naming the encoding that fits. (psutil's free memory here is well above
     the profile's 6 GB, so the profile is the limit.)"""
     pack = fake_7b_fp16_pack(tmp_path / "7b-fp16")
-    with pytest.raises(EdgeRuntimeError, match="int4 fits") as e:
+    # the cpu backend keeps its KV cache in fp32: int4 with a 2,048-token one (2.1 GB) no longer fits in 6 GB, a
+    # pruned int8 does (the suggestion used to assume fp16 KV, and loading what it named then shortened the context)
+    with pytest.raises(EdgeRuntimeError, match="int8\\+ws0.7 fits with a 2048-token context") as e:
         edge_runtime.load(pack, profile="jetson-orin-nano-8gb", backend="cpu")
     assert str(e.value).startswith("fp16 weights need 14.") and "\n" not in str(e.value)  # 13.5 GB of weights
     rc = cli.main(["generate", "--model", str(pack), "--profile", "jetson-orin-nano-8gb", "--backend", "cpu",
                    "--prompt", "hi"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "int4 fits" in err
+    assert rc == 2 and err.count("\n") == 1 and "int8+ws0.7 fits" in err
 
 
 def small_profile(tmp_path, kv_tokens: int):
     """cpu-generic with just enough memory for the default model and a `kv_tokens` float32 KV cache."""
     data = yaml.safe_load(load_profile_path("cpu-generic").read_text())
     manifest = read_manifest(DEFAULT_MODEL_DIR)
-    weights = sum(f["bytes"] for f in manifest["files"].values())
-    need_gb = (weights + kv_cache_bytes(ModelConfig.from_dict(manifest["model"]), kv_tokens, 4)) * 1.05 / 1e9
+    cfg = ModelConfig.from_dict(manifest["model"])
+    weights = sum(f["bytes"] for f in manifest["files"].values()) + cpu_f32_copy_bytes(cfg, manifest["encoding"])
+    need_gb = (weights + kv_cache_bytes(cfg, kv_tokens, 4)) * 1.05 / 1e9
     m = data["memory"]
     data.update(name="tiny-box", memory_total_gb=m["reserve_gb"] + m["runtime_overhead_gb"] + need_gb)
     path = tmp_path / "tiny-box.yaml"
@@ -135,3 +138,21 @@ def test_convert_for_device_picks_the_planner_encoding(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "q"), "--for-device", "auto",
                      "--dtype", "int4"]) == 2
     assert "leave out --dtype" in capsys.readouterr().err
+
+
+def test_the_plan_counts_what_the_backend_builds_beside_the_weights():
+    """A small model's fp32 copies on the cpu backend and prefill "onnx"'s fp32 session were not in the plan: the
+    session alone held 435 MiB beside a 152 MB int8 model, a review measured."""
+    from edge_runtime.runtime import _plan_memory
+
+    manifest = read_manifest(DEFAULT_MODEL_DIR)
+    cfg = ModelConfig.from_dict(manifest["model"])
+    copies, session = cpu_f32_copy_bytes(cfg, manifest["encoding"]), model_bytes(cfg, "fp32")["total"]
+    assert copies > 0
+    profile = load_profile("cpu-generic")
+    plain = _plan_memory(DEFAULT_MODEL_DIR, profile, None, "cpu")
+    onnx = _plan_memory(DEFAULT_MODEL_DIR, profile, None, "cpu", prefill="onnx")
+    assert "fp32 copies for prompts" in plain.note and "ONNX" not in plain.note
+    assert "the fp32 ONNX prefill session" in onnx.note
+    assert onnx.needed_gb - plain.needed_gb == pytest.approx(session * 1.05 / 1e9, rel=1e-6)
+    assert plain.weights_gb == onnx.weights_gb  # the packed files as stored

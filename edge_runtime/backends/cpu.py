@@ -46,15 +46,13 @@ from edge_runtime.backends.weights import (
     weights_of,
 )
 from edge_runtime.blas_spin import EFFECTIVE as BLAS_SPIN_SET
+from edge_runtime.devices.sizes import KEEP_F32_BYTES  # small models: an fp32 copy for the batched path
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import NO_TOKEN, Sampler, SamplingParams
 from edge_runtime.pack.loader import PackedModel
 from edge_runtime.sparsity.predictor import Rule, keep_after_gate
 from edge_runtime.sparsity.stats import FIELDS, FFNStats
 
-# Models whose matrices take at most this much as fp32 keep one fp32 copy for the batched (BLAS) path, which
-# otherwise dequantises a block of rows per call. Decode never reads it: the kernels read the stored encoding.
-KEEP_F32_BYTES = 64 << 20
 # Prompt attention scores a block of query rows at a time: (heads, rows, keys) fp32 per block, 32 MiB for a
 # 7B model's 32 heads at 2,048 keys, where the whole prompt at once took heads x T x T (1.6 GB at T = 2,048)
 PREFILL_QUERY_ROWS = 128

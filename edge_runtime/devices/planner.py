@@ -45,10 +45,10 @@ class MemoryPlan:
     context: int
 
 
-def needed_gb(cfg: ModelConfig, encoding: str, context: int) -> float:
+def needed_gb(cfg: ModelConfig, encoding: str, context: int, kv_dtype_bytes: int = 2) -> float:
     base, sparsity = split_encoding(encoding)
     weights = model_bytes(cfg, base, weight_sparsity=sparsity)["total"]
-    return (weights + kv_cache_bytes(cfg, context)) * WORKSPACE / GB
+    return (weights + kv_cache_bytes(cfg, context, kv_dtype_bytes)) * WORKSPACE / GB
 
 
 def plan_memory(cfg: ModelConfig, profile: DeviceProfile, context: int = 2048, encoding: str | None = None
@@ -101,12 +101,16 @@ def available_memory_gb() -> float:
 
 
 def plan_load(cfg: ModelConfig, encoding: str, weights_bytes: int, profile: DeviceProfile, context: int,
-              free_now_gb: float | None, kv_dtype_bytes: int = 2) -> LoadPlan:
+              free_now_gb: float | None, kv_dtype_bytes: int = 2, extras: dict[str, int] | None = None) -> LoadPlan:
     """Check a packed model plus its KV cache for `context` positions against the profile's usable memory
     and the memory free now. Returns the plan (context shortened, with a KVBudgetWarning, when only a
     shorter KV cache fits) or raises naming what fits. On a unified-memory board (shared_with_cpu) the
     CUDA context and workspace (runtime_overhead_gb) come out of the same free memory, so they are
-    subtracted from it; the profile's usable memory already leaves them out."""
+    subtracted from it; the profile's usable memory already leaves them out. extras: bytes the backend builds
+    beside the weights, by what they are (counted with the weights, and named in the note)."""
+    extras = extras or {}
+    stored, weights_bytes = weights_bytes, weights_bytes + sum(extras.values())
+    besides = "".join(f" + {what} ({b / GB:.2f} GB)" for what, b in extras.items())
     profile_gb = profile.usable_memory_gb()
     free_gb = None
     if free_now_gb is not None:
@@ -123,21 +127,21 @@ def plan_load(cfg: ModelConfig, encoding: str, weights_bytes: int, profile: Devi
     per_token = kv_cache_bytes(cfg, 1, kv_dtype_bytes)
     room = int((budget * GB / WORKSPACE - weights_bytes) // per_token)
     shortened = min(context, room // CONTEXT_STEP * CONTEXT_STEP)
-    plan = LoadPlan(encoding, weights_bytes / GB, context, context, need(context), budget, profile_gb, free_gb, "")
+    plan = LoadPlan(encoding, stored / GB, context, context, need(context), budget, profile_gb, free_gb, "")
     if need(context) <= budget:
-        plan.note = f"{encoding} weights + a {context}-token KV cache need {need(context):.2f} GB; {limit}"
+        plan.note = f"{encoding} weights{besides} + a {context}-token KV cache need {need(context):.2f} GB; {limit}"
         return plan
     if shortened >= min(MIN_CONTEXT, context):
         plan.context, plan.needed_gb = shortened, need(shortened)
-        plan.note = (f"KV cache shortened from {context} to {shortened} tokens: {encoding} weights + the full "
-                     f"context need {need(context):.2f} GB but {limit}")
+        plan.note = (f"KV cache shortened from {context} to {shortened} tokens: {encoding} weights{besides} + the "
+                     f"full context need {need(context):.2f} GB but {limit}")
         warnings.warn(plan.note, KVBudgetWarning, stacklevel=3)
         return plan
     alt = "nothing fits; use a smaller model"
     for c in dict.fromkeys((context, min(MIN_CONTEXT, context))):  # the full context first, then the shortest
-        fits = [e for e in PREFERENCE if needed_gb(cfg, e, c) <= budget]
+        fits = [e for e in PREFERENCE if needed_gb(cfg, e, c, kv_dtype_bytes) <= budget]
         if fits:
             alt = f"{fits[0]} fits with a {c}-token context (convert --for-device {profile.name})"
             break
-    raise EdgeRuntimeError(f"{encoding} weights need {need(min(MIN_CONTEXT, context)):.2f} GB even with a "
+    raise EdgeRuntimeError(f"{encoding} weights{besides} need {need(min(MIN_CONTEXT, context)):.2f} GB even with a "
                            f"{min(MIN_CONTEXT, context)}-token KV cache but {limit}; {alt}")

@@ -50,6 +50,18 @@ def model_bytes(cfg: ModelConfig, encoding: str, group: int = DEFAULT_INT4_GROUP
     return out
 
 
+# Models whose matrices take at most this much as fp32 keep one fp32 copy for the cpu backend's batched (BLAS)
+# path, which otherwise dequantises a block of rows per call. Decode never reads it.
+KEEP_F32_BYTES = 64 << 20
+
+
+def cpu_f32_copy_bytes(cfg: ModelConfig, encoding: str) -> int:
+    """What those copies take beside a model stored in `encoding` (0 past KEEP_F32_BYTES, or when stored fp32)."""
+    f32 = model_bytes(cfg, "fp32")
+    matrices = f32["attention"] + f32["ffn"] + f32["embedding"] + f32["lm_head"]
+    return matrices if matrices <= KEEP_F32_BYTES and not encoding.startswith("fp32") else 0
+
+
 def kv_cache_bytes(cfg: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * tokens * dtype_bytes
 
