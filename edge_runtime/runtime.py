@@ -294,17 +294,18 @@ class Runtime:
             self._watcher = None
 
     # ---- prompts -----------------------------------------------------------------------------------
-    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+    def _text_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise EdgeRuntimeError(f"{self.model.path} has no tokenizer.json; text prompts need one")
-        return self.tokenizer.encode(prompt, add_special_tokens)
+        return self.tokenizer
+
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self._text_tokenizer().encode(prompt, add_special_tokens)
 
     def encode_chat(self, text: str, messages: Sequence[dict], render, add_special_tokens: bool) -> list[int]:
         """A rendered chat's ids: special-token text inside a message stays text (model/chat_encoding.py);
         render(messages) renders as text was rendered."""
-        if self.tokenizer is None:
-            raise EdgeRuntimeError(f"{self.model.path} has no tokenizer.json; text prompts need one")
-        return encode_chat(self.tokenizer, text, messages, render, add_special_tokens)
+        return encode_chat(self._text_tokenizer(), text, messages, render, add_special_tokens)
 
     def prepare_prompt(self, prompt: Prompt) -> tuple[list[int], tuple[str, ...]]:
         """Token ids and the stop strings the prompt form implies (the default chat template's)."""

@@ -242,9 +242,11 @@ class CudaBackend:
 
     def logits(self, x, out=None, norm: Norm | None = None):
         dw, cap = self.dev, self.config.logit_softcap
-        if out is None and x.shape[0] == 1:  # a prompt's last token: the GEMV on the stored head, where the batch
-            out = self.cp.empty((1, self.config.vocab_size), dtype=self.cp.float32)  # path widened all of it
-        if out is None:  # to fp32 (vocab x d: 0.5 GB at 7B shapes)
+        # a prompt's last token takes the GEMV on the stored head; the batch path below widens all of it to fp32
+        # (vocab x d: 0.5 GB at 7B shapes), for several rows only
+        if out is None and x.shape[0] == 1:
+            out = self.cp.empty((1, self.config.vocab_size), dtype=self.cp.float32)
+        if out is None:
             if norm is not None:
                 x = self.norm(x, norm)
             y = self.cp.matmul(x, eager.dense_f32(dw.lm_head, dw.lm_head_host).T)

@@ -47,19 +47,19 @@ def _compatible(root: Path) -> list[str]:
     return [e.strip().removeprefix("nvidia,") for e in text.split("\x00") if e.strip()]
 
 
-def module_skus(root: Path) -> list[str]:
+def module_skus(compatible: list[str]) -> list[str]:
     """The module SKUs the compatible list names, in its order: of "CARRIER+MODULE" the module."""
     skus = []
-    for entry in _compatible(root):
+    for entry in compatible:
         m = _MODULE.fullmatch(entry.rsplit("+", 1)[-1])
         if m and m.group(1) not in skus:
             skus.append(m.group(1))
     return skus
 
 
-def flashed_super(root: Path) -> bool:
+def flashed_super(compatible: list[str]) -> bool:
     """The device tree of a board flashed for the Super modes (JetPack 6.2) ends its module SKU in "-super"."""
-    return any(e.endswith("-super") for e in _compatible(root))
+    return any(e.endswith("-super") for e in compatible)
 
 
 def read_power_mode(root: Path = Path("/"), use_nvpmodel: bool = True) -> tuple[str | None, int | None]:
@@ -129,9 +129,10 @@ def _nvml_gpu() -> str | None:
 
 def detect(root: str | Path = "/", use_nvml: bool = True) -> Detection:
     root = Path(root)
-    skus = module_skus(root)
+    compatible = _compatible(root)
+    skus = module_skus(compatible)
     if skus:
-        conf, super_board = _read(root / "etc/nvpmodel.conf"), flashed_super(root)
+        conf, super_board = _read(root / "etc/nvpmodel.conf"), flashed_super(compatible)
         # the first SKU a profile knows: a carrier board named alone, or an unknown module, is passed over
         sku, name = next(((s, n) for s in skus if (n := _jetson_profile_for(s, conf, super_board))), (skus[0], None))
         details = {"module_sku": sku, "model": (_read(root / "proc/device-tree/model") or "").strip("\x00\n "),

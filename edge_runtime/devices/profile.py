@@ -86,15 +86,18 @@ class DeviceProfile:
     gpu_names: tuple[str, ...] = field(default_factory=tuple)  # NVML names matched (desktop GPUs)
     decode_target: DecodeTarget = field(default_factory=DecodeTarget)
 
+    def _named(self, name: str) -> PowerMode | None:
+        """The mode of that name, case-insensitive."""
+        return next((m for m in self.power_modes if m.name.upper() == name.upper()), None)
+
     def has_mode(self, name: str) -> bool:
-        return any(m.name.upper() == name.upper() for m in self.power_modes)
+        return self._named(name) is not None
 
     def mode(self, name: str | None = None) -> PowerMode:
         """The mode of that name (case-insensitive), or the default mode."""
-        want = (name or self.default_power_mode).upper()
-        for m in self.power_modes:
-            if m.name.upper() == want:
-                return m
+        found = self._named(name or self.default_power_mode)
+        if found is not None:
+            return found
         raise ProfileError(f"profile {self.name} has no power mode {name!r}; modes: "
                            f"{', '.join(m.name for m in self.power_modes)}")
 

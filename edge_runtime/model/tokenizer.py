@@ -19,7 +19,9 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception for a bad file
             raise ModelFormatError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
         added = self.raw.get_added_tokens_decoder().values()
-        self._special_texts = frozenset(t.content for t in added if t.special and t.content)
+        # the special tokens' texts, and which of them take the whitespace beside them (AddedToken lstrip, rstrip)
+        self.strips = {t.content: (t.lstrip, t.rstrip) for t in added if t.special and t.content}
+        self._special_texts = frozenset(self.strips)
         # longest first, so that of two special tokens where one begins the other, the longer one is matched
         alternatives = sorted(self._special_texts, key=len, reverse=True)
         self.special_re = re.compile("|".join(map(re.escape, alternatives))) if alternatives else None
@@ -27,8 +29,6 @@ class Tokenizer:
         self._special_heads = {t[:k] for t in self._special_texts for k in range(1, len(t))}
         self._special_tails = {t[k:] for t in self._special_texts for k in range(1, len(t))}
         self._longest_special = max(map(len, self._special_texts), default=0)
-        # which special tokens take the whitespace beside them (AddedToken lstrip / rstrip)
-        self.strips = {t.content: (t.lstrip, t.rstrip) for t in added if t.special and t.content}
         # what the post-processor adds around a text (Llama: [BOS] before, nothing after)
         bare, full = self.raw.encode("a", add_special_tokens=False).ids, self.raw.encode("a").ids
         at = next((i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare), 0)

@@ -126,7 +126,7 @@ def parse_line(line: str) -> TegrastatsSample:
             gpu_mhz += [_int(v.strip()) for v in gr3d.group(2).split(",") if v.strip()]
         elif gr3d.group(3):
             gpu_mhz.append(_int(gr3d.group(3)))
-    rails = {name: int(_float(cur)) for name, cur, _avg in _RAIL.findall(text) if name != "NC"}
+    rails = {name: _int(cur) for name, cur, _avg in _RAIL.findall(text) if name != "NC"}
     temps = {name: _float(v) for name, v in _TEMP.findall(text) if name not in ("EMC_FREQ", "GR3D_FREQ")}
     temps = {name: v for name, v in temps.items() if v > _SENSOR_OFF_C}
     return TegrastatsSample(

@@ -86,9 +86,8 @@ class CheckpointReader:
             raise ModelFormatError(f"checkpoint in {self.hf_dir} has no tensor {name}")
         if self._torch_state is not None:
             t = self._torch_state[key]
-            dtype = str(getattr(t, "dtype", type(t).__name__)).removeprefix("torch.")
-            if not getattr(t, "is_floating_point", lambda: False)():
-                raise self._quantised(key, dtype)
+            if not t.is_floating_point():
+                raise self._quantised(key, str(t.dtype).removeprefix("torch."))
             return t.float().numpy()
         dtype = self._where[key].dtype_of(key)
         if dtype not in FLOAT_DTYPES:
