@@ -22,6 +22,7 @@ from typing import Any
 
 from edge_runtime.backends import create_backend
 from edge_runtime.backends.fork_guard import check_not_forked
+from edge_runtime.backends.room import OutOfRoomError, RoomWarning
 from edge_runtime.devices.planner import KVBudgetWarning, LoadPlan
 from edge_runtime.devices.power import PowerModeWarning
 from edge_runtime.devices.profile import DeviceProfile
@@ -164,7 +165,11 @@ class Runtime:
     def _apply(self, selection: Selection, measure_recall: bool) -> None:
         """A selection's predictor rules and attention TEAL thresholds into the decoder (next token on)."""
         decoder = self._live_decoder()
-        decoder.set_teal(self.teal_for(selection), self.attention_criterion(selection))
+        try:
+            decoder.set_teal(self.teal_for(selection), self.attention_criterion(selection))
+        except OutOfRoomError as e:  # a robot's runtime keeps running: the FFN's sparsity, attention dense
+            warnings.warn(f"{e}: attention TEAL is off for this selection", RoomWarning, stacklevel=3)
+            decoder.set_teal(None)
         decoder.set_sparsity(self.rules_for(selection), measure_recall)
 
     def set_teal(self, target: float | None) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 import edge_runtime
 from edge_runtime.backends.cpu_dispatch import ColumnKernels
+from edge_runtime.backends.room import OutOfRoomError, RoomWarning
 from edge_runtime.backends.weights import ATTENTION, Layer, Linear, Norm, column_layout, linear_read_bytes
 from edge_runtime.cli import main
 from edge_runtime.devices.profile import load_profile
@@ -215,7 +216,33 @@ def test_attention_teal_reads_the_sections_groups():
     assert attention_teal(old, [[0.0, 0.2]]) == [{"o": 0.4}]
 
 
-def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, capsys):
+def test_teal_copies_that_do_not_fit_change_nothing(relu_model, monkeypatch):
+    """TEAL's transposed copies are built when a threshold is first set, beside weights the load plan counted:
+    with less memory free than they need, the setting is refused and the decoder keeps its dense step."""
+    rt = edge_runtime.load(relu_model, profile=None, backend="cpu")
+    dec = rt.decoder
+    ids = np.random.default_rng(7).integers(3, 300, size=12).tolist()
+    teal = _teal(rt, 0.4)
+    dec.reset()
+    dense = np.concatenate([dec.forward([t]) for t in ids])
+    weights = [getattr(layer, p).w for layer in rt.backend.weights.layers for p in ATTENTION]
+    copies = sum(w.arrays["q"].nbytes for w in weights)  # int8 (K, N) each; the row scales are not copied
+    monkeypatch.setattr("edge_runtime.backends.cpu.host_free_bytes", lambda: copies)  # short of the headroom
+    with pytest.raises(OutOfRoomError, match=rf"need {copies:,} bytes more memory but {copies:,} bytes is free"):
+        dec.set_teal(teal)
+    assert dec.teal is None and dec.mode == "dense" and not rt.backend.columns
+    assert not rt.backend.state.teal.any()
+    dec.reset()
+    assert np.array_equal(np.concatenate([dec.forward([t]) for t in ids]), dense)
+    monkeypatch.setattr("edge_runtime.backends.cpu.host_free_bytes", lambda: 2 * copies)
+    dec.set_teal(teal)
+    assert dec.mode == "teal" and len(rt.backend.columns) == len(ATTENTION) * rt.config.n_layers
+    dec.reset()
+    assert rel_err(np.concatenate([dec.forward([t]) for t in ids]), dense) > 1e-3
+    rt.close()
+
+
+def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, capsys, monkeypatch):
     model = tmp_path / "m"
     shutil.copytree(relu_model, model)
     rt = edge_runtime.load(model, profile=None, backend="cpu")
@@ -280,6 +307,17 @@ def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, c
     assert res["lm_head_bytes_per_token"] == head
     assert res["layer_bytes_per_token"] == pytest.approx(res["layer_bytes_fraction"] * dense)
     assert res["step_bytes_fraction"] == pytest.approx((res["layer_bytes_per_token"] + head) / (dense + head))
+
+    # the policy's point again, on a board whose free memory cannot take attention TEAL's weight copies: the
+    # runtime loads with the FFN's knobs and dense attention, and says so
+    monkeypatch.setattr("edge_runtime.backends.cpu.host_free_bytes", lambda: 1)
+    with pytest.warns(RoomWarning, match="attention TEAL is off"):
+        low = edge_runtime.load(model, profile="jetson-orin-nano-8gb", backend="cpu",
+                                objective=Objective(latency_ms=0.001, quality_budget_pct=1000))
+    assert low.selection.knobs == path[-1]["knobs"] and any(any(lv) for lv in low.selection.attention)
+    assert low.decoder.teal is None and low.decoder.mode == "sparse" and not low.backend.columns
+    assert [r.knob for r in low.decoder.rules] == path[-1]["knobs"]
+    low.close()
 
 
 class _Norms:

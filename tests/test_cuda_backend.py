@@ -163,6 +163,31 @@ def test_teal_decode_equals_cpu(models, criterion):
     assert np.median([_rel(g, c) for g, c in zip(lg_g, lg_c, strict=True)]) < 2e-3
 
 
+def test_teal_copies_that_do_not_fit_the_device_change_nothing(models, monkeypatch):
+    """int4 weights get fp16 transposed copies for TEAL (four times their size), made when a threshold is first
+    set: with less device memory free than they need, the setting is refused and the step stays as it was."""
+    gpu = edge_runtime.load(models["relu-int4"], profile=None, backend="cuda", max_context=64)
+    rules = [Rule("sparseinfer", alpha=1.05)] * gpu.config.n_layers
+    rng = np.random.default_rng(9)
+    teal = [{p: float(rng.uniform(0.2, 0.5)) for p in ("q", "k", "v", "o")} for _ in range(gpu.config.n_layers)]
+    lins = [getattr(layer, p) for layer in gpu.backend.weights.layers for p in ("q", "k", "v", "o")]
+    copies = sum(2 * lin.w.shape[0] * lin.w.shape[1] for lin in lins)  # fp16 (K, N) each
+    ids_before, _ = _run(gpu, rules)
+    total = cp.cuda.runtime.memGetInfo()[1]
+    monkeypatch.setattr(gpu.backend.cp.cuda.runtime, "memGetInfo", lambda: (copies, total))
+    with pytest.raises(edge_runtime.EdgeRuntimeError,
+                       match=rf"transposed copies of 8 weights .* need {copies:,} bytes more memory but"):
+        _run(gpu, rules, teal=teal)
+    assert gpu.decoder.teal is None and not gpu.backend.state.teal.get().any()
+    assert all(gpu.backend.dev.of(lin).t is None for lin in lins)
+    assert _run(gpu, rules)[0] == ids_before
+    monkeypatch.setattr(gpu.backend.cp.cuda.runtime, "memGetInfo", lambda: (2 * copies, total))
+    _, with_teal = _run(gpu, rules, teal=teal)
+    assert all(gpu.backend.dev.of(lin).t.w.nbytes == 2 * lin.w.shape[0] * lin.w.shape[1] for lin in lins)
+    assert gpu.backend.state.teal.get().any()
+    gpu.close()
+
+
 @pytest.mark.parametrize("criterion", ["teal", "wina"])
 def test_sparse_with_attention_teal_equals_cpu(models, criterion):
     """The FFN predictor and TEAL column skipping on q, k, v, o in one sparse step (a graph per set of TEAL

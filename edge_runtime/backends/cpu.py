@@ -35,6 +35,7 @@ from edge_runtime.backends.blas_threads import blas_threads
 from edge_runtime.backends.cpu_dispatch import ColumnKernels, MatrixKernels
 from edge_runtime.backends.cpu_fused import FusedStep
 from edge_runtime.backends.jit import default_threads, threads_for, use_threads
+from edge_runtime.backends.room import host_free_bytes, require_room
 from edge_runtime.backends.weights import (
     ATTENTION,
     PROJECTIONS,
@@ -500,22 +501,27 @@ class CpuBackend:
     def _set_knobs(self, rules: Sequence[Rule] | None, teal: Sequence[dict[str, float]] | None,
                    measure_recall: bool, teal_criterion: str) -> None:
         cfg = self.config
+        thresholds = teal_array(teal, cfg.n_layers)
+        self._make_columns(thresholds)  # first: a setting whose copies do not fit changes nothing
         self.state.predictor[:], self.state.alpha[:], self.state.theta[:] = knob_arrays(rules, cfg.n_layers,
                                                                                         cfg.ffn_dim)
-        self.state.teal[:] = teal_array(teal, cfg.n_layers)
+        self.state.teal[:] = thresholds
         if teal is not None and teal_criterion != self._teal_criterion:
             self.state.teal_scale[:] = teal_scale_array(self.weights, teal_criterion, cfg)
             self._teal_criterion = teal_criterion
         self.state.measure_recall = measure_recall
-        made = False
-        for i, layer in enumerate(self.weights.layers):  # W^T for column skipping: made now, never in a step
-            for p in ATTENTION:
-                lin = getattr(layer, p)
-                if (self.state.teal[i, TEAL_SLOT[p]] > 0 and column_layout(lin.w) is not None
-                        and id(lin.w) not in self.columns):
-                    self.columns[id(lin.w)] = ColumnKernels(lin.w, self.threads)
-                    made = True
-        if made and self.fused is not None:
+
+    def _make_columns(self, thresholds: np.ndarray) -> None:
+        """W^T for the column skipping of every projection a threshold in `thresholds` (L, 7) turns on and
+        that has none yet: made now, never in a step, after checking that the copies fit the memory free."""
+        todo = [lin.w for i, layer in enumerate(self.weights.layers) for p in ATTENTION
+                if thresholds[i, TEAL_SLOT[p]] > 0 and column_layout((lin := getattr(layer, p)).w) is not None
+                and id(lin.w) not in self.columns]
+        require_room(sum(w.arrays["q" if w.encoding == "int8" else "w"].nbytes for w in todo), host_free_bytes(),
+                     f"transposed copies of {len(todo)} attention weights for TEAL column skipping")
+        for w in todo:
+            self.columns[id(w)] = ColumnKernels(w, self.threads)
+        if todo and self.fused is not None:
             self.fused.bind()
 
     def read_stats(self) -> FFNStats:

@@ -43,6 +43,7 @@ from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFNKernels
 from edge_runtime.backends.cuda_ops.teal import TealGemv
 from edge_runtime.backends.cuda_weights import DeviceWeights
+from edge_runtime.backends.room import require_room
 from edge_runtime.backends.weights import ATTENTION, PROJECTIONS, Layer, Linear, Norm, linear_read_bytes, weights_of
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import SamplingParams
@@ -419,22 +420,31 @@ class CudaBackend:
         """Device knobs written in place (a captured graph reads them at its next replay). Recall needs the dense
         gate and is counted by the cpu backend only."""
         cfg, cp = self.config, self.cp
+        thresholds = teal_array(teal, cfg.n_layers)
+        self._make_transposed(thresholds)  # first: a setting whose copies do not fit changes nothing
         kind, alpha, theta = knob_arrays(rules, cfg.n_layers, cfg.ffn_dim)
         self.state.predictor[:] = kind
         self.state.alpha[...] = cp.asarray(alpha)
         self.state.theta[...] = cp.asarray(theta)
-        thresholds = teal_array(teal, cfg.n_layers)
         self.state.teal[...] = cp.asarray(thresholds)
         self.teal_on[...] = thresholds > 0
         if teal is not None and teal_criterion != self._teal_criterion:
             self.state.teal_scale[...] = cp.asarray(teal_scale_array(self.weights, teal_criterion, cfg))
             self._teal_criterion = teal_criterion
         self.state.measure_recall = measure_recall
-        for i, layer in enumerate(self.weights.layers):  # W^T made now, never inside a captured step
-            for p in PROJECTIONS[:6]:
-                lin = getattr(layer, p)
-                if lin is not None and self.teal_on[i, TEAL_SLOT[p]]:
-                    self.dev.of(lin).transposed()
+
+    def _make_transposed(self, thresholds: np.ndarray) -> None:
+        """W^T of every projection a threshold in `thresholds` (L, 7) turns on and that has none yet: made now,
+        never inside a captured step, after checking that the copies fit the device memory free (on a Jetson
+        the board's memory: an int4 weight's copy is fp16, four times its size)."""
+        todo = [self.dev.of(lin) for i, layer in enumerate(self.weights.layers) for p in PROJECTIONS[:6]
+                if (lin := getattr(layer, p)) is not None and thresholds[i, TEAL_SLOT[p]] > 0]
+        todo = [d for d in todo if d.t is None]
+        free, _ = self.cp.cuda.runtime.memGetInfo()
+        require_room(sum(d.transposed_bytes() for d in todo), free + self.cp.get_default_memory_pool().free_bytes(),
+                     f"transposed copies of {len(todo)} weights for TEAL column skipping")
+        for d in todo:
+            d.transposed()
 
     def read_stats(self) -> FFNStats:
         """Counters from the device ({predicted, kept} per layer) and the host's step counts per predictor kind;

@@ -30,6 +30,12 @@ class DeviceLinear:
                 self.t = DeviceMatrix(quantize(np.ascontiguousarray(h.dequantize().T), enc))
         return self.t
 
+    def transposed_bytes(self) -> int:
+        """Device bytes transposed() makes: int8 values and fp16 row scales, fp32 or fp16 as stored, else fp16."""
+        n, k = self.host.shape
+        enc = self.host.encoding
+        return n * k + 2 * n if enc == "int8" else n * k * (4 if enc == "fp32" else 2)
+
     def free(self) -> None:
         for m in (self.m, self.t):
             if m is not None:

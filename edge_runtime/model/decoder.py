@@ -58,10 +58,9 @@ class Decoder:
             alpha = r.alpha if isinstance(r, Rule) else r
             if finite("a SparseInfer alpha", alpha) <= 0:
                 raise EdgeRuntimeError(f"a SparseInfer alpha must be > 0, got {alpha!r}")
-        self.rules = None if setting is None else [
-            r if isinstance(r, Rule) else Rule("sparseinfer", alpha=float(r), knob=float(r)) for r in setting]
-        self.measure_recall = measure_recall
-        self._push_knobs()
+        self._change(rules=None if setting is None else [
+            r if isinstance(r, Rule) else Rule("sparseinfer", alpha=float(r), knob=float(r)) for r in setting],
+            measure_recall=measure_recall)
 
     @property
     def teal(self) -> list[dict[str, float]] | None:
@@ -72,8 +71,7 @@ class Decoder:
         """TEAL: per layer, per projection ("q", "k", "v", "o", "gate", "up", "down") magnitude thresholds;
         inputs with |x| below are zeroed in decode. None = off. With a predictor set (sparse mode) only the
         q, k, v, o thresholds apply; the FFN is the predictor's."""
-        self._teal = thresholds
-        self._push_knobs()
+        self._change(_teal=thresholds)
 
     @property
     def teal_criterion(self) -> str:
@@ -82,13 +80,22 @@ class Decoder:
     @teal_criterion.setter
     def teal_criterion(self, criterion: str) -> None:
         """Which channels the TEAL thresholds keep: "teal" |x| >= t, or "wina" |x| * ||W[:, i]|| >= t."""
-        self._teal_criterion = check_criterion(criterion)
-        self._push_knobs()
+        self._change(_teal_criterion=check_criterion(criterion))
 
     def set_teal(self, thresholds: list[dict[str, float]] | None, criterion: str = "teal") -> None:
         """Thresholds and the criterion they were calibrated for, in one knob write."""
-        self._teal_criterion = check_criterion(criterion)
-        self.teal = thresholds
+        self._change(_teal_criterion=check_criterion(criterion), _teal=thresholds)
+
+    def _change(self, **settings) -> None:
+        """Set these attributes and write the knobs; a write the backend refuses (backends/room.OutOfRoomError:
+        TEAL's weight copies do not fit) leaves the attributes as they were, like the backend's state."""
+        before = {name: getattr(self, name) for name in settings}
+        self.__dict__.update(settings)
+        try:
+            self._push_knobs()
+        except BaseException:
+            self.__dict__.update(before)
+            raise
 
     def _push_knobs(self) -> None:
         self.ops.set_knobs(self.rules, self._teal, self.measure_recall, teal_criterion=self._teal_criterion)
