@@ -70,6 +70,26 @@ def test_long_prompts_attend_a_block_of_rows_at_a_time(packed, family):
     assert rel_err(ours, ref) <= 1e-4, rel_err(ours, ref)
 
 
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_gemma_fp16_keeps_its_folded_norms_exact(family, tmp_path):
+    """Gemma's norms multiply by (1 + w), folded at conversion; transformers adds the 1 in fp32. Stored as fp16,
+    1 + w kept ~3 digits of w: 1.7e-3 of the logits. The reference: transformers with every matrix rounded to
+    fp16 as the packed file holds them, the norms as they are."""
+    import torch
+
+    model = make_family(tmp_path / "hf", family, seed=5)
+    convert(tmp_path / "hf", tmp_path / "p", "fp16", progress=False)
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if "norm" not in name:
+                t.copy_(t.half().float())
+    rt = edge_runtime.load(tmp_path / "p", profile=None, backend="cpu")
+    ids = _ids(PROMPT, seed=int(np.random.SeedSequence().entropy % 2**16))
+    rt.decoder.reset()
+    assert rel_err(rt.decoder.forward(ids), hf_logits(model, ids)) <= 1e-4, ids[:4]
+    rt.close()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_ids_match_transformers(packed, family):
     import torch
