@@ -32,9 +32,16 @@ def test_stream_concatenates_to_generate(rt):
 
 
 def test_messages_use_default_template(rt):
-    res = rt.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "open the door"}],
-                      max_new_tokens=5)
-    assert res.prompt_tokens > 5 and len(res.token_ids) <= 5
+    """A model without a chat template gets the default one: the system text, then "Role: content" lines, then
+    the assistant's cue; its stop strings end the reply at the next turn."""
+    messages = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "open the door\n"},
+                {"role": "assistant", "content": "Which door?"}, {"role": "user", "content": "the red one"}]
+    assert rt.model.manifest.get("chat_template") is None
+    ids, stops = rt.prepare_prompt(messages)
+    assert ids == rt.encode("Be brief.\n\nUser: open the door\nAssistant: Which door?\nUser: the red one\nAssistant:")
+    assert "\nUser:" in stops
+    res = rt.generate(messages, max_new_tokens=5)
+    assert res.prompt_tokens == len(ids) and len(res.token_ids) <= 5
 
 
 def test_bad_messages(rt):

@@ -4,6 +4,7 @@ the leading space of whatever it decodes first) and a byte-level one, on fresh r
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -29,10 +30,35 @@ def _metaspace_tokenizer(out: Path) -> Path:
     return out / "tokenizer.json"
 
 
-@pytest.fixture(params=["metaspace", "bytelevel", "stories260k"])
+def _byte_fallback_tokenizer(out: Path) -> Path:
+    """Llama-2's own arrangement, built here so that CI without ../shared has one: "▁" prepended and for spaces
+    by the normalizer, BOS added, <0x00>..<0xFF> tokens for what the vocabulary lacks (the corpus is ASCII: every CJK
+    character and emoji is a run of byte tokens), and a decoder that fuses them and strips the first space."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, processors, trainers
+
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    trained = json.loads(tok.to_str())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in sorted(trained["model"]["vocab"], key=trained["model"]["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["model"]["merges"]]
+    tok.model = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(out / "tokenizer.json"))
+    return out / "tokenizer.json"
+
+
+@pytest.fixture(params=["metaspace", "bytelevel", "bytefallback", "stories260k"])
 def tokenizer(request, tmp_path) -> Tokenizer:
     if request.param == "metaspace":
         return Tokenizer(_metaspace_tokenizer(tmp_path))
+    if request.param == "bytefallback":
+        return Tokenizer(_byte_fallback_tokenizer(tmp_path))
     if request.param == "bytelevel":
         make_tokenizer(tmp_path)
         return Tokenizer(tmp_path / "tokenizer.json")

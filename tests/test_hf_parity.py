@@ -65,7 +65,7 @@ def test_logits_match_transformers(checkpoints, tmp_path, variant, dtype):
         assert rel_l2(ours, ref) <= L2_BOUNDS[dtype]
 
 
-@pytest.mark.parametrize("variant", ["relu-gqa-tied", "opt"])
+@pytest.mark.parametrize("variant", ["relu-gqa-tied", "opt", "fatrelu-mha"])
 def test_decode_steps_match_prefill(checkpoints, tmp_path, variant):
     """Token-by-token decode through the KV cache gives the batched prefill's logits."""
     hf_dir, model = checkpoints[variant]

@@ -43,9 +43,9 @@ def test_compressed_gemv_equals_dense_of_same_values(encoding):
     assert np.allclose(t.matvec(x, rows), dense[rows] @ x, rtol=1e-5, atol=1e-6)
     h = rng.standard_normal(5).astype(np.float32)
     assert np.allclose(t.rows_weighted_sum(h, rows), h @ dense[rows], rtol=1e-5, atol=1e-6)
-    if encoding == "sparse-int8":  # kept values quantise exactly as the dense int8 of the pruned matrix
-        pruned = quantize(np.where(prune_mask(w, 0.6), w, 0), "int8").dequantize()
-        assert np.array_equal(dense, pruned)
+    pruned = np.where(prune_mask(w, 0.6), w, 0)  # kept values as the dense encoding of the pruned matrix
+    ref = quantize(pruned, "int8").dequantize() if encoding == "sparse-int8" else pruned.astype(np.float16)
+    assert np.array_equal(dense, ref.astype(np.float32))
 
 
 def test_packed_size_at_half_sparsity_int8():
@@ -64,15 +64,15 @@ def models(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("prune", ["magnitude", "wanda"])
-def test_weight_sparse_model_equals_decompressed_reference(models, tmp_path, prune):
+@pytest.mark.parametrize(("dtype", "prune"), [("int8", "magnitude"), ("int8", "wanda"), ("fp16", "magnitude")])
+def test_weight_sparse_model_equals_decompressed_reference(models, tmp_path, dtype, prune):
     """Same values, same function: the compressed model's logits (decode on segments) equal a dense
     run over its own decompressed weights."""
     norms = input_norms(models / "hf", CORPUS) if prune == "wanda" else None
-    convert(models / "hf", tmp_path / "ws", "int8", weight_sparsity=0.5, prune=prune, input_norms=norms,
+    convert(models / "hf", tmp_path / "ws", dtype, weight_sparsity=0.5, prune=prune, input_norms=norms,
             progress=False)
     rt = edge_runtime.load(tmp_path / "ws", profile=None, backend="cpu")
-    assert rt.model.matrices["layers.0.ffn.up"].encoding == "sparse-int8"
+    assert rt.model.matrices["layers.0.ffn.up"].encoding == f"sparse-{dtype}"
     ids = rt.encode("the quick brown fox")
     rt.decoder.reset()
     steps = np.concatenate([rt.decoder.forward([t]) for t in ids])  # one token at a time: segment GEMVs
@@ -83,6 +83,56 @@ def test_weight_sparse_model_equals_decompressed_reference(models, tmp_path, pru
     rt.decoder.reset()
     sparse = np.concatenate([rt.decoder.forward([t]) for t in ids])
     assert np.abs(sparse - batched).max() <= 1e-4 * np.abs(batched).max()
+
+
+HF_NAME = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+           "attn.o": "self_attn.o_proj", "ffn.gate": "mlp.gate_proj", "ffn.up": "mlp.up_proj",
+           "ffn.down_t": "mlp.down_proj"}
+
+
+def test_wanda_prunes_by_weight_times_input_norm(tmp_path):
+    """Wanda against torch: every projection's input-channel norms over the calibration windows, taken with
+    forward hooks on the transformers model, and the kept weights of the converted model: per output row the
+    half with the largest |W| * norm (not the largest |W|, which magnitude pruning keeps)."""
+    import torch
+
+    from edge_runtime.model.tokenizer import Tokenizer
+
+    model = make_llama(tmp_path / "hf", act="relu", seed=int(np.random.SeedSequence().entropy % 1000))
+    norms = input_norms(tmp_path / "hf", CORPUS, window=64)
+    ids = Tokenizer(tmp_path / "hf" / "tokenizer.json").encode(CORPUS)[:2048]  # the ids input_norms reads
+    sq: dict[str, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for name, hf in HF_NAME.items():
+            def pre(_mod, args, key=f"layers.{i}.{name}"):
+                sq[key] = sq.get(key, 0) + (args[0][0].double() ** 2).sum(dim=0)
+            hooks.append(layer.get_submodule(hf).register_forward_pre_hook(pre))
+    with torch.no_grad():
+        for s in range(0, len(ids), 64):
+            model(torch.tensor([ids[s:s + 64]]))
+    for h in hooks:
+        h.remove()
+    ref = {k: v.sqrt().numpy() for k, v in sq.items()}
+    assert set(norms) == set(ref)
+    for k in ref:  # the pass behind input_norms holds the weights as fp16
+        assert np.abs(norms[k] - ref[k]).max() <= 2e-3 * ref[k].max(), k
+    convert(tmp_path / "hf", tmp_path / "ws", "fp16", weight_sparsity=0.5, prune="wanda", input_norms=norms,
+            progress=False)
+    rt = edge_runtime.load(tmp_path / "ws", profile=None, backend="cpu")
+    for i, layer in enumerate(model.model.layers):
+        for name, hf in HF_NAME.items():
+            w = layer.get_submodule(hf).weight.detach().numpy()  # (N, K) HF orientation
+            score = np.abs(w) * ref[f"layers.{i}.{name}"]
+            want = score >= np.quantile(score, 0.5, axis=1, keepdims=True)
+            stored = rt.model.matrices[f"layers.{i}.{name}"].dequantize()
+            stored = stored.T if name == "ffn.down_t" else stored
+            kept = stored != 0
+            assert np.array_equal(stored[kept], w[kept].astype(np.float16).astype(np.float32)), (i, name)
+            assert (kept == want).mean() >= 0.99, (i, name)  # a score at the median may fall either side
+            magnitude = np.abs(w) >= np.quantile(np.abs(w), 0.5, axis=1, keepdims=True)
+            assert (kept != magnitude).mean() > 0.05, (i, name)
+    rt.close()
 
 
 def test_pruning_needs_fp16_or_int8_and_wanda_needs_text(models, tmp_path):
