@@ -148,8 +148,13 @@ def test_top_k_and_repetition_penalty_are_honoured(server, model_dir):
                                               ("best_of", 3), ("top_k", -2), ("top_k", 2**40), ("min_p", 0.1),
                                               ("response_format", {"type": "json_object"}),
                                               ("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                              ("repetition_penalty", 0)])
+                                              ("repetition_penalty", 0), ("typical_p", 0.5), ("min_tokens", 8),
+                                              ("ignore_eos", True), ("repeat_penalty", 1.3), ("mirostat", 2),
+                                              ("temperature", "0.5"), ("temperature", True), ("top_k", "5"),
+                                              ("top_k", 3.0), ("seed", "7"), ("max_tokens", 4.0)])
 def test_fields_that_would_change_the_answer_are_refused(server, field, value):
+    """Unsupported fields unless neutral (vLLM's and llama.cpp's extensions among them), and values of the wrong
+    JSON type (a string temperature, a float top_k), which OpenAI's schema and the Python API refuse."""
     r = _complete(server, **{field: value})
     assert r.status_code == 422 and field in r.json()["error"]["message"]
 
@@ -161,6 +166,9 @@ def test_neutral_values_of_unsupported_fields_are_accepted(server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
     r = _complete(server, top_k=None, repetition_penalty=None, logprobs=0, top_logprobs=None, min_p=0,
                   response_format={"type": "text"}, tools=[])
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    r = _complete(server, typical_p=1, min_tokens=0, ignore_eos=False, repeat_penalty=1.0, mirostat=0, tfs_z=1,
+                  use_beam_search=False, dry_multiplier=0, xtc_probability=0.0, temperature=1, top_p=1)
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
 
 

@@ -53,15 +53,17 @@ def _zero(v) -> bool:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False  # one more chunk before [DONE]: no choices, the request's token counts
 
 
 class SamplingRequest(BaseModel):
     # Other OpenAI fields that change nothing in the answer (user, metadata, ...) are accepted and ignored, as
-    # clients send them; those that would (penalties, logprobs, ...) are refused below unless neutral.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # clients send them; those that would (penalties, logprobs, ...) are refused below unless neutral. Strict:
+    # JSON types as OpenAI's schema gives them ("0.5" or true is no temperature; an integer is a number), as
+    # the Python API refuses them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -83,6 +85,16 @@ class SamplingRequest(BaseModel):
     min_p: Annotated[float | None, _unsupported(_zero)] = None
     response_format: Annotated[dict | None, _unsupported(lambda f: f.get("type") == "text")] = None
     tools: Annotated[list | None, _unsupported(lambda t: not t)] = None
+    # other servers' sampling extensions (vLLM, llama.cpp) that a client written for them may send
+    typical_p: Annotated[float | None, _unsupported(lambda p: p == 1)] = None
+    min_tokens: Annotated[int | None, _unsupported(_zero)] = None
+    ignore_eos: Annotated[bool | None, _unsupported(_zero)] = None
+    use_beam_search: Annotated[bool | None, _unsupported(_zero)] = None
+    repeat_penalty: Annotated[float | None, _unsupported(lambda p: p == 1)] = None  # llama.cpp's repetition_penalty
+    tfs_z: Annotated[float | None, _unsupported(lambda z: z == 1)] = None
+    mirostat: Annotated[int | None, _unsupported(_zero)] = None
+    dry_multiplier: Annotated[float | None, _unsupported(_zero)] = None
+    xtc_probability: Annotated[float | None, _unsupported(_zero)] = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -98,7 +110,7 @@ class SamplingRequest(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: Text
