@@ -681,10 +681,11 @@ def test_sampling_matches_numpy_sampler(cp, temperature, top_k, top_p, rep, tied
     assert draws == 6
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1e-30, 1e-308])
+@pytest.mark.parametrize("temperature", [0.0, 1e-30, 1e-40, 1e-308])
 def test_sampling_greedy_and_tiny_temperatures(cp, temperature):
-    """Greedy = numpy argmax (ties to the lowest index) after the penalty; a tiny temperature (1e-308 is 0 in fp32)
-    gives the same token, never NaN."""
+    """Greedy = numpy argmax (ties to the lowest index) after the penalty. A tiny temperature is its limit: the draw
+    shared among the tied maxima that top-p keeps, as the numpy sampler draws it given the same uniform; fp32 has
+    no 1e-40 or 1e-308 (rounded to 0 they were greedy, always the lowest id), and never NaN."""
     from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
     from edge_runtime.model.sampling import Sampler, SamplingParams
 
@@ -694,15 +695,20 @@ def test_sampling_greedy_and_tiny_temperatures(cp, temperature):
     logits[[600, 123, 700]] = logits.max() + 1.0  # a three-way tie for the maximum
     logits[5] = logits.max() * 1.1  # ... beaten by a token the penalty pushes back below it
     history = [5, 9]
-    expected = Sampler(SamplingParams(repetition_penalty=1.2))(logits, history)
-    assert expected == 123
-    p_h, ip_h = param_arrays(SamplingParams(temperature=temperature, top_k=3, top_p=0.5, repetition_penalty=1.2), 1)
-    seen = cp.zeros(v, cp.uint8)
-    seen[cp.asarray(np.array(history))] = 1
-    step = _step(cp, token=9, pos=0)
-    SampleKernel()(cp.asarray(logits), cp.asarray(p_h), cp.asarray(ip_h), seen, cp.empty(v, cp.float32), step,
-                   cp.zeros(8, cp.int32), threads=256)
-    assert int(step.get()[0]) == expected
+    assert Sampler(SamplingParams(repetition_penalty=1.2))(logits, history) == 123
+    params = SamplingParams(temperature=temperature, top_k=3, top_p=0.5, repetition_penalty=1.2)
+    p_h, ip_h = param_arrays(params, 1)
+    got = set()
+    for u in (0.1, 0.3, 0.6, 0.9):  # top_p 0.5 keeps two of the three tied, each half the draw
+        expected, _ = _numpy_sample(logits, history, params, u)
+        seen = cp.zeros(v, cp.uint8)
+        seen[cp.asarray(np.array(history))] = 1
+        step = _step(cp, token=9, pos=0)
+        SampleKernel()(cp.asarray(logits), cp.asarray(p_h), cp.asarray(ip_h), seen, cp.empty(v, cp.float32), step,
+                       cp.zeros(8, cp.int32), uniform=cp.asarray(np.array([u], np.float32)), threads=256)
+        assert int(step.get()[0]) == expected, u
+        got.add(expected)
+    assert got == ({123} if temperature == 0 else {123, 600})
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -28,8 +28,10 @@ def device_uniform(seed: int, counter: int) -> float:
 def param_arrays(p: SamplingParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(params (4,) fp32 {temperature, top_p, repetition_penalty, 0}, iparams (4,) int32 {top_k, seed lo, seed hi,
     0}) to copy into the device buffers the captured graph reads (between replays: no recapture).
-    A temperature below fp32's range becomes 0, i.e. greedy, its limit."""
-    params = np.array([p.temperature, p.top_p, p.repetition_penalty, 0.0], dtype=np.float32)
+    A temperature above 0 but below fp32's normal range is raised to its smallest normal value, not rounded to 0:
+    its limit shares the draw among tied maxima, as the cpu sampler does, where 0 (greedy) takes the lowest id."""
+    temperature = max(p.temperature, float(np.finfo(np.float32).tiny)) if p.temperature > 0 else p.temperature
+    params = np.array([temperature, p.top_p, p.repetition_penalty, 0.0], dtype=np.float32)
     seed &= _M64
     top_k = min(p.top_k, 2**31 - 1)  # past the vocabulary: off, as 0 is; larger would not fit the int32
     iparams = np.array([top_k, seed & 0xFFFFFFFF, seed >> 32, 0], dtype=np.uint32).view(np.int32)
