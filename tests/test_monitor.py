@@ -462,3 +462,29 @@ def test_token_times_on_a_full_disk_do_not_fail_the_generation(monkeypatch, tmp_
         first = rt.generate("the door", max_new_tokens=300)
         assert len(first.token_ids) >= 2 and rt.generate("the door", max_new_tokens=300).token_ids == first.token_ids
     assert capsys.readouterr().err.count("cannot write token times to /dev/full") == 1
+
+
+def test_the_monitors_power_mode_starts_no_process_per_sample(tmp_path, monkeypatch):
+    """Each sample names the power mode from nvpmodel's status file and the board's config; `nvpmodel -q` was
+    started every sample, loading the CPU whose power the monitor measures. Without the config: "id N"."""
+    import edge_runtime.devices.detect as detect_module
+    import edge_runtime.monitor.command as command_module
+
+    asked = []
+    real = detect_module.read_power_mode
+
+    def spy(root=None, use_nvpmodel=True):
+        asked.append(use_nvpmodel)
+        return real(root, use_nvpmodel=use_nvpmodel)
+
+    monkeypatch.setattr(detect_module, "read_power_mode", spy)
+    monkeypatch.setattr(command_module, "read_power_mode", spy)
+    (tmp_path / "var/lib/nvpmodel").mkdir(parents=True)
+    (tmp_path / "var/lib/nvpmodel/status").write_text("pmode:0002 fmode:default\n")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nvpmodel.conf").write_text("< POWER_MODEL ID=0 NAME=MAXN >\n< POWER_MODEL ID=2 NAME=15W >\n")
+    read = command_module.power_mode_reader(tmp_path)
+    assert [read() for _ in range(5)] == ["15W"] * 5 and asked == [False] * 5
+    (tmp_path / "etc/nvpmodel.conf").unlink()
+    assert command_module.power_mode_reader(tmp_path)() == "id 2"
+    assert command_module.power_mode_reader(tmp_path / "elsewhere")() is None

@@ -100,14 +100,14 @@ def _jetson_profile_for(sku: str, conf_text: str | None, super_board: bool) -> s
     return candidates[0].name
 
 
-def mode_name_for_id(profile: DeviceProfile, mode_id: int, conf_text: str | None) -> str | None:
+def mode_name_for_id(profile: DeviceProfile | None, mode_id: int, conf_text: str | None) -> str | None:
     """Map an nvpmodel id to a name through the board's own config when readable (ids differ per
-    release), else through the profile."""
+    release), else through the profile (None: the config alone)."""
     if conf_text:
         m = re.search(rf"<\s*POWER_MODEL\s+ID={mode_id}\s+NAME=(\S+)\s*>", conf_text)
         if m:
             return m.group(1)
-    named = [m.name for m in profile.power_modes if m.id == mode_id]
+    named = [m.name for m in profile.power_modes if m.id == mode_id] if profile else []
     return named[0] if len(named) == 1 else None
 
 
@@ -158,7 +158,7 @@ def detect(root: str | Path = "/", use_nvml: bool = True) -> Detection:
     return Detection(CPU_PROFILE, None, "no Jetson device tree, no NVML GPU", {})
 
 
-def mode_reader(profile: DeviceProfile, root: str | Path = "/"):
+def mode_reader(profile: DeviceProfile | None, root: str | Path = "/"):
     """A no-argument callable giving the board's current power-mode name (None when unknown), for
     Runtime.watch_power_mode. It is called every second for as long as the runtime lives: nvpmodel's status file
     (which `nvpmodel -m` rewrites) is read first, and nvpmodel itself started only when that file cannot name the

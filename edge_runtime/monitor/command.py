@@ -11,11 +11,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
-from edge_runtime.devices.detect import read_power_mode
+from edge_runtime.devices.detect import mode_reader, read_power_mode
 from edge_runtime.errors import install_extra
 from edge_runtime.monitor.recorder import Recorder
 from edge_runtime.monitor.samplers import Ina3221Sampler, NvmlSampler, SystemSampler
@@ -32,9 +33,20 @@ def default_samplers(root: str = "/") -> list:
     return jetson + gpu + [s for s in (ThermalSampler(root), SystemSampler()) if s.available]
 
 
-def _power_mode() -> str | None:
-    name, mode_id = read_power_mode()
-    return name or (f"id {mode_id}" if mode_id is not None else None)
+def power_mode_reader(root: Path = Path("/")) -> Callable[[], str | None]:
+    """The power mode for each sample: its name (nvpmodel's status file and the board's config, as the runtime's
+    watcher reads them, nvpmodel itself started only when they cannot say: a process started every sample would
+    load the CPU whose power is being measured), else "id N", else None."""
+    named = mode_reader(None, root)
+
+    def read() -> str | None:
+        name = named()
+        if name is None:
+            _, mode_id = read_power_mode(root, use_nvpmodel=False)
+            name = f"id {mode_id}" if mode_id is not None else None
+        return name
+
+    return read
 
 
 def _table(rec: dict, rates: dict):
@@ -129,7 +141,7 @@ def run_monitor(interval_ms: float, jsonl_path: str | None, prometheus_port: int
     passes is stopped with what it started, and the status is 124, as timeout(1) gives: it must not outlive
     its monitor. Whatever fails in setup (a command that does not exist, a busy port) still stops the sampler
     and removes the token file."""
-    recorder = Recorder(default_samplers(), interval_s=interval_ms / 1000.0, power_mode=_power_mode,
+    recorder = Recorder(default_samplers(), interval_s=interval_ms / 1000.0, power_mode=power_mode_reader(),
                         jsonl_path=jsonl_path).start()
     fd, name = tempfile.mkstemp(prefix="edge-runtime-tokens-")
     os.close(fd)
