@@ -170,6 +170,8 @@ class Runtime:
         except OutOfRoomError as e:  # a robot's runtime keeps running: the FFN's sparsity, attention dense
             warnings.warn(f"{e}: attention TEAL is off for this selection", RoomWarning, stacklevel=3)
             decoder.set_teal(None)
+            off = "; attention TEAL off: its weight copies do not fit (projections assume it)"
+            selection.note += "" if selection.note.endswith(off) else off
         decoder.set_sparsity(self.rules_for(selection), measure_recall)
 
     def set_teal(self, target: float | None) -> None:
@@ -178,16 +180,15 @@ class Runtime:
 
         with self._configuring:
             decoder = self._live_decoder()
-            self._policy_drives_sparsity = False  # a power-mode change no longer replaces this setting
             if target is None:
                 decoder.set_teal(None)
-                return
-            if self.calibration is None or "teal" not in self.calibration:
-                raise EdgeRuntimeError(f"{self.model.path} has no TEAL calibration; run 'edge-runtime calibrate' "
-                                       f"first")
-            decoder.set_sparsity(None)
-            teal = self.calibration["teal"]
-            decoder.set_teal(thresholds_for(teal, target), criterion_of(teal, target))
+            else:
+                if self.calibration is None or "teal" not in self.calibration:
+                    raise EdgeRuntimeError(f"{self.model.path} has no TEAL calibration; run 'edge-runtime "
+                                           f"calibrate' first")
+                teal = self.calibration["teal"]
+                decoder.set_teal(thresholds_for(teal, target), criterion_of(teal, target), dense_ffn=True)
+            self._policy_drives_sparsity = False  # set: a power-mode change no longer replaces it
 
     def ffn_stats(self) -> dict:
         return self._live_decoder().stats.summary()
@@ -263,6 +264,7 @@ class Runtime:
             "power_mode": self.power_mode,
             "predictor": {"asked": self.predictor, "in_use": self.predictor_in_use},
             "decode": decoder.mode if decoder else None,  # dense | sparse | teal
+            "attention_teal": bool(decoder and decoder.teal is not None),  # thresholds on q/k/v/o in force
             "knobs": decoder.alphas if decoder else None,  # per layer, in force for the next token
             "policy_drives_sparsity": self._policy_drives_sparsity,
             "selection": sel.to_dict() if sel else None,

@@ -30,6 +30,7 @@ from edge_runtime.sparsity.calibrate import (
 )
 from edge_runtime.sparsity.calibration_files import write_calibration
 from edge_runtime.sparsity.policy import Objective, select_knobs
+from edge_runtime.sparsity.teal import calibrate_teal
 from tests.helpers import CORPUS, packed_llama, rel_err
 
 
@@ -234,6 +235,18 @@ def test_teal_copies_that_do_not_fit_change_nothing(relu_model, monkeypatch):
     assert not rt.backend.state.teal.any()
     dec.reset()
     assert np.array_equal(np.concatenate([dec.forward([t]) for t in ids]), dense)
+    # the same through the runtime (a fresh one: calibrating made copies), from a sparse setting: a refused
+    # set_teal keeps the FFN predictor too
+    calibration = {"teal": calibrate_teal(rt, [np.asarray(rt.encode(CORPUS)[:96])], targets=(0.4,),
+                                          search_tokens=48, criteria=("teal",))}
+    monkeypatch.setattr("edge_runtime.backends.cpu.host_free_bytes", lambda: 1)
+    with edge_runtime.load(relu_model, profile=None, backend="cpu") as fresh:
+        fresh.calibration = calibration
+        fresh.set_sparsity(1.0)
+        with pytest.raises(OutOfRoomError):
+            fresh.set_teal(0.4)
+        assert fresh.decoder.mode == "sparse" and [r.alpha for r in fresh.decoder.rules] == [1.0, 1.0]
+        assert fresh.decoder.teal is None and not fresh.backend.columns
     monkeypatch.setattr("edge_runtime.backends.cpu.host_free_bytes", lambda: 2 * copies)
     dec.set_teal(teal)
     assert dec.mode == "teal" and len(rt.backend.columns) == len(ATTENTION) * rt.config.n_layers
@@ -316,6 +329,8 @@ def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, c
                                 objective=Objective(latency_ms=0.001, quality_budget_pct=1000))
     assert low.selection.knobs == path[-1]["knobs"] and any(any(lv) for lv in low.selection.attention)
     assert low.decoder.teal is None and low.decoder.mode == "sparse" and not low.backend.columns
+    health = low.health_info()
+    assert not health["attention_teal"] and "attention TEAL off" in health["selection"]["note"]
     assert [r.knob for r in low.decoder.rules] == path[-1]["knobs"]
     low.close()
 

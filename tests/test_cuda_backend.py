@@ -181,7 +181,15 @@ def test_teal_copies_that_do_not_fit_the_device_change_nothing(models, monkeypat
     assert gpu.decoder.teal is None and not gpu.backend.state.teal.get().any()
     assert all(gpu.backend.dev.of(lin).t is None for lin in lins)
     assert _run(gpu, rules)[0] == ids_before
-    monkeypatch.setattr(gpu.backend.cp.cuda.runtime, "memGetInfo", lambda: (2 * copies, total))
+    # an integrated GPU (Jetson) takes the board's memory: the OS's available memory counts, not cudaMemGetInfo
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    monkeypatch.setattr(gpu.backend.cp.cuda.runtime, "getDeviceProperties", lambda d: props | {"integrated": 1})
+    monkeypatch.setattr(gpu.backend.cp.cuda.runtime, "memGetInfo", lambda: (total, total))
+    monkeypatch.setattr("edge_runtime.backends.cuda.host_free_bytes", lambda: copies)
+    with pytest.raises(edge_runtime.EdgeRuntimeError, match="more memory"):
+        _run(gpu, rules, teal=teal)
+    monkeypatch.setattr(gpu.backend.cp.cuda.runtime, "memGetInfo", lambda: (0, total))
+    monkeypatch.setattr("edge_runtime.backends.cuda.host_free_bytes", lambda: 2 * copies)
     _, with_teal = _run(gpu, rules, teal=teal)
     assert all(gpu.backend.dev.of(lin).t.w.nbytes == 2 * lin.w.shape[0] * lin.w.shape[1] for lin in lins)
     assert gpu.backend.state.teal.get().any()

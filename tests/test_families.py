@@ -84,9 +84,10 @@ def test_gemma_fp16_keeps_its_folded_norms_exact(family, tmp_path):
             if "norm" not in name:
                 t.copy_(t.half().float())
     rt = edge_runtime.load(tmp_path / "p", profile=None, backend="cpu")
-    ids = _ids(PROMPT, seed=int(np.random.SeedSequence().entropy % 2**16))
+    seed = int(np.random.SeedSequence().entropy % 2**16)
+    ids = _ids(PROMPT, seed=seed)
     rt.decoder.reset()
-    assert rel_err(rt.decoder.forward(ids), hf_logits(model, ids)) <= 1e-4, ids[:4]
+    assert rel_err(rt.decoder.forward(ids), hf_logits(model, ids)) <= 1e-4, f"seed {seed}"
     rt.close()
 
 

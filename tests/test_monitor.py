@@ -484,7 +484,13 @@ def test_the_monitors_power_mode_starts_no_process_per_sample(tmp_path, monkeypa
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/nvpmodel.conf").write_text("< POWER_MODEL ID=0 NAME=MAXN >\n< POWER_MODEL ID=2 NAME=15W >\n")
     read = command_module.power_mode_reader(tmp_path)
-    assert [read() for _ in range(5)] == ["15W"] * 5 and asked == [False] * 5
+    assert [read() for _ in range(5)] == ["15W"] * 5 and asked.count(True) == 0
+    # a config the container cannot read: nvpmodel asked once for the id, not every sample
     (tmp_path / "etc/nvpmodel.conf").unlink()
-    assert command_module.power_mode_reader(tmp_path)() == "id 2"
-    assert command_module.power_mode_reader(tmp_path / "elsewhere")() is None
+    read = command_module.power_mode_reader(tmp_path)
+    assert [read() for _ in range(5)] == ["id 2"] * 5 and asked.count(True) == 1
+    (tmp_path / "var/lib/nvpmodel/status").write_text("pmode:0000 fmode:default\n")  # the mode changed
+    assert read() == "id 0" and asked.count(True) == 2
+    # no status file either: at most once per recheck interval
+    read = command_module.power_mode_reader(tmp_path / "elsewhere", recheck_s=3600)
+    assert [read() for _ in range(5)] == [None] * 5 and asked.count(True) == 3

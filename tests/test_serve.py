@@ -150,6 +150,8 @@ def test_top_k_and_repetition_penalty_are_honoured(server, model_dir):
                                               ("tools", [{"type": "function", "function": {"name": "f"}}]),
                                               ("repetition_penalty", 0), ("typical_p", 0.5), ("min_tokens", 8),
                                               ("ignore_eos", True), ("repeat_penalty", 1.3), ("mirostat", 2),
+                                              ("guided_json", {"type": "object"}), ("grammar", "root ::= \"a\""),
+                                              ("json_schema", {"type": "string"}), ("stop_token_ids", [5]),
                                               ("temperature", "0.5"), ("temperature", True), ("top_k", "5"),
                                               ("top_k", 3.0), ("seed", "7"), ("max_tokens", 4.0)])
 def test_fields_that_would_change_the_answer_are_refused(server, field, value):
@@ -168,7 +170,8 @@ def test_neutral_values_of_unsupported_fields_are_accepted(server):
                   response_format={"type": "text"}, tools=[])
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
     r = _complete(server, typical_p=1, min_tokens=0, ignore_eos=False, repeat_penalty=1.0, mirostat=0, tfs_z=1,
-                  use_beam_search=False, dry_multiplier=0, xtc_probability=0.0, temperature=1, top_p=1)
+                  use_beam_search=False, dry_multiplier=0, xtc_probability=0.0, temperature=1, top_p=1,
+                  guided_json=None, grammar="", stop_token_ids=[], top_n_sigma=-1)
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
 
 

@@ -43,7 +43,7 @@ from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFNKernels
 from edge_runtime.backends.cuda_ops.teal import TealGemv
 from edge_runtime.backends.cuda_weights import DeviceWeights
-from edge_runtime.backends.room import require_room
+from edge_runtime.backends.room import host_free_bytes, require_room
 from edge_runtime.backends.weights import ATTENTION, PROJECTIONS, Layer, Linear, Norm, linear_read_bytes, weights_of
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import SamplingParams
@@ -440,11 +440,21 @@ class CudaBackend:
         todo = [self.dev.of(lin) for i, layer in enumerate(self.weights.layers) for p in PROJECTIONS[:6]
                 if (lin := getattr(layer, p)) is not None and thresholds[i, TEAL_SLOT[p]] > 0]
         todo = [d for d in todo if d.t is None]
-        free, _ = self.cp.cuda.runtime.memGetInfo()
-        require_room(sum(d.transposed_bytes() for d in todo), free + self.cp.get_default_memory_pool().free_bytes(),
+        require_room(sum(d.transposed_bytes() for d in todo), self._free_bytes(),
                      f"transposed copies of {len(todo)} weights for TEAL column skipping")
         for d in todo:
             d.transposed()
+
+    def _free_bytes(self) -> int:
+        """Device memory a new allocation can have: the pool's free blocks plus what the device has free. An
+        integrated GPU (Jetson) allocates from the board's memory, where cudaMemGetInfo leaves out the page cache
+        the OS would hand back (the mmap'd weight files fill it), so the OS's `available` is asked there."""
+        cp = self.cp
+        if cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["integrated"]:
+            free = host_free_bytes()
+        else:
+            free = cp.cuda.runtime.memGetInfo()[0]
+        return int(free) + cp.get_default_memory_pool().free_bytes()
 
     def read_stats(self) -> FFNStats:
         """Counters from the device ({predicted, kept} per layer) and the host's step counts per predictor kind;

@@ -1,6 +1,7 @@
 """Bytes of a model in a given encoding, from its config alone (for planning before anything is loaded).
 Matches what convert writes: matrices in the encoding, embeddings fp16 (fp32 for fp32), one sign plane
-per gate, norms and biases fp16; the KV cache in fp16 on the device."""
+per gate, norms and biases fp16 (Gemma's folded norms fp32: a few kB, not counted); the KV cache in fp16 on the
+device."""
 
 from __future__ import annotations
 

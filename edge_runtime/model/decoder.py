@@ -82,9 +82,12 @@ class Decoder:
         """Which channels the TEAL thresholds keep: "teal" |x| >= t, or "wina" |x| * ||W[:, i]|| >= t."""
         self._change(_teal_criterion=check_criterion(criterion))
 
-    def set_teal(self, thresholds: list[dict[str, float]] | None, criterion: str = "teal") -> None:
-        """Thresholds and the criterion they were calibrated for, in one knob write."""
-        self._change(_teal_criterion=check_criterion(criterion), _teal=thresholds)
+    def set_teal(self, thresholds: list[dict[str, float]] | None, criterion: str = "teal",
+                 dense_ffn: bool = False) -> None:
+        """Thresholds and the criterion they were calibrated for, in one knob write; dense_ffn drops the FFN
+        predictor in the same write (TEAL on every projection), so that a refused write changes neither."""
+        more = {"rules": None} if dense_ffn else {}
+        self._change(_teal_criterion=check_criterion(criterion), _teal=thresholds, **more)
 
     def _change(self, **settings) -> None:
         """Set these attributes and write the knobs; a write the backend refuses (backends/room.OutOfRoomError:

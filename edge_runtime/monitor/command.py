@@ -33,18 +33,24 @@ def default_samplers(root: str = "/") -> list:
     return jetson + gpu + [s for s in (ThermalSampler(root), SystemSampler()) if s.available]
 
 
-def power_mode_reader(root: Path = Path("/")) -> Callable[[], str | None]:
+def power_mode_reader(root: Path = Path("/"), recheck_s: float = 5.0) -> Callable[[], str | None]:
     """The power mode for each sample: its name (nvpmodel's status file and the board's config, as the runtime's
-    watcher reads them, nvpmodel itself started only when they cannot say: a process started every sample would
-    load the CPU whose power is being measured), else "id N", else None."""
+    watcher reads them), else "id N", else None. A process started every sample would load the CPU whose power is
+    measured, so nvpmodel itself is asked once per mode id the status file gives, and without that file at most
+    every recheck_s seconds."""
     named = mode_reader(None, root)
+    by_id: dict[int, str | None] = {}
+    last = [-recheck_s, None]  # (when, name): the last answer without a status file
 
     def read() -> str | None:
-        name = named()
-        if name is None:
-            _, mode_id = read_power_mode(root, use_nvpmodel=False)
-            name = f"id {mode_id}" if mode_id is not None else None
-        return name
+        _, mode_id = read_power_mode(root, use_nvpmodel=False)
+        if mode_id is None:
+            if time.monotonic() - last[0] >= recheck_s:
+                last[:] = [time.monotonic(), named()]
+            return last[1]
+        if mode_id not in by_id:
+            by_id[mode_id] = named() or f"id {mode_id}"
+        return by_id[mode_id]
 
     return read
 

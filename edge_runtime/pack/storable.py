@@ -1,7 +1,8 @@
 """What conversion refuses to store: weights that are not finite in the checkpoint, and weights that the chosen
-encoding cannot hold. fp16 storage (fp16 weights; the fp16 scales of int8 and int4; norm vectors and embeddings
-unless --dtype fp32) turns values past 65504 into inf and loses values below about 6e-8 to zero. A model packed
-from either loads, then answers garbage (or stops with a NumericalError at its first token)."""
+encoding cannot hold. fp16 storage (fp16 weights; the fp16 scales of int8 and int4; norm vectors, but Gemma's
+folded 1 + w, and embeddings unless --dtype fp32) turns values past 65504 into inf and loses values below about
+6e-8 to zero. A model packed from either loads, then answers garbage (or stops with a NumericalError at its first
+token)."""
 
 from __future__ import annotations
 

@@ -52,6 +52,10 @@ def _zero(v) -> bool:
     return v == 0
 
 
+def _empty(v) -> bool:
+    return not v
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -95,6 +99,17 @@ class SamplingRequest(BaseModel):
     mirostat: Annotated[int | None, _unsupported(_zero)] = None
     dry_multiplier: Annotated[float | None, _unsupported(_zero)] = None
     xtc_probability: Annotated[float | None, _unsupported(_zero)] = None
+    dynatemp_range: Annotated[float | None, _unsupported(_zero)] = None
+    top_n_sigma: Annotated[float | None, _unsupported(lambda s: s <= 0)] = None  # llama.cpp: -1 is off
+    stop_token_ids: Annotated[list | None, _unsupported(_empty)] = None
+    bad_words: Annotated[list | None, _unsupported(_empty)] = None
+    # constrained output (vLLM's guided decoding, llama.cpp's grammars): an answer in another shape entirely
+    guided_json: Annotated[dict | str | None, _unsupported(_empty)] = None
+    guided_regex: Annotated[str | None, _unsupported(_empty)] = None
+    guided_choice: Annotated[list | None, _unsupported(_empty)] = None
+    guided_grammar: Annotated[str | None, _unsupported(_empty)] = None
+    grammar: Annotated[str | None, _unsupported(_empty)] = None
+    json_schema: Annotated[dict | None, _unsupported(_empty)] = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
