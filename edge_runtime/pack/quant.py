@@ -6,7 +6,9 @@ A matrix W of logical shape (N, K) (N output rows, K inputs) is stored as:
                "scale": (N,)   fp16  s_row
   int4         "q":     (N, Kp/2) uint8, Kp = K rounded up to the group; low nibble = even column,
                         high nibble = odd column, nibble = q + 8 with q in [-8, 7]
-               "scale": (N, Kp/group) fp16, s = max|W_group| / 7
+               "scale": (N, Kp/group) fp16, s = a * max|W_group| / 7 with a in INT4_SHRINK, the one whose
+                        rounded and clipped values are nearest W_group (least squared error against the stored
+                        fp16 scale): clipping a group's few largest values buys finer steps for the rest
 Dequantisation multiplies in fp32 by the fp16 scale widened to fp32; every backend must do the same.
 """
 
@@ -22,6 +24,11 @@ from edge_runtime.errors import ModelFormatError
 ENCODINGS = ("fp32", "fp16", "int8", "int4")
 STORED_ENCODINGS = ENCODINGS + ("sparse-fp16", "sparse-int8")  # what a manifest may name
 DEFAULT_INT4_GROUP = 64
+# Shrink factors of max|W_group| / 7 tried per int4 group. Against absmax alone (group 64, 4,096 tokens; README,
+# scripts/int4_quality.py): stories260K's perplexity over fp32 +22.5 -> +12.7 % (Buster Brown), +14.8 -> +8.8 %
+# (Alice), mean KL to fp32 -28 / -26 %. 1.0 first: a tie keeps absmax.
+INT4_SHRINK = np.linspace(1.0, 0.7, 16)
+INT4_ROWS = 1024  # rows searched at a time: working arrays of (rows, K) fp32, ~4 of them
 
 
 @dataclass
@@ -139,10 +146,31 @@ def quantize(w: np.ndarray, encoding: str, group_size: int = DEFAULT_INT4_GROUP)
         padded = np.zeros((n, kp), dtype=np.float32)
         padded[:, :k] = w
         groups = padded.reshape(n, kp // group_size, group_size)
-        scale = (np.abs(groups).max(axis=2) / 7.0).astype(np.float16)
-        s32 = scale.astype(np.float32)
-        safe = np.where(s32 > 0, s32, 1.0)
-        q = np.clip(np.rint(groups / safe[:, :, None]), -8, 7).astype(np.int16).reshape(n, kp) + 8
+        scale = np.concatenate([int4_scales(groups[r:r + INT4_ROWS]) for r in range(0, n, INT4_ROWS)]
+                               ) if n else np.zeros((0, kp // group_size), np.float16)
+        q = _int4_values(groups, scale.astype(np.float32)).astype(np.int16).reshape(n, kp) + 8
         packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
         return PackedTensor("int4", (n, k), {"q": packed, "scale": scale}, group_size=group_size)
     raise ValueError(f"unknown encoding {encoding!r}; supported: {', '.join(ENCODINGS)}")
+
+
+def _int4_values(groups: np.ndarray, s32: np.ndarray) -> np.ndarray:
+    """(R, G, g) float32 q in [-8, 7] for groups (R, G, g) at scales s32 (R, G); a zero scale gives zeros."""
+    safe = np.where(s32 > 0, s32, np.float32(1.0))
+    return np.clip(np.rint(groups / safe[:, :, None]), -8, 7)
+
+
+def int4_scales(groups: np.ndarray) -> np.ndarray:
+    """(R, G) fp16 scale per group of groups (R, G, g) float32: of a * max|group| / 7 for a in INT4_SHRINK, rounded
+    to fp16 as stored, the one whose values q (rounded, clipped to [-8, 7]) leave the least squared error."""
+    amax = np.abs(groups).max(axis=2)
+    best = np.full(amax.shape, np.inf, np.float32)
+    scale = np.zeros(amax.shape, np.float16)
+    for a in INT4_SHRINK:
+        s16 = (amax * np.float32(a / 7.0)).astype(np.float16)
+        s32 = s16.astype(np.float32)
+        err = np.square(_int4_values(groups, s32) * s32[:, :, None] - groups).sum(axis=2)
+        better = err < best
+        best = np.where(better, err, best)
+        scale = np.where(better, s16, scale)
+    return scale

@@ -1,0 +1,71 @@
+"""int4's per-group scale search (pack/quant.py) against a plain loop over groups and shrink factors, on fresh
+random weights with the seed printed: the scale it picks, the values it stores, and an error never above
+absmax's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_runtime.pack.quant import INT4_SHRINK, quantize
+
+
+def _loop_reference(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scales (N, G) fp16, q (N, Kp) in [-8, 7]) one group at a time: each shrink factor's fp16 scale, its
+    rounded and clipped values, their squared error; the first factor with the least error wins."""
+    n, k = w.shape
+    kp = -(-k // group) * group
+    padded = np.zeros((n, kp), np.float32)
+    padded[:, :k] = w
+    scales = np.zeros((n, kp // group), np.float16)
+    q = np.zeros((n, kp))
+    for r in range(n):
+        for g in range(kp // group):
+            x = padded[r, g * group:(g + 1) * group]
+            best = (np.inf, np.float16(0), np.zeros(group))
+            for a in INT4_SHRINK:
+                s = np.float16(np.abs(x).max() * np.float32(a / 7.0))
+                vals = np.clip(np.rint(x / np.float32(s)), -8, 7) if s > 0 else np.zeros(group)
+                err = float(np.square(vals * np.float32(s) - x).sum())
+                if err < best[0]:
+                    best = (err, s, vals)
+            scales[r, g], q[r, g * group:(g + 1) * group] = best[1], best[2]
+    return scales, q
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_scale_search_matches_a_loop_over_groups(group):
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((24, 150)) * rng.uniform(0.01, 2.0, (24, 1))).astype(np.float32)
+    w[3, 10] *= 40  # an outlier: its group's other values round to few levels
+    w[5, :group] = 0  # an all-zero group: scale 0, values 0
+    t = quantize(w, "int4", group)
+    scales, q = _loop_reference(w, group)
+    assert np.array_equal(t.arrays["scale"], scales), f"seed {seed}"
+    nibbles = np.empty((24, t.arrays["q"].shape[1] * 2), np.int16)
+    nibbles[:, 0::2], nibbles[:, 1::2] = t.arrays["q"] & 0x0F, t.arrays["q"] >> 4
+    assert np.array_equal(nibbles - 8, q), f"seed {seed}"
+    assert t.arrays["scale"][5, 0] == 0 and not t.dequantize()[5, :group].any()
+    # per group never worse than absmax alone (the first factor tried), and ~20 % less error on average (0.77 to
+    # 0.84 over 16 seeds)
+    err, plain = _group_errors(t.dequantize(), w, group), _group_errors(quantize_absmax(w, group), w, group)
+    assert (err <= plain * (1 + 1e-5)).all() and np.mean(err[plain > 0] / plain[plain > 0]) < 0.9, f"seed {seed}"
+
+
+def _group_errors(d: np.ndarray, w: np.ndarray, group: int) -> np.ndarray:
+    sq = np.zeros((w.shape[0], -(-w.shape[1] // group) * group))
+    sq[:, :w.shape[1]] = np.square(d.astype(np.float64) - w)
+    return sq.reshape(w.shape[0], -1, group).sum(axis=2)
+
+
+def quantize_absmax(w: np.ndarray, group: int) -> np.ndarray:
+    """The dequantised matrix of int4 at s = fp16(max|group| / 7), without the search."""
+    n, k = w.shape
+    kp = -(-k // group) * group
+    padded = np.zeros((n, kp), np.float32)
+    padded[:, :k] = w
+    groups = padded.reshape(n, -1, group)
+    s = (np.abs(groups).max(axis=2) / 7.0).astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint(groups / np.where(s > 0, s, 1)[:, :, None]), -8, 7)
+    return (q * s[:, :, None]).reshape(n, kp)[:, :k]
