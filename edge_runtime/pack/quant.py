@@ -162,15 +162,20 @@ def _int4_values(groups: np.ndarray, s32: np.ndarray) -> np.ndarray:
 
 def int4_scales(groups: np.ndarray) -> np.ndarray:
     """(R, G) fp16 scale per group of groups (R, G, g) float32: of a * max|group| / 7 for a in INT4_SHRINK, rounded
-    to fp16 as stored, the one whose values q (rounded, clipped to [-8, 7]) leave the least squared error."""
+    to fp16 as stored, the one whose values q (rounded, clipped to [-8, 7]) leave the least squared error; the
+    first factor's where none is less. A scale past fp16's 65504 stays inf (its error is NaN, never less), for
+    check_stored to refuse by name."""
     amax = np.abs(groups).max(axis=2)
-    best = np.full(amax.shape, np.inf, np.float32)
-    scale = np.zeros(amax.shape, np.float16)
-    for a in INT4_SHRINK:
-        s16 = (amax * np.float32(a / 7.0)).astype(np.float16)
-        s32 = s16.astype(np.float32)
-        err = np.square(_int4_values(groups, s32) * s32[:, :, None] - groups).sum(axis=2)
-        better = err < best
-        best = np.where(better, err, best)
-        scale = np.where(better, s16, scale)
+    scale = best = None
+    with np.errstate(over="ignore", invalid="ignore"):
+        for a in INT4_SHRINK:
+            s16 = (amax * np.float32(a / 7.0)).astype(np.float16)
+            s32 = s16.astype(np.float32)
+            err = np.square(_int4_values(groups, s32) * s32[:, :, None] - groups).sum(axis=2)
+            if scale is None:
+                scale, best = s16, err
+                continue
+            better = err < best
+            best = np.where(better, err, best)
+            scale = np.where(better, s16, scale)
     return scale
