@@ -196,6 +196,31 @@ def test_teal_copies_that_do_not_fit_the_device_change_nothing(models, monkeypat
     gpu.close()
 
 
+def test_a_prompt_leaves_no_more_than_scratch_keep_in_the_pool(models, monkeypatch):
+    """After each prefill (never in a decode step) the pool's free blocks go back once they pass SCRATCH_KEEP: a
+    long prompt's fp32 working copies stayed held, on a Jetson from the board's shared memory. The emulator's pool
+    caches nothing, so a stand-in reports what a real one would hold."""
+    from edge_runtime.backends.cuda import SCRATCH_KEEP
+
+    class Pool:
+        def __init__(self, held):
+            self.held, self.released = held, 0
+
+        def free_bytes(self):
+            return self.held
+
+        def free_all_blocks(self, stream=None):
+            self.released += 1
+
+    gpu = edge_runtime.load(models["relu-fp32"], profile=None, backend="cuda", max_context=64)
+    for held, expected in ((SCRATCH_KEEP + 1, 1), (SCRATCH_KEEP, 0)):
+        pool = Pool(held)
+        monkeypatch.setattr(gpu.backend.cp, "get_default_memory_pool", lambda pool=pool: pool)
+        res = gpu.generate(PROMPT, max_new_tokens=6, stop=())
+        assert len(res.token_ids) == 6 and pool.released == expected  # one prompt, five decode steps
+    gpu.close()
+
+
 @pytest.mark.parametrize("criterion", ["teal", "wina"])
 def test_sparse_with_attention_teal_equals_cpu(models, criterion):
     """The FFN predictor and TEAL column skipping on q, k, v, o in one sparse step (a graph per set of TEAL

@@ -199,6 +199,10 @@ class Backend(Protocol):
     def to_host(self, a) -> np.ndarray:
         """This backend's array as a host numpy array."""
 
+    def release_scratch(self) -> None:
+        """After a batch (prefill): working memory it left cached beyond what the next batch should reuse goes
+        back to the device (a GPU backend's memory pool); nothing on the cpu backend."""
+
     def begin(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         """A new sequence: pos 0, `seen` from the prompt, the sampler reset (seeded)."""
 

@@ -475,6 +475,9 @@ class CpuBackend:
     def to_host(self, a: np.ndarray) -> np.ndarray:
         return a
 
+    def release_scratch(self) -> None:
+        pass  # numpy returns a batch's temporaries to the allocator as they go
+
     def begin(self, prompt_ids: Sequence[int], sampling: SamplingParams) -> None:
         self.state.pos[0] = 0
         self.state.seen[:] = 0

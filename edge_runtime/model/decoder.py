@@ -205,7 +205,9 @@ class Decoder:
             x = x[-1:]
         self.pos += t
         ops.set_position(self.pos)
-        return ops.logits(ops.norm(x, ops.weights.final_norm))
+        logits = ops.logits(ops.norm(x, ops.weights.final_norm))
+        ops.release_scratch()
+        return logits
 
     def _layers(self, ids, positions, masked: bool):
         """Batched pass over every layer: (T,) ids -> final hidden (T, d), observers called."""
