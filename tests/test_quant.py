@@ -24,7 +24,11 @@ def _loop_reference(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
             x = padded[r, g * group:(g + 1) * group]
             best = (np.inf, np.float16(0), np.zeros(group))
             for a in INT4_SHRINK:
-                s = np.float16(np.abs(x).max() * np.float32(a / 7.0))
+                with np.errstate(over="ignore"):
+                    s = np.float16(np.abs(x).max() * np.float32(a / 7.0))
+                if np.isinf(s):  # the first factor's scale past fp16: kept, for check_stored to refuse
+                    best = (0.0, s, np.zeros(group))
+                    break
                 vals = np.clip(np.rint(x / np.float32(s)), -8, 7) if s > 0 else np.zeros(group)
                 err = float(np.square(vals * np.float32(s) - x).sum())
                 if err < best[0]:
@@ -66,6 +70,17 @@ def quantize_absmax(w: np.ndarray, group: int) -> np.ndarray:
     padded = np.zeros((n, kp), np.float32)
     padded[:, :k] = w
     groups = padded.reshape(n, -1, group)
-    s = (np.abs(groups).max(axis=2) / 7.0).astype(np.float16).astype(np.float32)
+    s = (np.abs(groups).max(axis=2) * np.float32(1.0 / 7.0)).astype(np.float16).astype(np.float32)  # as quantize
     q = np.clip(np.rint(groups / np.where(s > 0, s, 1)[:, :, None]), -8, 7)
     return (q * s[:, :, None]).reshape(n, kp)[:, :k]
+
+
+def test_a_scale_past_fp16_stays_inf_for_check_stored_to_refuse():
+    """5e5 / 7 is past fp16's 65504, 0.7 of it is not: the search keeps inf (as absmax did) rather than storing
+    a clipped outlier, and the conversion refuses the tensor by name (tests/test_numerical.py)."""
+    w = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    w[0, 5] = 5e5
+    with np.errstate(all="raise"):
+        t = quantize(w, "int4", 32)
+    assert np.isinf(t.arrays["scale"][0, 0]) and np.isfinite(t.arrays["scale"][0, 1:]).all()
+    assert np.isfinite(t.arrays["scale"][1]).all()

@@ -188,7 +188,9 @@ class Decoder:
             self.ops.write_kv(i, self.ops.from_host(k, np.float32), self.ops.from_host(v, np.float32), 0)
         self.pos = len(ids)
         self.ops.set_position(self.pos)
-        return self.ops.from_host(last[None, :], np.float32)
+        logits = self.ops.from_host(last[None, :], np.float32)
+        self.ops.release_scratch()  # the K/V's fp32 and fp16 copies on the way in
+        return logits
 
     def _batched(self, ids: Sequence[int], last_only: bool, masked: bool):
         t = len(ids)
