@@ -228,7 +228,7 @@ def test_teal_copies_that_do_not_fit_change_nothing(relu_model, monkeypatch):
     dense = np.concatenate([dec.forward([t]) for t in ids])
     weights = [getattr(layer, p).w for layer in rt.backend.weights.layers for p in ATTENTION]
     copies = sum(w.arrays["q"].nbytes for w in weights)  # int8 (K, N) each; the row scales are not copied
-    monkeypatch.setattr("edge_runtime.backends.cpu.host_free_bytes", lambda: copies)  # short of the headroom
+    monkeypatch.setattr("edge_runtime.backends.cpu.available_memory_bytes", lambda: copies)  # short of the headroom
     with pytest.raises(OutOfRoomError, match=rf"need {copies:,} bytes more memory but {copies:,} bytes is free"):
         dec.set_teal(teal)
     assert dec.teal is None and dec.mode == "dense" and not rt.backend.columns
@@ -239,7 +239,7 @@ def test_teal_copies_that_do_not_fit_change_nothing(relu_model, monkeypatch):
     # set_teal keeps the FFN predictor too
     calibration = {"teal": calibrate_teal(rt, [np.asarray(rt.encode(CORPUS)[:96])], targets=(0.4,),
                                           search_tokens=48, criteria=("teal",))}
-    monkeypatch.setattr("edge_runtime.backends.cpu.host_free_bytes", lambda: 1)
+    monkeypatch.setattr("edge_runtime.backends.cpu.available_memory_bytes", lambda: 1)
     with edge_runtime.load(relu_model, profile=None, backend="cpu") as fresh:
         fresh.calibration = calibration
         fresh.set_sparsity(1.0)
@@ -247,7 +247,7 @@ def test_teal_copies_that_do_not_fit_change_nothing(relu_model, monkeypatch):
             fresh.set_teal(0.4)
         assert fresh.decoder.mode == "sparse" and [r.alpha for r in fresh.decoder.rules] == [1.0, 1.0]
         assert fresh.decoder.teal is None and not fresh.backend.columns
-    monkeypatch.setattr("edge_runtime.backends.cpu.host_free_bytes", lambda: 2 * copies)
+    monkeypatch.setattr("edge_runtime.backends.cpu.available_memory_bytes", lambda: 2 * copies)
     dec.set_teal(teal)
     assert dec.mode == "teal" and len(rt.backend.columns) == len(ATTENTION) * rt.config.n_layers
     dec.reset()
@@ -323,7 +323,7 @@ def test_calibration_path_moves_both_and_policy_walks_it(relu_model, tmp_path, c
 
     # the policy's point again, on a board whose free memory cannot take attention TEAL's weight copies: the
     # runtime loads with the FFN's knobs and dense attention, and says so
-    monkeypatch.setattr("edge_runtime.backends.cpu.host_free_bytes", lambda: 1)
+    monkeypatch.setattr("edge_runtime.backends.cpu.available_memory_bytes", lambda: 1)
     with pytest.warns(RoomWarning, match="attention TEAL is off"):
         low = edge_runtime.load(model, profile="jetson-orin-nano-8gb", backend="cpu",
                                 objective=Objective(latency_ms=0.001, quality_budget_pct=1000))

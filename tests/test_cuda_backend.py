@@ -74,9 +74,9 @@ def test_long_prompt_prefill_equals_cpu(models, name):
     """A prompt past the batched attention's block of query rows (three blocks, the second prompt starting at
     position 30), and the last token's logits from the head's GEMV (the batch path widened the whole head
     to fp32 for one row)."""
-    from edge_runtime.backends.cuda_batched import ATTENTION_ROWS
+    from edge_runtime.backends.base import PREFILL_QUERY_ROWS
 
-    ids = np.random.default_rng(7).integers(3, 300, 30 + 2 * ATTENTION_ROWS + 11).tolist()
+    ids = np.random.default_rng(7).integers(3, 300, 30 + 2 * PREFILL_QUERY_ROWS + 11).tolist()
     cpu, gpu = (edge_runtime.load(models[name], profile=None, backend=b, max_context=320) for b in ("cpu", "cuda"))
     tol = 1e-4 if name.endswith("fp32") else 2e-3
     for rt in (cpu, gpu):
@@ -185,11 +185,11 @@ def test_teal_copies_that_do_not_fit_the_device_change_nothing(models, monkeypat
     props = cp.cuda.runtime.getDeviceProperties(0)
     monkeypatch.setattr(gpu.backend.cp.cuda.runtime, "getDeviceProperties", lambda d: props | {"integrated": 1})
     monkeypatch.setattr(gpu.backend.cp.cuda.runtime, "memGetInfo", lambda: (total, total))
-    monkeypatch.setattr("edge_runtime.backends.cuda.host_free_bytes", lambda: copies)
+    monkeypatch.setattr("edge_runtime.backends.cuda.available_memory_bytes", lambda: copies)
     with pytest.raises(edge_runtime.EdgeRuntimeError, match="more memory"):
         _run(gpu, rules, teal=teal)
     monkeypatch.setattr(gpu.backend.cp.cuda.runtime, "memGetInfo", lambda: (0, total))
-    monkeypatch.setattr("edge_runtime.backends.cuda.host_free_bytes", lambda: 2 * copies)
+    monkeypatch.setattr("edge_runtime.backends.cuda.available_memory_bytes", lambda: 2 * copies)
     _, with_teal = _run(gpu, rules, teal=teal)
     assert all(gpu.backend.dev.of(lin).t.w.nbytes == 2 * lin.w.shape[0] * lin.w.shape[1] for lin in lins)
     assert gpu.backend.state.teal.get().any()

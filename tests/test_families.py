@@ -58,7 +58,7 @@ def test_long_prompts_attend_a_block_of_rows_at_a_time(packed, family):
     """Prompts past PREFILL_QUERY_ROWS score their attention in blocks of query rows (the whole prompt at once
     took heads x T x T fp32: 861 MB at 1,983 tokens on a 120M model), here across three blocks, after an
     earlier prompt (positions not starting at 0), with a sliding window and soft-capping."""
-    from edge_runtime.backends.cpu import PREFILL_QUERY_ROWS
+    from edge_runtime.backends.base import PREFILL_QUERY_ROWS
 
     path, model = packed[family]
     rt = edge_runtime.load(path, profile=None, backend="cpu", max_context=512)

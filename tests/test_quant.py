@@ -10,13 +10,18 @@ import pytest
 from edge_runtime.pack.quant import INT4_SHRINK, quantize
 
 
+def _padded(w: np.ndarray, group: int, dtype=np.float32) -> np.ndarray:
+    """(N, Kp) w with zero columns up to a whole group, as the format stores it."""
+    out = np.zeros((w.shape[0], -(-w.shape[1] // group) * group), dtype)
+    out[:, :w.shape[1]] = w
+    return out
+
+
 def _loop_reference(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """(scales (N, G) fp16, q (N, Kp) in [-8, 7]) one group at a time: each shrink factor's fp16 scale, its
     rounded and clipped values, their squared error; the first factor with the least error wins."""
-    n, k = w.shape
-    kp = -(-k // group) * group
-    padded = np.zeros((n, kp), np.float32)
-    padded[:, :k] = w
+    padded = _padded(w, group)
+    n, kp = padded.shape
     scales = np.zeros((n, kp // group), np.float16)
     q = np.zeros((n, kp))
     for r in range(n):
@@ -58,21 +63,17 @@ def test_int4_scale_search_matches_a_loop_over_groups(group):
 
 
 def _group_errors(d: np.ndarray, w: np.ndarray, group: int) -> np.ndarray:
-    sq = np.zeros((w.shape[0], -(-w.shape[1] // group) * group))
-    sq[:, :w.shape[1]] = np.square(d.astype(np.float64) - w)
-    return sq.reshape(w.shape[0], -1, group).sum(axis=2)
+    return _padded(np.square(d.astype(np.float64) - w), group, np.float64).reshape(w.shape[0], -1, group).sum(axis=2)
 
 
 def quantize_absmax(w: np.ndarray, group: int) -> np.ndarray:
     """The dequantised matrix of int4 at s = fp16(max|group| / 7), without the search."""
     n, k = w.shape
-    kp = -(-k // group) * group
-    padded = np.zeros((n, kp), np.float32)
-    padded[:, :k] = w
+    padded = _padded(w, group)
     groups = padded.reshape(n, -1, group)
     s = (np.abs(groups).max(axis=2) * np.float32(1.0 / 7.0)).astype(np.float16).astype(np.float32)  # as quantize
     q = np.clip(np.rint(groups / np.where(s > 0, s, 1)[:, :, None]), -8, 7)
-    return (q * s[:, :, None]).reshape(n, kp)[:, :k]
+    return (q * s[:, :, None]).reshape(n, padded.shape[1])[:, :k]
 
 
 def test_a_scale_past_fp16_stays_inf_for_check_stored_to_refuse():

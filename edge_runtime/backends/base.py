@@ -29,6 +29,10 @@ from edge_runtime.sparsity.predictor import Rule
 from edge_runtime.sparsity.stats import FIELDS, FFNStats
 from edge_runtime.sparsity.wina import check_criterion
 
+# Both backends score a prompt's attention a block of query rows at a time: (heads, rows, keys) fp32 per block,
+# 32 MiB for a 7B model's 32 heads at 2,048 keys, where the whole prompt at once took heads x T x T (1.6 GB).
+PREFILL_QUERY_ROWS = 128
+
 # Per-layer FFN predictor kinds, as stored in DecodeState.predictor.
 DENSE, SPARSEINFER, PROJECTION = 0, 1, 2
 PREDICTOR_CODE = {"sparseinfer": SPARSEINFER, "projection": PROJECTION}

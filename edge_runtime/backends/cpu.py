@@ -23,6 +23,7 @@ import numpy as np
 import edge_runtime.backends.cpu_predict as cpu_predict
 import edge_runtime.backends.cpu_step_ops as cpu_step_ops
 from edge_runtime.backends.base import (
+    PREFILL_QUERY_ROWS,
     PROJECTION,
     SPARSEINFER,
     DecodeState,
@@ -35,7 +36,7 @@ from edge_runtime.backends.blas_threads import blas_threads
 from edge_runtime.backends.cpu_dispatch import ColumnKernels, MatrixKernels
 from edge_runtime.backends.cpu_fused import FusedStep
 from edge_runtime.backends.jit import default_threads, threads_for, use_threads
-from edge_runtime.backends.room import host_free_bytes, require_room
+from edge_runtime.backends.room import require_room
 from edge_runtime.backends.weights import (
     ATTENTION,
     PROJECTIONS,
@@ -47,6 +48,7 @@ from edge_runtime.backends.weights import (
     weights_of,
 )
 from edge_runtime.blas_spin import EFFECTIVE as BLAS_SPIN_SET
+from edge_runtime.devices.planner import available_memory_bytes
 from edge_runtime.devices.sizes import KEEP_F32_BYTES  # small models: an fp32 copy for the batched path
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import NO_TOKEN, Sampler, SamplingParams
@@ -54,9 +56,6 @@ from edge_runtime.pack.loader import PackedModel
 from edge_runtime.sparsity.predictor import Rule, keep_after_gate
 from edge_runtime.sparsity.stats import FIELDS, FFNStats
 
-# Prompt attention scores a block of query rows at a time: (heads, rows, keys) fp32 per block, 32 MiB for a
-# 7B model's 32 heads at 2,048 keys, where the whole prompt at once took heads x T x T (1.6 GB at T = 2,048)
-PREFILL_QUERY_ROWS = 128
 C = {name: j for j, name in enumerate(FIELDS)}  # counter rows
 TEAL_SLOT = {p: j for j, p in enumerate(PROJECTIONS)}
 STEP_COUNTERS = np.array([C[f] for f in ("steps", "predicted", "kept", "bytes_read", "bytes_dense", "up_dropped")],
@@ -520,7 +519,8 @@ class CpuBackend:
         todo = [lin.w for i, layer in enumerate(self.weights.layers) for p in ATTENTION
                 if thresholds[i, TEAL_SLOT[p]] > 0 and column_layout((lin := getattr(layer, p)).w) is not None
                 and id(lin.w) not in self.columns]
-        require_room(sum(w.arrays["q" if w.encoding == "int8" else "w"].nbytes for w in todo), host_free_bytes(),
+        require_room(sum(w.arrays["q" if w.encoding == "int8" else "w"].nbytes for w in todo),
+                     available_memory_bytes(),
                      f"transposed copies of {len(todo)} attention weights for TEAL column skipping")
         for w in todo:
             self.columns[id(w)] = ColumnKernels(w, self.threads)

@@ -43,8 +43,9 @@ from edge_runtime.backends.cuda_ops.sampling import SampleKernel, param_arrays
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFNKernels
 from edge_runtime.backends.cuda_ops.teal import TealGemv
 from edge_runtime.backends.cuda_weights import DeviceWeights
-from edge_runtime.backends.room import host_free_bytes, require_room
+from edge_runtime.backends.room import require_room
 from edge_runtime.backends.weights import ATTENTION, PROJECTIONS, Layer, Linear, Norm, linear_read_bytes, weights_of
+from edge_runtime.devices.planner import available_memory_bytes
 from edge_runtime.model.rope import rope_tables
 from edge_runtime.model.sampling import SamplingParams
 from edge_runtime.pack.loader import PackedModel
@@ -446,9 +447,9 @@ class CudaBackend:
         """W^T of every projection a threshold in `thresholds` (L, 7) turns on and that has none yet: made now,
         never inside a captured step, after checking that the copies fit the device memory free (on a Jetson
         the board's memory: an int4 weight's copy is fp16, four times its size)."""
-        todo = [self.dev.of(lin) for i, layer in enumerate(self.weights.layers) for p in PROJECTIONS[:6]
-                if (lin := getattr(layer, p)) is not None and thresholds[i, TEAL_SLOT[p]] > 0]
-        todo = [d for d in todo if d.t is None]
+        todo = [d for i, layer in enumerate(self.weights.layers) for p in PROJECTIONS[:6]
+                if (lin := getattr(layer, p)) is not None and thresholds[i, TEAL_SLOT[p]] > 0
+                and (d := self.dev.of(lin)).t is None]
         require_room(sum(d.transposed_bytes() for d in todo), self._free_bytes(),
                      f"transposed copies of {len(todo)} weights for TEAL column skipping")
         for d in todo:
@@ -460,7 +461,7 @@ class CudaBackend:
         the OS would hand back (the mmap'd weight files fill it), so the OS's `available` is asked there."""
         cp = self.cp
         if cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["integrated"]:
-            free = host_free_bytes()
+            free = available_memory_bytes()
         else:
             free = cp.cuda.runtime.memGetInfo()[0]
         return int(free) + cp.get_default_memory_pool().free_bytes()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_runtime.backends.base import PREFILL_QUERY_ROWS
 from edge_runtime.backends.cuda_ops.common import DeviceMatrix, cupy
 
 
@@ -52,14 +53,11 @@ def rope(x, cos, sin, positions, n_heads: int, head_dim: int):
     return x
 
 
-ATTENTION_ROWS = 128  # query rows scored at once: (KV, group*rows, keys) fp32, not the whole prompt's T x T
-
-
 def causal_attention(q, k, v, k_cache, v_cache, pos0: int, n_heads: int, head_dim: int, scale: float,
                      softcap: float = 0.0, window: int = 0):
     """Write k, v (T, KV*hd) into one layer's caches (KV, ctx, hd) at pos0.., attend causally with GQA (query at p
     sees keys p - window < t <= p; window 0: all t <= p), scores scale q k^T bent to softcap * tanh(s / softcap)
-    when softcap > 0; q (T, H*hd) -> (T, H*hd) float32. A block of ATTENTION_ROWS queries at a time, each
+    when softcap > 0; q (T, H*hd) -> (T, H*hd) float32. A block of PREFILL_QUERY_ROWS queries at a time, each
     against the keys up to its own positions."""
     cp = cupy()
     t, nkv = q.shape[0], k_cache.shape[0]
@@ -68,8 +66,8 @@ def causal_attention(q, k, v, k_cache, v_cache, pos0: int, n_heads: int, head_di
     v_cache[:, pos0:end] = v.reshape(t, nkv, head_dim).transpose(1, 0, 2).astype(v_cache.dtype)
     kc, vc = k_cache[:, :end].astype(cp.float32), v_cache[:, :end].astype(cp.float32)
     out = cp.empty((t, n_heads * head_dim), dtype=cp.float32)
-    for c in range(0, t, ATTENTION_ROWS):
-        r = min(t, c + ATTENTION_ROWS) - c
+    for c in range(0, t, PREFILL_QUERY_ROWS):
+        r = min(t, c + PREFILL_QUERY_ROWS) - c
         out[c:c + r] = _attend_rows(q[c:c + r], kc, vc, pos0 + c, n_heads, head_dim, scale, softcap, window)
     return out
 

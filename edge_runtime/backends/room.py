@@ -5,10 +5,8 @@ plan (devices/planner.py) cannot count these copies: which projections get them 
 
 from __future__ import annotations
 
+from edge_runtime.devices.planner import GB, WORKSPACE
 from edge_runtime.errors import EdgeRuntimeError
-
-GB = 1e9
-HEADROOM = 1.05  # the planner's workspace factor: a copy that takes the last free byte would starve the step
 
 
 class OutOfRoomError(EdgeRuntimeError):
@@ -20,18 +18,12 @@ class RoomWarning(UserWarning):
 
 
 def require_room(needed: int, free: int, what: str) -> None:
-    """Raise OutOfRoomError when `needed` bytes (plus the planner's headroom) exceed `free` bytes."""
-    if needed > 0 and needed * HEADROOM > free:
+    """Raise OutOfRoomError when `needed` bytes (plus the planner's workspace share: a copy that takes the last
+    free byte would starve the step) exceed `free` bytes."""
+    if needed > 0 and needed * WORKSPACE > free:
         raise OutOfRoomError(f"{what} need {_size(needed)} more memory but {_size(free)} is free now; the decoder "
                              f"keeps its setting (free memory, or use a smaller encoding)")
 
 
 def _size(b: int) -> str:
     return f"{b / GB:.2f} GB" if b >= 0.1 * GB else f"{b / 1e6:.1f} MB" if b >= 1e5 else f"{b:,} bytes"
-
-
-def host_free_bytes() -> int:
-    """Memory the OS could hand out now (psutil's `available`: free plus reclaimable page cache)."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)

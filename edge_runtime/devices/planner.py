@@ -93,11 +93,15 @@ class LoadPlan:
         return asdict(self)
 
 
-def available_memory_gb() -> float:
+def available_memory_bytes() -> int:
     """Memory the OS could hand out now (psutil's `available`: free plus reclaimable page cache)."""
     import psutil
 
-    return psutil.virtual_memory().available / GB
+    return int(psutil.virtual_memory().available)
+
+
+def available_memory_gb() -> float:
+    return available_memory_bytes() / GB
 
 
 def plan_load(cfg: ModelConfig, encoding: str, weights_bytes: int, profile: DeviceProfile, context: int,

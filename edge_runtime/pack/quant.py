@@ -146,8 +146,7 @@ def quantize(w: np.ndarray, encoding: str, group_size: int = DEFAULT_INT4_GROUP)
         padded = np.zeros((n, kp), dtype=np.float32)
         padded[:, :k] = w
         groups = padded.reshape(n, kp // group_size, group_size)
-        scale = np.concatenate([int4_scales(groups[r:r + INT4_ROWS]) for r in range(0, n, INT4_ROWS)]
-                               ) if n else np.zeros((0, kp // group_size), np.float16)
+        scale = np.concatenate([int4_scales(groups[r:r + INT4_ROWS]) for r in range(0, max(n, 1), INT4_ROWS)])
         q = _int4_values(groups, scale.astype(np.float32)).astype(np.int16).reshape(n, kp) + 8
         packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
         return PackedTensor("int4", (n, k), {"q": packed, "scale": scale}, group_size=group_size)
