@@ -66,8 +66,9 @@ def cuda_event_ms(cp, fn, repeats: int = 50, warmup: int = 5, batch: int = 32, s
     leave the GPU idle, as long as a 7B gate GEMV's whole read on an H100. A graph replays the batch back to back.
     fn must issue only device work; a fn the graph cannot hold (one that allocates or syncs) is timed as `batch`
     eager calls between the events instead, with a RuntimeWarning saying so. stream: where fn issues its work
-    (a CudaBackend's methods use the backend's own stream); default a new one."""
-    stream = stream if stream is not None else cp.cuda.Stream(non_blocking=True)
+    (a CudaBackend's methods use the backend's own stream); default a new blocking one."""
+    # a blocking stream: it waits for what the caller wrote on CuPy's default stream (inputs, knobs)
+    stream = stream if stream is not None else cp.cuda.Stream()
     with stream:
         for _ in range(warmup):
             fn()

@@ -198,8 +198,8 @@ def test_teal_copies_that_do_not_fit_the_device_change_nothing(models, monkeypat
 
 def test_a_prompt_leaves_no_more_than_scratch_keep_in_the_pool(models, monkeypatch):
     """After each prefill (never in a decode step) the pool's free blocks go back once they pass SCRATCH_KEEP: a
-    long prompt's fp32 working copies stayed held, on a Jetson from the board's shared memory. The emulator's pool
-    caches nothing, so a stand-in reports what a real one would hold."""
+    long prompt's fp32 working copies stayed held, on a Jetson from the board's shared memory. Closing the runtime
+    gives them all back. The emulator's pool caches nothing, so a stand-in reports what a real one would hold."""
     from edge_runtime.backends.cuda import SCRATCH_KEEP
 
     class Pool:
@@ -219,6 +219,7 @@ def test_a_prompt_leaves_no_more_than_scratch_keep_in_the_pool(models, monkeypat
         res = gpu.generate(PROMPT, max_new_tokens=6, stop=())
         assert len(res.token_ids) == 6 and pool.released == expected  # one prompt, five decode steps
     gpu.close()
+    assert pool.released == 1  # closing gives the pool's blocks back whatever they hold
 
 
 @pytest.mark.parametrize("criterion", ["teal", "wina"])

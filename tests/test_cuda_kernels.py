@@ -218,7 +218,7 @@ def _projection_case(n: int, d: int, name: str):
     return rng, gate_f, signs, xn, projection_scores(xn[None], signs)[0]
 
 
-def _assert_projection_rows(cp, ffn_k, enc: str, gate_f, xn, signs, theta, expected, lut: bool) -> None:
+def _assert_projection_rows(cp, ffn_k, enc: str, gate_f, xn, signs, theta, expected, lut: bool | None) -> None:
     """The projection gate kernel on gate_f (n, d) with the sign plane `signs` lists exactly the rows `expected`
     (an always-positive gate, a bias of 10, so that every predicted row is kept and listed)."""
     from edge_runtime.backends.cuda_ops.common import DeviceMatrix
@@ -245,6 +245,25 @@ def test_projection_scores_by_table_and_by_bit_walk(cp, ffn_k, enc, d, lut):
     keep = np.abs(z - theta) > 1e-3 * np.abs(z).max()  # rows whose decision rounding cannot flip
     theta = np.where(keep, theta, z + 0.5).astype(np.float32)  # the others: clearly inactive
     _assert_projection_rows(cp, ffn_k, enc, gate_f, xn, signs, theta, np.flatnonzero(z >= theta), lut)
+
+
+def test_projection_table_left_out_where_static_shared_memory_leaves_no_room(cp, ffn_k, monkeypatch):
+    """The table is used when it fits the device's shared memory beside the row buffers *and* the kernel's static
+    shared memory (128 B on a GPU, 0 in the emulator, so the driver's figure is stood in). Within those 128 B of
+    the limit the gate kernel used to choose the table and then be refused at launch; it scores by the bit walk."""
+    from edge_runtime.backends.cuda_ops import common, sparse_ffn
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix, row_smem
+
+    n, d = 64, 4096
+    rng, gate_f, signs, xn, z = _projection_case(n, d, "static smem")
+    theta = np.where(rng.random(n) < 0.5, z - 1.0, z + 1.0).astype(np.float32)
+    name = "ffn_gate_projection_fp16"
+    monkeypatch.setattr(type(ffn_k.m(name)), "shared_size_bytes", property(lambda self: 128))
+    monkeypatch.setattr(ffn_k.m, "_static", {})
+    limit = row_smem(DeviceMatrix(_pack(gate_f, "fp16"))) + sparse_ffn.LUT_BYTES_PER_WORD * (d // 32) + 64
+    monkeypatch.setattr(common, "smem_optin", lambda: limit)
+    monkeypatch.setattr(sparse_ffn, "smem_optin", lambda: limit)
+    _assert_projection_rows(cp, ffn_k, "fp16", gate_f, xn, signs, theta, np.flatnonzero(z >= theta), lut=None)
 
 
 @pytest.mark.parametrize("enc,d", [("fp16", 200), ("int8", 208)])
@@ -932,7 +951,7 @@ def test_graph_replay_equals_eager_and_reads_knobs_from_device(cp, monkeypatch):
     for _ in range(6):
         eager.run()
     monkeypatch.setenv("EMU_SEED", "2")  # each replayed launch reads it: blocks in another order than eager's
-    stream = cp.cuda.Stream(non_blocking=True)
+    stream = cp.cuda.Stream()  # blocking: replays wait for the knob writes below, made on the default stream
     with stream:
         stream.begin_capture()
         graphed.run()
@@ -1000,6 +1019,38 @@ def test_launch_counts_static_shared_memory_and_refuses_partial_warps(cp):
         with pytest.raises(EdgeRuntimeError, match="whole warps"):
             mod.launch("k", (1,), block, ())
     assert k.launched == [48 * 1024]
+
+
+class _RecordingKernel:
+    """A compiled kernel as CuPy hands it out, recording what each launch passes."""
+    shared_size_bytes = 0
+    max_dynamic_shared_size_bytes = 48 * 1024
+
+    def __init__(self, max_threads: int):
+        self.max_threads_per_block = max_threads
+        self.launched = []
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.launched.append(args)
+
+
+def test_launch_sends_an_absent_pointer_as_eight_zero_bytes_and_keeps_to_the_kernels_thread_limit(cp):
+    """CuPy 13 turns a None argument into a NULL *address of* the argument, so a kernel testing `if (bias)` reads
+    garbage; the launcher sends a uint64 zero instead (the emulator reads None as NULL, so only this sees it). A
+    kernel compiled with too many registers for the block is refused with a message, not a launch error."""
+    from edge_runtime.backends.cuda_ops.common import Module
+
+    mod = Module.__new__(Module)
+    k = _RecordingKernel(max_threads=256)
+    mod._k, mod._static = {"k": k}, {}
+    x = cp.ones(4, cp.float32)
+    mod.launch("k", (1,), (256,), (x, None, np.int32(3)))
+    (sent,) = k.launched
+    assert sent[0] is x and sent[2] == 3
+    assert isinstance(sent[1], np.uint64) and int(sent[1]) == 0
+    with pytest.raises(EdgeRuntimeError, match="allows 256"):
+        mod.launch("k", (1,), (512,), (x, None, np.int32(3)))
+    assert len(k.launched) == 1
 
 
 def test_gemv_and_teal_refuse_an_output_over_their_input(cp):

@@ -498,8 +498,12 @@ class CudaBackend:
         self.attn_steps[...] = 0
 
     def free(self) -> None:
-        """Release device memory (weights, cache, graphs)."""
+        """Release device memory (weights, cache, graphs) to the device, not only to CuPy's pool, where the next
+        model, or transformers in a benchmark, could not have it. The stream is drained first: a replayed step
+        still running must not have its buffers handed on."""
+        self.stream.synchronize()
         self._graphs.clear()
         self.dev.free()
         self.k.attn.free()
         self.k_cache = self.v_cache = None
+        self.cp.get_default_memory_pool().free_all_blocks()

@@ -25,6 +25,7 @@ STEP_SIZE = 4
 THREADS = 256  # row kernels: 8 warps, one row per warp at a time
 BLOCKS_PER_SM = 4  # row kernels' grid cap: x is loaded once per block, which then serves many rows
 SMEM_DEFAULT = 48 << 10  # dynamic shared memory without the opt-in attribute
+NULL = np.uint64(0)  # an absent pointer argument: 8 zero bytes, what a `const T*` parameter reads as nullptr
 
 _INCLUDE = re.compile(r'^#include "([\w.]+)"\s*$', re.M)
 
@@ -86,14 +87,21 @@ class Module:
     def launch(self, name: str, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) -> None:
         """Launch, raising the kernel's dynamic shared-memory limit first when static + dynamic shared memory
         pass 48 KB: without the opt-in a kernel may take 48 KB less its static shared memory (load_x's 128 B
-        reduction buffer makes a 48 KB request fail). Blocks are whole warps, at most 1024 threads: the kernels'
-        FULL_MASK shuffles and block reductions assume it."""
+        reduction buffer makes a 48 KB request fail). Blocks are whole warps, at most 1024 threads and at most
+        what the compiled kernel's registers allow: the kernels' FULL_MASK shuffles and block reductions assume
+        it. An absent optional pointer (None) goes as a uint64 zero, NULL: CuPy 13 passes None as a NULL
+        *address of* the argument, so the kernel would read garbage instead of testing `if (p)`."""
         threads = int(np.prod(block))
         if not 0 < threads <= 1024 or threads % 32:
             raise EdgeRuntimeError(f"{name}: a block must be whole warps, at most 1024 threads; got {block}")
         k = self(name)
+        most = int(getattr(k, "max_threads_per_block", 1024) or 1024)
+        if threads > most:
+            raise EdgeRuntimeError(f"{name}: a block of {threads} threads, the compiled kernel allows {most} "
+                                   f"(its registers per thread)")
+        args = tuple(NULL if a is None else a for a in args)
         if shared_mem:
-            static = self._static_smem(name)
+            static = self.static_smem(name)
             if shared_mem + static > SMEM_DEFAULT:
                 limit = smem_optin()
                 if shared_mem + static > limit:
@@ -103,7 +111,7 @@ class Module:
                     k.max_dynamic_shared_size_bytes = shared_mem
         k(grid, block, args, shared_mem=shared_mem)
 
-    def _static_smem(self, name: str) -> int:
+    def static_smem(self, name: str) -> int:
         """The kernel's static shared memory in bytes, asked of the driver once."""
         if name not in self._static:
             self._static[name] = int(self(name).shared_size_bytes or 0)

@@ -98,12 +98,13 @@ class SparseFFNKernels:
             u_w, u_s, _, u_bm, u_off = up.row_args()
         g_w, g_s, group, g_bm, g_off = gate.row_args()
         smem = row_smem(gate)
+        name = f"ffn_gate_{predictor}_{gate.kenc}"
         use_lut = False
-        if predictor == "projection":
+        if predictor == "projection":  # the table only where it fits beside the kernel's static shared memory
             table = LUT_BYTES_PER_WORD * -(-k // 32)
-            use_lut = smem + table <= smem_optin() if lut is None else lut
+            use_lut = smem + table + self.m.static_smem(name) <= smem_optin() if lut is None else lut
             smem += table if use_lut else 0
-        self.m.launch(f"ffn_gate_{predictor}_{gate.kenc}", row_grid(n, max_blocks=max_blocks, smem=smem), (THREADS,),
+        self.m.launch(name, row_grid(n, max_blocks=max_blocks, smem=smem), (THREADS,),
                       (g_w, g_s, gate_b, g_bm, g_off, u_w, u_s, up_b, u_bm, u_off, group, i32(n), i32(k),
                        i32(gate.kp), xn, x_signs, x_sum, gate_signs, knob, f32(threshold), i32(int(up_relu)),
                        up_dropped, i32(int(use_lut)), idx, h, counters),
