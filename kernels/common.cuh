@@ -29,8 +29,9 @@ typedef unsigned long long uint64_t;
 #endif
 
 #define WARP 32
-// Row kernels' block and the blocks per SM their grids are sized for (cuda_ops/common.py THREADS, BLOCKS_PER_SM):
-// as __launch_bounds__ they hold a kernel to 64 registers, so 4 blocks do fit where the grid counts on them.
+// Row kernels' block and the blocks per SM their grids are sized for (cuda_ops/common.py THREADS, BLOCKS_PER_SM).
+// As __launch_bounds__ (ffn_gate, csr_down) they hold a kernel to 64 registers, so 4 blocks fit; gemv.cu's kernels
+// go without (held to 64, gemv3_int4 spills) and the launcher sizes their grid by the registers they use.
 #define ROW_THREADS 256
 #define ROW_BLOCKS_PER_SM 4
 #define FULL_MASK 0xffffffffu

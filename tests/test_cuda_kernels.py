@@ -1053,6 +1053,28 @@ def test_launch_sends_an_absent_pointer_as_eight_zero_bytes_and_keeps_to_the_ker
     assert len(k.launched) == 1
 
 
+def test_row_grid_counts_the_kernels_registers(cp, monkeypatch):
+    """A row kernel's grid is what is resident at once. gemv3_int4 takes 72 registers a thread on sm_90 (no
+    __launch_bounds__: held to 64 it spills), so 3 blocks of 256 threads fit an SM, not 4: the fourth block of each
+    SM ran as a second wave. The gemv launcher passes the compiled kernel's count (the emulator reports 0)."""
+    from edge_runtime.backends.cuda_ops import gemv as gemv_ops
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix, resident_blocks, row_grid
+
+    big = 10**6  # rows enough that the resident blocks, not the rows, set the grid
+    assert row_grid(big) == row_grid(big, regs=64) == (resident_blocks(4),)
+    assert row_grid(big, regs=72) == row_grid(big, regs=80) == (resident_blocks(3),)
+    assert row_grid(big, regs=255) == (resident_blocks(1),)
+    g = gemv_ops.Gemv()
+    asked = []
+    monkeypatch.setattr(g.m, "registers", lambda name: {"gemv3_int4": 72, "gemv_int4": 40}[name])
+    monkeypatch.setattr(gemv_ops, "row_grid", lambda n, **kw: asked.append((n, kw["regs"])) or (1,))
+    rng = np.random.default_rng(0)
+    mats = [DeviceMatrix(_pack(rng.standard_normal((n, 64)).astype(np.float32), "int4")) for n in (64, 32, 32)]
+    g.stacked(tuple(mats), cp.ones(64, cp.float32), tuple(cp.zeros(n, cp.float32) for n in (64, 32, 32)))
+    g(mats[0], cp.ones(64, cp.float32), cp.zeros(64, cp.float32))
+    assert asked == [(128, 72), (64, 40)]
+
+
 def test_gemv_and_teal_refuse_an_output_over_their_input(cp):
     """Their kernels take x and y __restrict__: a y that is a view over x's memory is refused, not raced on."""
     from edge_runtime.backends.cuda_ops.common import DeviceMatrix

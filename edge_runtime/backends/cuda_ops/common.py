@@ -78,6 +78,7 @@ class Module:
         self.raw = _modules[name]
         self._k: dict[str, object] = {}
         self._static: dict[str, int] = {}
+        self._regs: dict[str, int] = {}
 
     def __call__(self, name: str):
         if name not in self._k:
@@ -111,6 +112,12 @@ class Module:
                     k.max_dynamic_shared_size_bytes = shared_mem
         k(grid, block, args, shared_mem=shared_mem)
 
+    def registers(self, name: str) -> int:
+        """Registers a thread of the compiled kernel uses (0 where the driver does not say: the emulator)."""
+        if name not in self._regs:
+            self._regs[name] = int(getattr(self(name), "num_regs", 0) or 0)
+        return self._regs[name]
+
     def static_smem(self, name: str) -> int:
         """The kernel's static shared memory in bytes, asked of the driver once."""
         if name not in self._static:
@@ -139,14 +146,19 @@ def resident_blocks(per_sm: int = BLOCKS_PER_SM) -> int:
     return per_sm * device_attribute("MultiProcessorCount", 16)
 
 
-def row_grid(n_rows: int, threads: int = THREADS, max_blocks: int | None = None, smem: int = 0) -> tuple[int]:
+def row_grid(n_rows: int, threads: int = THREADS, max_blocks: int | None = None, smem: int = 0,
+             regs: int = 0) -> tuple[int]:
     """Blocks for a grid-stride row kernel: one row per warp, capped at the blocks that are resident at once
-    (BLOCKS_PER_SM per SM, fewer when smem bytes of dynamic shared memory a block allow fewer): a block past
-    that would wait for a second wave and load x again. max_blocks overrides the cap."""
+    (BLOCKS_PER_SM per SM, fewer when smem bytes of dynamic shared memory or regs registers per thread allow
+    fewer): a block past that would wait for a second wave and load x again, and its rows end the GEMV late.
+    max_blocks overrides the cap."""
     if max_blocks is None:
         per_sm = BLOCKS_PER_SM
         if smem:  # 1 KB a block is the driver's reserve; static shared memory here is under 1 KB
             per_sm = max(1, min(per_sm, device_attribute("MaxSharedMemoryPerMultiprocessor", 0) // (smem + 2048)))
+        if regs:  # registers are given out per warp in units of 256 (8 a thread)
+            per_block = (threads // 32) * 256 * -(-regs * 32 // 256)
+            per_sm = max(1, min(per_sm, device_attribute("MaxRegistersPerMultiprocessor", 65536) // per_block))
         max_blocks = resident_blocks(per_sm)
     return (max(1, min(-(-n_rows // (threads // 32)), max_blocks)),)
 

@@ -39,8 +39,8 @@ class Gemv:
         check_opt(residual, np.float32, (n,), "residual")
         if overlaps(x, y):
             raise EdgeRuntimeError("gemv: y must not overlap x")
-        smem = row_smem(m)
-        self.m.launch(f"gemv_{m.kenc}", row_grid(n, max_blocks=max_blocks, smem=smem), (THREADS,),
+        smem, name = row_smem(m), f"gemv_{m.kenc}"
+        self.m.launch(name, row_grid(n, max_blocks=max_blocks, smem=smem, regs=self.m.registers(name)), (THREADS,),
                       (*m.row_args(), x, norm_w, norm_b, f32(eps), bias, residual, i32(n), i32(k), i32(m.kp), y),
                       shared_mem=smem)
 
@@ -70,9 +70,9 @@ class Gemv:
             args += [m.w, m.scale, m.bitmap, m.row_offsets, b, y, i32(n)]
         if len(mats) == 2:  # the kernel's third matrix, empty: no row falls in it
             args += args[-7:-1] + [i32(0)]
-        smem = row_smem(first)
+        smem, name = row_smem(first), f"gemv3_{first.kenc}"
         rows = sum(m.shape[0] for m in mats)
-        self.m.launch(f"gemv3_{first.kenc}", row_grid(rows, max_blocks=max_blocks, smem=smem), (THREADS,),
+        self.m.launch(name, row_grid(rows, max_blocks=max_blocks, smem=smem, regs=self.m.registers(name)), (THREADS,),
                       (*args, i32(first.group), x, norm_w, norm_b, f32(eps), i32(k), i32(first.kp)), shared_mem=smem)
 
 
