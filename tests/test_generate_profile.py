@@ -5,6 +5,7 @@ leaves an existing profile as it was. (The cuda backend's run is in test_cuda_sc
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import yaml
@@ -129,3 +130,29 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
     atomic_write_text(path, "new")
     assert path.read_text() == "new" and oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_a_full_disk_names_the_file_that_was_not_written(tmp_path, capsys, monkeypatch):
+    """write() into an open file raises ENOSPC with no file name, so the CLI's one line said only "No space left
+    on device"; the error now names the file being replaced, which is left as it was."""
+    import errno
+
+    from edge_runtime import cli
+    from edge_runtime.cli import main
+
+    path = tmp_path / "summary.json"
+    atomic_write_text(path, "old")
+
+    def fill_the_disk(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as caught:
+        atomic_write(path, fill_the_disk)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+    monkeypatch.setitem(cli.COMMANDS, "info", lambda _args: atomic_write(path, fill_the_disk))
+    assert main(["info"]) == 2  # a command that writes a file, as the CLI reports its failure
+    assert capsys.readouterr().err.strip() == f"edge-runtime: error: No space left on device ({path})"
