@@ -54,3 +54,9 @@ fraction = float_range(0.0, 1.0, low_open=True, high_open=True)  # a sparsity ta
 probability = float_range(0.0, 1.0, low_open=True)  # top-p
 temperature = float_range(0.0, 100.0)
 penalty = float_range(0.0, 100.0, low_open=True)
+
+
+def description(doc: str) -> str:
+    """A script's --help description: its docstring's first paragraph on one line (argparse wraps it again); the
+    first line alone stopped mid-sentence."""
+    return " ".join(doc.strip().split("\n\n")[0].split())

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bench import decode_rate, print_report
+from edge_runtime.cli_args import description
 from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
 
@@ -179,7 +180,7 @@ def synthetic(args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", type=Path)
     ap.add_argument("--hf", type=Path, help="Hugging Face directory to convert first")
     ap.add_argument("--synthetic", choices=sorted(SHAPES), help="build a random Llama of these shapes")

@@ -29,6 +29,7 @@ from edge_runtime.backends.cuda_ops.common import DeviceMatrix
 from edge_runtime.backends.cuda_ops.gemv import Gemv
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFN, SparseFFNKernels
 from edge_runtime.bench import copies_past_l2, cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes, rotated
+from edge_runtime.cli_args import description
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.quant import quantize
@@ -40,7 +41,7 @@ DENSITIES = (1.0, 0.5, 0.25, 0.15, 0.10, 0.05)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--shapes", default="7b,13b", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--encodings", default="fp16,int8,int4")
     ap.add_argument("--copies", type=int, default=3, help="weight sets rotated per timing")

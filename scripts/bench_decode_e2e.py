@@ -42,6 +42,7 @@ from edge_runtime.backends import require_cuda
 from edge_runtime.backends.cuda import CudaBackend
 from edge_runtime.bench import cuda_copy_bandwidth, gpu_energy_meter
 from edge_runtime.bench_hf_cuda import hf_decode
+from edge_runtime.cli_args import description
 from edge_runtime.config import ModelConfig
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.errors import EdgeRuntimeError
@@ -184,7 +185,7 @@ def report(out: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--layers", type=int, default=32, help="layers of the 7B-shaped model (Llama-2-7B has 32)")
     ap.add_argument("--distinct-layers", type=int, default=4, help="random layers built, repeated up to --layers")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens before the timed decode")

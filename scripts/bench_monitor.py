@@ -12,12 +12,13 @@ import statistics
 import time
 
 import edge_runtime
+from edge_runtime.cli_args import description
 from edge_runtime.monitor.command import default_samplers
 from edge_runtime.monitor.recorder import Recorder
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default=None)
     ap.add_argument("--interval-ms", type=float, default=100.0)
     ap.add_argument("--tokens", type=int, default=256)

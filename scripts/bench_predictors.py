@@ -29,6 +29,7 @@ from edge_runtime.atomic_write import atomic_write_csv
 from edge_runtime.backends import require_cuda
 from edge_runtime.backends.cuda_ops.sparse_ffn import SparseFFN, SparseFFNKernels
 from edge_runtime.bench import copies_past_l2, cuda_event_ms, cuda_l2_bytes, rotated
+from edge_runtime.cli_args import description
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.quant import quantize
 from edge_runtime.pack.signbits import pack_signs
@@ -143,7 +144,7 @@ def bench_encoding(cp, kernels, shape: str, enc: str, targets: dict, l2: int, re
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default=None, help="a model calibrated for both predictors (default: the embedded one)")
     ap.add_argument("--cap", type=float, default=1.0, help="perplexity increase (%%) of the compared settings")
     ap.add_argument("--shapes", default="7b", help=f"comma-separated, of {', '.join(SHAPES)}")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.cli_args import description
+
 SHAPE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 2048,
          "vocab_size": 32000}
 
@@ -131,7 +133,7 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--export-child":
         export_child(sys.argv[2], sys.argv[3])
         return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--dtype", default="int8", choices=("fp32", "fp16", "int8", "int4"), help="packed encoding")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
@@ -154,8 +156,8 @@ def main() -> None:
     print(f"prefill {args.prompt_tokens} tokens: numpy {prefill['numpy_s']:.2f} s, onnxruntime fp32 "
           f"{prefill['ort_fp32_s']:.2f} s ({prefill['speedup_ort_fp32_over_numpy']:.2f} x), packed "
           f"{prefill['ort_packed_s']:.2f} s ({prefill['speedup_ort_packed_over_numpy']:.2f} x); export fp32 "
-          f"{export['export_fp32_s']:.1f} s, peak RSS {export['peak_rss_after_fp32_mb']:.0f} MB "
-          f"(bar {export['peak_rss_bar_mb']:.0f} MB)")
+          f"{export['export_fp32_s']:.1f} s, packed {export['export_packed_s']:.1f} s, peak RSS of the whole export "
+          f"{export['peak_rss_after_packed_mb']:.0f} MB (bar {export['peak_rss_bar_mb']:.0f} MB)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ except ImportError:
 
 import edge_runtime
 from edge_runtime.bench import print_report
+from edge_runtime.cli_args import description
 from edge_runtime.paths import resolve_model
 
 
@@ -95,7 +96,7 @@ def wait_for_daemon(proc: subprocess.Popen, url: str, limit_s: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default=None)
     ap.add_argument("--url", default=None, help="an already running daemon")
     ap.add_argument("--clients", type=int, default=8)

@@ -27,6 +27,7 @@ from edge_runtime.backends.cuda_ops.common import DeviceMatrix
 from edge_runtime.backends.cuda_ops.gemv import Gemv
 from edge_runtime.backends.cuda_ops.teal import TealGemv
 from edge_runtime.bench import copies_past_l2, cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes, rotated
+from edge_runtime.cli_args import description
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.pack.quant import PackedTensor, quantize
 from edge_runtime.pack.sparse_weights import compress, prune_mask
@@ -113,7 +114,7 @@ def bench_shape(cp, shape: str, rng, copy_bw: float, l2: int, repeats: dict) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--shapes", default="gate,down", help=f"comma-separated, of {', '.join(SHAPES)}")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--smoke", action="store_true", help="the tiny shape, few repeats: checks the script")

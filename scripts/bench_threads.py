@@ -13,6 +13,7 @@ import statistics
 import time
 
 import edge_runtime
+from edge_runtime.cli_args import description
 from edge_runtime.model.sampling import SamplingParams
 
 PROMPT_IDS = [1, 450, 2030, 338, 263]
@@ -28,7 +29,7 @@ def rate(rt, tokens: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=4)

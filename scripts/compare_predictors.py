@@ -20,6 +20,7 @@ import json
 
 import numpy as np
 
+from edge_runtime.cli_args import description
 from edge_runtime.scoring import nll, windowed
 from edge_runtime.sparsity.calibrate import GRIDS, ffn_bytes, rules_for
 from edge_runtime.sparsity.policy import within_cap
@@ -61,7 +62,7 @@ def measure(rt, wins, rules) -> tuple[float, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default=None)
     ap.add_argument("--text", required=True)
     ap.add_argument("--max-tokens", type=int, default=4096)

@@ -35,6 +35,7 @@ import numpy as np
 import yaml
 from corpus_text import prepared  # scripts/, beside this file
 
+from edge_runtime.cli_args import description
 from edge_runtime.devices.profile import load_profile
 from edge_runtime.devices.shapes import SHAPES
 from edge_runtime.devices.sizes import DEFAULT_KV_TOKENS, decode_bytes_per_token
@@ -158,7 +159,7 @@ def confirm(rt, text: str, max_tokens: int, ranked: list[dict], cap: float) -> d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default=None)
     ap.add_argument("--text", required=True)
     ap.add_argument("--max-tokens", type=int, default=4096)

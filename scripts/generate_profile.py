@@ -33,6 +33,7 @@ import yaml
 from edge_runtime.atomic_write import atomic_write_text
 from edge_runtime.backends import create_backend, require_cuda, resolve_backend
 from edge_runtime.bench import copies_past_l2, cuda_copy_bandwidth, cuda_event_ms, cuda_l2_bytes, rotated
+from edge_runtime.cli_args import description
 from edge_runtime.devices.detect import detect
 from edge_runtime.devices.profile import load_profile, parse_profile
 from edge_runtime.devices.shapes import SHAPES
@@ -210,7 +211,7 @@ def this_machine(name: str, cp, copy_bw: float, best_gemv: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--name", required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))

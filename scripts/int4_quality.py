@@ -20,6 +20,7 @@ from unittest import mock
 import numpy as np
 
 import edge_runtime.pack.quant as quant
+from edge_runtime.cli_args import description
 from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
 from edge_runtime.scoring import windowed
@@ -40,7 +41,7 @@ def log_probs(model: Path, text: str, window: int, tokens: int) -> tuple[np.ndar
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--hf", type=Path, default=Path("../shared/models/stories260K-hf"))
     ap.add_argument("--text", type=Path, required=True)
     ap.add_argument("--group", type=int, default=quant.DEFAULT_INT4_GROUP)

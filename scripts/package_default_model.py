@@ -14,6 +14,7 @@ from pathlib import Path
 
 from corpus_text import prepared
 
+from edge_runtime.cli_args import description
 from edge_runtime.pack.convert import convert
 from edge_runtime.pack.format import atomic_directory
 from edge_runtime.paths import DEFAULT_MODEL_DIR
@@ -23,7 +24,7 @@ from edge_runtime.sparsity.calibration_files import write_calibration
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--hf", type=Path, required=True, help="the exported Hugging Face directory")
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--calibration-book", default="austen-persuasion.txt", help="a training book")

@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from edge_runtime.cli_args import description
+
 try:
     import matplotlib
 
@@ -20,7 +22,7 @@ except ImportError:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("logs", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.cli_args import description
 from edge_runtime.pack.convert import convert
 from edge_runtime.runtime import load
 from edge_runtime.sparsity.perplexity import perplexity
@@ -28,7 +29,7 @@ from edge_runtime.sparsity.wina import CRITERIA
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--hf", type=Path, default=Path("../shared/models/stories260K-hf"))
     ap.add_argument("--samples", type=int, default=40)
     ap.add_argument("--tokens", type=int, default=200)

@@ -26,6 +26,8 @@ import numpy as np
 from corpus_text import chunks  # scripts/ is on sys.path when this file runs as a script
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from edge_runtime.cli_args import description
+
 try:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -99,7 +101,7 @@ def evaluate(model: LlamaForCausalLM, data: np.ndarray, seq: int, max_windows: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--corpus", type=Path, required=True, help="folder of .txt books")
     ap.add_argument("--holdout", default="carroll-alice.txt", help="book never trained on")
     ap.add_argument("--out", type=Path, required=True)

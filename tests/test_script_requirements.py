@@ -38,3 +38,24 @@ def test_bench_serve_stops_when_its_daemon_exits_before_answering():
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(SystemExit, match="exited with status 3"):
         bench.wait_for_daemon(proc, f"http://127.0.0.1:{free_port()}", limit_s=30)
+
+
+def test_every_scripts_help_describes_it_in_whole_sentences():
+    """--help printed the docstring's first line, which stopped mid-sentence in five scripts ("... alternating
+    rounds in one process, so the ratio"); it prints the first paragraph. The docstrings are read without running
+    the scripts (some import torch)."""
+    import ast
+
+    from edge_runtime.cli_args import description
+
+    checked = 0
+    for path in sorted((ROOT / "scripts").glob("*.py")):
+        source = path.read_text()
+        assert "__doc__.splitlines()[0]" not in source, path.name
+        if "description=description(__doc__)" not in source:
+            continue
+        text = description(ast.get_docstring(ast.parse(source), clean=False))
+        assert text.endswith("."), f"{path.name}: {text!r}"
+        checked += 1
+    assert checked >= 15
+    assert description("First line goes\n    on here.\n\n    Usage: x\n") == "First line goes on here."
