@@ -22,14 +22,11 @@ def staged(path: str | Path, write: Callable[[str], None], mode: int = 0o644) ->
     try:
         write(tmp)
         os.chmod(tmp, mode)
-    except OSError as e:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.filename or not e.errno:
-            raise
-        # a write() into an open file (a full disk, a quota) names no file: name the one that was not written
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno and not e.filename:
+            # a write() into an open file (a full disk, a quota) names no file: name the one that was not written
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     return Path(tmp)
 

@@ -259,7 +259,7 @@ def test_projection_table_left_out_where_static_shared_memory_leaves_no_room(cp,
     theta = np.where(rng.random(n) < 0.5, z - 1.0, z + 1.0).astype(np.float32)
     name = "ffn_gate_projection_fp16"
     monkeypatch.setattr(type(ffn_k.m(name)), "shared_size_bytes", property(lambda self: 128))
-    monkeypatch.setattr(ffn_k.m, "_static", {})
+    monkeypatch.setattr(ffn_k.m, "_info", {})
     limit = row_smem(DeviceMatrix(_pack(gate_f, "fp16"))) + sparse_ffn.LUT_BYTES_PER_WORD * (d // 32) + 64
     monkeypatch.setattr(common, "smem_optin", lambda: limit)
     monkeypatch.setattr(sparse_ffn, "smem_optin", lambda: limit)
@@ -1010,7 +1010,7 @@ def test_launch_counts_static_shared_memory_and_refuses_partial_warps(cp):
 
     mod = Module.__new__(Module)
     k = _KernelWithStaticSmem()
-    mod._k, mod._static = {"k": k}, {}
+    mod._k, mod._info = {"k": k}, {}
     mod.launch("k", (1,), (256,), (), shared_mem=48 * 1024)
     assert k.max_dynamic_shared_size_bytes == 48 * 1024 and k.launched == [48 * 1024]
     with pytest.raises(EdgeRuntimeError, match="128 B static"):
@@ -1042,7 +1042,7 @@ def test_launch_sends_an_absent_pointer_as_eight_zero_bytes_and_keeps_to_the_ker
 
     mod = Module.__new__(Module)
     k = _RecordingKernel(max_threads=256)
-    mod._k, mod._static = {"k": k}, {}
+    mod._k, mod._info = {"k": k}, {}
     x = cp.ones(4, cp.float32)
     mod.launch("k", (1,), (256,), (x, None, np.int32(3)))
     (sent,) = k.launched
@@ -1058,7 +1058,7 @@ def test_row_grid_counts_the_kernels_registers(cp, monkeypatch):
     __launch_bounds__: held to 64 it spills), so 3 blocks of 256 threads fit an SM, not 4: the fourth block of each
     SM ran as a second wave. The gemv launcher passes the compiled kernel's count (the emulator reports 0)."""
     from edge_runtime.backends.cuda_ops import gemv as gemv_ops
-    from edge_runtime.backends.cuda_ops.common import DeviceMatrix, resident_blocks, row_grid
+    from edge_runtime.backends.cuda_ops.common import DeviceMatrix, KernelInfo, resident_blocks, row_grid
 
     big = 10**6  # rows enough that the resident blocks, not the rows, set the grid
     assert row_grid(big) == row_grid(big, regs=64) == (resident_blocks(4),)
@@ -1066,7 +1066,7 @@ def test_row_grid_counts_the_kernels_registers(cp, monkeypatch):
     assert row_grid(big, regs=255) == (resident_blocks(1),)
     g = gemv_ops.Gemv()
     asked = []
-    monkeypatch.setattr(g.m, "registers", lambda name: {"gemv3_int4": 72, "gemv_int4": 40}[name])
+    monkeypatch.setattr(g.m, "_info", {"gemv3_int4": KernelInfo(0, 72, 1024), "gemv_int4": KernelInfo(0, 40, 1024)})
     monkeypatch.setattr(gemv_ops, "row_grid", lambda n, **kw: asked.append((n, kw["regs"])) or (1,))
     rng = np.random.default_rng(0)
     mats = [DeviceMatrix(_pack(rng.standard_normal((n, 64)).astype(np.float32), "int4")) for n in (64, 32, 32)]

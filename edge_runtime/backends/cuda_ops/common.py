@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -68,6 +69,12 @@ def capture_graph(stream, issue: Callable[[], None]):
 _modules: dict[str, object] = {}
 
 
+class KernelInfo(NamedTuple):
+    static_smem: int  # bytes of shared memory the kernel declares (load_x's 128 B reduction buffer)
+    registers: int  # per thread; 0 where the driver does not say (the emulator)
+    max_threads: int  # the largest block its registers allow
+
+
 class Module:
     """One kernels/<file>.cu compiled once per process (CuPy caches the binary on disk), its kernels by name."""
 
@@ -77,8 +84,7 @@ class Module:
             _modules[name] = cp.RawModule(code=source_text(name), options=("-std=c++17",))
         self.raw = _modules[name]
         self._k: dict[str, object] = {}
-        self._static: dict[str, int] = {}
-        self._regs: dict[str, int] = {}
+        self._info: dict[str, KernelInfo] = {}
 
     def __call__(self, name: str):
         if name not in self._k:
@@ -95,14 +101,13 @@ class Module:
         threads = int(np.prod(block))
         if not 0 < threads <= 1024 or threads % 32:
             raise EdgeRuntimeError(f"{name}: a block must be whole warps, at most 1024 threads; got {block}")
-        k = self(name)
-        most = int(getattr(k, "max_threads_per_block", 1024) or 1024)
-        if threads > most:
-            raise EdgeRuntimeError(f"{name}: a block of {threads} threads, the compiled kernel allows {most} "
-                                   f"(its registers per thread)")
+        k, info = self(name), self.info(name)
+        if threads > info.max_threads:
+            raise EdgeRuntimeError(f"{name}: a block of {threads} threads, the compiled kernel allows "
+                                   f"{info.max_threads} (its registers per thread)")
         args = tuple(NULL if a is None else a for a in args)
         if shared_mem:
-            static = self.static_smem(name)
+            static = info.static_smem
             if shared_mem + static > SMEM_DEFAULT:
                 limit = smem_optin()
                 if shared_mem + static > limit:
@@ -112,17 +117,14 @@ class Module:
                     k.max_dynamic_shared_size_bytes = shared_mem
         k(grid, block, args, shared_mem=shared_mem)
 
-    def registers(self, name: str) -> int:
-        """Registers a thread of the compiled kernel uses (0 where the driver does not say: the emulator)."""
-        if name not in self._regs:
-            self._regs[name] = int(getattr(self(name), "num_regs", 0) or 0)
-        return self._regs[name]
-
-    def static_smem(self, name: str) -> int:
-        """The kernel's static shared memory in bytes, asked of the driver once."""
-        if name not in self._static:
-            self._static[name] = int(self(name).shared_size_bytes or 0)
-        return self._static[name]
+    def info(self, name: str) -> KernelInfo:
+        """What the driver says of the compiled kernel, asked once (each attribute is a driver call)."""
+        if name not in self._info:
+            k = self(name)
+            self._info[name] = KernelInfo(int(getattr(k, "shared_size_bytes", 0) or 0),
+                                          int(getattr(k, "num_regs", 0) or 0),
+                                          int(getattr(k, "max_threads_per_block", 1024) or 1024))
+        return self._info[name]
 
 
 _attributes: dict[int, dict] = {}

@@ -40,7 +40,8 @@ class Gemv:
         if overlaps(x, y):
             raise EdgeRuntimeError("gemv: y must not overlap x")
         smem, name = row_smem(m), f"gemv_{m.kenc}"
-        self.m.launch(name, row_grid(n, max_blocks=max_blocks, smem=smem, regs=self.m.registers(name)), (THREADS,),
+        grid = row_grid(n, max_blocks=max_blocks, smem=smem, regs=self.m.info(name).registers)
+        self.m.launch(name, grid, (THREADS,),
                       (*m.row_args(), x, norm_w, norm_b, f32(eps), bias, residual, i32(n), i32(k), i32(m.kp), y),
                       shared_mem=smem)
 
@@ -72,7 +73,8 @@ class Gemv:
             args += args[-7:-1] + [i32(0)]
         smem, name = row_smem(first), f"gemv3_{first.kenc}"
         rows = sum(m.shape[0] for m in mats)
-        self.m.launch(name, row_grid(rows, max_blocks=max_blocks, smem=smem, regs=self.m.registers(name)), (THREADS,),
+        grid = row_grid(rows, max_blocks=max_blocks, smem=smem, regs=self.m.info(name).registers)
+        self.m.launch(name, grid, (THREADS,),
                       (*args, i32(first.group), x, norm_w, norm_b, f32(eps), i32(k), i32(first.kp)), shared_mem=smem)
 
 

@@ -102,9 +102,10 @@ class SparseFFNKernels:
         use_lut = False
         if predictor == "projection":  # the table only where it fits beside the kernel's static shared memory
             table = LUT_BYTES_PER_WORD * -(-k // 32)
-            use_lut = smem + table + self.m.static_smem(name) <= smem_optin() if lut is None else lut
+            use_lut = smem + table + self.m.info(name).static_smem <= smem_optin() if lut is None else lut
             smem += table if use_lut else 0
-        self.m.launch(name, row_grid(n, max_blocks=max_blocks, smem=smem, regs=self.m.registers(name)), (THREADS,),
+        grid = row_grid(n, max_blocks=max_blocks, smem=smem, regs=self.m.info(name).registers)
+        self.m.launch(name, grid, (THREADS,),
                       (g_w, g_s, gate_b, g_bm, g_off, u_w, u_s, up_b, u_bm, u_off, group, i32(n), i32(k),
                        i32(gate.kp), xn, x_signs, x_sum, gate_signs, knob, f32(threshold), i32(int(up_relu)),
                        up_dropped, i32(int(use_lut)), idx, h, counters),
